@@ -1,0 +1,171 @@
+//! One Certify round trip, as a proxy would make it.
+//!
+//! Generates a new key (never reused), builds a CSR naming the identity, calls
+//! Certify over TLS (verifying meshca's serving certificate against the trust
+//! anchors and the expected server name), and verifies that the returned chain
+//! leads to the trust anchors and carries the identity before anything is written.
+
+use std::time::SystemTime;
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use rustls_pki_types::CertificateDer;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::ca::issuer::TrustAnchors;
+use crate::ca::material::to_pem;
+use crate::proto::identity_client::IdentityClient;
+use crate::proto::CertifyRequest;
+
+/// Why a certificate could not be obtained.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The address is not a usable http(s) URL.
+    #[error("--addr {addr:?}: {reason}")]
+    Address { addr: String, reason: String },
+    /// Could not connect or complete the TLS handshake.
+    #[error("cannot reach meshca at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    /// meshca refused the request.
+    #[error("meshca refused the request ({code:?}): {message}")]
+    Refused { code: tonic::Code, message: String },
+    /// The response is unusable: missing leaf, bad chain, wrong identity.
+    #[error("the returned certificate is unusable: {0}")]
+    BadResponse(String),
+    /// Key or CSR generation failed.
+    #[error("cannot create the key or CSR: {0}")]
+    Key(String),
+}
+
+/// Key algorithm for the new key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    P256,
+    P384,
+}
+
+/// What a Certify call needs.
+pub struct Request<'a> {
+    /// `https://host:port`, or `http://` for a plaintext server.
+    pub addr: &'a str,
+    pub anchors: &'a TrustAnchors,
+    /// Name expected in meshca's serving certificate.
+    pub server_name: &'a str,
+    pub identity: &'a str,
+    /// Token bytes as read from the token file.
+    pub token: Vec<u8>,
+    pub key_type: KeyType,
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("addr", &self.addr)
+            .field("identity", &self.identity)
+            .field("token", &"...")
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verified certificate with its new key. Debug omits the key.
+pub struct Credentials {
+    pub key_pkcs8: Vec<u8>,
+    pub leaf: CertificateDer<'static>,
+    pub intermediates: Vec<CertificateDer<'static>>,
+    pub valid_until: Option<SystemTime>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("valid_until", &self.valid_until).finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// `tls.crt`: leaf, then intermediates.
+    pub fn chain_pem(&self) -> String {
+        std::iter::once(&self.leaf)
+            .chain(&self.intermediates)
+            .map(|c| to_pem("CERTIFICATE", c))
+            .collect()
+    }
+
+    /// `tls.key`: PKCS#8 PEM.
+    pub fn key_pem(&self) -> String {
+        to_pem("PRIVATE KEY", &self.key_pkcs8)
+    }
+}
+
+/// Connects to meshca: TLS verified against `anchors` for `server_name`, or
+/// plaintext for an `http://` address.
+pub async fn connect(addr: &str, anchors: &TrustAnchors, server_name: &str) -> Result<Channel, Error> {
+    let bad = |reason: String| Error::Address { addr: addr.to_owned(), reason };
+    let mut endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| bad(e.to_string()))?;
+    if addr.starts_with("https://") {
+        let ca: String = anchors.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(server_name);
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    } else if !addr.starts_with("http://") {
+        return Err(bad("use https://HOST:PORT (or http:// for a --plaintext server)".into()));
+    }
+    endpoint.connect().await.map_err(|e| Error::Connect {
+        addr: addr.to_owned(),
+        reason: source_chain(&e),
+    })
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Makes a key and a CSR naming `identity` (CN and DNS SAN).
+pub fn make_csr(identity: &str, key_type: KeyType) -> Result<(KeyPair, Vec<u8>), Error> {
+    let alg = match key_type {
+        KeyType::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyType::P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+    };
+    let key = KeyPair::generate_for(alg).map_err(|e| Error::Key(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity);
+    params.distinguished_name = dn;
+    let san = identity.to_owned().try_into().map_err(|e: rcgen::Error| Error::Key(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::DnsName(san)];
+    let csr = params.serialize_request(&key).map_err(|e| Error::Key(e.to_string()))?;
+    Ok((key, csr.der().to_vec()))
+}
+
+/// Requests one certificate and verifies it at `now`.
+pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, Error> {
+    let (key, csr) = make_csr(req.identity, req.key_type)?;
+    let channel = connect(req.addr, req.anchors, req.server_name).await?;
+    let response = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            identity: req.identity.to_owned(),
+            token: req.token,
+            certificate_signing_request: csr,
+        })
+        .await
+        .map_err(|s| Error::Refused { code: s.code(), message: s.message().to_owned() })?
+        .into_inner();
+    if response.leaf_certificate.is_empty() {
+        return Err(Error::BadResponse("no leaf certificate".into()));
+    }
+    let leaf = CertificateDer::from(response.leaf_certificate);
+    let intermediates: Vec<_> =
+        response.intermediate_certificates.into_iter().map(CertificateDer::from).collect();
+    req.anchors
+        .verify(&leaf, &intermediates, now, Some(req.identity))
+        .map_err(Error::BadResponse)?;
+    let valid_until = response.valid_until.and_then(|t| SystemTime::try_from(t).ok());
+    Ok(Credentials { key_pkcs8: key.serialize_der(), leaf, intermediates, valid_until })
+}

@@ -1,0 +1,9 @@
+//! The client side: getting a certificate from meshca and keeping it on disk.
+//!
+//! - [`client`]: make a key and CSR, call Certify, verify the returned chain.
+//! - [`files`]: write certificates and keys atomically, keys readable by the owner only.
+//!
+//! `meshca certify` runs this once; platform-specific file handling stays in `files`.
+
+pub mod client;
+pub mod files;

@@ -1,0 +1,120 @@
+//! The authentication step: turning the token bytes a proxy sent into a [`Subject`],
+//! the workload the token issuer vouches for, or a typed [`Error`] saying why not.
+//! This module only proves who the caller is. Turning a subject into a certificate
+//! identity, and deciding whether that identity may be issued, belongs to
+//! `crate::identity`; mapping an [`Error`] to a gRPC status belongs to
+//! `crate::status`. [`jwt`] verifies tokens locally against a JWKS file; [`dev`]
+//! holds the key and signer used in development mode.
+
+pub mod dev;
+pub mod jwt;
+
+use std::{future::Future, pin::Pin, time::SystemTime};
+
+/// Largest token accepted, in bytes, before whitespace is trimmed.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Who the caller proved to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+    /// The token issuer (`iss`) that vouched for the caller.
+    pub issuer: String,
+}
+
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Subject, Error>> + Send + 'a>>;
+
+/// The authentication step. Later implementations (Kubernetes TokenReview, OIDC
+/// discovery) are async, hence the future.
+pub trait Authenticator: Send + Sync + 'static {
+    /// `token` is the raw bytes the proxy sent (Linkerd proxies send the token file
+    /// exactly as read, trailing newline included: trim ASCII whitespace first).
+    /// `now` is injected; never read the clock here.
+    fn authenticate<'a>(&'a self, token: &'a [u8], now: SystemTime) -> AuthFuture<'a>;
+    /// Short name for logs and metrics, e.g. "jwks".
+    fn name(&self) -> &'static str;
+}
+
+/// Why a token was refused. Messages never echo token contents (claim values, key
+/// ids, token bytes): they say what was wrong and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The token is longer than [`MAX_TOKEN_LEN`] bytes.
+    #[error("token is {len} bytes, more than the {max} accepted; send the projected service account token, nothing else")]
+    TooLarge { len: usize, max: usize },
+    /// The token is empty or only whitespace.
+    #[error("token is empty; mount a projected service account token and point the proxy at it")]
+    Empty,
+    /// The token is not a well-formed JWT: segments, base64url, JSON, types or duplicate keys.
+    #[error("token is malformed ({what}); send a compact-serialized JWS JWT")]
+    Malformed { what: &'static str },
+    /// The header `alg` is not on the allow-list (`none`, HMAC and others never are).
+    #[error("token signing algorithm is not accepted; sign with an allowed algorithm (RS256 or ES256)")]
+    UnsupportedAlgorithm,
+    /// No key in the key set matches the token's `kid` and algorithm.
+    #[error("no trusted key matches the token's key id and algorithm; check that the JWKS is current")]
+    UnknownKey,
+    /// A candidate key exists but the signature does not verify.
+    #[error("token signature does not verify; the token was altered or signed by an untrusted key")]
+    BadSignature,
+    /// `now` is later than `exp` plus leeway.
+    #[error("token has expired; the proxy must re-read its refreshed token")]
+    Expired { exp: SystemTime, now: SystemTime },
+    /// `now` plus leeway is earlier than `nbf`.
+    #[error("token is not valid yet; check clock synchronisation between issuer and CA")]
+    NotYetValid { nbf: SystemTime, now: SystemTime },
+    /// `iat` is later than `now` plus leeway.
+    #[error("token was issued in the future; check clock synchronisation between issuer and CA")]
+    IssuedInFuture { iat: SystemTime, now: SystemTime },
+    /// The claims carry no `exp`; tokens that never expire are refused.
+    #[error("token has no expiry; use a bound, expiring (projected) service account token")]
+    MissingExpiry,
+    /// `iss` is missing or not the configured issuer.
+    #[error("token issuer is not the configured issuer; check the issuer setting or the token source")]
+    WrongIssuer,
+    /// `aud` is missing or names none of the configured audiences.
+    #[error(
+        "token audience does not include an accepted audience; request the token with the CA's audience"
+    )]
+    WrongAudience,
+    /// Neither `kubernetes.io` claims nor a `system:serviceaccount:NS:SA` subject.
+    #[error("token names no Kubernetes service account; use a service account token")]
+    MissingIdentity,
+    /// The authentication backend could not be reached or answered.
+    #[error("authentication backend unavailable: {reason}; retry later")]
+    Unavailable { reason: String },
+    /// Building an authenticator failed (unreadable or invalid key set, no usable keys).
+    #[error("authenticator configuration is invalid: {reason}")]
+    Config { reason: String },
+    /// Signing a development token failed (times before 1970, random generator failure).
+    #[error("cannot sign development token: {reason}")]
+    Signing { reason: &'static str },
+}
+
+impl Error {
+    /// A stable snake_case reason code for audit records and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::TooLarge { .. } => "token_too_large",
+            Error::Empty => "token_empty",
+            Error::Malformed { .. } => "token_malformed",
+            Error::UnsupportedAlgorithm => "unsupported_algorithm",
+            Error::UnknownKey => "unknown_key",
+            Error::BadSignature => "bad_signature",
+            Error::Expired { .. } => "token_expired",
+            Error::NotYetValid { .. } => "token_not_yet_valid",
+            Error::IssuedInFuture { .. } => "token_issued_in_future",
+            Error::MissingExpiry => "missing_expiry",
+            Error::WrongIssuer => "wrong_issuer",
+            Error::WrongAudience => "wrong_audience",
+            Error::MissingIdentity => "missing_identity",
+            Error::Unavailable { .. } => "backend_unavailable",
+            Error::Config { .. } => "config_invalid",
+            Error::Signing { .. } => "signing_failed",
+        }
+    }
+}

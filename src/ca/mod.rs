@@ -1,0 +1,77 @@
+//! The issue step: from a checked CSR and an authorized identity to a signed leaf.
+//!
+//! - [`csr`] parses a PKCS#10 request, verifies its self-signature and checks that it
+//!   names nothing but the identity; only its public key is used afterwards.
+//! - [`profile`] is the leaf template: serial, validity window, names, key usages.
+//! - [`issuer`] loads the issuer certificate and key, checks them at start, and signs.
+//! - [`store`] holds the current issuer and trust anchors as one immutable snapshot.
+//! - [`material`] reads PEM certificates and keys from files.
+//!
+//! Who the caller is and which identity it may hold are decided before this step
+//! (`auth`, `identity`); recording the decision comes after it (`audit`).
+
+pub mod csr;
+pub mod hierarchy;
+pub mod issuer;
+pub mod material;
+pub mod profile;
+pub mod store;
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+/// Why the CA could not load its material or issue a certificate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// A file holds no usable PEM certificate.
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    /// A certificate or PEM block could not be parsed.
+    #[error("{path}: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    /// The private key is missing, unparsable or of an unsupported type. Never names key bytes.
+    #[error("{path}: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    /// The issuer certificate is not a CA certificate allowed to sign certificates.
+    #[error("the issuer certificate is not a CA ({reason}); use a certificate with basicConstraints CA:TRUE and keyCertSign, e.g. from `meshca init`")]
+    NotCa { reason: &'static str },
+    /// The issuer key does not belong to the issuer certificate.
+    #[error("the issuer key does not match the issuer certificate's public key")]
+    KeyMismatch,
+    /// The issuer is not valid yet at `now`.
+    #[error("the issuer certificate is not valid until {}; check the clock or the issuer", humantime::format_rfc3339_seconds(*not_before))]
+    IssuerNotYetValid { not_before: SystemTime, now: SystemTime },
+    /// The issuer has expired: nothing can be issued until it is replaced.
+    #[error("the issuer certificate expired at {}; rotate the issuer", humantime::format_rfc3339_seconds(*not_after))]
+    IssuerExpired { not_after: SystemTime, now: SystemTime },
+    /// The issuer does not chain to the trust anchors.
+    #[error("the issuer does not chain to the trust anchors: {reason}")]
+    Untrusted { reason: String },
+    /// The issuer uses an algorithm meshca does not sign with.
+    #[error("unsupported issuer key: {what}")]
+    UnsupportedIssuerKey { what: &'static str },
+    /// The CSR was refused.
+    #[error(transparent)]
+    Csr(#[from] csr::Error),
+    /// Building or signing the certificate failed (an internal fault, not the caller's).
+    #[error("signing failed: {reason}")]
+    Sign { reason: String },
+}
+
+impl Error {
+    /// Stable reason code for audit records and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Csr(e) => e.code(),
+            Error::IssuerExpired { .. } => "issuer_expired",
+            Error::IssuerNotYetValid { .. } => "issuer_not_yet_valid",
+            Error::Sign { .. } => "sign_failed",
+            Error::Untrusted { .. } => "issuer_untrusted",
+            _ => "issuer_unusable",
+        }
+    }
+}

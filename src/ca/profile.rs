@@ -1,0 +1,166 @@
+//! The leaf template: what every certificate meshca issues looks like.
+//!
+//! Policy, in one place:
+//! - serial: 128 random bits from the system CSPRNG, encoded as a positive INTEGER;
+//! - notBefore = now − clock-skew allowance, never earlier than any chain
+//!   certificate's notBefore; notAfter = now + issuance lifetime, never later than
+//!   any chain certificate's notAfter (the leaf nests inside its issuer);
+//! - subject CN = identity; SANs: DNS = identity, URI = SPIFFE ID;
+//! - keyUsage digitalSignature (+ keyEncipherment for RSA keys only), EKU
+//!   serverAuth + clientAuth, basicConstraints CA:FALSE, SKI and AKI.
+//!
+//! Nothing here reads the clock or touches keys: [`validity`] is a pure function of
+//! its arguments and [`leaf_params`] only fills in a template.
+
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    SanType, SerialNumber,
+};
+
+use super::csr::KeyType;
+use super::Error;
+use crate::identity::Identity;
+
+/// How long leaves live and how far they are backdated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// notAfter − now (default 24 h).
+    pub issuance_lifetime: Duration,
+    /// now − notBefore (default 2 min): tolerance for clocks behind ours.
+    pub clock_skew_allowance: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Lifetimes {
+            issuance_lifetime: Duration::from_secs(24 * 3600),
+            clock_skew_allowance: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The window every certificate of the chain is valid in: the latest notBefore and
+/// the earliest notAfter of the issuer and the certificates above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainWindow {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// Computes a leaf's (notBefore, notAfter) at `now`.
+///
+/// Fails with [`Error::IssuerExpired`] once `now` is past the chain's notAfter and
+/// with [`Error::IssuerNotYetValid`] before its notBefore: a leaf must never outlive
+/// or predate the certificates that vouch for it.
+pub fn validity(
+    now: SystemTime,
+    lifetimes: &Lifetimes,
+    chain: &ChainWindow,
+) -> Result<(SystemTime, SystemTime), Error> {
+    if now >= chain.not_after {
+        return Err(Error::IssuerExpired { not_after: chain.not_after, now });
+    }
+    if now < chain.not_before {
+        return Err(Error::IssuerNotYetValid { not_before: chain.not_before, now });
+    }
+    let backdated = now.checked_sub(lifetimes.clock_skew_allowance).unwrap_or(chain.not_before);
+    let not_before = backdated.max(chain.not_before);
+    let wanted = now.checked_add(lifetimes.issuance_lifetime).unwrap_or(chain.not_after);
+    let not_after = wanted.min(chain.not_after);
+    Ok((not_before, not_after))
+}
+
+/// A fresh serial: 128 random bits, positive, never zero.
+pub fn random_serial(rng: &dyn ring::rand::SecureRandom) -> Result<[u8; 16], Error> {
+    let mut serial = [0u8; 16];
+    loop {
+        rng.fill(&mut serial).map_err(|_| Error::Sign { reason: "system RNG failed".into() })?;
+        if serial.iter().any(|b| *b != 0) {
+            return Ok(serial);
+        }
+    }
+}
+
+/// Fills in the leaf template for `identity`.
+pub fn leaf_params(
+    identity: &Identity,
+    key_type: KeyType,
+    serial: &[u8; 16],
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, Error> {
+    let bad_name = |e: rcgen::Error| Error::Sign { reason: format!("name rejected: {e}") };
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.dns_name.as_str());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![
+        SanType::DnsName(identity.dns_name.clone().try_into().map_err(bad_name)?),
+        SanType::URI(identity.spiffe_id.clone().try_into().map_err(bad_name)?),
+    ];
+    // A leading zero byte keeps the INTEGER positive without losing any of the 128 bits.
+    let mut serial_bytes = Vec::with_capacity(17);
+    if serial[0] & 0x80 != 0 {
+        serial_bytes.push(0);
+    }
+    serial_bytes.extend_from_slice(serial);
+    params.serial_number = Some(SerialNumber::from_slice(&serial_bytes));
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.is_ca = IsCa::ExplicitNoCa; // CA:FALSE, and makes rcgen write the SKI
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = match key_type {
+        KeyType::Rsa { .. } => {
+            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment]
+        }
+        KeyType::P256 | KeyType::P384 => vec![KeyUsagePurpose::DigitalSignature],
+    };
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn validity_window_follows_policy_and_nests_inside_the_chain() {
+        let lt = Lifetimes::default();
+        let chain = ChainWindow { not_before: t(1_000), not_after: t(1_000_000) };
+        // (now, expected notBefore, expected notAfter)
+        let table = [
+            (t(10_000), t(10_000 - 120), t(10_000 + 86_400)), // ordinary
+            (t(1_050), t(1_000), t(1_050 + 86_400)),          // backdate clamped to issuer start
+            (t(990_000), t(990_000 - 120), t(1_000_000)),     // lifetime clamped to issuer end
+        ];
+        for (now, nb, na) in table {
+            assert_eq!(validity(now, &lt, &chain).unwrap(), (nb, na), "now={now:?}");
+        }
+    }
+
+    #[test]
+    fn expired_or_future_issuer_refuses_to_issue() {
+        let lt = Lifetimes { issuance_lifetime: HOUR, clock_skew_allowance: Duration::ZERO };
+        let chain = ChainWindow { not_before: t(1_000), not_after: t(2_000) };
+        assert!(matches!(validity(t(2_000), &lt, &chain), Err(Error::IssuerExpired { .. })));
+        assert!(matches!(validity(t(999), &lt, &chain), Err(Error::IssuerNotYetValid { .. })));
+    }
+
+    #[test]
+    fn serials_are_random_and_nonzero() {
+        let rng = ring::rand::SystemRandom::new();
+        let a = random_serial(&rng).unwrap();
+        let b = random_serial(&rng).unwrap();
+        assert_ne!(a, b);
+        assert!(a.iter().any(|x| *x != 0));
+    }
+}

@@ -1,0 +1,189 @@
+//! The command line, defined and nothing more.
+//!
+//! Every `serve` flag also reads a `MESHCA_…` environment variable and may be set
+//! in the TOML file given by `--config` (same names, e.g. `issuance-lifetime =
+//! "24h"`). Precedence: flag, then environment, then file, then default. The
+//! defaults live in `config`, which turns these raw values into a checked `Config`;
+//! nothing here touches the file system.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "meshca", version, about = "A trust-anchor certificate authority for service meshes")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a trust anchor and an issuer in a directory.
+    Init(InitArgs),
+    /// Run the identity service (gRPC Certify + admin HTTP).
+    Serve(Box<ServeArgs>),
+    /// Print a token that a `serve --dev` server accepts (stdout: the token alone).
+    DevToken(DevTokenArgs),
+    /// Request one certificate and write it to a directory.
+    Certify(CertifyArgs),
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check a hash-chained audit log; exit 0 only when intact.
+    Verify {
+        /// The audit log (JSON lines).
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CaKeyArg {
+    P256,
+    P384,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory to create: DIR/trust-anchors.pem, DIR/trust-anchor.key, DIR/issuer/tls.{crt,key}.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Trust domain named in the CA subjects [default: cluster.local].
+    #[arg(long, env = "MESHCA_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Control-plane namespace named in the CA subjects [default: meshca-system].
+    #[arg(long, env = "MESHCA_CONTROL_PLANE_NAMESPACE", default_value = "meshca-system")]
+    pub control_plane_namespace: String,
+    /// Key algorithm for anchor and issuer.
+    #[arg(long, value_enum, default_value = "p256")]
+    pub key_type: CaKeyArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenValidation {
+    /// Verify JWTs locally against a JWKS file (--jwks-file, --token-issuer).
+    Jwks,
+    /// Verify tokens signed by the dev key in --data-dir (`meshca dev-token`).
+    Dev,
+}
+
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (same names as the flags).
+    #[arg(long, env = "MESHCA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Embedded default: create (or reuse) a CA, issuer and dev token key in --data-dir and serve on loopback.
+    #[arg(long, env = "MESHCA_DEV")]
+    pub dev: bool,
+    /// Dev mode state directory [default: ./meshca-dev].
+    #[arg(long, env = "MESHCA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:8080 in dev, 0.0.0.0:8080 otherwise].
+    #[arg(long, env = "MESHCA_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin HTTP listen address for /live, /ready, /metrics [default: 127.0.0.1:9990 in dev, 0.0.0.0:9990 otherwise].
+    #[arg(long, env = "MESHCA_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Trust domain [default: cluster.local].
+    #[arg(long, env = "MESHCA_TRUST_DOMAIN", value_name = "D")]
+    pub trust_domain: Option<String>,
+    /// Control-plane namespace [default: meshca-system].
+    #[arg(long, env = "MESHCA_CONTROL_PLANE_NAMESPACE", value_name = "NS")]
+    pub control_plane_namespace: Option<String>,
+    /// meshca's own service account, named in its serving certificate [default: meshca].
+    #[arg(long, env = "MESHCA_SERVICE_ACCOUNT", value_name = "SA")]
+    pub service_account: Option<String>,
+    /// PEM bundle of trust anchors [required unless --dev].
+    #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: Option<PathBuf>,
+    /// Issuer directory: tls.crt + tls.key (or crt.pem + key.pem) [required unless --dev].
+    #[arg(long, env = "MESHCA_ISSUER_DIR", value_name = "DIR")]
+    pub issuer_dir: Option<PathBuf>,
+    /// Lifetime of issued leaves, e.g. 24h, 90s [default: 24h].
+    #[arg(long, env = "MESHCA_ISSUANCE_LIFETIME", value_name = "DURATION")]
+    pub issuance_lifetime: Option<String>,
+    /// How far leaves are backdated, for clocks behind ours [default: 2m].
+    #[arg(long, env = "MESHCA_CLOCK_SKEW_ALLOWANCE", value_name = "DURATION")]
+    pub clock_skew_allowance: Option<String>,
+    /// How callers prove who they are [default: dev with --dev, jwks otherwise].
+    #[arg(long, env = "MESHCA_TOKEN_VALIDATION", value_enum, value_name = "MODE")]
+    pub token_validation: Option<TokenValidation>,
+    /// JWKS file with the token issuer's public keys (jwks mode).
+    #[arg(long, env = "MESHCA_JWKS_FILE", value_name = "FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Required token `iss` (jwks mode; dev mode uses "meshca-dev").
+    #[arg(long, env = "MESHCA_TOKEN_ISSUER", value_name = "ISS")]
+    pub token_issuer: Option<String>,
+    /// Accepted token audiences, comma-separated [default: identity.l5d.io].
+    #[arg(long, env = "MESHCA_TOKEN_AUDIENCES", value_name = "AUD,...", value_delimiter = ',')]
+    pub token_audiences: Option<Vec<String>>,
+    /// Leeway applied to token exp/nbf/iat [default: 60s].
+    #[arg(long, env = "MESHCA_TOKEN_LEEWAY", value_name = "DURATION")]
+    pub token_leeway: Option<String>,
+    /// Audit log path, or - for stdout [default: DATA_DIR/audit.jsonl in dev, - otherwise].
+    #[arg(long, env = "MESHCA_AUDIT_LOG", value_name = "PATH")]
+    pub audit_log: Option<String>,
+    /// Serve gRPC without TLS (only where a sidecar terminates TLS).
+    #[arg(long, env = "MESHCA_PLAINTEXT")]
+    pub plaintext: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DevTokenArgs {
+    /// The dev server's state directory.
+    #[arg(long, env = "MESHCA_DATA_DIR", default_value = "./meshca-dev", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Namespace the token names.
+    #[arg(long)]
+    pub namespace: String,
+    /// Service account the token names.
+    #[arg(long)]
+    pub service_account: String,
+    /// Token lifetime, e.g. 1h, 10m.
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub ttl: String,
+    /// Audience [default: identity.l5d.io].
+    #[arg(long, default_value = "identity.l5d.io")]
+    pub audience: String,
+    /// Bind the token to a pod of this name (a uid is generated).
+    #[arg(long)]
+    pub pod_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LeafKeyArg {
+    P256,
+    P384,
+}
+
+#[derive(Debug, Args)]
+pub struct CertifyArgs {
+    /// meshca's address, e.g. https://127.0.0.1:8080 (http:// for a --plaintext server).
+    #[arg(long, env = "MESHCA_ADDR", value_name = "URL")]
+    pub addr: String,
+    /// PEM bundle of trust anchors to verify the server and the issued chain.
+    #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: PathBuf,
+    /// File holding the token to present (re-read on every attempt).
+    #[arg(long, env = "MESHCA_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// The identity to request.
+    #[arg(long, env = "MESHCA_IDENTITY", value_name = "NAME")]
+    pub identity: String,
+    /// Output directory for tls.crt, tls.key, ca.crt (created when absent).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Name expected in meshca's serving certificate [default: meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local].
+    #[arg(long, env = "MESHCA_SERVER_NAME", value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Key algorithm of the new key.
+    #[arg(long, value_enum, default_value = "p256")]
+    pub key_type: LeafKeyArg,
+}

@@ -1,0 +1,229 @@
+//! Acting on each subcommand: the layer between the parsed command line and the
+//! library. Each command returns a [`Failure`] that knows its exit code: 2 for a
+//! usage or configuration error, 1 for anything else. Results go to stdout only
+//! where scripts read them (`dev-token`); everything else goes to stderr.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::client::{self, KeyType};
+use crate::agent::files::{write_atomic, Access};
+use crate::auth::dev::{DevSigner, TokenClaims};
+use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
+use crate::ca::issuer::TrustAnchors;
+use crate::ca::material::to_pem;
+use crate::cli::{CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, FileConfig, DEV_TOKEN_ISSUER};
+use crate::identity::Naming;
+
+/// A command that failed: the message printed (one line) and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub usage: bool,
+}
+
+impl Failure {
+    fn usage(message: impl std::fmt::Display) -> Self {
+        Failure { message: message.to_string(), usage: true }
+    }
+    fn other(message: impl std::fmt::Display) -> Self {
+        Failure { message: message.to_string(), usage: false }
+    }
+    /// 2 for usage/configuration errors, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        if self.usage {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// `meshca init`.
+pub fn init(args: InitArgs) -> Result<(), Failure> {
+    let naming =
+        Naming::new(&args.trust_domain, &args.control_plane_namespace).map_err(Failure::usage)?;
+    if args.dir.join("trust-anchors.pem").exists() || args.dir.join("issuer").exists() {
+        return Err(Failure::usage(format!(
+            "{} already holds a CA; refusing to overwrite (choose an empty --dir)",
+            args.dir.display()
+        )));
+    }
+    let key_type = match args.key_type {
+        CaKeyArg::P256 => CaKeyType::P256,
+        CaKeyArg::P384 => CaKeyType::P384,
+    };
+    let h = hierarchy::generate(&naming, key_type, SystemClock.now(), HierarchyLifetimes::default())
+        .map_err(Failure::other)?;
+    crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
+    eprintln!(
+        "wrote {dir}/trust-anchors.pem, {dir}/issuer/tls.crt and {dir}/issuer/tls.key\n\
+         {dir}/trust-anchor.key signs new issuers: keep it offline.",
+        dir = args.dir.display()
+    );
+    Ok(())
+}
+
+/// `meshca serve`: resolves the configuration, binds, and runs until SIGTERM/Ctrl-C.
+pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::usage(format!("--config {}: {e}", path.display())))?;
+            Config::parse_file(&text).map_err(Failure::usage)?
+        }
+        None => FileConfig::default(),
+    };
+    let config = Config::resolve(args, file).map_err(Failure::usage)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    if let Some(paths) = &config.dev {
+        let prepared = crate::dev::prepare(paths, &config.naming, clock.now()).map_err(Failure::other)?;
+        print_dev_instructions(&config, prepared.created_ca);
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Failure::other(format!("cannot listen on {}: {e}", config.listen)))?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| Failure::other(format!("cannot listen on {}: {e}", config.admin_listen)))?;
+    crate::server::run(config, clock, listener, admin, shutdown_signal())
+        .await
+        .map_err(Failure::other)
+}
+
+fn print_dev_instructions(config: &Config, created: bool) {
+    let Some(paths) = &config.dev else { return };
+    let dir = paths.data_dir.display();
+    let scheme = if config.plaintext { "http" } else { "https" };
+    eprintln!(
+        "meshca dev mode: {} CA in {dir}; gRPC on {scheme}://{}, admin on http://{}\n\
+         get a certificate:\n  \
+         meshca dev-token --data-dir {dir} --namespace default --service-account web > /tmp/web.token\n  \
+         meshca certify --addr {scheme}://{} --trust-anchors {dir}/trust-anchors.pem --token-file /tmp/web.token \\\n    \
+         --identity web.default.serviceaccount.identity.{}.{} --out /tmp/web",
+        if created { "created a new" } else { "reusing the" },
+        config.listen,
+        config.admin_listen,
+        config.listen,
+        config.naming.control_plane_namespace(),
+        config.naming.trust_domain(),
+    );
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// `meshca dev-token`: prints the token alone on stdout.
+pub fn dev_token(args: DevTokenArgs) -> Result<String, Failure> {
+    let ttl = humantime::parse_duration(&args.ttl)
+        .map_err(|e| Failure::usage(format!("--ttl {:?}: {e}", args.ttl)))?;
+    if ttl < Duration::from_secs(1) {
+        return Err(Failure::usage("--ttl must be at least 1s"));
+    }
+    let key_path = args.data_dir.join("dev-token.key");
+    let pem = std::fs::read_to_string(&key_path).map_err(|e| {
+        Failure::usage(format!(
+            "cannot read {}: {e} (start `meshca serve --dev --data-dir {}` once first)",
+            key_path.display(),
+            args.data_dir.display()
+        ))
+    })?;
+    let signer = DevSigner::from_pem(&pem).map_err(Failure::other)?;
+    let now = SystemClock.now();
+    let pod = args.pod_name.map(|name| {
+        let mut uid = [0u8; 16];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut uid);
+        (name, crate::audit::hex(&uid))
+    });
+    let claims = TokenClaims {
+        issuer: DEV_TOKEN_ISSUER.into(),
+        audience: vec![args.audience],
+        namespace: args.namespace,
+        service_account: args.service_account,
+        pod,
+        issued_at: now,
+        expires_at: now + ttl,
+    };
+    signer.sign(&claims).map_err(Failure::other)
+}
+
+/// `meshca certify`: one certificate, verified, written to `--out`.
+pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
+    let anchors = TrustAnchors::load(&args.trust_anchors).map_err(Failure::usage)?;
+    let token = std::fs::read(&args.token_file)
+        .map_err(|e| Failure::usage(format!("--token-file {}: {e}", args.token_file.display())))?;
+    let default_server_name = Naming::new("cluster.local", "meshca-system")
+        .and_then(|n| n.own_identity("meshca"))
+        .map(|i| i.dns_name)
+        .map_err(Failure::other)?;
+    let server_name = args.server_name.unwrap_or(default_server_name);
+    let key_type = match args.key_type {
+        LeafKeyArg::P256 => KeyType::P256,
+        LeafKeyArg::P384 => KeyType::P384,
+    };
+    let request = client::Request {
+        addr: &args.addr,
+        anchors: &anchors,
+        server_name: &server_name,
+        identity: &args.identity,
+        token,
+        key_type,
+    };
+    let creds = client::certify(request, SystemClock.now()).await.map_err(|e| match e {
+        client::Error::Address { .. } => Failure::usage(e),
+        _ => Failure::other(e),
+    })?;
+    let out = &args.out;
+    let write = |name: &str, contents: String, access| {
+        write_atomic(&out.join(name), contents.as_bytes(), access)
+            .map_err(|e| Failure::other(format!("cannot write {}: {e}", out.join(name).display())))
+    };
+    write("tls.key", creds.key_pem(), Access::Private)?;
+    write("tls.crt", creds.chain_pem(), Access::Public)?;
+    let ca: String = anchors.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
+    write("ca.crt", ca, Access::Public)?;
+    let until = creds
+        .valid_until
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    eprintln!("wrote {}/tls.crt, tls.key, ca.crt for {} (valid until {until})", out.display(), args.identity);
+    Ok(())
+}
+
+/// `meshca audit verify FILE`.
+pub fn audit_verify(file: &Path) -> Result<(), Failure> {
+    match crate::audit::verify_file(file) {
+        Ok(report) => {
+            eprintln!("{}: intact, {} records", file.display(), report.records);
+            Ok(())
+        }
+        Err(crate::audit::VerifyError::Io(e)) => {
+            Err(Failure::usage(format!("cannot read {}: {e}", file.display())))
+        }
+        Err(e) => Err(Failure::other(format!("{}: {e}", file.display()))),
+    }
+}

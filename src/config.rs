@@ -1,0 +1,314 @@
+//! From flags, `MESHCA_*` variables and the TOML file to one checked [`Config`].
+//!
+//! Precedence: flag or environment variable (clap merges those), then the config
+//! file, then the default. Every value is checked here, so `serve` starts only with
+//! a configuration that makes sense; errors name the setting and what to put there.
+//! No I/O: the caller reads the config file and hands over its text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ca::profile::Lifetimes;
+use crate::cli::{ServeArgs, TokenValidation};
+use crate::identity::{check_label, Naming};
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The config file is not valid TOML or has unknown keys.
+    #[error("config file: {0}")]
+    File(String),
+    /// A setting has a value that cannot be used.
+    #[error("--{setting}: {reason}")]
+    Invalid { setting: &'static str, reason: String },
+    /// A setting required in this mode is missing.
+    #[error("--{setting} is required {when}")]
+    Missing { setting: &'static str, when: &'static str },
+}
+
+/// The TOML file: the same settings as the flags, kebab-case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub dev: Option<bool>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub trust_domain: Option<String>,
+    pub control_plane_namespace: Option<String>,
+    pub service_account: Option<String>,
+    pub trust_anchors: Option<PathBuf>,
+    pub issuer_dir: Option<PathBuf>,
+    pub issuance_lifetime: Option<String>,
+    pub clock_skew_allowance: Option<String>,
+    pub token_validation: Option<TokenValidation>,
+    pub jwks_file: Option<PathBuf>,
+    pub token_issuer: Option<String>,
+    pub token_audiences: Option<Vec<String>>,
+    pub token_leeway: Option<String>,
+    pub audit_log: Option<String>,
+    pub plaintext: Option<bool>,
+}
+
+/// The dev-mode issuer name tokens from `meshca dev-token` carry.
+pub const DEV_TOKEN_ISSUER: &str = "meshca-dev";
+/// Linkerd proxies' projected-token audience.
+pub const DEFAULT_AUDIENCE: &str = "identity.l5d.io";
+
+/// How tokens are checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenConfig {
+    /// Local JWT verification against a JWKS file.
+    Jwks { jwks_file: PathBuf, issuer: String, audiences: Vec<String>, leeway: Duration },
+}
+
+/// Where dev mode keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevPaths {
+    pub data_dir: PathBuf,
+}
+
+impl DevPaths {
+    pub fn trust_anchors(&self) -> PathBuf {
+        self.data_dir.join("trust-anchors.pem")
+    }
+    pub fn anchor_key(&self) -> PathBuf {
+        self.data_dir.join("trust-anchor.key")
+    }
+    pub fn issuer_dir(&self) -> PathBuf {
+        self.data_dir.join("issuer")
+    }
+    pub fn token_key(&self) -> PathBuf {
+        self.data_dir.join("dev-token.key")
+    }
+    pub fn jwks(&self) -> PathBuf {
+        self.data_dir.join("dev-jwks.json")
+    }
+    pub fn audit_log(&self) -> PathBuf {
+        self.data_dir.join("audit.jsonl")
+    }
+}
+
+/// Everything `serve` needs, checked.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Set in dev mode: create the state in this directory when absent.
+    pub dev: Option<DevPaths>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub naming: Naming,
+    pub service_account: String,
+    pub trust_anchors: PathBuf,
+    pub issuer_dir: PathBuf,
+    pub lifetimes: Lifetimes,
+    pub token: TokenConfig,
+    /// "-" for stdout, else a path.
+    pub audit_log: String,
+    pub plaintext: bool,
+}
+
+fn duration(setting: &'static str, value: Option<String>, default: Duration) -> Result<Duration, Error> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v.trim()).map_err(|e| Error::Invalid {
+            setting,
+            reason: format!("{e} (use e.g. 24h, 90s, 2m)"),
+        }),
+    }
+}
+
+fn address(setting: &'static str, value: Option<String>, default: &str) -> Result<SocketAddr, Error> {
+    let v = value.unwrap_or_else(|| default.to_owned());
+    v.parse().map_err(|_| Error::Invalid {
+        setting,
+        reason: format!("{v:?} is not an IP:port address (e.g. 127.0.0.1:8080)"),
+    })
+}
+
+impl Config {
+    /// Parses a config file's text.
+    pub fn parse_file(text: &str) -> Result<FileConfig, Error> {
+        toml::from_str(text).map_err(|e| Error::File(e.to_string()))
+    }
+
+    /// Merges flags (and environment) over the file over the defaults, and checks the result.
+    pub fn resolve(args: ServeArgs, file: FileConfig) -> Result<Config, Error> {
+        let dev = args.dev || file.dev.unwrap_or(false);
+        let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./meshca-dev"));
+        let dev_paths = dev.then_some(DevPaths { data_dir });
+        let (listen_default, admin_default) =
+            if dev { ("127.0.0.1:8080", "127.0.0.1:9990") } else { ("0.0.0.0:8080", "0.0.0.0:9990") };
+        let listen = address("listen", args.listen.or(file.listen), listen_default)?;
+        let admin_listen = address("admin-listen", args.admin_listen.or(file.admin_listen), admin_default)?;
+
+        let trust_domain = args.trust_domain.or(file.trust_domain).unwrap_or_else(|| "cluster.local".into());
+        let cpns = args
+            .control_plane_namespace
+            .or(file.control_plane_namespace)
+            .unwrap_or_else(|| "meshca-system".into());
+        let naming = Naming::new(&trust_domain, &cpns).map_err(|e| Error::Invalid {
+            setting: if e.to_string().contains("trust domain") { "trust-domain" } else { "control-plane-namespace" },
+            reason: e.to_string(),
+        })?;
+        let service_account = args.service_account.or(file.service_account).unwrap_or_else(|| "meshca".into());
+        check_label(&service_account).map_err(|r| Error::Invalid {
+            setting: "service-account",
+            reason: format!("not a DNS-1123 label: {r}"),
+        })?;
+
+        let (trust_anchors, issuer_dir) = match &dev_paths {
+            Some(p) => (
+                args.trust_anchors.or(file.trust_anchors).unwrap_or_else(|| p.trust_anchors()),
+                args.issuer_dir.or(file.issuer_dir).unwrap_or_else(|| p.issuer_dir()),
+            ),
+            None => (
+                args.trust_anchors.or(file.trust_anchors).ok_or(Error::Missing {
+                    setting: "trust-anchors",
+                    when: "(or use --dev for the embedded default)",
+                })?,
+                args.issuer_dir.or(file.issuer_dir).ok_or(Error::Missing {
+                    setting: "issuer-dir",
+                    when: "(or use --dev for the embedded default)",
+                })?,
+            ),
+        };
+
+        let lifetimes = Lifetimes {
+            issuance_lifetime: duration(
+                "issuance-lifetime",
+                args.issuance_lifetime.or(file.issuance_lifetime),
+                Duration::from_secs(24 * 3600),
+            )?,
+            clock_skew_allowance: duration(
+                "clock-skew-allowance",
+                args.clock_skew_allowance.or(file.clock_skew_allowance),
+                Duration::from_secs(120),
+            )?,
+        };
+        if lifetimes.issuance_lifetime < Duration::from_secs(10) {
+            return Err(Error::Invalid {
+                setting: "issuance-lifetime",
+                reason: "must be at least 10s".into(),
+            });
+        }
+        if lifetimes.clock_skew_allowance > Duration::from_secs(3600) {
+            return Err(Error::Invalid {
+                setting: "clock-skew-allowance",
+                reason: "must be at most 1h".into(),
+            });
+        }
+
+        let mode = args.token_validation.or(file.token_validation).unwrap_or(if dev {
+            TokenValidation::Dev
+        } else {
+            TokenValidation::Jwks
+        });
+        let audiences = args
+            .token_audiences
+            .or(file.token_audiences)
+            .unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
+        let audiences: Vec<String> =
+            audiences.into_iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+        if audiences.is_empty() {
+            return Err(Error::Invalid { setting: "token-audiences", reason: "no audience given".into() });
+        }
+        let leeway = duration("token-leeway", args.token_leeway.or(file.token_leeway), Duration::from_secs(60))?;
+        let token = match mode {
+            TokenValidation::Dev => {
+                let Some(p) = &dev_paths else {
+                    return Err(Error::Invalid {
+                        setting: "token-validation",
+                        reason: "dev token validation needs --dev".into(),
+                    });
+                };
+                TokenConfig::Jwks {
+                    jwks_file: p.jwks(),
+                    issuer: DEV_TOKEN_ISSUER.into(),
+                    audiences,
+                    leeway,
+                }
+            }
+            TokenValidation::Jwks => TokenConfig::Jwks {
+                jwks_file: args.jwks_file.or(file.jwks_file).ok_or(Error::Missing {
+                    setting: "jwks-file",
+                    when: "with --token-validation jwks",
+                })?,
+                issuer: args.token_issuer.or(file.token_issuer).ok_or(Error::Missing {
+                    setting: "token-issuer",
+                    when: "with --token-validation jwks",
+                })?,
+                audiences,
+                leeway,
+            },
+        };
+
+        let audit_log = args.audit_log.or(file.audit_log).unwrap_or_else(|| match &dev_paths {
+            Some(p) => p.audit_log().display().to_string(),
+            None => "-".into(),
+        });
+        if audit_log.is_empty() {
+            return Err(Error::Invalid { setting: "audit-log", reason: "empty path (use - for stdout)".into() });
+        }
+
+        Ok(Config {
+            dev: dev_paths,
+            listen,
+            admin_listen,
+            naming,
+            service_account,
+            trust_anchors,
+            issuer_dir,
+            lifetimes,
+            token,
+            audit_log,
+            plaintext: args.plaintext || file.plaintext.unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_mode_defaults_to_loopback_and_data_dir_paths() {
+        let args = ServeArgs { dev: true, ..Default::default() };
+        let c = Config::resolve(args, FileConfig::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9990");
+        assert_eq!(c.trust_anchors, PathBuf::from("./meshca-dev/trust-anchors.pem"));
+        assert_eq!(c.audit_log, "./meshca-dev/audit.jsonl");
+        assert_eq!(c.lifetimes, Lifetimes::default());
+    }
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let file = Config::parse_file(
+            "issuance-lifetime = \"1h\"\nclock-skew-allowance = \"30s\"\ntrust-anchors = \"/a.pem\"\nissuer-dir = \"/i\"\njwks-file = \"/j\"\ntoken-issuer = \"k8s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs { issuance_lifetime: Some("90s".into()), ..Default::default() };
+        let c = Config::resolve(args, file).unwrap();
+        assert_eq!(c.lifetimes.issuance_lifetime, Duration::from_secs(90));
+        assert_eq!(c.lifetimes.clock_skew_allowance, Duration::from_secs(30));
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.audit_log, "-");
+    }
+
+    #[test]
+    fn missing_or_bad_settings_name_the_flag() {
+        let err = Config::resolve(ServeArgs::default(), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("--trust-anchors"), "{err}");
+        let args = ServeArgs { dev: true, issuance_lifetime: Some("soon".into()), ..Default::default() };
+        let err = Config::resolve(args, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("--issuance-lifetime"), "{err}");
+        let args = ServeArgs { dev: true, trust_domain: Some("Bad_Domain".into()), ..Default::default() };
+        let err = Config::resolve(args, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("--trust-domain"), "{err}");
+        assert!(Config::parse_file("no-such-key = 1").is_err());
+    }
+}

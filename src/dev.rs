@@ -1,0 +1,98 @@
+//! The embedded default (`meshca serve --dev`): state created on first start.
+//!
+//! In the data directory: a trust anchor and its key, an issuer, and a dev
+//! token-signing key with its JWKS. Later starts reuse whatever is there, so
+//! certificates and tokens from earlier runs stay valid. `meshca dev-token` signs
+//! with the same key. Nothing here is meant for production: the anchor key sits
+//! next to the issuer.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use crate::agent::files::{write_new, Access};
+use crate::auth::dev::DevSigner;
+use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
+use crate::config::DevPaths;
+use crate::identity::Naming;
+
+/// Why dev state could not be prepared.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Ca(#[from] crate::ca::Error),
+    #[error("{0}")]
+    Auth(#[from] crate::auth::Error),
+    #[error("{path} is incomplete ({missing} is missing); remove the directory or restore the file")]
+    Incomplete { path: String, missing: String },
+}
+
+fn write(path: &Path, contents: &str, access: Access) -> Result<(), Error> {
+    write_new(path, contents.as_bytes(), access)
+        .map_err(|source| Error::Write { path: path.display().to_string(), source })
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prepared {
+    pub created_ca: bool,
+    pub created_token_key: bool,
+}
+
+/// Creates the dev CA and token key in `paths.data_dir` unless they exist.
+pub fn prepare(paths: &DevPaths, naming: &Naming, now: SystemTime) -> Result<Prepared, Error> {
+    let anchors = paths.trust_anchors();
+    let issuer_dir = paths.issuer_dir();
+    let created_ca = !anchors.exists();
+    if created_ca {
+        if issuer_dir.join("tls.crt").exists() {
+            return Err(Error::Incomplete {
+                path: paths.data_dir.display().to_string(),
+                missing: "trust-anchors.pem".into(),
+            });
+        }
+        let h = hierarchy::generate(naming, CaKeyType::P256, now, HierarchyLifetimes::default())?;
+        write_hierarchy(&paths.data_dir, &h)?;
+    }
+    let created_token_key = !paths.token_key().exists();
+    if created_token_key {
+        let (signer, pkcs8) = DevSigner::generate()?;
+        write(&paths.token_key(), &DevSigner::pkcs8_pem(&pkcs8), Access::Private)?;
+        let _ = std::fs::remove_file(paths.jwks());
+        write(&paths.jwks(), &signer.jwks_json(), Access::Public)?;
+    } else if !paths.jwks().exists() {
+        let pem = std::fs::read_to_string(paths.token_key()).map_err(|source| Error::Write {
+            path: paths.token_key().display().to_string(),
+            source,
+        })?;
+        let signer = DevSigner::from_pem(&pem)?;
+        write(&paths.jwks(), &signer.jwks_json(), Access::Public)?;
+    }
+    Ok(Prepared { created_ca, created_token_key })
+}
+
+/// Writes DIR/trust-anchors.pem, DIR/trust-anchor.key, DIR/issuer/tls.{crt,key};
+/// refuses to overwrite any of them.
+pub fn write_hierarchy(dir: &Path, h: &hierarchy::Hierarchy) -> Result<(), Error> {
+    // Check first so a refusal leaves nothing half-written.
+    for p in [
+        dir.join("trust-anchors.pem"),
+        dir.join("trust-anchor.key"),
+        dir.join("issuer/tls.crt"),
+        dir.join("issuer/tls.key"),
+    ] {
+        if p.exists() {
+            return Err(Error::Write {
+                path: p.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "refusing to overwrite"),
+            });
+        }
+    }
+    write(&dir.join("issuer/tls.key"), &h.issuer_key_pem, Access::Private)?;
+    write(&dir.join("issuer/tls.crt"), &h.issuer_cert_pem, Access::Public)?;
+    write(&dir.join("trust-anchor.key"), &h.anchor_key_pem, Access::Private)?;
+    write(&dir.join("trust-anchors.pem"), &h.anchor_cert_pem, Access::Public)?;
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! The `meshca` binary: parse the command line, run the command, map the outcome to
+//! an exit code (0 success, 2 usage or configuration error, 1 anything else).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshca::cli::{AuditCommand, Cli, Command};
+use meshca::commands::{self, Failure};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Init(args) => commands::init(args),
+        Command::DevToken(args) => commands::dev_token(args).map(|token| println!("{token}")),
+        Command::Audit { command: AuditCommand::Verify { file } } => commands::audit_verify(&file),
+        Command::Serve(args) => runtime().and_then(|rt| rt.block_on(commands::serve(*args))),
+        Command::Certify(args) => runtime().and_then(|rt| rt.block_on(commands::certify(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("meshca: {}", failure.message);
+            ExitCode::from(failure.exit_code() as u8)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure { message: format!("cannot start the runtime: {e}"), usage: false })
+}

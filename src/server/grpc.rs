@@ -1,0 +1,181 @@
+//! The Certify handler: runs one request through the pipeline.
+//!
+//! transport (limits, request id) → authenticate (`auth`) → authorize
+//! (`identity`) → check CSR and issue (`ca`) → audit (`audit`) → respond.
+//!
+//! `now` is read once, here, and passed down. Every decision, issued or denied, is
+//! written to the audit log; an issued certificate is returned only after its record
+//! is durable (fail closed). Status codes come from `status::Refusal` alone.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use prost::Message;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+
+use crate::audit::{self, AuditLog, Outcome, Record, SubjectRecord};
+use crate::auth::Authenticator;
+use crate::ca::csr::{self, Expected, KeyPolicy};
+use crate::ca::profile::Lifetimes;
+use crate::ca::store::Store;
+use crate::clock::Clock;
+use crate::identity::Naming;
+use crate::proto::identity_server::Identity;
+use crate::proto::{CertifyRequest, CertifyResponse};
+use crate::server::metrics::Metrics;
+use crate::status::{code_name, Refusal, RequestError};
+
+/// Largest Certify request accepted (encoded protobuf).
+pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+/// Largest requested-identity string copied into an audit record.
+const MAX_AUDITED_NAME: usize = 256;
+
+/// What the handler needs, shared by every request.
+pub struct Certifier {
+    pub naming: Naming,
+    pub store: Arc<Store>,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub audit: AuditLog,
+    pub clock: Arc<dyn Clock>,
+    pub lifetimes: Lifetimes,
+    pub key_policy: KeyPolicy,
+    pub metrics: Arc<Metrics>,
+    /// Bounds requests in flight; beyond it callers get `ResourceExhausted`.
+    pub in_flight: Semaphore,
+}
+
+/// A random request id: 16 hex digits.
+pub fn new_request_id() -> String {
+    let mut id = [0u8; 8];
+    // A failed RNG leaves zeros: the id is for correlation, not security.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+    audit::hex(&id)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl Certifier {
+    /// Authenticate, authorize, check and issue; fills `record` as it learns.
+    async fn decide(
+        &self,
+        req: &CertifyRequest,
+        now: SystemTime,
+        record: &mut Record,
+    ) -> Result<CertifyResponse, Refusal> {
+        let len = req.encoded_len();
+        if len > MAX_REQUEST_LEN {
+            return Err(RequestError::TooLarge { len, max: MAX_REQUEST_LEN }.into());
+        }
+        let subject = self.authenticator.authenticate(&req.token, now).await?;
+        record.token_issuer = Some(subject.issuer.clone());
+        record.subject = Some(SubjectRecord {
+            namespace: subject.namespace.clone(),
+            service_account: subject.service_account.clone(),
+            pod_name: subject.pod_name.clone(),
+            pod_uid: subject.pod_uid.clone(),
+        });
+        let identity = self.naming.authorize(&subject, &req.identity)?;
+        let expected = Expected { dns_name: &identity.dns_name, spiffe_id: &identity.spiffe_id };
+        let checked = csr::check(&req.certificate_signing_request, &expected, &self.key_policy)
+            .map_err(crate::ca::Error::from)?;
+        record.csr_key_type = Some(checked.key_type.label());
+        let snapshot = self.store.current().ok_or(Refusal::NoIssuer)?;
+        let leaf = snapshot.issuer.issue(&identity, &checked, &self.lifetimes, now)?;
+        record.outcome = Outcome::Issued;
+        record.issued = Some(audit::Issued {
+            serial_hex: audit::hex(&leaf.serial),
+            fingerprint_sha256: audit::sha256_hex(&leaf.der),
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            issuer_fingerprint_sha256: snapshot.issuer.fingerprint().to_owned(),
+        });
+        Ok(CertifyResponse {
+            leaf_certificate: leaf.der.to_vec(),
+            intermediate_certificates: snapshot
+                .issuer
+                .intermediates()
+                .iter()
+                .map(|c| c.to_vec())
+                .collect(),
+            valid_until: Some(prost_types::Timestamp::from(leaf.not_after)),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for Arc<Certifier> {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let started = Instant::now();
+        let now = self.clock.now();
+        let request_id = new_request_id();
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let req = request.into_inner();
+        let mut record = Record {
+            time: now,
+            request_id: request_id.clone(),
+            peer,
+            requested_identity: truncate(&req.identity, MAX_AUDITED_NAME),
+            subject: None,
+            token_issuer: None,
+            csr_key_type: None,
+            outcome: Outcome::Denied,
+            code: None,
+            reason: None,
+            issued: None,
+        };
+
+        let decision = match self.in_flight.try_acquire() {
+            Ok(_permit) => self.decide(&req, now, &mut record).await,
+            Err(_) => Err(Refusal::Overloaded),
+        };
+        let result = match decision {
+            Ok(response) => match self.audit.append(record).await {
+                Ok(_) => {
+                    self.metrics.record_issued(started.elapsed());
+                    let mut response = Response::new(response);
+                    if let Ok(v) = request_id.parse() {
+                        response.metadata_mut().insert("x-request-id", v);
+                    }
+                    Ok(response)
+                }
+                Err(e) => {
+                    tracing::error!(%request_id, error = %e, "audit write failed; certificate withheld");
+                    let refusal = Refusal::from(e);
+                    self.metrics.record_denied(refusal.reason_code(), started.elapsed());
+                    Err(refusal.status(&request_id))
+                }
+            },
+            Err(refusal) => {
+                let code = refusal.code();
+                if code == tonic::Code::Internal {
+                    tracing::error!(%request_id, error = %refusal, "certify failed");
+                } else {
+                    tracing::debug!(%request_id, reason = refusal.reason_code(), "certify denied");
+                }
+                record.outcome = Outcome::Denied;
+                record.issued = None;
+                record.code = Some(code_name(code).to_owned());
+                record.reason = Some(format!("{}: {}", refusal.reason_code(), refusal));
+                if let Err(e) = self.audit.append(record).await {
+                    tracing::error!(%request_id, error = %e, "audit write failed for a denial");
+                }
+                self.metrics.record_denied(refusal.reason_code(), started.elapsed());
+                Err(refusal.status(&request_id))
+            }
+        };
+        result
+    }
+}

@@ -1,0 +1,124 @@
+//! Counters and gauges served on the admin listener's `/metrics` (Prometheus text).
+//!
+//! Kept to what an operator alerts on: issuances, denials by reason, Certify latency,
+//! audit write failures, issuer and serving-certificate expiry. Recording is lock-free
+//! on the issuance path; denials take a short lock keyed by reason.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency histogram, in seconds.
+const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    issued: AtomicU64,
+    denied: Mutex<BTreeMap<&'static str, u64>>,
+    buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+    /// Unix seconds.
+    issuer_not_after: AtomicU64,
+    serving_not_after: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    fn observe(&self, latency: Duration) {
+        let secs = latency.as_secs_f64();
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn record_issued(&self, latency: Duration) {
+        self.issued.fetch_add(1, Ordering::Relaxed);
+        self.observe(latency);
+    }
+
+    pub fn record_denied(&self, reason: &'static str, latency: Duration) {
+        *self.denied.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+        self.observe(latency);
+    }
+
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
+    }
+
+    pub fn set_issuer_not_after(&self, unix: u64) {
+        self.issuer_not_after.store(unix, Ordering::Relaxed);
+    }
+
+    pub fn set_serving_not_after(&self, unix: u64) {
+        self.serving_not_after.store(unix, Ordering::Relaxed);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, audit_write_failures: u64) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP meshca_certify_total Certify decisions by outcome and reason.");
+        let _ = writeln!(out, "# TYPE meshca_certify_total counter");
+        let _ = writeln!(out, "meshca_certify_total{{outcome=\"issued\",reason=\"\"}} {}", self.issued());
+        for (reason, n) in self.denied.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "meshca_certify_total{{outcome=\"denied\",reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP meshca_certify_duration_seconds Certify latency inside the server.");
+        let _ = writeln!(out, "# TYPE meshca_certify_duration_seconds histogram");
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "meshca_certify_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "meshca_certify_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "meshca_certify_duration_seconds_sum {sum}");
+        let _ = writeln!(out, "meshca_certify_duration_seconds_count {count}");
+        let gauges = [
+            ("meshca_audit_write_failures_total", "counter", "Audit appends that failed.", audit_write_failures),
+            ("meshca_issuer_not_after_seconds", "gauge", "Unix time the issuer chain expires.", self.issuer_not_after.load(Ordering::Relaxed)),
+            ("meshca_serving_certificate_not_after_seconds", "gauge", "Unix time the serving certificate expires.", self.serving_not_after.load(Ordering::Relaxed)),
+            ("meshca_ready", "gauge", "1 when an issuer is loaded and gRPC is listening.", u64::from(self.is_ready())),
+        ];
+        for (name, kind, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_counts_outcomes_and_latency() {
+        let m = Metrics::default();
+        m.record_issued(Duration::from_micros(800));
+        m.record_denied("token_expired", Duration::from_millis(3));
+        m.record_denied("token_expired", Duration::from_millis(3));
+        let text = m.render(4);
+        assert!(text.contains("meshca_certify_total{outcome=\"issued\",reason=\"\"} 1"), "{text}");
+        assert!(text.contains("meshca_certify_total{outcome=\"denied\",reason=\"token_expired\"} 2"));
+        assert!(text.contains("meshca_certify_duration_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(text.contains("meshca_certify_duration_seconds_count 3"));
+        assert!(text.contains("meshca_audit_write_failures_total 4"));
+    }
+}

@@ -1,0 +1,209 @@
+//! The transport stage and the long-lived tasks beside it.
+//!
+//! [`run`] takes listeners that are already bound (so `main` binds the configured
+//! addresses and tests bind `127.0.0.1:0` and connect at once) and a shutdown
+//! future. It loads and checks the issuer, opens the audit log, issues the serving
+//! certificate, then serves gRPC (TLS unless `--plaintext`) and the admin listener
+//! until shutdown: stop accepting, finish in-flight requests, flush the audit log.
+//!
+//! - [`grpc`]: the Certify handler (the pipeline).
+//! - [`tls`]: serving certificate, its renewal, the TLS acceptor.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`.
+//! - [`metrics`]: the counters behind `/metrics`.
+
+pub mod admin;
+pub mod grpc;
+pub mod metrics;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+
+use crate::audit::{AuditLog, Sink};
+use crate::auth::jwt::{Algorithm, JwksAuthenticator, Settings};
+use crate::auth::Authenticator;
+use crate::ca::csr::KeyPolicy;
+use crate::ca::store::{Snapshot, Store};
+use crate::clock::{unix_seconds, Clock};
+use crate::config::{Config, TokenConfig};
+use crate::proto::identity_server::IdentityServer;
+use metrics::Metrics;
+
+/// Requests in flight beyond which Certify answers `ResourceExhausted`.
+pub const MAX_IN_FLIGHT: usize = 8192;
+/// Hard cap on a decoded gRPC message; requests between the Certify limit
+/// (64 KiB) and this are decoded only to be refused and audited.
+pub const MAX_DECODED_MESSAGE: usize = 1024 * 1024;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("issuer: {0}")]
+    Issuer(#[from] crate::ca::Error),
+    #[error("token validation: {0}")]
+    Auth(#[from] crate::auth::Error),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::Error),
+    #[error("{0}")]
+    Tls(#[from] tls::Error),
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("admin listener: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Builds the authenticator the configuration asks for.
+pub fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crate::auth::Error> {
+    match token {
+        TokenConfig::Jwks { jwks_file, issuer, audiences, leeway } => {
+            let settings = Settings {
+                issuer: issuer.clone(),
+                audiences: audiences.clone(),
+                leeway: *leeway,
+                algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+            };
+            Ok(Arc::new(JwksAuthenticator::from_file(jwks_file, settings)?))
+        }
+    }
+}
+
+/// Runs meshca until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::default());
+    let now = clock.now();
+    let snapshot = Snapshot::load(&config.trust_anchors, &config.issuer_dir, now)?;
+    metrics.set_issuer_not_after(unix_seconds(snapshot.issuer.window().not_after));
+    let store = Arc::new(Store::new(snapshot));
+    let authenticator = authenticator(&config.token)?;
+    let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
+
+    // One shutdown signal, fanned out to gRPC, admin and the renewer.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        metrics.clone(),
+        audit.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let certifier = Arc::new(grpc::Certifier {
+        naming: config.naming.clone(),
+        store: store.clone(),
+        authenticator,
+        audit: audit.clone(),
+        clock: clock.clone(),
+        lifetimes: config.lifetimes,
+        key_policy: KeyPolicy::default(),
+        metrics: metrics.clone(),
+        in_flight: Semaphore::new(MAX_IN_FLIGHT),
+    });
+    let service = IdentityServer::new(certifier)
+        .max_decoding_message_size(MAX_DECODED_MESSAGE)
+        .max_encoding_message_size(MAX_DECODED_MESSAGE);
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(1024));
+    let router = builder.add_service(service);
+
+    let result = if config.plaintext {
+        metrics.set_ready(true);
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC (plaintext)");
+        router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()))
+            .await
+    } else {
+        let identity = config.naming.own_identity(&config.service_account)?;
+        let snapshot = store.current().ok_or(crate::ca::Error::Sign { reason: "no issuer".into() })?;
+        let (key, leaf) =
+            tls::issue_serving(&snapshot, &identity, &config.lifetimes, clock.now(), &audit).await?;
+        metrics.set_serving_not_after(unix_seconds(leaf.not_after));
+        let resolver = tls::Resolver::new(key);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
+        tokio::spawn(renew_serving(
+            store.clone(),
+            identity,
+            config.lifetimes,
+            clock.clone(),
+            audit.clone(),
+            resolver,
+            metrics.clone(),
+            leaf,
+            stop_rx.clone(),
+        ));
+        metrics.set_ready(true);
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC over TLS");
+        let incoming = ReceiverStream::new(tls::incoming(listener, acceptor));
+        router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())).await
+    };
+    metrics.set_ready(false);
+    // In-flight requests have finished; make sure every record is on disk.
+    let closed = audit.close().await;
+    match admin_task.await {
+        Ok(Err(e)) => return Err(Error::Admin(e)),
+        Err(e) => return Err(Error::Admin(std::io::Error::other(e))),
+        Ok(Ok(())) => {}
+    }
+    result?;
+    closed?;
+    Ok(())
+}
+
+/// Renews the serving certificate at half its lifetime (measured on the monotonic
+/// clock from issuance), retrying every 30 s on failure while the old one is valid.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
+async fn renew_serving(
+    store: Arc<Store>,
+    identity: crate::identity::Identity,
+    lifetimes: crate::ca::profile::Lifetimes,
+    clock: Arc<dyn Clock>,
+    audit: AuditLog,
+    resolver: Arc<tls::Resolver>,
+    metrics: Arc<Metrics>,
+    mut leaf: crate::ca::issuer::Leaf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut wait = leaf.not_after.duration_since(leaf.not_before).unwrap_or_default() / 2;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(snapshot) = store.current() else { continue };
+        match tls::issue_serving(&snapshot, &identity, &lifetimes, clock.now(), &audit).await {
+            Ok((key, new_leaf)) => {
+                resolver.replace(key);
+                metrics.set_serving_not_after(unix_seconds(new_leaf.not_after));
+                leaf = new_leaf;
+                wait = leaf.not_after.duration_since(leaf.not_before).unwrap_or_default() / 2;
+                tracing::info!("serving certificate renewed");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "serving certificate renewal failed; retrying in 30s");
+                wait = Duration::from_secs(30);
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! TLS for the gRPC listener, with a serving certificate meshca issues itself.
+//!
+//! meshca signs its own serving certificate from its issuer, for its own identity
+//! (service account `meshca` in the control-plane namespace, by default), with a
+//! fresh P-256 key, and renews it at half its lifetime. The certificate is served
+//! through a resolver holding an `Arc` that is swapped whole, so renewal needs no
+//! restart and a handshake never sees half a certificate. Every serving certificate
+//! is written to the audit log like any other issuance.
+//!
+//! Handshakes run in their own tasks with a timeout, so a client that connects and
+//! says nothing never holds up the accept loop.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{KeyPair, PublicKeyData};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::audit::{self, Outcome, Record};
+use crate::ca::csr::{CheckedCsr, KeyType};
+use crate::ca::issuer::Leaf;
+use crate::ca::profile::Lifetimes;
+use crate::ca::store::Snapshot;
+use crate::identity::Identity;
+
+/// How long a client may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a serving certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("cannot issue the serving certificate: {0}")]
+    Issue(#[from] crate::ca::Error),
+    #[error("cannot use the serving key: {0}")]
+    Key(String),
+    #[error("the serving certificate's audit record could not be written: {0}")]
+    Audit(#[from] audit::Error),
+}
+
+/// The serving certificate currently presented.
+#[derive(Debug)]
+pub struct Resolver {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+impl Resolver {
+    pub fn new(key: CertifiedKey) -> Arc<Self> {
+        Arc::new(Resolver { current: RwLock::new(Arc::new(key)) })
+    }
+
+    pub fn replace(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+    }
+}
+
+/// Issues a serving certificate for `identity` with a new key, and audits it.
+pub async fn issue_serving(
+    snapshot: &Snapshot,
+    identity: &Identity,
+    lifetimes: &Lifetimes,
+    now: SystemTime,
+    audit_log: &audit::AuditLog,
+) -> Result<(CertifiedKey, Leaf), Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Key(e.to_string()))?;
+    let csr = CheckedCsr { key_type: KeyType::P256, spki_der: key.subject_public_key_info() };
+    let leaf = snapshot.issuer.issue(identity, &csr, lifetimes, now)?;
+    audit_log
+        .append(Record {
+            time: now,
+            request_id: "serving-certificate".into(),
+            peer: None,
+            requested_identity: identity.dns_name.clone(),
+            subject: None,
+            token_issuer: None,
+            csr_key_type: Some(KeyType::P256.label()),
+            outcome: Outcome::Issued,
+            code: None,
+            reason: None,
+            issued: Some(audit::Issued {
+                serial_hex: audit::hex(&leaf.serial),
+                fingerprint_sha256: audit::sha256_hex(&leaf.der),
+                not_before: leaf.not_before,
+                not_after: leaf.not_after,
+                issuer_fingerprint_sha256: snapshot.issuer.fingerprint().to_owned(),
+            }),
+        })
+        .await?;
+    let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&pkcs8)
+        .map_err(|e| Error::Key(e.to_string()))?;
+    let mut chain = vec![leaf.der.clone()];
+    chain.extend(snapshot.issuer.intermediates().iter().cloned());
+    Ok((CertifiedKey::new(chain, signing_key), leaf))
+}
+
+/// rustls server settings: ring provider, TLS 1.2 and 1.3, ALPN h2 (gRPC).
+pub fn server_config(resolver: Arc<Resolver>) -> Result<rustls::ServerConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Key(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently; yields the
+/// established streams. Stops when the returned receiver is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Per-connection errors (e.g. ECONNABORTED, EMFILE) must not end the loop.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    rx
+}
