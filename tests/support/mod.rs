@@ -1,0 +1,249 @@
+//! Shared harness for the integration tests: a real meshca server on loopback
+//! ports, with a generated CA, a token signer, and a fake clock.
+//!
+//! The listeners are bound before the server task starts, so a test may connect at
+//! once; time moves only when a test moves the [`FakeClock`].
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshca::auth::dev::{DevSigner, TokenClaims};
+use meshca::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
+use meshca::ca::issuer::TrustAnchors;
+use meshca::ca::profile::Lifetimes;
+use meshca::clock::{Clock, FakeClock, SystemClock};
+use meshca::config::{Config, TokenConfig};
+use meshca::identity::Naming;
+use meshca::proto::identity_client::IdentityClient;
+use meshca::proto::{CertifyRequest, CertifyResponse};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub const TOKEN_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+pub const AUDIENCE: &str = "identity.l5d.io";
+pub const SERVER_NAME: &str = "meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local";
+
+/// How to start a test server.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub lifetimes: Lifetimes,
+    pub hierarchy: HierarchyLifetimes,
+    pub key_type: CaKeyType,
+    pub plaintext: bool,
+    /// Audit log path; default: DIR/audit.jsonl.
+    pub audit_log: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            lifetimes: Lifetimes::default(),
+            hierarchy: HierarchyLifetimes::default(),
+            key_type: CaKeyType::P256,
+            plaintext: false,
+            audit_log: None,
+        }
+    }
+}
+
+/// A running server and everything a test needs to talk to it.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub naming: Naming,
+    pub clock: FakeClock,
+    pub signer: DevSigner,
+    pub anchors: TrustAnchors,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub audit_path: PathBuf,
+    pub plaintext: bool,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), meshca::server::Error>>>,
+}
+
+/// Writes a CA hierarchy made at `now` into `dir` (trust-anchors.pem, issuer/).
+pub fn write_ca(dir: &std::path::Path, naming: &Naming, opts: &Options, now: SystemTime) {
+    let h = hierarchy::generate(naming, opts.key_type, now, opts.hierarchy).unwrap();
+    meshca::dev::write_hierarchy(dir, &h).unwrap();
+}
+
+/// The configuration a test server runs with.
+pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config {
+    Config {
+        dev: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        naming: naming.clone(),
+        service_account: "meshca".into(),
+        trust_anchors: dir.join("trust-anchors.pem"),
+        issuer_dir: dir.join("issuer"),
+        lifetimes: opts.lifetimes,
+        token: TokenConfig::Jwks {
+            jwks_file: dir.join("jwks.json"),
+            issuer: TOKEN_ISSUER.into(),
+            audiences: vec![AUDIENCE.into()],
+            leeway: Duration::from_secs(60),
+        },
+        audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
+        plaintext: opts.plaintext,
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let naming = Naming::new("cluster.local", "meshca-system").unwrap();
+        let clock = FakeClock::at(SystemClock.now());
+        write_ca(dir.path(), &naming, &opts, clock.now());
+        let (signer, _) = DevSigner::generate().unwrap();
+        std::fs::write(dir.path().join("jwks.json"), signer.jwks_json()).unwrap();
+        let config = config(dir.path(), &naming, &opts);
+        let audit_path = PathBuf::from(&config.audit_log);
+        let anchors = TrustAnchors::load(&config.trust_anchors).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(meshca::server::run(
+            config,
+            Arc::new(clock.clone()),
+            listener,
+            admin_listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        TestServer {
+            dir,
+            naming,
+            clock,
+            signer,
+            anchors,
+            addr,
+            admin,
+            audit_path,
+            plaintext: opts.plaintext,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let scheme = if self.plaintext { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A gRPC client that verifies the server against the trust anchors.
+    pub async fn client(&self) -> IdentityClient<Channel> {
+        let channel = meshca::agent::client::connect(&self.url(), &self.anchors, SERVER_NAME).await.unwrap();
+        IdentityClient::new(channel)
+    }
+
+    /// The identity of `sa` in `ns`.
+    pub fn identity(&self, ns: &str, sa: &str) -> String {
+        self.naming.identity(ns, sa).unwrap().dns_name
+    }
+
+    /// Claims for a valid token for `sa` in `ns`, at the server's clock.
+    pub fn claims(&self, ns: &str, sa: &str) -> TokenClaims {
+        let now = self.clock.now();
+        TokenClaims {
+            issuer: TOKEN_ISSUER.into(),
+            audience: vec![AUDIENCE.into()],
+            namespace: ns.into(),
+            service_account: sa.into(),
+            pod: Some(("web-5d8f7".into(), "0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c".into())),
+            issued_at: now,
+            expires_at: now + Duration::from_secs(3600),
+        }
+    }
+
+    /// A valid token for `sa` in `ns`.
+    pub fn token(&self, ns: &str, sa: &str) -> Vec<u8> {
+        self.signer.sign(&self.claims(ns, sa)).unwrap().into_bytes()
+    }
+
+    /// A complete, valid request for `sa` in `ns` with a P-256 key.
+    pub fn request(&self, ns: &str, sa: &str) -> (KeyPair, CertifyRequest) {
+        let identity = self.identity(ns, sa);
+        let (key, csr) = csr(&identity, &rcgen::PKCS_ECDSA_P256_SHA256);
+        (key, CertifyRequest { identity, token: self.token(ns, sa), certificate_signing_request: csr })
+    }
+
+    /// Every audit record written so far, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The audit record of the request with this id.
+    pub fn audit_record(&self, request_id: &str) -> serde_json::Value {
+        self.audit_records()
+            .into_iter()
+            .find(|r| r["request_id"] == request_id)
+            .unwrap_or_else(|| panic!("no audit record for request {request_id}"))
+    }
+
+    /// Shuts the server down gracefully and returns how `run` ended.
+    pub async fn stop(&mut self) -> Result<(), meshca::server::Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("stopped twice").await.unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A key and a DER CSR naming `identity` (CN and DNS SAN), signed with `alg`.
+pub fn csr(identity: &str, alg: &'static rcgen::SignatureAlgorithm) -> (KeyPair, Vec<u8>) {
+    let key = KeyPair::generate_for(alg).unwrap();
+    let der = csr_with_key(&key, identity);
+    (key, der)
+}
+
+/// A DER CSR for `key` naming `identity`.
+pub fn csr_with_key(key: &KeyPair, identity: &str) -> Vec<u8> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity);
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::DnsName(identity.to_string().try_into().unwrap())];
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+/// An RSA key from the checked-in fixtures (ring generates no RSA keys).
+pub fn rsa_key(bits: u32) -> KeyPair {
+    let path = format!("{}/tests/fixtures/rsa{bits}.pk8.pem", env!("CARGO_MANIFEST_DIR"));
+    let pem = std::fs::read_to_string(path).unwrap();
+    KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap()
+}
+
+/// The request id meshca attached to a response or status.
+pub fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata.get("x-request-id").expect("x-request-id").to_str().unwrap().to_owned()
+}
+
+/// The leaf and intermediates of a response.
+pub fn chain(resp: &CertifyResponse) -> (rustls_pki_types::CertificateDer<'static>, Vec<rustls_pki_types::CertificateDer<'static>>) {
+    (
+        resp.leaf_certificate.clone().into(),
+        resp.intermediate_certificates.iter().map(|c| c.clone().into()).collect(),
+    )
+}
