@@ -130,6 +130,9 @@ pub struct ServeArgs {
     /// Audit log path, or - for stdout [default: DATA_DIR/audit.jsonl in dev, - otherwise].
     #[arg(long, env = "MESHCA_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<String>,
+    /// Certify requests in flight beyond which callers get ResourceExhausted [default: 8192].
+    #[arg(long, env = "MESHCA_MAX_IN_FLIGHT", value_name = "N")]
+    pub max_in_flight: Option<usize>,
     /// Serve gRPC without TLS (only where a sidecar terminates TLS).
     #[arg(long, env = "MESHCA_PLAINTEXT")]
     pub plaintext: bool,

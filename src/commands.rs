@@ -3,6 +3,7 @@
 //! usage or configuration error, 1 for anything else. Results go to stdout only
 //! where scripts read them (`dev-token`); everything else goes to stderr.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,22 +80,27 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     };
     let config = Config::resolve(args, file).map_err(Failure::usage)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    if let Some(paths) = &config.dev {
-        let prepared = crate::dev::prepare(paths, &config.naming, clock.now()).map_err(Failure::other)?;
-        print_dev_instructions(&config, prepared.created_ca);
-    }
+    let prepared = match &config.dev {
+        Some(paths) => Some(crate::dev::prepare(paths, &config.naming, clock.now()).map_err(Failure::other)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Failure::other(format!("cannot listen on {}: {e}", config.listen)))?;
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| Failure::other(format!("cannot listen on {}: {e}", config.admin_listen)))?;
+    if let Some(prepared) = prepared {
+        let bound = |l: &tokio::net::TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let addrs = (bound(&listener, config.listen), bound(&admin, config.admin_listen));
+        print_dev_instructions(&config, prepared.created_ca, addrs);
+    }
     crate::server::run(config, clock, listener, admin, shutdown_signal())
         .await
         .map_err(Failure::other)
 }
 
-fn print_dev_instructions(config: &Config, created: bool) {
+fn print_dev_instructions(config: &Config, created: bool, (listen, admin): (SocketAddr, SocketAddr)) {
     let Some(paths) = &config.dev else { return };
     let dir = paths.data_dir.display();
     let scheme = if config.plaintext { "http" } else { "https" };
@@ -105,9 +111,9 @@ fn print_dev_instructions(config: &Config, created: bool) {
          meshca certify --addr {scheme}://{} --trust-anchors {dir}/trust-anchors.pem --token-file /tmp/web.token \\\n    \
          --identity web.default.serviceaccount.identity.{}.{} --out /tmp/web",
         if created { "created a new" } else { "reusing the" },
-        config.listen,
-        config.admin_listen,
-        config.listen,
+        listen,
+        admin,
+        listen,
         config.naming.control_plane_namespace(),
         config.naming.trust_domain(),
     );

@@ -51,6 +51,7 @@ pub struct FileConfig {
     pub token_audiences: Option<Vec<String>>,
     pub token_leeway: Option<String>,
     pub audit_log: Option<String>,
+    pub max_in_flight: Option<usize>,
     pub plaintext: Option<bool>,
 }
 
@@ -108,6 +109,8 @@ pub struct Config {
     pub token: TokenConfig,
     /// "-" for stdout, else a path.
     pub audit_log: String,
+    /// Certify requests in flight beyond which callers get `ResourceExhausted`.
+    pub max_in_flight: usize,
     pub plaintext: bool,
 }
 
@@ -254,6 +257,11 @@ impl Config {
             return Err(Error::Invalid { setting: "audit-log", reason: "empty path (use - for stdout)".into() });
         }
 
+        let max_in_flight = args.max_in_flight.or(file.max_in_flight).unwrap_or(8192);
+        if max_in_flight == 0 {
+            return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() });
+        }
+
         Ok(Config {
             dev: dev_paths,
             listen,
@@ -265,6 +273,7 @@ impl Config {
             lifetimes,
             token,
             audit_log,
+            max_in_flight,
             plaintext: args.plaintext || file.plaintext.unwrap_or(false),
         })
     }

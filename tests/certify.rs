@@ -394,6 +394,18 @@ async fn no_certificate_leaves_when_the_audit_log_cannot_be_written() {
 }
 
 #[tokio::test]
+async fn a_server_over_capacity_answers_resource_exhausted_and_audits_it() {
+    // No capacity at all: every request finds the in-flight bound reached.
+    let server = TestServer::start_with(Options { max_in_flight: 0, ..Default::default() }).await;
+    let (_key, req) = server.request("default", "web");
+    let status = server.client().await.certify(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let record = server.audit_record(&request_id(status.metadata()));
+    assert_eq!(record["outcome"], "denied");
+    assert!(record["reason"].as_str().unwrap().starts_with("overloaded"));
+}
+
+#[tokio::test]
 async fn linkerd_proxies_trailing_newline_tokens_are_accepted() {
     let server = TestServer::start().await;
     let (_key, mut req) = server.request("default", "web");

@@ -34,8 +34,6 @@ use crate::config::{Config, TokenConfig};
 use crate::proto::identity_server::IdentityServer;
 use metrics::Metrics;
 
-/// Requests in flight beyond which Certify answers `ResourceExhausted`.
-pub const MAX_IN_FLIGHT: usize = 8192;
 /// Hard cap on a decoded gRPC message; requests between the Certify limit
 /// (64 KiB) and this are decoded only to be refused and audited.
 pub const MAX_DECODED_MESSAGE: usize = 1024 * 1024;
@@ -117,7 +115,7 @@ pub async fn run(
         lifetimes: config.lifetimes,
         key_policy: KeyPolicy::default(),
         metrics: metrics.clone(),
-        in_flight: Semaphore::new(MAX_IN_FLIGHT),
+        in_flight: Semaphore::new(config.max_in_flight),
     });
     let service = IdentityServer::new(certifier)
         .max_decoding_message_size(MAX_DECODED_MESSAGE)

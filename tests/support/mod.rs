@@ -37,6 +37,7 @@ pub struct Options {
     pub plaintext: bool,
     /// Audit log path; default: DIR/audit.jsonl.
     pub audit_log: Option<String>,
+    pub max_in_flight: usize,
 }
 
 impl Default for Options {
@@ -47,6 +48,7 @@ impl Default for Options {
             key_type: CaKeyType::P256,
             plaintext: false,
             audit_log: None,
+            max_in_flight: 8192,
         }
     }
 }
@@ -90,6 +92,7 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
             leeway: Duration::from_secs(60),
         },
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
+        max_in_flight: opts.max_in_flight,
         plaintext: opts.plaintext,
     }
 }
