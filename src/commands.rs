@@ -79,6 +79,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         None => FileConfig::default(),
     };
     let config = Config::resolve(args, file).map_err(Failure::usage)?;
+    let shutdown = shutdown_signal()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let prepared = match &config.dev {
         Some(paths) => Some(crate::dev::prepare(paths, &config.naming, clock.now()).map_err(Failure::other)?),
@@ -95,7 +96,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         let addrs = (bound(&listener, config.listen), bound(&admin, config.admin_listen));
         print_dev_instructions(&config, prepared.created_ca, addrs);
     }
-    crate::server::run(config, clock, listener, admin, shutdown_signal())
+    crate::server::run(config, clock, listener, admin, shutdown)
         .await
         .map_err(Failure::other)
 }
@@ -119,28 +120,31 @@ fn print_dev_instructions(config: &Config, created: bool, (listen, admin): (Sock
     );
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+/// Registers SIGTERM and Ctrl-C handlers now (so a signal that arrives during
+/// start-up is not lost to the default action) and returns a future that completes
+/// on either.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, Failure> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+        let handler = |kind| signal(kind).map_err(|e| Failure::other(format!("cannot handle signals: {e}")));
+        let mut term = handler(SignalKind::terminate())?;
+        let mut int = handler(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
     }
-    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 /// `meshca dev-token`: prints the token alone on stdout.
