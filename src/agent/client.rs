@@ -166,6 +166,12 @@ pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, E
     req.anchors
         .verify(&leaf, &intermediates, now, Some(req.identity))
         .map_err(Error::BadResponse)?;
+    // A valid chain for someone else's key is of no use (and a sign of a broken server).
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
+        .map_err(|e| Error::BadResponse(format!("leaf: {e}")))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(Error::BadResponse("the leaf does not carry the requested key".into()));
+    }
     let valid_until = response.valid_until.and_then(|t| SystemTime::try_from(t).ok());
     Ok(Credentials { key_pkcs8: key.serialize_der(), leaf, intermediates, valid_until })
 }

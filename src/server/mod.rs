@@ -205,3 +205,64 @@ async fn renew_serving(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Sink;
+    use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
+    use crate::ca::profile::Lifetimes;
+    use crate::clock::{FakeClock, SystemClock};
+    use crate::identity::Naming;
+
+    #[tokio::test(start_paused = true)]
+    async fn serving_certificate_is_renewed_at_half_its_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let naming = Naming::new("cluster.local", "meshca-system").unwrap();
+        let clock = FakeClock::at(SystemClock.now());
+        let h = hierarchy::generate(&naming, CaKeyType::P256, clock.now(), HierarchyLifetimes::default()).unwrap();
+        crate::dev::write_hierarchy(dir.path(), &h).unwrap();
+        let snapshot =
+            Snapshot::load(&dir.path().join("trust-anchors.pem"), &dir.path().join("issuer"), clock.now()).unwrap();
+        let store = Arc::new(Store::new(snapshot));
+        let audit_path = dir.path().join("audit.jsonl");
+        let audit = AuditLog::open(Sink::File(audit_path.clone())).await.unwrap();
+        let identity = naming.own_identity("meshca").unwrap();
+        let lifetimes =
+            Lifetimes { issuance_lifetime: Duration::from_secs(3600), clock_skew_allowance: Duration::ZERO };
+        let snap = store.current().unwrap();
+        let (key, leaf) = tls::issue_serving(&snap, &identity, &lifetimes, clock.now(), &audit).await.unwrap();
+        let first = key.cert[0].clone();
+        let resolver = tls::Resolver::new(key);
+        let mut changes = resolver.subscribe();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let clock_dyn: Arc<dyn Clock> = Arc::new(clock.clone());
+        tokio::spawn(renew_serving(
+            store,
+            identity,
+            lifetimes,
+            clock_dyn,
+            audit.clone(),
+            resolver.clone(),
+            metrics.clone(),
+            leaf,
+            stop_rx,
+        ));
+
+        tokio::time::advance(Duration::from_secs(29 * 60)).await;
+        assert!(!changes.has_changed().unwrap(), "renewed before half the lifetime");
+
+        clock.advance(Duration::from_secs(30 * 60));
+        // Virtual time: a missing renewal fails here after an hour that takes no time.
+        tokio::time::timeout(Duration::from_secs(3600), changes.changed()).await.expect("no renewal").unwrap();
+        let renewed = changes.borrow_and_update().cert[0].clone();
+        assert_ne!(renewed, first);
+        assert!(metrics.render(0).contains("meshca_serving_certificate_not_after_seconds"));
+        let _ = stop_tx.send(true);
+        audit.close().await.unwrap();
+        let records = std::fs::read_to_string(&audit_path).unwrap();
+        assert!(records.lines().filter(|l| l.contains("\"request_id\":\"serving-certificate\"")).count() >= 2);
+        crate::audit::verify_file(&audit_path).unwrap();
+    }
+}

@@ -10,7 +10,7 @@
 //! Handshakes run in their own tasks with a timeout, so a client that connects and
 //! says nothing never holds up the accept loop.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{KeyPair, PublicKeyData};
@@ -18,7 +18,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -44,25 +44,31 @@ pub enum Error {
     Audit(#[from] audit::Error),
 }
 
-/// The serving certificate currently presented.
+/// The serving certificate currently presented; observers may watch it change.
 #[derive(Debug)]
 pub struct Resolver {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: watch::Sender<Arc<CertifiedKey>>,
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+        Some(self.current.borrow().clone())
     }
 }
 
 impl Resolver {
     pub fn new(key: CertifiedKey) -> Arc<Self> {
-        Arc::new(Resolver { current: RwLock::new(Arc::new(key)) })
+        Arc::new(Resolver { current: watch::Sender::new(Arc::new(key)) })
     }
 
+    /// Presents `key` from the next handshake on.
     pub fn replace(&self, key: CertifiedKey) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+        self.current.send_replace(Arc::new(key));
+    }
+
+    /// Notified on every replacement.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CertifiedKey>> {
+        self.current.subscribe()
     }
 }
 
