@@ -231,7 +231,7 @@ fn load(args: &Args) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let pid = args.server_pid.map(|p| p.to_string());
-    let (stats, window, cpu, memory) = runtime.block_on(async {
+    let (stats, window, (cpu, own_cpu), memory) = runtime.block_on(async {
         let mut channels = Vec::with_capacity(connections);
         for _ in 0..connections {
             channels.push(client::connect(&args.addr, &anchors, &args.server_name).await?);
@@ -247,15 +247,17 @@ fn load(args: &Args) -> Result<()> {
             .collect();
         tokio::time::sleep_until(measure_from.into()).await;
         let (cpu_before, mark) = (pid.as_deref().and_then(cpu_seconds), Instant::now());
+        let own_before = cpu_seconds("self");
         tokio::time::sleep_until(until.into()).await;
         let (cpu_after, window) = (pid.as_deref().and_then(cpu_seconds), mark.elapsed().as_secs_f64());
+        let own = own_before.zip(cpu_seconds("self")).map(|(b, a)| a - b);
         let memory = pid.as_deref().and_then(memory_mib);
         let mut stats = Vec::with_capacity(tasks.len());
         for task in tasks {
             stats.push(task.await?);
         }
         let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
-        Ok::<_, Box<dyn Error + Send + Sync>>((stats, window, cpu, memory))
+        Ok::<_, Box<dyn Error + Send + Sync>>((stats, window, (cpu, own), memory))
     })?;
 
     let mut latencies: Vec<u32> = Vec::with_capacity(stats.iter().map(|s| s.latencies_us.len()).sum());
@@ -283,7 +285,8 @@ fn load(args: &Args) -> Result<()> {
             (name, json!(n))
         })
         .collect();
-    let cpu_per_1k = cpu.filter(|_| certs > 0).map(|c| c * 1000.0 / certs as f64);
+    let per_1k = |c: Option<f64>| c.filter(|_| certs > 0).map(|c| c * 1000.0 / certs as f64);
+    let (cpu_per_1k, own_per_1k) = (per_1k(cpu), per_1k(own_cpu));
 
     if args.json {
         let out = json!({
@@ -293,7 +296,7 @@ fn load(args: &Args) -> Result<()> {
             "errors": error_total, "errors_by_code": by_code,
             "server_cpu_s": cpu, "server_cpu_s_per_1k": cpu_per_1k,
             "server_rss_mib": memory.map(|m| m.0), "server_peak_rss_mib": memory.map(|m| m.1),
-            "pool_prep_s": prep_s,
+            "client_cpu_s_per_1k": own_per_1k, "pool_prep_s": prep_s,
         });
         println!("{out}");
         return Ok(());
@@ -307,6 +310,9 @@ fn load(args: &Args) -> Result<()> {
     println!("  errors           {error_total} {}", serde_json::Value::Object(by_code));
     if let Some(c) = cpu {
         println!("  server CPU       {c:.2}s ({:.3}s per 1,000 certificates)", cpu_per_1k.unwrap_or(0.0));
+    }
+    if let Some(c) = own_per_1k {
+        println!("  client CPU       {c:.3}s per 1,000 certificates");
     }
     if let Some((rss, hwm)) = memory {
         println!("  server RSS       {rss:.1} MiB now, {hwm:.1} MiB peak");

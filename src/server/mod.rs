@@ -215,7 +215,7 @@ mod tests {
     use crate::clock::{FakeClock, SystemClock};
     use crate::identity::Naming;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn serving_certificate_is_renewed_at_half_its_lifetime() {
         let dir = tempfile::tempdir().unwrap();
         let naming = Naming::new("cluster.local", "meshca-system").unwrap();
@@ -249,13 +249,19 @@ mod tests {
             leaf,
             stop_rx,
         ));
+        // Let the renewer start its wait, then hold monotonic time until the test moves it.
+        tokio::task::yield_now().await;
+        tokio::time::pause();
 
         tokio::time::advance(Duration::from_secs(29 * 60)).await;
         assert!(!changes.has_changed().unwrap(), "renewed before half the lifetime");
 
         clock.advance(Duration::from_secs(30 * 60));
-        // Virtual time: a missing renewal fails here after an hour that takes no time.
-        tokio::time::timeout(Duration::from_secs(3600), changes.changed()).await.expect("no renewal").unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        // The renewal is due; let time run again so the audit writer (a thread of its
+        // own) is not raced by virtual timers, and bound the wait in real time.
+        tokio::time::resume();
+        tokio::time::timeout(Duration::from_secs(30), changes.changed()).await.expect("no renewal").unwrap();
         let renewed = changes.borrow_and_update().cert[0].clone();
         assert_ne!(renewed, first);
         assert!(metrics.render(0).contains("meshca_serving_certificate_not_after_seconds"));

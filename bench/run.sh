@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Reproducible Certify benchmark.
+#
+#   bench/run.sh [DURATION_SECS]      (default 10; each level also gets a 2 s warm-up)
+#
+# Builds the release binaries, starts `meshca serve --dev` on loopback with a fresh
+# data directory (audit log in it), measures start-to-ready time and idle RSS, runs
+# `meshca-load --crypto-bound` (in-process CSR check + leaf sign on all cores), then
+# `meshca-load` at 16, 64 and 1024 concurrent streams against the server, stops the
+# server with SIGTERM, verifies the audit log's hash chain, and prints a markdown
+# table. Client and server run on the same machine and share its cores.
+#
+# Environment: MESHCA_BENCH_PORT (gRPC, default 18080), MESHCA_BENCH_ADMIN_PORT
+# (default 19990), MESHCA_BENCH_LEVELS (default "16 64 1024"),
+# MESHCA_BENCH_KEEP=1 keeps the data directory.
+set -euo pipefail
+
+DURATION="${1:-10}"
+PORT="${MESHCA_BENCH_PORT:-18080}"
+ADMIN_PORT="${MESHCA_BENCH_ADMIN_PORT:-19990}"
+LEVELS="${MESHCA_BENCH_LEVELS:-16 64 1024}"
+
+cd "$(dirname "$0")/.."
+case "$DURATION" in
+  '' | *[!0-9]*) echo "usage: bench/run.sh [DURATION_SECS]" >&2; exit 2 ;;
+esac
+command -v curl >/dev/null || { echo "bench/run.sh needs curl" >&2; exit 2; }
+
+DATA="$(mktemp -d "${TMPDIR:-/tmp}/meshca-bench.XXXXXX")"
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  if [ "${MESHCA_BENCH_KEEP:-0}" = 1 ]; then
+    echo "data directory kept: $DATA" >&2
+  else
+    rm -rf "$DATA"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "== $*" >&2; }
+
+# Reads a top-level scalar from meshca-load's one-line JSON.
+field() { sed -n "s/.*\"$2\":\([^,}]*\).*/\1/p" <<<"$1"; }
+# printf for numbers that may be null.
+num() { awk -v v="$2" -v f="$1" 'BEGIN { if (v == "" || v == "null") print "n/a"; else printf f, v }'; }
+now_ms() { date +%s%3N; }
+
+log "building release binaries"
+cargo build --release --bins >&2
+MESHCA=target/release/meshca
+LOAD=target/release/meshca-load
+
+# Share of all cores busy over one second (from /proc/stat).
+busy_percent() {
+  local a b
+  a="$(head -1 /proc/stat)"
+  sleep 1
+  b="$(head -1 /proc/stat)"
+  awk -v a="$a" -v b="$b" 'BEGIN {
+    n = split(a, x); split(b, y); total = 0
+    for (i = 2; i <= n; i++) total += y[i] - x[i]
+    idle = (y[5] + y[6]) - (x[5] + x[6])
+    printf "%.0f", total > 0 ? 100 * (total - idle) / total : 0 }'
+}
+BUSY="$(busy_percent)"
+log "machine: $(nproc) cores, ${BUSY}% busy before the run"
+if [ "$BUSY" -gt 10 ]; then
+  log "warning: something else is using the CPU; results will be lower and noisier"
+fi
+
+log "crypto bound (${DURATION}s per figure, no server running)"
+CRYPTO="$("$LOAD" --crypto-bound --duration "$DURATION" --json)"
+BOUND="$(field "$CRYPTO" ops_per_s)"
+BOUND_TOKEN="$(field "$CRYPTO" with_token_ops_per_s)"
+
+log "starting meshca serve --dev in $DATA"
+START_MS="$(now_ms)"
+"$MESHCA" serve --dev --data-dir "$DATA" \
+  --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" 2>"$DATA/server.log" &
+SERVER_PID=$!
+ready=""
+for _ in $(seq 1 1000); do
+  if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" 2>/dev/null; then
+    ready=1
+    break
+  fi
+  kill -0 "$SERVER_PID" 2>/dev/null || break
+  sleep 0.01
+done
+if [ -z "$ready" ]; then
+  echo "meshca did not become ready; its log:" >&2
+  cat "$DATA/server.log" >&2
+  exit 1
+fi
+READY_MS=$(($(now_ms) - START_MS))
+sleep 1
+IDLE_RSS_KB="$(awk '/^VmRSS:/ { print $2 }' "/proc/$SERVER_PID/status")"
+log "ready in ${READY_MS} ms (first start: creates the CA), idle RSS $((IDLE_RSS_KB / 1024)) MiB"
+
+ROWS=""
+for level in $LEVELS; do
+  log "load: $level concurrent streams, ${DURATION}s"
+  OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --concurrency "$level" \
+    --duration "$DURATION" --server-pid "$SERVER_PID" --json)"
+  echo "$OUT" >>"$DATA/results.jsonl"
+  rate="$(field "$OUT" certs_per_s)"
+  errors="$(field "$OUT" errors)"
+  if [ "$errors" != 0 ]; then
+    log "errors at $level: $(sed -n 's/.*"errors_by_code":\({[^}]*}\).*/\1/p' <<<"$OUT")"
+  fi
+  ROWS+="| $level streams / $(field "$OUT" connections) conns"
+  ROWS+=" | $(num '%.0f' "$rate")"
+  ROWS+=" | $(num '%.2f' "$(field "$OUT" p50_ms)")"
+  ROWS+=" | $(num '%.2f' "$(field "$OUT" p99_ms)")"
+  ROWS+=" | $(num '%.2f' "$(field "$OUT" p999_ms)")"
+  ROWS+=" | $errors"
+  ROWS+=" | $(num '%.3f' "$(field "$OUT" server_cpu_s_per_1k)")"
+  ROWS+=" | $(num '%.3f' "$(field "$OUT" client_cpu_s_per_1k)")"
+  ROWS+=" | $(num '%.1f' "$(field "$OUT" server_rss_mib)") / $(num '%.1f' "$(field "$OUT" server_peak_rss_mib)")"
+  ROWS+=" | $(awk -v r="$rate" -v b="$BOUND" 'BEGIN { printf "%.0f%%", 100 * r / b }') |"$'\n'
+done
+
+log "stopping meshca (SIGTERM)"
+kill -TERM "$SERVER_PID"
+status=0
+wait "$SERVER_PID" || status=$?
+SERVER_PID=""
+if [ "$status" != 0 ]; then
+  echo "meshca exited with status $status; its log:" >&2
+  tail -20 "$DATA/server.log" >&2
+  exit 1
+fi
+
+log "verifying the audit log"
+AUDIT="$("$MESHCA" audit verify "$DATA/audit.jsonl" 2>&1)" || {
+  echo "$AUDIT" >&2
+  exit 1
+}
+
+cat <<EOF
+
+meshca Certify benchmark: $(nproc) cores shared by client and server (${BUSY}% busy before the run), ${DURATION}s per level after a 2 s warm-up, pool of 10,000 distinct P-256 CSRs and tokens
+
+| level | certs/s | p50 ms | p99 ms | p999 ms | errors | server CPU s / 1k certs | client CPU s / 1k | server RSS / peak MiB | vs crypto bound |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| crypto bound: CSR check + leaf sign, in-process, $(field "$CRYPTO" threads) threads | $(num '%.0f' "$BOUND") | | | | | $(awk -v b="$BOUND" -v t="$(field "$CRYPTO" threads)" 'BEGIN { printf "%.3f", 1000 * t / b }') | | | 100% |
+| (same + token verify) | $(num '%.0f' "$BOUND_TOKEN") | | | | | $(awk -v b="$BOUND_TOKEN" -v t="$(field "$CRYPTO" threads)" 'BEGIN { printf "%.3f", 1000 * t / b }') | | | $(awk -v r="$BOUND_TOKEN" -v b="$BOUND" 'BEGIN { printf "%.0f%%", 100 * r / b }') |
+${ROWS}
+start to ready: ${READY_MS} ms (first start, CA generated); idle RSS: $(awk -v k="$IDLE_RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }') MiB
+audit log: ${AUDIT#"$DATA"/}
+EOF
