@@ -183,7 +183,7 @@ async fn drive(
     until: Instant,
 ) -> TaskStats {
     let mut client = IdentityClient::new(channel);
-    let mut stats = TaskStats { latencies_us: Vec::with_capacity(64 * 1024), ..TaskStats::default() };
+    let mut stats = TaskStats { latencies_us: Vec::with_capacity(4096), ..TaskStats::default() };
     let mut next = first % pool.len();
     loop {
         let start = Instant::now();
@@ -270,7 +270,7 @@ fn load(args: &Args) -> Result<()> {
     }
     latencies.sort_unstable();
     let certs = latencies.len() as u64;
-    let rate = certs as f64 / window;
+    let rate = certs as f64 / args.duration;
     let (p50, p99, p999) =
         (quantile_ms(&latencies, 0.50), quantile_ms(&latencies, 0.99), quantile_ms(&latencies, 0.999));
     let max = latencies.last().map_or(0.0, |m| f64::from(*m) / 1000.0);
@@ -305,7 +305,7 @@ fn load(args: &Args) -> Result<()> {
         "Certify over TLS: {} streams on {connections} connections, pool {} (prepared in {prep_s:.1}s)",
         args.concurrency, args.pool
     );
-    println!("  certificates/s   {rate:.0}  ({certs} in {window:.2}s)");
+    println!("  certificates/s   {rate:.0}  ({certs} in {:.2}s)", args.duration);
     println!("  latency (ms)     p50 {p50:.2}  p99 {p99:.2}  p999 {p999:.2}  max {max:.2}");
     println!("  errors           {error_total} {}", serde_json::Value::Object(by_code));
     if let Some(c) = cpu {
@@ -321,7 +321,12 @@ fn load(args: &Args) -> Result<()> {
 }
 
 /// Runs `op` on every item round-robin, one thread per core, for `secs`; ops/s.
-fn saturate(pool: &[Item], threads: usize, secs: f64, op: &(dyn Fn(&Item) -> Result<()> + Sync)) -> Result<f64> {
+fn saturate(
+    pool: &[Item],
+    threads: usize,
+    secs: f64,
+    op: &(dyn Fn(&Item) -> Result<()> + Sync),
+) -> Result<f64> {
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(secs);
     let counts = std::thread::scope(|s| {
@@ -358,8 +363,14 @@ fn crypto_bound(args: &Args) -> Result<()> {
     let issuer_key = PrivatePkcs8KeyDer::from_pem_slice(h.issuer_key_pem.as_bytes())?;
     let nowhere = std::path::Path::new("(generated)");
     let anchors = TrustAnchors::from_certs(vec![anchor], nowhere)?;
-    let issuer =
-        Issuer::from_parts(vec![issuer_cert], issuer_key.secret_pkcs8_der(), &anchors, now, nowhere, nowhere)?;
+    let issuer = Issuer::from_parts(
+        vec![issuer_cert],
+        issuer_key.secret_pkcs8_der(),
+        &anchors,
+        now,
+        nowhere,
+        nowhere,
+    )?;
     let (signer, _) = DevSigner::generate()?;
     let settings = Settings {
         issuer: DEV_TOKEN_ISSUER.into(),
@@ -407,11 +418,14 @@ fn crypto_bound(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn main() -> std::result::Result<(), Box<dyn Error + Send + Sync>> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if args.crypto_bound {
-        crypto_bound(&args)
-    } else {
-        load(&args)
+    let result = if args.crypto_bound { crypto_bound(&args) } else { load(&args) };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshca-load: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

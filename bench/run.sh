@@ -65,7 +65,9 @@ busy_percent() {
     n = split(a, x); split(b, y); total = 0
     for (i = 2; i <= n; i++) total += y[i] - x[i]
     idle = (y[5] + y[6]) - (x[5] + x[6])
-    printf "%.0f", total > 0 ? 100 * (total - idle) / total : 0 }'
+    busy = 0
+    if (total > 0) busy = 100 * (total - idle) / total
+    printf "%.0f", busy }'
 }
 BUSY="$(busy_percent)"
 log "machine: $(nproc) cores, ${BUSY}% busy before the run"
@@ -78,6 +80,10 @@ CRYPTO="$("$LOAD" --crypto-bound --duration "$DURATION" --json)"
 BOUND="$(field "$CRYPTO" ops_per_s)"
 BOUND_TOKEN="$(field "$CRYPTO" with_token_ops_per_s)"
 
+if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" 2>/dev/null; then
+  echo "something already answers on 127.0.0.1:$ADMIN_PORT; set MESHCA_BENCH_ADMIN_PORT" >&2
+  exit 1
+fi
 log "starting meshca serve --dev in $DATA"
 START_MS="$(now_ms)"
 "$MESHCA" serve --dev --data-dir "$DATA" \
