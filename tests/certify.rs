@@ -97,6 +97,31 @@ async fn p384_issuer_signs_with_ecdsa_sha384() {
     assert_eq!(cert.signature_algorithm.algorithm, x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA384);
 }
 
+#[tokio::test]
+async fn linkerd_layout_with_an_sec1_issuer_key_is_accepted() {
+    let server = TestServer::start_prepared(Options::default(), |dir| {
+        let issuer = dir.join("issuer");
+        // openssl writes the traditional SEC1 form ("EC PRIVATE KEY"), as cert-manager does.
+        let out = std::process::Command::new("openssl")
+            .args(["ec", "-in"])
+            .arg(issuer.join("tls.key"))
+            .arg("-out")
+            .arg(issuer.join("key.pem"))
+            .output()
+            .expect("openssl is required for this test (.ci/run installs it)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::rename(issuer.join("tls.crt"), issuer.join("crt.pem")).unwrap();
+        std::fs::remove_file(issuer.join("tls.key")).unwrap();
+        let key = std::fs::read_to_string(issuer.join("key.pem")).unwrap();
+        assert!(key.starts_with("-----BEGIN EC PRIVATE KEY-----"));
+    })
+    .await;
+    let (_key, req) = server.request("default", "web");
+    let resp = server.client().await.certify(req).await.unwrap().into_inner();
+    let (leaf, intermediates) = chain(&resp);
+    server.anchors.verify(&leaf, &intermediates, server.clock.now(), None).unwrap();
+}
+
 /// A request that must be refused, how, and why.
 struct Refused {
     name: &'static str,

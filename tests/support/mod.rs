@@ -103,10 +103,16 @@ impl TestServer {
     }
 
     pub async fn start_with(opts: Options) -> Self {
+        Self::start_prepared(opts, |_| {}).await
+    }
+
+    /// Like `start_with`, but lets `prepare` change the generated CA files first.
+    pub async fn start_prepared(opts: Options, prepare: impl FnOnce(&std::path::Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let naming = Naming::new("cluster.local", "meshca-system").unwrap();
         let clock = FakeClock::at(SystemClock.now());
         write_ca(dir.path(), &naming, &opts, clock.now());
+        prepare(dir.path());
         let (signer, _) = DevSigner::generate().unwrap();
         std::fs::write(dir.path().join("jwks.json"), signer.jwks_json()).unwrap();
         let config = config(dir.path(), &naming, &opts);
