@@ -2,8 +2,10 @@
 //!
 //! - [`client`]: make a key and CSR, call Certify, verify the returned chain.
 //! - [`files`]: write certificates and keys atomically, keys readable by the owner only.
+//! - [`schedule`]: when to renew and how long to back off (pure).
 //!
 //! `meshca certify` runs this once; platform-specific file handling stays in `files`.
 
 pub mod client;
 pub mod files;
+pub mod schedule;
