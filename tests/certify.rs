@@ -374,7 +374,10 @@ async fn validity_is_backdated_by_the_skew_allowance_and_lasts_the_issuance_life
     server.clock.advance(Duration::from_secs(7200)); // well past the issuer's own backdated start
     let now = secs(server.clock.now());
     let (_key, req) = server.request("default", "web");
-    let resp = server.client().await.certify(req).await.unwrap().into_inner();
+    let resp = server.client().await.certify(req).await.unwrap();
+    let server_time: i64 = resp.metadata().get("x-meshca-time").unwrap().to_str().unwrap().parse().unwrap();
+    assert_eq!(server_time / 1000, now, "the response carries the server's clock");
+    let resp = resp.into_inner();
     let (_, cert) = X509Certificate::from_der(&resp.leaf_certificate).unwrap();
     assert_eq!(cert.validity().not_before.timestamp(), now - 30);
     assert_eq!(cert.validity().not_after.timestamp(), now + 90);

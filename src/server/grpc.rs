@@ -45,6 +45,24 @@ pub struct Certifier {
     pub in_flight: Semaphore,
 }
 
+/// Response header carrying the server's wall-clock time at the request, in Unix
+/// milliseconds, so clients can estimate their clock offset.
+pub const SERVER_TIME_HEADER: &str = "x-meshca-time";
+
+fn unix_millis(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// Tags a response or status with the request id and the server's time.
+fn tag(metadata: &mut tonic::metadata::MetadataMap, request_id: &str, now: SystemTime) {
+    if let Ok(v) = request_id.parse() {
+        metadata.insert("x-request-id", v);
+    }
+    if let Ok(v) = unix_millis(now).to_string().parse() {
+        metadata.insert(SERVER_TIME_HEADER, v);
+    }
+}
+
 /// A random request id: 16 hex digits.
 pub fn new_request_id() -> String {
     let mut id = [0u8; 8];
@@ -146,16 +164,16 @@ impl Identity for Arc<Certifier> {
                 Ok(_) => {
                     self.metrics.record_issued(started.elapsed());
                     let mut response = Response::new(response);
-                    if let Ok(v) = request_id.parse() {
-                        response.metadata_mut().insert("x-request-id", v);
-                    }
+                    tag(response.metadata_mut(), &request_id, now);
                     Ok(response)
                 }
                 Err(e) => {
                     tracing::error!(%request_id, error = %e, "audit write failed; certificate withheld");
                     let refusal = Refusal::from(e);
                     self.metrics.record_denied(refusal.reason_code(), started.elapsed());
-                    Err(refusal.status(&request_id))
+                    let mut status = refusal.status(&request_id);
+                    tag(status.metadata_mut(), &request_id, now);
+                    Err(status)
                 }
             },
             Err(refusal) => {
@@ -173,7 +191,9 @@ impl Identity for Arc<Certifier> {
                     tracing::error!(%request_id, error = %e, "audit write failed for a denial");
                 }
                 self.metrics.record_denied(refusal.reason_code(), started.elapsed());
-                Err(refusal.status(&request_id))
+                let mut status = refusal.status(&request_id);
+                tag(status.metadata_mut(), &request_id, now);
+                Err(status)
             }
         };
         result
