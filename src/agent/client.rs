@@ -73,6 +73,10 @@ pub struct Credentials {
     pub leaf: CertificateDer<'static>,
     pub intermediates: Vec<CertificateDer<'static>>,
     pub valid_until: Option<SystemTime>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// The server's clock at the request, when it said.
+    pub server_time: Option<SystemTime>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -144,7 +148,15 @@ pub fn make_csr(identity: &str, key_type: KeyType) -> Result<(KeyPair, Vec<u8>),
     Ok((key, csr.der().to_vec()))
 }
 
-/// Requests one certificate and verifies it at `now`.
+/// The server's clock as reported in a Certify response or status.
+pub fn server_time(metadata: &tonic::metadata::MetadataMap) -> Option<SystemTime> {
+    let millis: u64 = metadata.get(crate::server::grpc::SERVER_TIME_HEADER)?.to_str().ok()?.parse().ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(millis))
+}
+
+/// Requests one certificate. `now` is this host's wall clock at the time of the
+/// call; the chain is verified at the server's time when the response carries it
+/// (a host clock minutes off must not throw away a good certificate), else at `now`.
 pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, Error> {
     let (key, csr) = make_csr(req.identity, req.key_type)?;
     let channel = connect(req.addr, req.anchors, req.server_name).await?;
@@ -155,8 +167,9 @@ pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, E
             certificate_signing_request: csr,
         })
         .await
-        .map_err(|s| Error::Refused { code: s.code(), message: s.message().to_owned() })?
-        .into_inner();
+        .map_err(|s| Error::Refused { code: s.code(), message: s.message().to_owned() })?;
+    let server_time = server_time(response.metadata());
+    let response = response.into_inner();
     if response.leaf_certificate.is_empty() {
         return Err(Error::BadResponse("no leaf certificate".into()));
     }
@@ -164,7 +177,7 @@ pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, E
     let intermediates: Vec<_> =
         response.intermediate_certificates.into_iter().map(CertificateDer::from).collect();
     req.anchors
-        .verify(&leaf, &intermediates, now, Some(req.identity))
+        .verify(&leaf, &intermediates, server_time.unwrap_or(now), Some(req.identity))
         .map_err(Error::BadResponse)?;
     // A valid chain for someone else's key is of no use (and a sign of a broken server).
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
@@ -173,5 +186,16 @@ pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, E
         return Err(Error::BadResponse("the leaf does not carry the requested key".into()));
     }
     let valid_until = response.valid_until.and_then(|t| SystemTime::try_from(t).ok());
-    Ok(Credentials { key_pkcs8: key.serialize_der(), leaf, intermediates, valid_until })
+    let validity = cert.validity();
+    let not_before = crate::ca::issuer::to_system_time(validity.not_before);
+    let not_after = crate::ca::issuer::to_system_time(validity.not_after);
+    Ok(Credentials {
+        key_pkcs8: key.serialize_der(),
+        leaf,
+        intermediates,
+        valid_until,
+        not_before,
+        not_after,
+        server_time,
+    })
 }

@@ -8,4 +8,5 @@
 
 pub mod client;
 pub mod files;
+pub mod run;
 pub mod schedule;

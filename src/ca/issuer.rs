@@ -170,7 +170,8 @@ fn parse_cert<'a>(der: &'a CertificateDer<'_>, path: &Path) -> Result<X509Certif
     Ok(cert)
 }
 
-fn system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+/// An X.509 time as a `SystemTime`.
+pub fn to_system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
     let secs = t.timestamp();
     if secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
@@ -224,21 +225,21 @@ impl Issuer {
 
         // The window every chain certificate (and the anchor above them) is valid in.
         let mut window = ChainWindow {
-            not_before: system_time(issuer_cert.validity().not_before),
-            not_after: system_time(issuer_cert.validity().not_after),
+            not_before: to_system_time(issuer_cert.validity().not_before),
+            not_after: to_system_time(issuer_cert.validity().not_after),
         };
         let mut top_issuer = issuer_cert.issuer().as_raw().to_vec();
         for der in &certs[1..] {
             let c = parse_cert(der, crt_path)?;
-            window.not_before = window.not_before.max(system_time(c.validity().not_before));
-            window.not_after = window.not_after.min(system_time(c.validity().not_after));
+            window.not_before = window.not_before.max(to_system_time(c.validity().not_before));
+            window.not_after = window.not_after.min(to_system_time(c.validity().not_after));
             top_issuer = c.issuer().as_raw().to_vec();
         }
         for der in anchors.certificates() {
             let Ok((_, a)) = X509Certificate::from_der(der) else { continue };
             if a.subject().as_raw() == top_issuer.as_slice() {
-                window.not_before = window.not_before.max(system_time(a.validity().not_before));
-                window.not_after = window.not_after.min(system_time(a.validity().not_after));
+                window.not_before = window.not_before.max(to_system_time(a.validity().not_before));
+                window.not_after = window.not_after.min(to_system_time(a.validity().not_after));
             }
         }
         if now >= window.not_after {

@@ -1,0 +1,216 @@
+//! The agent loop: keep a certificate fresh on disk.
+//!
+//! Each round makes a new key (never reused), re-reads the token file (projected
+//! tokens rotate) and the trust anchors, calls Certify, verifies the chain at the
+//! server's time, writes `tls.key`, `tls.crt` and `ca.crt` atomically, optionally
+//! runs `--on-renew`, and waits for the next renewal per [`schedule`]. Waiting is
+//! done through a [`Timer`] (tokio's monotonic clock in production, a test timer in
+//! tests), and every delay is counted from receipt, so a wall clock that jumps or
+//! disagrees with the server's changes nothing. On failure the agent backs off with
+//! full jitter, keeps the old files, and logs the validity left.
+//!
+//! The clock offset to the server (from the `x-meshca-time` response header) is
+//! logged and warned about past a threshold.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::client::{self, KeyType};
+use super::files::{write_atomic, Access};
+use super::schedule::{self, Policy};
+use crate::ca::issuer::TrustAnchors;
+use crate::ca::material::to_pem;
+use crate::clock::Clock;
+
+/// First retry waits up to this long; the wait doubles per failure.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest wait between retries.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// The server's default clock-skew allowance, assumed as its backdate when the
+/// response does not say the server's time.
+const ASSUMED_BACKDATE: Duration = Duration::from_secs(120);
+
+/// Waits on a monotonic clock.
+pub trait Timer: Send + Sync + 'static {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// tokio's monotonic clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioTimer;
+
+impl Timer for TokioTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
+
+/// Why a round failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("trust anchors: {0}")]
+    Anchors(#[from] crate::ca::Error),
+    #[error("cannot read the token file {path}: {source}")]
+    Token { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Certify(#[from] client::Error),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// What the agent does.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub addr: String,
+    pub trust_anchors: PathBuf,
+    pub token_file: PathBuf,
+    pub identity: String,
+    pub out: PathBuf,
+    pub server_name: String,
+    pub key_type: KeyType,
+    pub policy: Policy,
+    /// Warn when the clock offset to the server exceeds this.
+    pub offset_warning: Duration,
+    /// Shell command run after each successful write.
+    pub on_renew: Option<String>,
+}
+
+/// The outcome of one successful round.
+#[derive(Clone, Debug)]
+pub struct Renewed {
+    pub not_after: SystemTime,
+    /// Validity left at receipt, on the server's clock.
+    pub lifetime: Duration,
+    /// Server clock minus ours, in milliseconds, when the server said its time.
+    pub offset_millis: Option<i64>,
+}
+
+fn signed_millis(a: SystemTime, b: SystemTime) -> i64 {
+    match a.duration_since(b) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// A uniform sample in [0, 1] from the system RNG (0.5 if it fails).
+pub fn uniform() -> f64 {
+    let mut b = [0u8; 8];
+    match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
+        Ok(()) => (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64,
+        Err(_) => 0.5,
+    }
+}
+
+/// One round: new key, Certify, verify, write, hook.
+pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewed, Error> {
+    let anchors = TrustAnchors::load(&settings.trust_anchors)?;
+    let token = std::fs::read(&settings.token_file)
+        .map_err(|source| Error::Token { path: settings.token_file.clone(), source })?;
+    let request = client::Request {
+        addr: &settings.addr,
+        anchors: &anchors,
+        server_name: &settings.server_name,
+        identity: &settings.identity,
+        token,
+        key_type: settings.key_type,
+    };
+    let creds = client::certify(request, clock.now()).await?;
+    let received = clock.now();
+    let offset_millis = creds.server_time.map(|t| signed_millis(t, received));
+    if let Some(offset) = offset_millis {
+        if offset.unsigned_abs() > settings.offset_warning.as_millis() as u64 {
+            tracing::warn!(
+                offset_ms = offset,
+                "this host's clock differs from meshca's by more than {:?}; fix time sync (chrony/timedatectl, or w32tm /resync on Windows)",
+                settings.offset_warning
+            );
+        } else {
+            tracing::debug!(offset_ms = offset, "clock offset to meshca");
+        }
+    }
+
+    let out = &settings.out;
+    let write = |name: &str, contents: String, access| {
+        let path = out.join(name);
+        write_atomic(&path, contents.as_bytes(), access).map_err(|source| Error::Write { path, source })
+    };
+    write("tls.key", creds.key_pem(), Access::Private)?;
+    write("tls.crt", creds.chain_pem(), Access::Public)?;
+    let ca: String = anchors.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
+    write("ca.crt", ca, Access::Public)?;
+    if let Some(cmd) = &settings.on_renew {
+        run_hook(cmd).await;
+    }
+
+    // Validity left, on the server's clock: notAfter minus the server's time, or
+    // (when it did not say) the whole validity minus the server's usual backdate.
+    let validity = creds.not_after.duration_since(creds.not_before).unwrap_or_default();
+    let lifetime = match creds.server_time {
+        Some(t) => creds.not_after.duration_since(t).unwrap_or_default(),
+        None => schedule::lifetime(validity, ASSUMED_BACKDATE),
+    };
+    Ok(Renewed { not_after: creds.not_after, lifetime, offset_millis })
+}
+
+async fn run_hook(cmd: &str) {
+    #[cfg(windows)]
+    let mut command = tokio::process::Command::new("cmd");
+    #[cfg(windows)]
+    command.args(["/C", cmd]);
+    #[cfg(not(windows))]
+    let mut command = tokio::process::Command::new("sh");
+    #[cfg(not(windows))]
+    command.args(["-c", cmd]);
+    match command.status().await {
+        Ok(s) if s.success() => {}
+        Ok(s) => tracing::error!(status = %s, "--on-renew command failed"),
+        Err(e) => tracing::error!(error = %e, "cannot run the --on-renew command"),
+    }
+}
+
+/// Runs rounds until `shutdown` completes.
+pub async fn run(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    timer: Arc<dyn Timer>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut attempt = 0u32;
+    // Validity left on the current files, counted down by the time waited.
+    let mut left: Option<Duration> = None;
+    loop {
+        let wait = match renew_once(&settings, clock.as_ref()).await {
+            Ok(r) => {
+                attempt = 0;
+                left = Some(r.lifetime);
+                let delay = schedule::renewal_delay(r.lifetime, &settings.policy, uniform());
+                tracing::info!(
+                    identity = %settings.identity,
+                    not_after = %humantime::format_rfc3339_seconds(r.not_after),
+                    next_renewal_in = ?delay,
+                    "certificate renewed"
+                );
+                delay
+            }
+            Err(e) => {
+                let delay = schedule::backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, uniform());
+                attempt = attempt.saturating_add(1);
+                match left {
+                    Some(l) => tracing::error!(error = %e, validity_left = ?l, retry_in = ?delay, "renewal failed; keeping the current certificate"),
+                    None => tracing::error!(error = %e, retry_in = ?delay, "no certificate yet; retrying"),
+                }
+                delay
+            }
+        };
+        tokio::select! {
+            () = timer.sleep(wait) => {}
+            () = &mut shutdown => return,
+        }
+        left = left.map(|l| l.saturating_sub(wait));
+    }
+}

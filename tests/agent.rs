@@ -1,0 +1,184 @@
+//! The agent keeping a certificate fresh against a real server, with the agent's
+//! wall clock ten minutes ahead of or behind the server's. Time is injected: the
+//! agent's waits go through a test timer that advances both fake clocks, so many
+//! rotations take no real time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshca::agent::run::{self, Settings, Timer};
+use meshca::agent::schedule::Policy;
+use meshca::clock::{Clock, FakeClock};
+use support::{Options, TestServer, SERVER_NAME};
+use tokio::sync::{mpsc, oneshot};
+
+/// Hands every requested wait to the test, which moves time and then lets it end.
+struct SteppedTimer {
+    steps: mpsc::UnboundedSender<(Duration, oneshot::Sender<()>)>,
+}
+
+impl Timer for SteppedTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let (done, wait) = oneshot::channel();
+        let sent = self.steps.send((duration, done)).is_ok();
+        Box::pin(async move {
+            if sent {
+                let _ = wait.await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}
+
+fn not_after(pem: &str) -> SystemTime {
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    meshca::ca::issuer::to_system_time(cert.validity().not_after)
+}
+
+use rustls_pki_types::pem::PemObject;
+
+async fn keeps_a_certificate_fresh_with_offset(offset_secs: i64) {
+    const ROTATIONS: usize = 12;
+    let opts = Options {
+        lifetimes: meshca::ca::profile::Lifetimes {
+            issuance_lifetime: Duration::from_secs(600),
+            clock_skew_allowance: Duration::from_secs(120),
+        },
+        ..Default::default()
+    };
+    let server = TestServer::start_with(opts).await;
+    let agent_clock = FakeClock::at(if offset_secs >= 0 {
+        server.clock.now() + Duration::from_secs(offset_secs as u64)
+    } else {
+        server.clock.now() - Duration::from_secs(offset_secs.unsigned_abs())
+    });
+    let dir = server.dir.path().to_owned();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, server.token("default", "web")).unwrap();
+    let out = dir.join("out");
+    let settings = Settings {
+        addr: server.url(),
+        trust_anchors: dir.join("trust-anchors.pem"),
+        token_file: token_file.clone(),
+        identity: server.identity("default", "web"),
+        out: out.clone(),
+        server_name: SERVER_NAME.into(),
+        key_type: meshca::agent::client::KeyType::P256,
+        policy: Policy::default(),
+        offset_warning: Duration::from_secs(30),
+        on_renew: None,
+    };
+    let (steps_tx, mut steps) = mpsc::unbounded_channel();
+    let timer = Arc::new(SteppedTimer { steps: steps_tx });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(run::run(settings, Arc::new(agent_clock.clone()), timer, async move {
+        let _ = stopped.await;
+    }));
+
+    let mut keys = HashSet::new();
+    let mut last = None;
+    for rotation in 0..ROTATIONS {
+        let (wait, done) = steps.recv().await.expect("the agent stopped");
+        // The agent just wrote its files: a fresh key, valid at the server's time.
+        let key = std::fs::read_to_string(out.join("tls.key")).unwrap();
+        assert!(keys.insert(key), "rotation {rotation}: key reused");
+        let chain = std::fs::read_to_string(out.join("tls.crt")).unwrap();
+        let expires = not_after(&chain);
+        let server_now = server.clock.now();
+        assert!(expires > server_now + wait, "rotation {rotation}: waits {wait:?} past expiry");
+        // Renewal at about half the lifetime (600 s ± 10%), never a tight loop.
+        assert!(wait >= Duration::from_secs(240) && wait <= Duration::from_secs(360), "rotation {rotation}: {wait:?}");
+        if rotation + 1 == ROTATIONS {
+            last = Some(done); // the agent stays asleep until it is stopped
+            break;
+        }
+        server.clock.advance(wait);
+        agent_clock.advance(wait);
+        // The kubelet rotates projected tokens; the agent re-reads the file.
+        std::fs::write(&token_file, server.token("default", "web")).unwrap();
+        done.send(()).unwrap();
+    }
+    let _ = stop.send(());
+    agent.await.unwrap();
+    drop(last);
+    let issued = server.audit_records().iter().filter(|r| r["outcome"] == "issued").count();
+    assert_eq!(issued, ROTATIONS + 1, "one request per rotation (plus the serving certificate)");
+    let denied = server.audit_records().iter().filter(|r| r["outcome"] == "denied").count();
+    assert_eq!(denied, 0);
+}
+
+#[tokio::test]
+async fn agent_ten_minutes_ahead_keeps_a_valid_certificate_across_rotations() {
+    keeps_a_certificate_fresh_with_offset(600).await;
+}
+
+#[tokio::test]
+async fn agent_ten_minutes_behind_keeps_a_valid_certificate_across_rotations() {
+    keeps_a_certificate_fresh_with_offset(-600).await;
+}
+
+#[tokio::test]
+async fn agent_backs_off_and_keeps_its_files_while_meshca_refuses() {
+    let server = TestServer::start().await;
+    let dir = server.dir.path().to_owned();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, server.token("default", "web")).unwrap();
+    let out = dir.join("out");
+    let settings = Settings {
+        addr: server.url(),
+        trust_anchors: dir.join("trust-anchors.pem"),
+        token_file: token_file.clone(),
+        identity: server.identity("default", "web"),
+        out: out.clone(),
+        server_name: SERVER_NAME.into(),
+        key_type: meshca::agent::client::KeyType::P256,
+        policy: Policy::default(),
+        offset_warning: Duration::from_secs(30),
+        on_renew: None,
+    };
+    let (steps_tx, mut steps) = mpsc::unbounded_channel();
+    let timer = Arc::new(SteppedTimer { steps: steps_tx });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let clock = server.clock.clone();
+    let agent = tokio::spawn(run::run(settings, Arc::new(clock), timer, async move {
+        let _ = stopped.await;
+    }));
+
+    let (wait, done) = steps.recv().await.unwrap();
+    assert!(wait > Duration::from_secs(3600), "first round renews normally");
+    let first = std::fs::read(out.join("tls.crt")).unwrap();
+    // Every later round is refused: the token no longer matches the identity.
+    std::fs::write(&token_file, server.token("default", "db")).unwrap();
+    done.send(()).unwrap();
+    let mut ceilings = Vec::new();
+    let mut total = Duration::ZERO;
+    for attempt in 0..12u32 {
+        let (wait, done) = steps.recv().await.unwrap();
+        let ceiling = Duration::from_millis(100).saturating_mul(1 << attempt).min(Duration::from_secs(60));
+        assert!(wait <= ceiling, "attempt {attempt}: {wait:?} > {ceiling:?}");
+        ceilings.push(ceiling);
+        total += wait;
+        assert_eq!(std::fs::read(out.join("tls.crt")).unwrap(), first, "old files kept");
+        if attempt == 11 {
+            // The token is fixed: the next round succeeds.
+            std::fs::write(&token_file, server.token("default", "web")).unwrap();
+        }
+        done.send(()).unwrap();
+    }
+    assert_eq!(*ceilings.last().unwrap(), Duration::from_secs(60), "backoff reaches its cap");
+    assert!(total > Duration::ZERO, "backoff waits");
+    let (wait, done) = steps.recv().await.unwrap();
+    assert!(wait > Duration::from_secs(3600), "back on the renewal schedule");
+    assert_ne!(std::fs::read(out.join("tls.crt")).unwrap(), first);
+    let _ = stop.send(());
+    agent.await.unwrap();
+    drop(done);
+}
