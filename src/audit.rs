@@ -6,7 +6,8 @@
 //! omitted): `seq` (1 for the first record of a file), `prev_hash` (hash of
 //! the previous record, 64 zeros for seq 1), `time` (RFC 3339 UTC, millis),
 //! `request_id`, `peer`, `requested_identity`, `subject` (`namespace`,
-//! `service_account`, `pod_name`, `pod_uid`), `token_issuer`, `csr_key_type`,
+//! `service_account`, `pod_name`, `pod_uid`), `auth_method` (how the caller
+//! proved who it is: `jwks`, `tokenreview`, `certificate`), `token_issuer`, `csr_key_type`,
 //! `outcome` (`issued` | `denied`), `code` (gRPC status code name),
 //! `reason`, `serial` (hex), `fingerprint_sha256` (hex SHA-256 of the leaf
 //! DER), `not_before`, `not_after` (RFC 3339), `issuer_fingerprint_sha256`,
@@ -80,6 +81,8 @@ pub struct Record {
     pub peer: Option<String>,
     pub requested_identity: String,
     pub subject: Option<SubjectRecord>,
+    /// How the caller authenticated: the authenticator's name, or `certificate`.
+    pub auth_method: Option<String>,
     pub token_issuer: Option<String>,
     pub csr_key_type: Option<String>,
     pub outcome: Outcome,
@@ -397,6 +400,8 @@ struct Body<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     subject: Option<&'a SubjectRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    auth_method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     token_issuer: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     csr_key_type: Option<&'a str>,
@@ -428,6 +433,7 @@ fn encode(r: &Record, seq: u64, prev_hash: &str) -> Result<(Vec<u8>, String), se
         peer: r.peer.as_deref(),
         requested_identity: &r.requested_identity,
         subject: r.subject.as_ref(),
+        auth_method: r.auth_method.as_deref(),
         token_issuer: r.token_issuer.as_deref(),
         csr_key_type: r.csr_key_type.as_deref(),
         outcome: r.outcome,
@@ -625,6 +631,7 @@ mod tests {
                 pod_name: Some("web-1".into()),
                 pod_uid: None,
             }),
+            auth_method: Some("tokenreview".into()),
             token_issuer: Some("https://kubernetes.default.svc".into()),
             csr_key_type: Some("p256".into()),
             outcome: [Outcome::Denied, Outcome::Issued][usize::from(issued)],
@@ -733,7 +740,7 @@ mod tests {
         let path = log_with(dir.path(), 1).await;
         let line = &lines(&path)[0];
         let fields = "seq prev_hash time request_id peer requested_identity subject namespace \
-            service_account pod_name token_issuer csr_key_type outcome serial fingerprint_sha256 \
+            service_account pod_name auth_method token_issuer csr_key_type outcome serial fingerprint_sha256 \
             not_before not_after issuer_fingerprint_sha256 hash";
         let positions: Vec<usize> = fields
             .split_whitespace()

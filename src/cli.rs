@@ -68,6 +68,9 @@ pub struct InitArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenValidation {
+    /// Ask the Kubernetes API server (TokenReview; --kubeconfig or in-cluster), with a cache.
+    #[value(name = "tokenreview")]
+    TokenReview,
     /// Verify JWTs locally against a JWKS file (--jwks-file, --token-issuer).
     Jwks,
     /// Verify tokens signed by the dev key in --data-dir (`meshca dev-token`).
@@ -112,7 +115,7 @@ pub struct ServeArgs {
     /// How far leaves are backdated, for clocks behind ours [default: 2m].
     #[arg(long, env = "MESHCA_CLOCK_SKEW_ALLOWANCE", value_name = "DURATION")]
     pub clock_skew_allowance: Option<String>,
-    /// How callers prove who they are [default: dev with --dev, jwks otherwise].
+    /// How callers prove who they are [default: dev with --dev, tokenreview otherwise].
     #[arg(long, env = "MESHCA_TOKEN_VALIDATION", value_enum, value_name = "MODE")]
     pub token_validation: Option<TokenValidation>,
     /// JWKS file with the token issuer's public keys (jwks mode).
@@ -127,6 +130,24 @@ pub struct ServeArgs {
     /// Leeway applied to token exp/nbf/iat [default: 60s].
     #[arg(long, env = "MESHCA_TOKEN_LEEWAY", value_name = "DURATION")]
     pub token_leeway: Option<String>,
+    /// kubeconfig for the API server that reviews tokens (tokenreview mode) [default: KUBECONFIG, ~/.kube/config, or in-cluster].
+    #[arg(long, env = "MESHCA_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Bound on each TokenReview call, connecting included [default: 2s].
+    #[arg(long, env = "MESHCA_TOKEN_REVIEW_TIMEOUT", value_name = "DURATION")]
+    pub token_review_timeout: Option<String>,
+    /// TokenReview calls per second, sustained [default: 100].
+    #[arg(long, env = "MESHCA_TOKEN_REVIEW_QPS", value_name = "N")]
+    pub token_review_qps: Option<u32>,
+    /// TokenReview calls allowed at once after a quiet period [default: 200].
+    #[arg(long, env = "MESHCA_TOKEN_REVIEW_BURST", value_name = "N")]
+    pub token_review_burst: Option<u32>,
+    /// How long an accepted token is remembered, at most until its exp [default: 5m].
+    #[arg(long, env = "MESHCA_TOKEN_CACHE_TTL", value_name = "DURATION")]
+    pub token_cache_ttl: Option<String>,
+    /// How long a refused token is remembered [default: 10s].
+    #[arg(long, env = "MESHCA_TOKEN_CACHE_FAILURE_TTL", value_name = "DURATION")]
+    pub token_cache_failure_ttl: Option<String>,
     /// Audit log path, or - for stdout [default: DATA_DIR/audit.jsonl in dev, - otherwise].
     #[arg(long, env = "MESHCA_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<String>,

@@ -202,6 +202,7 @@ pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
         identity: &args.identity,
         token,
         key_type,
+        client_identity: None,
     };
     let creds = client::certify(request, SystemClock.now()).await.map_err(|e| match e {
         client::Error::Address { .. } => Failure::usage(e),

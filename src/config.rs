@@ -50,6 +50,12 @@ pub struct FileConfig {
     pub token_issuer: Option<String>,
     pub token_audiences: Option<Vec<String>>,
     pub token_leeway: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub token_review_timeout: Option<String>,
+    pub token_review_qps: Option<u32>,
+    pub token_review_burst: Option<u32>,
+    pub token_cache_ttl: Option<String>,
+    pub token_cache_failure_ttl: Option<String>,
     pub audit_log: Option<String>,
     pub max_in_flight: Option<usize>,
     pub plaintext: Option<bool>,
@@ -65,6 +71,18 @@ pub const DEFAULT_AUDIENCE: &str = "identity.l5d.io";
 pub enum TokenConfig {
     /// Local JWT verification against a JWKS file.
     Jwks { jwks_file: PathBuf, issuer: String, audiences: Vec<String>, leeway: Duration },
+    /// Kubernetes TokenReview, behind a cache and a rate limit.
+    TokenReview {
+        /// `None`: `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
+        kubeconfig: Option<PathBuf>,
+        audiences: Vec<String>,
+        /// Bound on each API call; also the longest wait for a rate-limit turn.
+        timeout: Duration,
+        qps: u32,
+        burst: u32,
+        cache_ttl: Duration,
+        cache_failure_ttl: Duration,
+    },
 }
 
 /// Where dev mode keeps its state.
@@ -208,7 +226,7 @@ impl Config {
         let mode = args.token_validation.or(file.token_validation).unwrap_or(if dev {
             TokenValidation::Dev
         } else {
-            TokenValidation::Jwks
+            TokenValidation::TokenReview
         });
         let audiences = args
             .token_audiences
@@ -247,6 +265,48 @@ impl Config {
                 audiences,
                 leeway,
             },
+            TokenValidation::TokenReview => {
+                let timeout = duration(
+                    "token-review-timeout",
+                    args.token_review_timeout.or(file.token_review_timeout),
+                    Duration::from_secs(2),
+                )?;
+                if timeout.is_zero() || timeout > Duration::from_secs(60) {
+                    return Err(Error::Invalid {
+                        setting: "token-review-timeout",
+                        reason: "must be more than 0 and at most 60s".into(),
+                    });
+                }
+                let at_least_one = |setting, value: Option<u32>, default| match value.unwrap_or(default) {
+                    0 => Err(Error::Invalid { setting, reason: "must be at least 1".into() }),
+                    n => Ok(n),
+                };
+                let cache_ttl =
+                    duration("token-cache-ttl", args.token_cache_ttl.or(file.token_cache_ttl), Duration::from_secs(300))?;
+                if cache_ttl > Duration::from_secs(3600) {
+                    return Err(Error::Invalid { setting: "token-cache-ttl", reason: "must be at most 1h".into() });
+                }
+                let cache_failure_ttl = duration(
+                    "token-cache-failure-ttl",
+                    args.token_cache_failure_ttl.or(file.token_cache_failure_ttl),
+                    Duration::from_secs(10),
+                )?;
+                if cache_failure_ttl > Duration::from_secs(600) {
+                    return Err(Error::Invalid {
+                        setting: "token-cache-failure-ttl",
+                        reason: "must be at most 10m".into(),
+                    });
+                }
+                TokenConfig::TokenReview {
+                    kubeconfig: args.kubeconfig.or(file.kubeconfig),
+                    audiences,
+                    timeout,
+                    qps: at_least_one("token-review-qps", args.token_review_qps.or(file.token_review_qps), 100)?,
+                    burst: at_least_one("token-review-burst", args.token_review_burst.or(file.token_review_burst), 200)?,
+                    cache_ttl,
+                    cache_failure_ttl,
+                }
+            }
         };
 
         let audit_log = args.audit_log.or(file.audit_log).unwrap_or_else(|| match &dev_paths {
@@ -319,5 +379,66 @@ mod tests {
         let err = Config::resolve(args, FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("--trust-domain"), "{err}");
         assert!(Config::parse_file("no-such-key = 1").is_err());
+    }
+
+    fn outside_dev(args: ServeArgs) -> ServeArgs {
+        ServeArgs { trust_anchors: Some("/a.pem".into()), issuer_dir: Some("/i".into()), ..args }
+    }
+
+    #[test]
+    fn tokenreview_is_the_default_outside_dev_mode_with_its_documented_defaults() {
+        let c = Config::resolve(outside_dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        let expected = TokenConfig::TokenReview {
+            kubeconfig: None,
+            audiences: vec![DEFAULT_AUDIENCE.into()],
+            timeout: Duration::from_secs(2),
+            qps: 100,
+            burst: 200,
+            cache_ttl: Duration::from_secs(300),
+            cache_failure_ttl: Duration::from_secs(10),
+        };
+        assert_eq!(c.token, expected);
+        let dev = Config::resolve(ServeArgs { dev: true, ..Default::default() }, FileConfig::default()).unwrap();
+        assert!(matches!(dev.token, TokenConfig::Jwks { ref issuer, .. } if issuer == DEV_TOKEN_ISSUER));
+        let jwks = ServeArgs { token_validation: Some(TokenValidation::Jwks), ..outside_dev(ServeArgs::default()) };
+        let err = Config::resolve(jwks, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("--jwks-file"), "{err}");
+    }
+
+    #[test]
+    fn tokenreview_settings_come_from_flags_over_the_file() {
+        let file = Config::parse_file(
+            "token-validation = \"tokenreview\"\nkubeconfig = \"/k\"\ntoken-review-timeout = \"300ms\"\n\
+             token-review-qps = 5\ntoken-review-burst = 7\ntoken-cache-ttl = \"1m\"\ntoken-cache-failure-ttl = \"3s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs { token_review_qps: Some(9), token_audiences: Some(vec!["a".into(), "b".into()]), ..Default::default() };
+        let c = Config::resolve(outside_dev(args), file).unwrap();
+        let expected = TokenConfig::TokenReview {
+            kubeconfig: Some("/k".into()),
+            audiences: vec!["a".into(), "b".into()],
+            timeout: Duration::from_millis(300),
+            qps: 9,
+            burst: 7,
+            cache_ttl: Duration::from_secs(60),
+            cache_failure_ttl: Duration::from_secs(3),
+        };
+        assert_eq!(c.token, expected);
+    }
+
+    #[test]
+    fn unusable_tokenreview_settings_name_the_flag() {
+        let cases = [
+            ("token-review-timeout", ServeArgs { token_review_timeout: Some("0s".into()), ..Default::default() }),
+            ("token-review-timeout", ServeArgs { token_review_timeout: Some("2 fortnights".into()), ..Default::default() }),
+            ("token-review-qps", ServeArgs { token_review_qps: Some(0), ..Default::default() }),
+            ("token-review-burst", ServeArgs { token_review_burst: Some(0), ..Default::default() }),
+            ("token-cache-ttl", ServeArgs { token_cache_ttl: Some("2h".into()), ..Default::default() }),
+            ("token-cache-failure-ttl", ServeArgs { token_cache_failure_ttl: Some("1h".into()), ..Default::default() }),
+        ];
+        for (flag, args) in cases {
+            let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("--{flag}:")), "{flag}: {err}");
+        }
     }
 }

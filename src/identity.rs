@@ -141,6 +141,16 @@ impl Naming {
         self.identity(&self.control_plane_namespace, service_account)
     }
 
+    /// Reads an identity name of this deployment back into (namespace, service
+    /// account); `None` for any other name.
+    pub fn parse(&self, dns_name: &str) -> Option<(String, String)> {
+        let suffix = format!(".serviceaccount.identity.{}.{}", self.control_plane_namespace, self.trust_domain);
+        let (sa, ns) = dns_name.strip_suffix(&suffix)?.split_once('.')?;
+        check_label(sa).ok()?;
+        check_label(ns).ok()?;
+        Some((ns.to_owned(), sa.to_owned()))
+    }
+
     /// The authorization step: the identity `subject` holds, provided it is exactly
     /// the one `requested`. Comparison is byte-exact: case, trailing-dot and IDN
     /// variants are other names.
@@ -220,6 +230,23 @@ mod tests {
         assert!(matches!(err, Error::SubjectNotRepresentable { what: "namespace", .. }));
         let err = n.identity("default", "web_1").unwrap_err();
         assert!(matches!(err, Error::SubjectNotRepresentable { what: "service account", .. }));
+    }
+
+    #[test]
+    fn identity_names_parse_back_only_for_this_deployment() {
+        let n = naming();
+        let own = n.identity("default", "web").unwrap().dns_name;
+        assert_eq!(n.parse(&own), Some(("default".into(), "web".into())));
+        for other in [
+            "web.default.serviceaccount.identity.meshca-system.other.local",
+            "web.default.serviceaccount.identity.linkerd.cluster.local",
+            "a.web.default.serviceaccount.identity.meshca-system.cluster.local",
+            "default.serviceaccount.identity.meshca-system.cluster.local",
+            "Web.default.serviceaccount.identity.meshca-system.cluster.local",
+            "",
+        ] {
+            assert_eq!(n.parse(other), None, "{other}");
+        }
     }
 
     #[test]

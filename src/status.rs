@@ -37,6 +37,8 @@ pub enum Refusal {
     #[error("token refused: {0}")]
     Auth(#[from] auth::Error),
     #[error(transparent)]
+    Peer(#[from] auth::peer::Error),
+    #[error(transparent)]
     Identity(#[from] identity::Error),
     #[error(transparent)]
     Ca(#[from] ca::Error),
@@ -61,6 +63,7 @@ impl Refusal {
                 auth::Error::Unavailable { .. } | auth::Error::Config { .. } => Code::Unavailable,
                 _ => Code::Unauthenticated,
             },
+            Refusal::Peer(_) => Code::Unauthenticated,
             Refusal::Identity(e) => match e {
                 identity::Error::RequestedMalformed { .. } => Code::InvalidArgument,
                 _ => Code::PermissionDenied,
@@ -81,6 +84,7 @@ impl Refusal {
         match self {
             Refusal::Request(RequestError::TooLarge { .. }) => "request_too_large",
             Refusal::Auth(e) => e.code(),
+            Refusal::Peer(e) => e.code(),
             Refusal::Identity(e) => e.code(),
             Refusal::Ca(e) => e.code(),
             Refusal::NoIssuer => "no_issuer",

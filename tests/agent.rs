@@ -45,6 +45,30 @@ fn not_after(pem: &str) -> SystemTime {
 
 use rustls_pki_types::pem::PemObject;
 
+type Steps = mpsc::UnboundedReceiver<(Duration, oneshot::Sender<()>)>;
+
+/// A stepped timer and the receiving end the test drives it from.
+fn stepped() -> (Steps, Arc<SteppedTimer>) {
+    let (steps_tx, steps) = mpsc::unbounded_channel();
+    (steps, Arc::new(SteppedTimer { steps: steps_tx }))
+}
+
+/// Agent settings for the web identity against `server`.
+fn settings(server: &TestServer, token_file: &std::path::Path, out: &std::path::Path) -> Settings {
+    Settings {
+        addr: server.url(),
+        trust_anchors: server.dir.path().join("trust-anchors.pem"),
+        token_file: token_file.to_owned(),
+        identity: server.identity("default", "web"),
+        out: out.to_owned(),
+        server_name: SERVER_NAME.into(),
+        key_type: meshca::agent::client::KeyType::P256,
+        policy: Policy::default(),
+        offset_warning: Duration::from_secs(30),
+        on_renew: None,
+    }
+}
+
 async fn keeps_a_certificate_fresh_with_offset(offset_secs: i64) {
     const ROTATIONS: usize = 12;
     let opts = Options {
@@ -64,21 +88,9 @@ async fn keeps_a_certificate_fresh_with_offset(offset_secs: i64) {
     let token_file = dir.join("token");
     std::fs::write(&token_file, server.token("default", "web")).unwrap();
     let out = dir.join("out");
-    let settings = Settings {
-        addr: server.url(),
-        trust_anchors: dir.join("trust-anchors.pem"),
-        token_file: token_file.clone(),
-        identity: server.identity("default", "web"),
-        out: out.clone(),
-        server_name: SERVER_NAME.into(),
-        key_type: meshca::agent::client::KeyType::P256,
-        policy: Policy::default(),
-        offset_warning: Duration::from_secs(30),
-        on_renew: None,
-    };
-    let (steps_tx, mut steps) = mpsc::unbounded_channel();
-    let timer = Arc::new(SteppedTimer { steps: steps_tx });
+    let (mut steps, timer) = stepped();
     let (stop, stopped) = oneshot::channel::<()>();
+    let settings = settings(&server, &token_file, &out);
     let agent = tokio::spawn(run::run(settings, Arc::new(agent_clock.clone()), timer, async move {
         let _ = stopped.await;
     }));
@@ -132,21 +144,9 @@ async fn agent_backs_off_and_keeps_its_files_while_meshca_refuses() {
     let token_file = dir.join("token");
     std::fs::write(&token_file, server.token("default", "web")).unwrap();
     let out = dir.join("out");
-    let settings = Settings {
-        addr: server.url(),
-        trust_anchors: dir.join("trust-anchors.pem"),
-        token_file: token_file.clone(),
-        identity: server.identity("default", "web"),
-        out: out.clone(),
-        server_name: SERVER_NAME.into(),
-        key_type: meshca::agent::client::KeyType::P256,
-        policy: Policy::default(),
-        offset_warning: Duration::from_secs(30),
-        on_renew: None,
-    };
-    let (steps_tx, mut steps) = mpsc::unbounded_channel();
-    let timer = Arc::new(SteppedTimer { steps: steps_tx });
+    let (mut steps, timer) = stepped();
     let (stop, stopped) = oneshot::channel::<()>();
+    let settings = settings(&server, &token_file, &out);
     let clock = server.clock.clone();
     let agent = tokio::spawn(run::run(settings, Arc::new(clock), timer, async move {
         let _ = stopped.await;
@@ -181,4 +181,36 @@ async fn agent_backs_off_and_keeps_its_files_while_meshca_refuses() {
     let _ = stop.send(());
     agent.await.unwrap();
     drop(done);
+}
+
+#[tokio::test]
+async fn agent_without_a_token_renews_with_its_current_certificate() {
+    let server = TestServer::start().await;
+    let dir = server.dir.path().to_owned();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, server.token("default", "web")).unwrap();
+    let out = dir.join("out");
+    let (mut steps, timer) = stepped();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let settings = settings(&server, &token_file, &out);
+    let agent = tokio::spawn(run::run(settings, Arc::new(server.clock.clone()), timer, async move {
+        let _ = stopped.await;
+    }));
+    let (_, done) = steps.recv().await.unwrap();
+    let first = std::fs::read(out.join("tls.crt")).unwrap();
+    std::fs::remove_file(&token_file).unwrap(); // e.g. a VM with no token source
+    done.send(()).unwrap();
+    let (wait, done) = steps.recv().await.unwrap();
+    assert!(wait > Duration::from_secs(3600), "renewed on schedule");
+    assert_ne!(std::fs::read(out.join("tls.crt")).unwrap(), first);
+    let _ = stop.send(());
+    agent.await.unwrap();
+    drop(done);
+    let methods: Vec<_> = server
+        .audit_records()
+        .iter()
+        .filter(|r| r["outcome"] == "issued" && r["request_id"] != "serving-certificate")
+        .map(|r| r["auth_method"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(methods, ["jwks", "certificate"]);
 }

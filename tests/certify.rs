@@ -202,10 +202,10 @@ fn refusals(server: &TestServer) -> Vec<Refused> {
             reason: "token_malformed",
         },
         Refused {
-            name: "empty token",
+            name: "no token and no client certificate",
             request: req(Vec::new(), good_csr.clone(), &web),
             code: Code::Unauthenticated,
-            reason: "token_empty",
+            reason: "no_credentials",
         },
         Refused {
             name: "token over 16 KiB",

@@ -362,7 +362,7 @@ fn init_writes_a_hierarchy_and_refuses_to_overwrite() {
 
     let jwks = jwks_file(tmp.path());
     let mut cmd = meshca();
-    cmd.args(ca_args).args(["--jwks-file", p(&jwks), "--token-issuer", "https://issuer.example"]);
+    cmd.args(ca_args).args(["--token-validation", "jwks", "--jwks-file", p(&jwks), "--token-issuer", "https://issuer.example"]);
     let mut server = Server::spawn(cmd.args(LOOPBACK));
     server.wait_for("serving gRPC over TLS");
     assert!(server.stop().success(), "{}", server.seen.join("\n"));
@@ -383,7 +383,7 @@ fn serve_refuses_an_issuer_that_does_not_chain_to_the_trust_anchors() {
         "--issuer-dir",
         p(&b.join("issuer")),
     ]);
-    cmd.args(["--jwks-file", p(&jwks), "--token-issuer", "https://issuer.example"]).args(LOOPBACK);
+    cmd.args(["--token-validation", "jwks", "--jwks-file", p(&jwks), "--token-issuer", "https://issuer.example"]).args(LOOPBACK);
     let out = output(&mut cmd);
     assert_exit(&out, 1, "serve with a foreign issuer");
     let err = stderr(&out);
@@ -450,7 +450,8 @@ fn serve_help_documents_every_flag() {
     assert_exit(&out, 0, "serve --help");
     let help = String::from_utf8_lossy(&out.stdout);
     let flags = "listen admin-listen trust-domain control-plane-namespace trust-anchors issuer-dir \
-        issuance-lifetime clock-skew-allowance token-validation audit-log plaintext config dev data-dir";
+        issuance-lifetime clock-skew-allowance token-validation audit-log plaintext config dev data-dir \
+        kubeconfig token-review-timeout token-review-qps token-review-burst token-cache-ttl token-cache-failure-ttl";
     for flag in flags.split_whitespace() {
         let env = format!("MESHCA_{}", flag.replace('-', "_").to_uppercase());
         let documented = help.lines().map(str::trim_start).any(|l| {

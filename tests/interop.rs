@@ -181,3 +181,23 @@ async fn linkerds_own_client_gets_a_certificate() {
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     assert_eq!(valid_until.seconds, cert.validity().not_after.timestamp());
 }
+
+#[tokio::test]
+async fn the_client_makes_rsa_keys_that_meshca_certifies() {
+    let server = TestServer::start().await;
+    let identity = server.identity("default", "web");
+    let request = meshca::agent::client::Request {
+        addr: &server.url(),
+        anchors: &server.anchors,
+        server_name: support::SERVER_NAME,
+        identity: &identity,
+        token: server.token("default", "web"),
+        key_type: meshca::agent::client::KeyType::Rsa2048,
+        client_identity: None,
+    };
+    let creds = meshca::agent::client::certify(request, meshca::clock::Clock::now(&server.clock)).await.unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&creds.leaf).unwrap();
+    assert_eq!(cert.public_key().algorithm.algorithm, x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION);
+    assert!(cert.key_usage().unwrap().unwrap().value.key_encipherment());
+    assert!(creds.key_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
+}

@@ -42,6 +42,8 @@ pub enum Error {
 pub enum KeyType {
     P256,
     P384,
+    Rsa2048,
+    Rsa3072,
 }
 
 /// What a Certify call needs.
@@ -52,9 +54,12 @@ pub struct Request<'a> {
     /// Name expected in meshca's serving certificate.
     pub server_name: &'a str,
     pub identity: &'a str,
-    /// Token bytes as read from the token file.
+    /// Token bytes as read from the token file; empty to renew by proof of possession.
     pub token: Vec<u8>,
     pub key_type: KeyType,
+    /// Current certificate chain and key (PEM), presented for mutual TLS: renewal
+    /// by proof of possession when `token` is empty.
+    pub client_identity: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Request<'_> {
@@ -103,13 +108,26 @@ impl Credentials {
 /// Connects to meshca: TLS verified against `anchors` for `server_name`, or
 /// plaintext for an `http://` address.
 pub async fn connect(addr: &str, anchors: &TrustAnchors, server_name: &str) -> Result<Channel, Error> {
+    connect_as(addr, anchors, server_name, None).await
+}
+
+/// Like [`connect`], presenting `identity` (chain PEM, key PEM) for mutual TLS.
+pub async fn connect_as(
+    addr: &str,
+    anchors: &TrustAnchors,
+    server_name: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, Error> {
     let bad = |reason: String| Error::Address { addr: addr.to_owned(), reason };
     let mut endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| bad(e.to_string()))?;
     if addr.starts_with("https://") {
         let ca: String = anchors.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
-        let tls = ClientTlsConfig::new()
+        let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .domain_name(server_name);
+        if let Some((chain, key)) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+        }
         endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
     } else if !addr.starts_with("http://") {
         return Err(bad("use https://HOST:PORT (or http:// for a --plaintext server)".into()));
@@ -132,12 +150,22 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Makes a key and a CSR naming `identity` (CN and DNS SAN).
+/// RSA keys take up to a second to generate: call it off the async workers.
 pub fn make_csr(identity: &str, key_type: KeyType) -> Result<(KeyPair, Vec<u8>), Error> {
-    let alg = match key_type {
-        KeyType::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-        KeyType::P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+    let key_err = |e: &dyn std::fmt::Display| Error::Key(e.to_string());
+    let key = match key_type {
+        KeyType::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| key_err(&e))?,
+        KeyType::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| key_err(&e))?,
+        KeyType::Rsa2048 | KeyType::Rsa3072 => {
+            let bits = if key_type == KeyType::Rsa2048 { 2048 } else { 3072 };
+            let der = crate::ca::rsa_keygen::generate_pkcs8(bits).map_err(|e| key_err(&e))?;
+            KeyPair::from_pkcs8_der_and_sign_algo(
+                &rustls_pki_types::PrivatePkcs8KeyDer::from(der),
+                &rcgen::PKCS_RSA_SHA256,
+            )
+            .map_err(|e| key_err(&e))?
+        }
     };
-    let key = KeyPair::generate_for(alg).map_err(|e| Error::Key(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, identity);
@@ -158,8 +186,11 @@ pub fn server_time(metadata: &tonic::metadata::MetadataMap) -> Option<SystemTime
 /// call; the chain is verified at the server's time when the response carries it
 /// (a host clock minutes off must not throw away a good certificate), else at `now`.
 pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, Error> {
-    let (key, csr) = make_csr(req.identity, req.key_type)?;
-    let channel = connect(req.addr, req.anchors, req.server_name).await?;
+    let (identity, key_type) = (req.identity.to_owned(), req.key_type);
+    let (key, csr) = tokio::task::spawn_blocking(move || make_csr(&identity, key_type))
+        .await
+        .map_err(|e| Error::Key(e.to_string()))??;
+    let channel = connect_as(req.addr, req.anchors, req.server_name, req.client_identity.as_ref()).await?;
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {
             identity: req.identity.to_owned(),

@@ -105,20 +105,48 @@ pub fn uniform() -> f64 {
     }
 }
 
+/// The certificate and key currently on disk, if both are there.
+fn current_identity(out: &std::path::Path) -> Option<(String, String)> {
+    let chain = std::fs::read_to_string(out.join("tls.crt")).ok()?;
+    let key = std::fs::read_to_string(out.join("tls.key")).ok()?;
+    Some((chain, key))
+}
+
 /// One round: new key, Certify, verify, write, hook.
+///
+/// Authenticates with the token file; when it is absent, or its token is refused
+/// as unauthenticated, and a certificate is on disk, renews by proof of possession
+/// (mutual TLS with the current certificate, empty token) instead.
 pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewed, Error> {
     let anchors = TrustAnchors::load(&settings.trust_anchors)?;
-    let token = std::fs::read(&settings.token_file)
-        .map_err(|source| Error::Token { path: settings.token_file.clone(), source })?;
-    let request = client::Request {
+    let current = current_identity(&settings.out);
+    let token = match std::fs::read(&settings.token_file) {
+        Ok(token) => Some(token),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && current.is_some() => None,
+        Err(source) => return Err(Error::Token { path: settings.token_file.clone(), source }),
+    };
+    let request = |token: Vec<u8>, client_identity| client::Request {
         addr: &settings.addr,
         anchors: &anchors,
         server_name: &settings.server_name,
         identity: &settings.identity,
         token,
         key_type: settings.key_type,
+        client_identity,
     };
-    let creds = client::certify(request, clock.now()).await?;
+    let creds = match token {
+        Some(token) => match client::certify(request(token, None), clock.now()).await {
+            Err(client::Error::Refused { code: tonic::Code::Unauthenticated, .. }) if current.is_some() => {
+                tracing::warn!("token refused; renewing with the current certificate");
+                client::certify(request(Vec::new(), current), clock.now()).await?
+            }
+            other => other?,
+        },
+        None => {
+            tracing::debug!("no token file; renewing with the current certificate");
+            client::certify(request(Vec::new(), current), clock.now()).await?
+        }
+    };
     let received = clock.now();
     let offset_millis = creds.server_time.map(|t| signed_millis(t, received));
     if let Some(offset) = offset_millis {

@@ -3,11 +3,16 @@
 //! This module only proves who the caller is. Turning a subject into a certificate
 //! identity, and deciding whether that identity may be issued, belongs to
 //! `crate::identity`; mapping an [`Error`] to a gRPC status belongs to
-//! `crate::status`. [`jwt`] verifies tokens locally against a JWKS file; [`dev`]
-//! holds the key and signer used in development mode.
+//! `crate::status`. [`jwt`] verifies tokens locally against a JWKS file;
+//! [`tokenreview`] asks the Kubernetes API server; [`cache`] remembers answers so
+//! the API server is asked once per token, not once per request; [`dev`] holds the
+//! key and signer used in development mode.
 
+pub mod cache;
 pub mod dev;
 pub mod jwt;
+pub mod peer;
+pub mod tokenreview;
 
 use std::{future::Future, pin::Pin, time::SystemTime};
 
@@ -36,11 +41,26 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate<'a>(&'a self, token: &'a [u8], now: SystemTime) -> AuthFuture<'a>;
     /// Short name for logs and metrics, e.g. "jwks".
     fn name(&self) -> &'static str;
+    /// Appends this authenticator's own Prometheus metrics (text exposition) to
+    /// `out`; those without any write nothing.
+    fn render_metrics(&self, _out: &mut String) {}
+}
+
+/// The token with surrounding ASCII whitespace trimmed, refused when oversized
+/// (measured before trimming, as [`jwt`] does) or empty.
+pub fn trimmed(token: &[u8]) -> Result<&[u8], Error> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(Error::TooLarge { len: token.len(), max: MAX_TOKEN_LEN });
+    }
+    match token.trim_ascii() {
+        [] => Err(Error::Empty),
+        token => Ok(token),
+    }
 }
 
 /// Why a token was refused. Messages never echo token contents (claim values, key
 /// ids, token bytes): they say what was wrong and what to do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The token is longer than [`MAX_TOKEN_LEN`] bytes.
@@ -84,7 +104,13 @@ pub enum Error {
     /// Neither `kubernetes.io` claims nor a `system:serviceaccount:NS:SA` subject.
     #[error("token names no Kubernetes service account; use a service account token")]
     MissingIdentity,
-    /// The authentication backend could not be reached or answered.
+    /// The Kubernetes API server reviewed the token and did not authenticate it.
+    /// `summary` is one of a fixed set of descriptions chosen from its answer: the
+    /// API server's own text may quote token claims, so it is never passed on.
+    #[error("the Kubernetes API server did not authenticate the token ({summary}); send a current projected service account token requested with the CA's audience")]
+    Rejected { summary: &'static str },
+    /// The authentication backend could not be reached, did not answer in time,
+    /// answered with an error, or is being spared (rate limit). Never cached.
     #[error("authentication backend unavailable: {reason}; retry later")]
     Unavailable { reason: String },
     /// Building an authenticator failed (unreadable or invalid key set, no usable keys).
@@ -112,6 +138,7 @@ impl Error {
             Error::WrongIssuer => "wrong_issuer",
             Error::WrongAudience => "wrong_audience",
             Error::MissingIdentity => "missing_identity",
+            Error::Rejected { .. } => "token_rejected",
             Error::Unavailable { .. } => "backend_unavailable",
             Error::Config { .. } => "config_invalid",
             Error::Signing { .. } => "signing_failed",

@@ -68,25 +68,26 @@ impl TrustAnchors {
         at: SystemTime,
         name: Option<&str>,
     ) -> Result<(), String> {
-        let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("leaf: {e}"))?;
-        let time = UnixTime::since_unix_epoch(
-            at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO),
-        );
-        for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
-            ee.verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
-                &self.anchors,
-                intermediates,
-                time,
-                usage,
-                None,
-                None,
-            )
-            .map_err(|e| e.to_string())?;
-        }
+        self.verify_path(leaf, intermediates, at).map_err(|e| e.to_string())?;
         if let Some(name) = name {
+            let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("leaf: {e}"))?;
             let name = ServerName::try_from(name).map_err(|e| e.to_string())?;
             ee.verify_is_valid_for_subject_name(&name).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The path check alone, with webpki's typed error (expired, not yet valid, …).
+    pub fn verify_path(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        at: SystemTime,
+    ) -> Result<(), webpki::Error> {
+        let ee = webpki::EndEntityCert::try_from(leaf)?;
+        let time = UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO));
+        for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
+            ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, intermediates, time, usage, None, None)?;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod hierarchy;
 pub mod issuer;
 pub mod material;
 pub mod profile;
+pub mod rsa_keygen;
 pub mod store;
 
 use std::path::PathBuf;

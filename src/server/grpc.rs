@@ -15,7 +15,8 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog, Outcome, Record, SubjectRecord};
-use crate::auth::Authenticator;
+use crate::auth::{peer, Authenticator};
+use rustls_pki_types::CertificateDer;
 use crate::ca::csr::{self, Expected, KeyPolicy};
 use crate::ca::profile::Lifetimes;
 use crate::ca::store::Store;
@@ -87,6 +88,7 @@ impl Certifier {
     async fn decide(
         &self,
         req: &CertifyRequest,
+        peer_certs: Option<&[CertificateDer<'static>]>,
         now: SystemTime,
         record: &mut Record,
     ) -> Result<CertifyResponse, Refusal> {
@@ -94,8 +96,28 @@ impl Certifier {
         if len > MAX_REQUEST_LEN {
             return Err(RequestError::TooLarge { len, max: MAX_REQUEST_LEN }.into());
         }
-        let subject = self.authenticator.authenticate(&req.token, now).await?;
-        record.token_issuer = Some(subject.issuer.clone());
+        // One snapshot for the whole request: anchors and issuer from the same load.
+        let snapshot = self.store.current().ok_or(Refusal::NoIssuer)?;
+        let no_token = req.token.iter().all(u8::is_ascii_whitespace);
+        let subject = match peer_certs {
+            // Renewal by proof of possession: no token, a client certificate.
+            Some(chain) if no_token && !chain.is_empty() => {
+                record.auth_method = Some("certificate".into());
+                peer::authenticate(
+                    chain,
+                    &snapshot.anchors,
+                    &self.naming,
+                    now,
+                    self.lifetimes.clock_skew_allowance,
+                )?
+            }
+            _ if no_token => return Err(peer::Error::NoCredentials.into()),
+            _ => {
+                record.auth_method = Some(self.authenticator.name().to_owned());
+                self.authenticator.authenticate(&req.token, now).await?
+            }
+        };
+        record.token_issuer = (subject.issuer != peer::CERTIFICATE_ISSUER).then(|| subject.issuer.clone());
         record.subject = Some(SubjectRecord {
             namespace: subject.namespace.clone(),
             service_account: subject.service_account.clone(),
@@ -107,7 +129,6 @@ impl Certifier {
         let checked = csr::check(&req.certificate_signing_request, &expected, &self.key_policy)
             .map_err(crate::ca::Error::from)?;
         record.csr_key_type = Some(checked.key_type.label());
-        let snapshot = self.store.current().ok_or(Refusal::NoIssuer)?;
         let leaf = snapshot.issuer.issue(&identity, &checked, &self.lifetimes, now)?;
         record.outcome = Outcome::Issued;
         record.issued = Some(audit::Issued {
@@ -140,6 +161,7 @@ impl Identity for Arc<Certifier> {
         let now = self.clock.now();
         let request_id = new_request_id();
         let peer = request.remote_addr().map(|a| a.to_string());
+        let peer_certs = request.peer_certs();
         let req = request.into_inner();
         let mut record = Record {
             time: now,
@@ -147,6 +169,7 @@ impl Identity for Arc<Certifier> {
             peer,
             requested_identity: truncate(&req.identity, MAX_AUDITED_NAME),
             subject: None,
+            auth_method: None,
             token_issuer: None,
             csr_key_type: None,
             outcome: Outcome::Denied,
@@ -156,7 +179,7 @@ impl Identity for Arc<Certifier> {
         };
 
         let decision = match self.in_flight.try_acquire() {
-            Ok(_permit) => self.decide(&req, now, &mut record).await,
+            Ok(_permit) => self.decide(&req, peer_certs.as_deref().map(Vec::as_slice), now, &mut record).await,
             Err(_) => Err(Refusal::Overloaded),
         };
         let result = match decision {

@@ -2,13 +2,17 @@
 //!
 //! Kept to what an operator alerts on: issuances, denials by reason, Certify latency,
 //! audit write failures, issuer and serving-certificate expiry. Recording is lock-free
-//! on the issuance path; denials take a short lock keyed by reason.
+//! on the issuance path; denials take a short lock keyed by reason. The
+//! authenticator's own metrics (token reviews, its cache) are appended to the same
+//! page by [`crate::auth::Authenticator::render_metrics`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use crate::auth::Authenticator;
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
@@ -24,6 +28,17 @@ pub struct Metrics {
     issuer_not_after: AtomicU64,
     serving_not_after: AtomicU64,
     ready: AtomicBool,
+    authenticator: AuthenticatorMetrics,
+}
+
+/// The authenticator whose metrics `/metrics` also shows; set once at start.
+#[derive(Default)]
+struct AuthenticatorMetrics(OnceLock<Arc<dyn Authenticator>>);
+
+impl std::fmt::Debug for AuthenticatorMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AuthenticatorMetrics").field(&self.0.get().map(|a| a.name())).finish()
+    }
 }
 
 impl Metrics {
@@ -68,6 +83,11 @@ impl Metrics {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Shows `authenticator`'s own metrics after these; only the first call counts.
+    pub fn set_authenticator(&self, authenticator: Arc<dyn Authenticator>) {
+        let _ = self.authenticator.0.set(authenticator);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self, audit_write_failures: u64) -> String {
         let mut out = String::new();
@@ -100,6 +120,9 @@ impl Metrics {
         for (name, kind, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
+        if let Some(authenticator) = self.authenticator.0.get() {
+            authenticator.render_metrics(&mut out);
+        }
         out
     }
 }
@@ -120,5 +143,26 @@ mod tests {
         assert!(text.contains("meshca_certify_duration_seconds_bucket{le=\"0.001\"} 1"));
         assert!(text.contains("meshca_certify_duration_seconds_count 3"));
         assert!(text.contains("meshca_audit_write_failures_total 4"));
+    }
+
+    #[test]
+    fn the_authenticators_own_metrics_follow_the_servers() {
+        struct Reviewing;
+        impl Authenticator for Reviewing {
+            fn authenticate<'a>(&'a self, _: &'a [u8], _: std::time::SystemTime) -> crate::auth::AuthFuture<'a> {
+                Box::pin(async { Err(crate::auth::Error::Empty) })
+            }
+            fn name(&self) -> &'static str {
+                "reviewing"
+            }
+            fn render_metrics(&self, out: &mut String) {
+                out.push_str("meshca_token_reviews_total 7\n");
+            }
+        }
+        let m = Metrics::default();
+        assert!(!m.render(0).contains("meshca_token_reviews_total"));
+        m.set_authenticator(Arc::new(Reviewing));
+        let text = m.render(0);
+        assert!(text.ends_with("meshca_ready 0\nmeshca_token_reviews_total 7\n"), "{text}");
     }
 }

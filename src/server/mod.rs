@@ -25,7 +25,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
 use crate::audit::{AuditLog, Sink};
+use crate::auth::cache::{self, CachingAuthenticator};
 use crate::auth::jwt::{Algorithm, JwksAuthenticator, Settings};
+use crate::auth::tokenreview::{self, TokenReviewAuthenticator};
 use crate::auth::Authenticator;
 use crate::ca::csr::KeyPolicy;
 use crate::ca::store::{Snapshot, Store};
@@ -58,8 +60,9 @@ pub enum Error {
     Admin(std::io::Error),
 }
 
-/// Builds the authenticator the configuration asks for.
-pub fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crate::auth::Error> {
+/// Builds the authenticator the configuration asks for. TokenReview loads the
+/// Kubernetes client configuration (hence async) and sits behind the cache.
+pub async fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crate::auth::Error> {
     match token {
         TokenConfig::Jwks { jwks_file, issuer, audiences, leeway } => {
             let settings = Settings {
@@ -69,6 +72,19 @@ pub fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crat
                 algorithms: vec![Algorithm::RS256, Algorithm::ES256],
             };
             Ok(Arc::new(JwksAuthenticator::from_file(jwks_file, settings)?))
+        }
+        TokenConfig::TokenReview { kubeconfig, audiences, timeout, qps, burst, cache_ttl, cache_failure_ttl } => {
+            let settings = tokenreview::Settings { audiences: audiences.clone(), timeout: *timeout };
+            let reviewer = TokenReviewAuthenticator::connect(kubeconfig.as_deref(), settings).await?;
+            let settings = cache::Settings {
+                ttl: *cache_ttl,
+                failure_ttl: *cache_failure_ttl,
+                qps: *qps,
+                burst: *burst,
+                max_wait: *timeout,
+                max_entries: cache::DEFAULT_MAX_ENTRIES,
+            };
+            Ok(Arc::new(CachingAuthenticator::new(Arc::new(reviewer), settings)))
         }
     }
 }
@@ -86,7 +102,8 @@ pub async fn run(
     let snapshot = Snapshot::load(&config.trust_anchors, &config.issuer_dir, now)?;
     metrics.set_issuer_not_after(unix_seconds(snapshot.issuer.window().not_after));
     let store = Arc::new(Store::new(snapshot));
-    let authenticator = authenticator(&config.token)?;
+    let authenticator = authenticator(&config.token).await?;
+    metrics.set_authenticator(authenticator.clone());
     let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
 
     // One shutdown signal, fanned out to gRPC, admin and the renewer.

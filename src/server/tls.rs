@@ -91,6 +91,7 @@ pub async fn issue_serving(
             peer: None,
             requested_identity: identity.dns_name.clone(),
             subject: None,
+            auth_method: None,
             token_issuer: None,
             csr_key_type: Some(KeyType::P256.label()),
             outcome: Outcome::Issued,
@@ -113,13 +114,75 @@ pub async fn issue_serving(
     Ok((CertifiedKey::new(chain, signing_key), leaf))
 }
 
-/// rustls server settings: ring provider, TLS 1.2 and 1.3, ALPN h2 (gRPC).
+/// Offers (never requires) client authentication and checks only that the client
+/// holds the key of the certificate it presents (the handshake signature). Whether
+/// that certificate means anything — chain, validity at the server's time, identity
+/// — is decided per request by `auth::peer`, so a refusal is a gRPC status with an
+/// audit record rather than a bare TLS alert.
+#[derive(Debug)]
+pub struct PossessionVerifier {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl PossessionVerifier {
+    pub fn new(provider: &rustls::crypto::CryptoProvider) -> Self {
+        PossessionVerifier { algorithms: provider.signature_verification_algorithms }
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for PossessionVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        // Must at least parse as a certificate; the chain is judged per request.
+        webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// rustls server settings: ring provider, TLS 1.2 and 1.3, ALPN h2 (gRPC), client
+/// certificates offered for renewal by proof of possession.
 pub fn server_config(resolver: Arc<Resolver>) -> Result<rustls::ServerConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PossessionVerifier::new(&provider));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Key(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)

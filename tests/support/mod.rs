@@ -5,6 +5,8 @@
 //! once; time moves only when a test moves the [`FakeClock`].
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod apiserver;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub struct Options {
     /// Audit log path; default: DIR/audit.jsonl.
     pub audit_log: Option<String>,
     pub max_in_flight: usize,
+    /// Token validation; default: JWKS with the test signer's keys (DIR/jwks.json).
+    pub token: Option<TokenConfig>,
 }
 
 impl Default for Options {
@@ -49,6 +53,7 @@ impl Default for Options {
             plaintext: false,
             audit_log: None,
             max_in_flight: 8192,
+            token: None,
         }
     }
 }
@@ -85,12 +90,12 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
         trust_anchors: dir.join("trust-anchors.pem"),
         issuer_dir: dir.join("issuer"),
         lifetimes: opts.lifetimes,
-        token: TokenConfig::Jwks {
+        token: opts.token.clone().unwrap_or_else(|| TokenConfig::Jwks {
             jwks_file: dir.join("jwks.json"),
             issuer: TOKEN_ISSUER.into(),
             audiences: vec![AUDIENCE.into()],
             leeway: Duration::from_secs(60),
-        },
+        }),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
         max_in_flight: opts.max_in_flight,
         plaintext: opts.plaintext,
