@@ -27,6 +27,8 @@ pub enum Command {
     DevToken(DevTokenArgs),
     /// Request one certificate and write it to a directory.
     Certify(CertifyArgs),
+    /// Keep a certificate fresh in a directory: renew before expiry, with a new key each time.
+    Agent(AgentArgs),
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -185,8 +187,11 @@ pub struct DevTokenArgs {
 pub enum LeafKeyArg {
     P256,
     P384,
+    Rsa2048,
+    Rsa3072,
 }
 
+/// What every certificate request needs (`certify` and `agent`).
 #[derive(Debug, Args)]
 pub struct CertifyArgs {
     /// meshca's address, e.g. https://127.0.0.1:8080 (http:// for a --plaintext server).
@@ -208,6 +213,27 @@ pub struct CertifyArgs {
     #[arg(long, env = "MESHCA_SERVER_NAME", value_name = "NAME")]
     pub server_name: Option<String>,
     /// Key algorithm of the new key.
-    #[arg(long, value_enum, default_value = "p256")]
+    #[arg(long, env = "MESHCA_KEY_TYPE", value_enum, default_value = "p256")]
     pub key_type: LeafKeyArg,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub request: CertifyArgs,
+    /// Renew after this fraction of the certificate's lifetime.
+    #[arg(long, env = "MESHCA_RENEW_AT", default_value = "0.5", value_name = "FRACTION")]
+    pub renew_at: f64,
+    /// Relative jitter on the renewal time (0.1 = ±10%).
+    #[arg(long, env = "MESHCA_JITTER", default_value = "0.1", value_name = "FRACTION")]
+    pub jitter: f64,
+    /// Get one certificate and exit (init containers, scheduled tasks).
+    #[arg(long, env = "MESHCA_ONCE")]
+    pub once: bool,
+    /// Shell command run after each renewal (e.g. to make a proxy reload its files).
+    #[arg(long, env = "MESHCA_ON_RENEW", value_name = "CMD")]
+    pub on_renew: Option<String>,
+    /// Warn when this host's clock differs from meshca's by more than this.
+    #[arg(long, env = "MESHCA_CLOCK_OFFSET_WARNING", default_value = "30s", value_name = "DURATION")]
+    pub clock_offset_warning: String,
 }

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent::client::{self, KeyType};
-use crate::agent::files::{write_atomic, Access};
 use crate::auth::dev::{DevSigner, TokenClaims};
 use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use crate::ca::issuer::TrustAnchors;
-use crate::ca::material::to_pem;
-use crate::cli::{CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs};
+use crate::agent::run::{self as agent_run, Settings as AgentSettings, TokioTimer};
+use crate::agent::schedule::Policy;
+use crate::cli::{AgentArgs, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, FileConfig, DEV_TOKEN_ISSUER};
 use crate::identity::Naming;
@@ -181,47 +181,83 @@ pub fn dev_token(args: DevTokenArgs) -> Result<String, Failure> {
     signer.sign(&claims).map_err(Failure::other)
 }
 
-/// `meshca certify`: one certificate, verified, written to `--out`.
-pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
-    let anchors = TrustAnchors::load(&args.trust_anchors).map_err(Failure::usage)?;
-    let token = std::fs::read(&args.token_file)
-        .map_err(|e| Failure::usage(format!("--token-file {}: {e}", args.token_file.display())))?;
-    let default_server_name = Naming::new("cluster.local", "meshca-system")
-        .and_then(|n| n.own_identity("meshca"))
-        .map(|i| i.dns_name)
-        .map_err(Failure::other)?;
-    let server_name = args.server_name.unwrap_or(default_server_name);
-    let key_type = match args.key_type {
+fn key_type(arg: LeafKeyArg) -> KeyType {
+    match arg {
         LeafKeyArg::P256 => KeyType::P256,
         LeafKeyArg::P384 => KeyType::P384,
-    };
-    let request = client::Request {
-        addr: &args.addr,
-        anchors: &anchors,
-        server_name: &server_name,
-        identity: &args.identity,
-        token,
-        key_type,
-        client_identity: None,
-    };
-    let creds = client::certify(request, SystemClock.now()).await.map_err(|e| match e {
-        client::Error::Address { .. } => Failure::usage(e),
+        LeafKeyArg::Rsa2048 => KeyType::Rsa2048,
+        LeafKeyArg::Rsa3072 => KeyType::Rsa3072,
+    }
+}
+
+/// meshca's own name for the default trust domain and namespace.
+fn default_server_name() -> Result<String, Failure> {
+    Naming::new("cluster.local", "meshca-system")
+        .and_then(|n| n.own_identity("meshca"))
+        .map(|i| i.dns_name)
+        .map_err(Failure::other)
+}
+
+/// Agent settings from `certify`/`agent` arguments, checked.
+fn agent_settings(args: CertifyArgs, policy: Policy) -> Result<AgentSettings, Failure> {
+    policy.validate().map_err(Failure::usage)?;
+    // Fail early, as a usage error, on anchors that cannot be read at all.
+    TrustAnchors::load(&args.trust_anchors).map_err(Failure::usage)?;
+    Ok(AgentSettings {
+        server_name: match args.server_name {
+            Some(n) => n,
+            None => default_server_name()?,
+        },
+        addr: args.addr,
+        trust_anchors: args.trust_anchors,
+        token_file: args.token_file,
+        identity: args.identity,
+        out: args.out,
+        key_type: key_type(args.key_type),
+        policy,
+        offset_warning: Duration::from_secs(30),
+        on_renew: None,
+    })
+}
+
+fn round_failure(e: agent_run::Error) -> Failure {
+    match e {
+        agent_run::Error::Certify(client::Error::Address { .. }) | agent_run::Error::Token { .. } => {
+            Failure::usage(e)
+        }
         _ => Failure::other(e),
-    })?;
-    let out = &args.out;
-    let write = |name: &str, contents: String, access| {
-        write_atomic(&out.join(name), contents.as_bytes(), access)
-            .map_err(|e| Failure::other(format!("cannot write {}: {e}", out.join(name).display())))
-    };
-    write("tls.key", creds.key_pem(), Access::Private)?;
-    write("tls.crt", creds.chain_pem(), Access::Public)?;
-    let ca: String = anchors.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
-    write("ca.crt", ca, Access::Public)?;
-    let until = creds
-        .valid_until
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-        .unwrap_or_else(|| "unknown".into());
-    eprintln!("wrote {}/tls.crt, tls.key, ca.crt for {} (valid until {until})", out.display(), args.identity);
+    }
+}
+
+/// `meshca certify`: one certificate, verified, written to `--out`.
+pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
+    certify_round(&agent_settings(args, Policy::default())?).await
+}
+
+/// `meshca agent`: keeps `--out` fresh until SIGTERM/Ctrl-C (or once with `--once`).
+pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
+    let offset_warning = humantime::parse_duration(&args.clock_offset_warning)
+        .map_err(|e| Failure::usage(format!("--clock-offset-warning: {e}")))?;
+    let policy = Policy { renew_at: args.renew_at, jitter: args.jitter, ..Policy::default() };
+    let mut settings = agent_settings(args.request, policy)?;
+    settings.offset_warning = offset_warning;
+    settings.on_renew = args.on_renew;
+    if args.once {
+        return certify_round(&settings).await;
+    }
+    let shutdown = shutdown_signal()?;
+    agent_run::run(settings, Arc::new(SystemClock), Arc::new(TokioTimer), shutdown).await;
+    Ok(())
+}
+
+async fn certify_round(settings: &AgentSettings) -> Result<(), Failure> {
+    let renewed = agent_run::renew_once(settings, &SystemClock).await.map_err(round_failure)?;
+    eprintln!(
+        "wrote {}/tls.crt, tls.key, ca.crt for {} (valid until {})",
+        settings.out.display(),
+        settings.identity,
+        humantime::format_rfc3339_seconds(renewed.not_after)
+    );
     Ok(())
 }
 

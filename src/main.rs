@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Audit { command: AuditCommand::Verify { file } } => commands::audit_verify(&file),
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(commands::serve(*args))),
         Command::Certify(args) => runtime().and_then(|rt| rt.block_on(commands::certify(args))),
+        Command::Agent(args) => runtime().and_then(|rt| rt.block_on(commands::agent(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -461,3 +461,36 @@ fn serve_help_documents_every_flag() {
         assert!(help.contains(&format!("[env: {env}=")), "{env} missing from:\n{help}");
     }
 }
+
+#[test]
+fn agent_once_writes_a_certificate_runs_its_hook_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::dev(&data);
+    let token = server.token_file("default", "web");
+    let out = tmp.path().join("out");
+    let marker = tmp.path().join("renewed");
+    let hook = format!("cat {}/tls.crt > {}", p(&out), p(&marker));
+    let mut cmd = meshca();
+    cmd.args(["agent", "--once", "--addr", &server.grpc, "--trust-anchors", p(&data.join("trust-anchors.pem"))]);
+    cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&out), "--key-type", "rsa2048"]);
+    let run = output(cmd.args(["--on-renew", &hook]));
+    assert_exit(&run, 0, "agent --once");
+    assert_eq!(mode(&out.join("tls.key")), 0o600);
+    let chain = std::fs::read_to_string(out.join("tls.crt")).unwrap();
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), chain, "the hook ran after the files were written");
+    let records = audit_records(&server.audit_log());
+    assert!(records.iter().any(|r| r["outcome"] == "issued" && r["csr_key_type"] == "rsa2048"));
+    let bad = output(meshca().args(["agent", "--once", "--renew-at", "1.5", "--addr", &server.grpc]).args([
+        "--trust-anchors",
+        p(&data.join("trust-anchors.pem")),
+        "--token-file",
+        p(&token),
+        "--identity",
+        WEB,
+        "--out",
+        p(&out),
+    ]));
+    assert_exit(&bad, 2, "agent --renew-at 1.5");
+    assert_eq!(server.stop().code(), Some(0));
+}
