@@ -142,6 +142,46 @@ if [ "$status" != 0 ]; then
   exit 1
 fi
 
+# The peer on the same machine: cfssl's HTTP signer (no TLS, no authentication,
+# no audit) with an equivalent P-256 CA (meshca's own dev issuer), loaded by hey
+# with a P-256 CSR at the same concurrency levels.
+CFSSL_ROWS=""
+if command -v cfssl >/dev/null && command -v hey >/dev/null; then
+  CF_PORT="${MESHCA_BENCH_CFSSL_PORT:-18888}"
+  printf '{"signing":{"default":{"expiry":"24h","usages":["digital signature","server auth","client auth"]}}}' \
+    >"$DATA/cfssl.json"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$DATA/cfssl-leaf.key" \
+    -subj "/CN=web.default.serviceaccount.identity.meshca-system.cluster.local" -out "$DATA/cfssl.csr" 2>/dev/null
+  python3 -c 'import json,sys; print(json.dumps({"certificate_request": open(sys.argv[1]).read()}))' \
+    "$DATA/cfssl.csr" >"$DATA/cfssl-body.json"
+  log "starting cfssl serve (peer)"
+  cfssl serve -ca "$DATA/issuer/tls.crt" -ca-key "$DATA/issuer/tls.key" -config "$DATA/cfssl.json" \
+    -address 127.0.0.1 -port "$CF_PORT" 2>"$DATA/cfssl.log" &
+  SERVER_PID=$!
+  for _ in $(seq 1 500); do
+    curl -fsS -o /dev/null -X POST -d @"$DATA/cfssl-body.json" "http://127.0.0.1:$CF_PORT/api/v1/cfssl/sign" \
+      2>/dev/null && break
+    sleep 0.01
+  done
+  for level in $LEVELS; do
+    log "cfssl load: $level concurrent requests, ${DURATION}s"
+    HEY="$(hey -z "${DURATION}s" -c "$level" -m POST -T application/json -D "$DATA/cfssl-body.json" \
+      "http://127.0.0.1:$CF_PORT/api/v1/cfssl/sign" 2>&1)"
+    cf_rate="$(awk '/Requests\/sec/ { print $2 }' <<<"$HEY")"
+    cf_p50="$(awk '/ 50% in/ { print $3 * 1000 }' <<<"$HEY")"
+    cf_p99="$(awk '/ 99% in/ { print $3 * 1000 }' <<<"$HEY")"
+    cf_ok="$(awk '/\[200\]/ { print $2 }' <<<"$HEY")"
+    mesh_rate="$(grep -F "\"concurrency\":$level," "$DATA/results.jsonl" | head -1 | sed -n 's/.*"certs_per_s":\([^,}]*\).*/\1/p')"
+    CFSSL_ROWS+="| $level | $(num '%.0f' "$cf_rate") | $(num '%.2f' "$cf_p50") | $(num '%.2f' "$cf_p99") | ${cf_ok:-0}"
+    CFSSL_ROWS+=" | $(awk -v m="$mesh_rate" -v c="$cf_rate" 'BEGIN { if (c > 0 && m != "") printf "%.2f", m / c; else print "n/a" }') |"$'\n'
+  done
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+else
+  log "cfssl or hey not installed (apt-get install golang-cfssl hey): skipping the peer comparison"
+fi
+
 log "verifying the audit log"
 AUDIT="$("$MESHCA" audit verify "$DATA/audit.jsonl" 2>&1)" || {
   echo "$AUDIT" >&2
@@ -160,3 +200,13 @@ ${ROWS}
 start to ready: ${READY_MS} ms (first start, CA generated); idle RSS: $(awk -v k="$IDLE_RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }') MiB
 audit log: ${AUDIT#"$DATA"/}
 EOF
+if [ -n "$CFSSL_ROWS" ]; then
+  cat <<EOF
+
+Peer in the same run: cfssl serve (HTTP, no TLS, no authentication, no audit), same P-256 issuer, loaded by hey
+
+| concurrency | cfssl certs/s | p50 ms | p99 ms | 200 responses | meshca / cfssl |
+|---|---:|---:|---:|---:|---:|
+${CFSSL_ROWS}
+EOF
+fi
