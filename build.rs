@@ -1,10 +1,16 @@
-//! Compiles proto/identity.proto with a pure-Rust protobuf compiler (protox), so a
-//! fresh machine needs no system `protoc`. Generates both the server and the client
-//! (the client backs `meshca certify` and the load generator).
+//! Compiles the protocol files with a pure-Rust protobuf compiler (protox), so a
+//! fresh machine needs no system `protoc`: proto/identity.proto (Linkerd's identity
+//! protocol, unchanged) and proto/trustbundle.proto (meshca's own `meshca.v1`).
+//! Generates both the servers and the clients (the clients back `meshca certify`,
+//! the agent and the load generator).
+
+const PROTOS: [&str; 2] = ["proto/identity.proto", "proto/trustbundle.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/identity.proto");
-    let descriptors = protox::compile(["proto/identity.proto"], ["proto"])?;
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

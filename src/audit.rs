@@ -6,7 +6,9 @@
 //! omitted): `seq` (1 for the first record of a file), `prev_hash` (hash of
 //! the previous record, 64 zeros for seq 1), `time` (RFC 3339 UTC, millis),
 //! `request_id`, `peer`, `requested_identity`, `subject` (`namespace`,
-//! `service_account`, `pod_name`, `pod_uid`), `auth_method` (how the caller
+//! `service_account`, `pod_name`, `pod_uid`, and `node_os`: the
+//! `kubernetes.io/os` label of the pod's node, when `--audit-node-os` could tell
+//! it), `auth_method` (how the caller
 //! proved who it is: `jwks`, `tokenreview`, `certificate`), `token_issuer`, `csr_key_type`,
 //! `outcome` (`issued` | `denied`), `code` (gRPC status code name),
 //! `reason`, `serial` (hex), `fingerprint_sha256` (hex SHA-256 of the leaf
@@ -71,6 +73,10 @@ pub struct SubjectRecord {
     pub pod_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// The OS of the node the pod runs on, as its `kubernetes.io/os` label says
+    /// (looked up from the API server, not vouched for by the token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_os: Option<String>,
 }
 
 /// One decision, as the handler fills it in (seq/prev_hash/hash are assigned by the writer).
@@ -630,6 +636,7 @@ mod tests {
                 service_account: "web".into(),
                 pod_name: Some("web-1".into()),
                 pod_uid: None,
+                node_os: Some("linux".into()),
             }),
             auth_method: Some("tokenreview".into()),
             token_issuer: Some("https://kubernetes.default.svc".into()),
@@ -740,7 +747,7 @@ mod tests {
         let path = log_with(dir.path(), 1).await;
         let line = &lines(&path)[0];
         let fields = "seq prev_hash time request_id peer requested_identity subject namespace \
-            service_account pod_name auth_method token_issuer csr_key_type outcome serial fingerprint_sha256 \
+            service_account pod_name node_os auth_method token_issuer csr_key_type outcome serial fingerprint_sha256 \
             not_before not_after issuer_fingerprint_sha256 hash";
         let positions: Vec<usize> = fields
             .split_whitespace()

@@ -53,9 +53,15 @@ pub enum CaKeyArg {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
-    /// Directory to create: DIR/trust-anchors.pem, DIR/trust-anchor.key, DIR/issuer/tls.{crt,key}.
+    /// Directory to create: DIR/trust-anchors.pem, DIR/trust-anchor.key, DIR/issuer/tls.{crt,key} (with --kubernetes: the anchor's two files only).
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
+    /// Print the issuer as Secret meshca-issuer (kubernetes.io/tls) and the anchor as ConfigMap meshca-trust-anchors, YAML on stdout for `kubectl apply -f -`. The anchor's key goes to --dir (mode 0600), never into the cluster.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Namespace of the objects --kubernetes prints [default: the control-plane namespace].
+    #[arg(long, value_name = "NS", requires = "kubernetes")]
+    pub namespace: Option<String>,
     /// Trust domain named in the CA subjects [default: cluster.local].
     #[arg(long, env = "MESHCA_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -73,7 +79,7 @@ pub enum TokenValidation {
     /// Ask the Kubernetes API server (TokenReview; --kubeconfig or in-cluster), with a cache.
     #[value(name = "tokenreview")]
     TokenReview,
-    /// Verify JWTs locally against a JWKS file (--jwks-file, --token-issuer).
+    /// Verify JWTs locally against a JWKS: the cluster's service-account issuer discovery, or --jwks-file / --jwks-url with --token-issuer.
     Jwks,
     /// Verify tokens signed by the dev key in --data-dir (`meshca dev-token`).
     Dev,
@@ -120,10 +126,22 @@ pub struct ServeArgs {
     /// How callers prove who they are [default: dev with --dev, tokenreview otherwise].
     #[arg(long, env = "MESHCA_TOKEN_VALIDATION", value_enum, value_name = "MODE")]
     pub token_validation: Option<TokenValidation>,
-    /// JWKS file with the token issuer's public keys (jwks mode).
+    /// JWKS file with the token issuer's public keys (jwks mode) [default: the cluster's service-account issuer discovery].
     #[arg(long, env = "MESHCA_JWKS_FILE", value_name = "FILE")]
     pub jwks_file: Option<PathBuf>,
-    /// Required token `iss` (jwks mode; dev mode uses "meshca-dev").
+    /// https:// URL serving the token issuer's JWKS (jwks mode; instead of --jwks-file).
+    #[arg(long, env = "MESHCA_JWKS_URL", value_name = "URL")]
+    pub jwks_url: Option<String>,
+    /// PEM bundle trusted for --jwks-url instead of the system's roots.
+    #[arg(long, env = "MESHCA_JWKS_CA_FILE", value_name = "FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often the JWKS is re-fetched (jwks mode) [default: 5m].
+    #[arg(long, env = "MESHCA_JWKS_REFRESH_INTERVAL", value_name = "DURATION")]
+    pub jwks_refresh_interval: Option<String>,
+    /// Shortest time between two re-fetches caused by tokens with unknown key ids [default: 10s].
+    #[arg(long, env = "MESHCA_JWKS_REFRESH_MIN_INTERVAL", value_name = "DURATION")]
+    pub jwks_refresh_min_interval: Option<String>,
+    /// Required token `iss` (jwks mode; required with --jwks-file or --jwks-url, else the discovered issuer; dev mode uses "meshca-dev").
     #[arg(long, env = "MESHCA_TOKEN_ISSUER", value_name = "ISS")]
     pub token_issuer: Option<String>,
     /// Accepted token audiences, comma-separated [default: identity.l5d.io].
@@ -132,7 +150,7 @@ pub struct ServeArgs {
     /// Leeway applied to token exp/nbf/iat [default: 60s].
     #[arg(long, env = "MESHCA_TOKEN_LEEWAY", value_name = "DURATION")]
     pub token_leeway: Option<String>,
-    /// kubeconfig for the API server that reviews tokens (tokenreview mode) [default: KUBECONFIG, ~/.kube/config, or in-cluster].
+    /// kubeconfig for the Kubernetes API server (tokenreview mode; jwks discovery; Events; node lookups) [default: KUBECONFIG, ~/.kube/config, or in-cluster].
     #[arg(long, env = "MESHCA_KUBECONFIG", value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// Bound on each TokenReview call, connecting included [default: 2s].
@@ -159,6 +177,31 @@ pub struct ServeArgs {
     /// Serve gRPC without TLS (only where a sidecar terminates TLS).
     #[arg(long, env = "MESHCA_PLAINTEXT")]
     pub plaintext: bool,
+    /// How often the issuer directory and trust anchors are re-read for changes, besides file notifications [default: 30s].
+    #[arg(long, env = "MESHCA_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub reload_interval: Option<String>,
+    /// Record issuances and denials as Kubernetes Events on the service account: --events, --events=true or --events=false [default: true with tokenreview or jwks discovery, which have a Kubernetes client].
+    #[arg(
+        long,
+        env = "MESHCA_EVENTS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub events: Option<bool>,
+    /// Record the OS of the caller's node (its kubernetes.io/os label) in audit records, looking up pods and nodes through the Kubernetes client: --audit-node-os or --audit-node-os=BOOL [default: false].
+    #[arg(
+        long,
+        env = "MESHCA_AUDIT_NODE_OS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub audit_node_os: Option<bool>,
 }
 
 #[derive(Debug, Args)]
@@ -236,4 +279,28 @@ pub struct AgentArgs {
     /// Warn when this host's clock differs from meshca's by more than this.
     #[arg(long, env = "MESHCA_CLOCK_OFFSET_WARNING", default_value = "30s", value_name = "DURATION")]
     pub clock_offset_warning: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["meshca", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(args) => Ok(*args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn switches_take_no_value_an_equals_value_or_nothing_at_all() {
+        assert_eq!(serve(&[]).unwrap().events, None);
+        assert_eq!(serve(&["--events"]).unwrap().events, Some(true));
+        assert_eq!(serve(&["--events=false"]).unwrap().events, Some(false));
+        assert_eq!(serve(&["--events=true"]).unwrap().events, Some(true));
+        assert_eq!(serve(&["--audit-node-os"]).unwrap().audit_node_os, Some(true));
+        assert!(serve(&["--events", "false"]).is_err(), "a value needs the equals sign");
+        assert!(serve(&["--events=maybe"]).is_err());
+    }
 }

@@ -1,7 +1,8 @@
 //! Acting on each subcommand: the layer between the parsed command line and the
 //! library. Each command returns a [`Failure`] that knows its exit code: 2 for a
 //! usage or configuration error, 1 for anything else. Results go to stdout only
-//! where scripts read them (`dev-token`); everything else goes to stderr.
+//! where scripts read them (`dev-token`, `init --kubernetes`); everything else goes
+//! to stderr.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -47,7 +48,13 @@ impl Failure {
 pub fn init(args: InitArgs) -> Result<(), Failure> {
     let naming =
         Naming::new(&args.trust_domain, &args.control_plane_namespace).map_err(Failure::usage)?;
-    if args.dir.join("trust-anchors.pem").exists() || args.dir.join("issuer").exists() {
+    let namespace = args.namespace.as_deref().unwrap_or(&args.control_plane_namespace);
+    crate::identity::check_label(namespace)
+        .map_err(|e| Failure::usage(format!("--namespace {namespace:?}: {e}")))?;
+    if args.dir.join("trust-anchors.pem").exists()
+        || args.dir.join("trust-anchor.key").exists()
+        || args.dir.join("issuer").exists()
+    {
         return Err(Failure::usage(format!(
             "{} already holds a CA; refusing to overwrite (choose an empty --dir)",
             args.dir.display()
@@ -59,6 +66,9 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
     };
     let h = hierarchy::generate(&naming, key_type, SystemClock.now(), HierarchyLifetimes::default())
         .map_err(Failure::other)?;
+    if args.kubernetes {
+        return init_kubernetes(&args.dir, namespace, &h);
+    }
     crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
     eprintln!(
         "wrote {dir}/trust-anchors.pem, {dir}/issuer/tls.crt and {dir}/issuer/tls.key\n\
@@ -66,6 +76,59 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
         dir = args.dir.display()
     );
     Ok(())
+}
+
+/// `meshca init --kubernetes`: the anchor (certificate and key) to `dir`, key first,
+/// so nothing it signed is published before its key is safe; then the issuer and the
+/// anchor as Kubernetes objects on stdout. The anchor's key is never printed.
+fn init_kubernetes(dir: &Path, namespace: &str, h: &hierarchy::Hierarchy) -> Result<(), Failure> {
+    use crate::agent::files::{write_new, Access};
+    use std::io::Write as _;
+    let write = |name: &str, contents: &str, access| {
+        let path = dir.join(name);
+        write_new(&path, contents.as_bytes(), access)
+            .map_err(|e| Failure::other(format!("cannot write {}: {e}", path.display())))
+    };
+    write("trust-anchor.key", &h.anchor_key_pem, Access::Private)?;
+    write("trust-anchors.pem", &h.anchor_cert_pem, Access::Public)?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(kubernetes_objects(namespace, h).as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Failure::other(format!("cannot write to stdout: {e}")))?;
+    eprintln!(
+        "printed Secret {namespace}/meshca-issuer and ConfigMap {namespace}/meshca-trust-anchors\n\
+         wrote {dir}/trust-anchors.pem and {dir}/trust-anchor.key: the key signs new issuers, keep it offline.",
+        dir = dir.display()
+    );
+    Ok(())
+}
+
+/// The issuer as a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`) and
+/// the anchor as a ConfigMap (`ca-bundle.crt`), the names `deploy/base` mounts. The
+/// namespace is a checked DNS label and the rest is base64 or PEM, so nothing needs
+/// quoting.
+fn kubernetes_objects(namespace: &str, h: &hierarchy::Hierarchy) -> String {
+    use base64::Engine as _;
+    let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+    let bundle: String = h.anchor_cert_pem.lines().map(|line| format!("    {line}\n")).collect();
+    let metadata = |name: &str| {
+        format!(
+            "metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    \
+             app.kubernetes.io/name: meshca\n    app.kubernetes.io/part-of: meshca\n"
+        )
+    };
+    format!(
+        "# meshca init --kubernetes: a new issuer and its trust anchor. The anchor's key is not here.\n\
+         apiVersion: v1\nkind: Secret\n{secret}type: kubernetes.io/tls\ndata:\n  \
+         tls.crt: {crt}\n  tls.key: {key}\n  ca.crt: {ca}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\n{config_map}data:\n  ca-bundle.crt: |\n{bundle}",
+        secret = metadata("meshca-issuer"),
+        crt = b64(&h.issuer_cert_pem),
+        key = b64(&h.issuer_key_pem),
+        ca = b64(&h.anchor_cert_pem),
+        config_map = metadata("meshca-trust-anchors"),
+    )
 }
 
 /// `meshca serve`: resolves the configuration, binds, and runs until SIGTERM/Ctrl-C.

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::auth::discovery::{Settings as KeyRefresh, Source as KeySource};
 use crate::ca::profile::Lifetimes;
+pub use crate::ca::reload::Settings as ReloadSettings;
 use crate::cli::{ServeArgs, TokenValidation};
 use crate::identity::{check_label, Naming};
 
@@ -47,6 +49,10 @@ pub struct FileConfig {
     pub clock_skew_allowance: Option<String>,
     pub token_validation: Option<TokenValidation>,
     pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub jwks_ca_file: Option<PathBuf>,
+    pub jwks_refresh_interval: Option<String>,
+    pub jwks_refresh_min_interval: Option<String>,
     pub token_issuer: Option<String>,
     pub token_audiences: Option<Vec<String>>,
     pub token_leeway: Option<String>,
@@ -59,6 +65,9 @@ pub struct FileConfig {
     pub audit_log: Option<String>,
     pub max_in_flight: Option<usize>,
     pub plaintext: Option<bool>,
+    pub reload_interval: Option<String>,
+    pub events: Option<bool>,
+    pub audit_node_os: Option<bool>,
 }
 
 /// The dev-mode issuer name tokens from `meshca dev-token` carry.
@@ -69,8 +78,15 @@ pub const DEFAULT_AUDIENCE: &str = "identity.l5d.io";
 /// How tokens are checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenConfig {
-    /// Local JWT verification against a JWKS file.
-    Jwks { jwks_file: PathBuf, issuer: String, audiences: Vec<String>, leeway: Duration },
+    /// Local JWT verification against a JWKS, kept current (`auth::discovery`).
+    Jwks {
+        keys: KeySource,
+        /// Required `iss`; `None` only with [`KeySource::Discovery`]: the discovered issuer.
+        issuer: Option<String>,
+        audiences: Vec<String>,
+        leeway: Duration,
+        refresh: KeyRefresh,
+    },
     /// Kubernetes TokenReview, behind a cache and a rate limit.
     TokenReview {
         /// `None`: `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
@@ -83,6 +99,19 @@ pub enum TokenConfig {
         cache_ttl: Duration,
         cache_failure_ttl: Duration,
     },
+}
+
+impl TokenConfig {
+    /// `Some(kubeconfig)` when this mode talks to a Kubernetes API server (the
+    /// inner `None`: `KUBECONFIG`, `~/.kube/config` or in-cluster), so a client
+    /// for Kubernetes Events can be built the same way.
+    pub fn kubernetes(&self) -> Option<Option<&std::path::Path>> {
+        match self {
+            TokenConfig::TokenReview { kubeconfig, .. }
+            | TokenConfig::Jwks { keys: KeySource::Discovery { kubeconfig }, .. } => Some(kubeconfig.as_deref()),
+            TokenConfig::Jwks { .. } => None,
+        }
+    }
 }
 
 /// Where dev mode keeps its state.
@@ -130,6 +159,12 @@ pub struct Config {
     /// Certify requests in flight beyond which callers get `ResourceExhausted`.
     pub max_in_flight: usize,
     pub plaintext: bool,
+    /// When the issuer and trust anchors are re-checked (`ca::reload`).
+    pub reload: ReloadSettings,
+    /// Emit Kubernetes Events for issuances and denials (needs [`TokenConfig::kubernetes`]).
+    pub events: bool,
+    /// Record the caller's node OS in audit records (needs [`TokenConfig::kubernetes`]).
+    pub node_os: bool,
 }
 
 fn duration(setting: &'static str, value: Option<String>, default: Duration) -> Result<Duration, Error> {
@@ -247,24 +282,66 @@ impl Config {
                     });
                 };
                 TokenConfig::Jwks {
-                    jwks_file: p.jwks(),
-                    issuer: DEV_TOKEN_ISSUER.into(),
+                    keys: KeySource::File(p.jwks()),
+                    issuer: Some(DEV_TOKEN_ISSUER.into()),
                     audiences,
                     leeway,
+                    refresh: KeyRefresh::default(),
                 }
             }
-            TokenValidation::Jwks => TokenConfig::Jwks {
-                jwks_file: args.jwks_file.or(file.jwks_file).ok_or(Error::Missing {
-                    setting: "jwks-file",
-                    when: "with --token-validation jwks",
-                })?,
-                issuer: args.token_issuer.or(file.token_issuer).ok_or(Error::Missing {
-                    setting: "token-issuer",
-                    when: "with --token-validation jwks",
-                })?,
-                audiences,
-                leeway,
-            },
+            TokenValidation::Jwks => {
+                let issuer = args.token_issuer.or(file.token_issuer);
+                let ca_file = args.jwks_ca_file.or(file.jwks_ca_file);
+                let keys = match (args.jwks_file.or(file.jwks_file), args.jwks_url.or(file.jwks_url)) {
+                    (Some(_), Some(_)) => {
+                        return Err(Error::Invalid {
+                            setting: "jwks-url",
+                            reason: "give --jwks-file or --jwks-url, not both".into(),
+                        })
+                    }
+                    (Some(path), None) => KeySource::File(path),
+                    (None, Some(url)) => {
+                        if !url.starts_with("https://") {
+                            return Err(Error::Invalid { setting: "jwks-url", reason: "must be an https:// URL".into() });
+                        }
+                        KeySource::Url { url, ca_file: ca_file.clone() }
+                    }
+                    (None, None) => KeySource::Discovery { kubeconfig: args.kubeconfig.or(file.kubeconfig) },
+                };
+                if ca_file.is_some() && !matches!(keys, KeySource::Url { .. }) {
+                    return Err(Error::Invalid { setting: "jwks-ca-file", reason: "only used with --jwks-url".into() });
+                }
+                if issuer.is_none() && !matches!(keys, KeySource::Discovery { .. }) {
+                    return Err(Error::Missing {
+                        setting: "token-issuer",
+                        when: "with --jwks-file or --jwks-url (only discovery finds the issuer itself)",
+                    });
+                }
+                let refresh_interval = duration(
+                    "jwks-refresh-interval",
+                    args.jwks_refresh_interval.or(file.jwks_refresh_interval),
+                    crate::auth::discovery::DEFAULT_REFRESH_INTERVAL,
+                )?;
+                if refresh_interval < Duration::from_secs(1) || refresh_interval > Duration::from_secs(24 * 3600) {
+                    return Err(Error::Invalid {
+                        setting: "jwks-refresh-interval",
+                        reason: "must be at least 1s and at most 24h".into(),
+                    });
+                }
+                let refresh_min_interval = duration(
+                    "jwks-refresh-min-interval",
+                    args.jwks_refresh_min_interval.or(file.jwks_refresh_min_interval),
+                    crate::auth::discovery::DEFAULT_REFRESH_MIN_INTERVAL,
+                )?;
+                if refresh_min_interval > Duration::from_secs(3600) {
+                    return Err(Error::Invalid {
+                        setting: "jwks-refresh-min-interval",
+                        reason: "must be at most 1h".into(),
+                    });
+                }
+                let refresh = KeyRefresh { refresh_interval, refresh_min_interval, ..KeyRefresh::default() };
+                TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh }
+            }
             TokenValidation::TokenReview => {
                 let timeout = duration(
                     "token-review-timeout",
@@ -317,9 +394,39 @@ impl Config {
             return Err(Error::Invalid { setting: "audit-log", reason: "empty path (use - for stdout)".into() });
         }
 
+        let events = match (args.events.or(file.events), token.kubernetes()) {
+            (Some(true), None) => {
+                return Err(Error::Invalid {
+                    setting: "events",
+                    reason: "Events need a Kubernetes client: --token-validation tokenreview, or jwks without \
+                             --jwks-file and --jwks-url (discovery); or pass --events=false"
+                        .into(),
+                })
+            }
+            (explicit, kubernetes) => explicit.unwrap_or(kubernetes.is_some()),
+        };
+        let node_os = args.audit_node_os.or(file.audit_node_os).unwrap_or(false);
+        if node_os && token.kubernetes().is_none() {
+            return Err(Error::Invalid {
+                setting: "audit-node-os",
+                reason: "node lookups need a Kubernetes client: --token-validation tokenreview, or jwks \
+                         without --jwks-file and --jwks-url (discovery)"
+                    .into(),
+            });
+        }
+
         let max_in_flight = args.max_in_flight.or(file.max_in_flight).unwrap_or(8192);
         if max_in_flight == 0 {
             return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() });
+        }
+
+        let reload_interval = duration(
+            "reload-interval",
+            args.reload_interval.or(file.reload_interval),
+            crate::ca::reload::DEFAULT_INTERVAL,
+        )?;
+        if reload_interval < Duration::from_secs(1) || reload_interval > Duration::from_secs(3600) {
+            return Err(Error::Invalid { setting: "reload-interval", reason: "must be at least 1s and at most 1h".into() });
         }
 
         Ok(Config {
@@ -335,6 +442,9 @@ impl Config {
             audit_log,
             max_in_flight,
             plaintext: args.plaintext || file.plaintext.unwrap_or(false),
+            reload: ReloadSettings { interval: reload_interval, notifications: true },
+            events,
+            node_os,
         })
     }
 }
@@ -352,6 +462,23 @@ mod tests {
         assert_eq!(c.trust_anchors, PathBuf::from("./meshca-dev/trust-anchors.pem"));
         assert_eq!(c.audit_log, "./meshca-dev/audit.jsonl");
         assert_eq!(c.lifetimes, Lifetimes::default());
+    }
+
+    #[test]
+    fn reload_interval_defaults_to_30s_comes_from_flag_over_file_and_is_bounded() {
+        let dev = |args| ServeArgs { dev: true, ..args };
+        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        assert_eq!(c.reload, ReloadSettings { interval: Duration::from_secs(30), notifications: true });
+        let file = || Config::parse_file("reload-interval = \"2m\"\n").unwrap();
+        let c = Config::resolve(dev(ServeArgs::default()), file()).unwrap();
+        assert_eq!(c.reload.interval, Duration::from_secs(120));
+        let args = ServeArgs { reload_interval: Some("5s".into()), ..Default::default() };
+        assert_eq!(Config::resolve(dev(args), file()).unwrap().reload.interval, Duration::from_secs(5));
+        for bad in ["0s", "500ms", "2h", "soon"] {
+            let args = ServeArgs { reload_interval: Some(bad.into()), ..Default::default() };
+            let err = Config::resolve(dev(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with("--reload-interval:"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -399,10 +526,8 @@ mod tests {
         };
         assert_eq!(c.token, expected);
         let dev = Config::resolve(ServeArgs { dev: true, ..Default::default() }, FileConfig::default()).unwrap();
-        assert!(matches!(dev.token, TokenConfig::Jwks { ref issuer, .. } if issuer == DEV_TOKEN_ISSUER));
-        let jwks = ServeArgs { token_validation: Some(TokenValidation::Jwks), ..outside_dev(ServeArgs::default()) };
-        let err = Config::resolve(jwks, FileConfig::default()).unwrap_err();
-        assert!(err.to_string().contains("--jwks-file"), "{err}");
+        assert!(matches!(dev.token, TokenConfig::Jwks { ref issuer, .. } if issuer.as_deref() == Some(DEV_TOKEN_ISSUER)));
+        assert!(c.events && !dev.events, "events default on with a Kubernetes client only");
     }
 
     #[test]
@@ -440,5 +565,69 @@ mod tests {
             let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with(&format!("--{flag}:")), "{flag}: {err}");
         }
+    }
+
+    fn jwks(args: ServeArgs) -> ServeArgs {
+        outside_dev(ServeArgs { token_validation: Some(TokenValidation::Jwks), ..args })
+    }
+
+    #[test]
+    fn jwks_mode_discovers_the_issuer_by_default_or_reads_a_file_or_an_https_url() {
+        let c = Config::resolve(jwks(ServeArgs { kubeconfig: Some("/k".into()), ..Default::default() }), FileConfig::default())
+            .unwrap();
+        let expected = TokenConfig::Jwks {
+            keys: KeySource::Discovery { kubeconfig: Some("/k".into()) },
+            issuer: None,
+            audiences: vec![DEFAULT_AUDIENCE.into()],
+            leeway: Duration::from_secs(60),
+            refresh: KeyRefresh::default(),
+        };
+        assert_eq!(c.token, expected);
+        assert_eq!(c.token.kubernetes(), Some(Some(std::path::Path::new("/k"))));
+        assert!(c.events, "discovery has a Kubernetes client, so events default on");
+        assert!(!c.node_os, "node lookups are asked for, never assumed");
+        let on = ServeArgs { audit_node_os: Some(true), events: Some(false), ..Default::default() };
+        let c = Config::resolve(jwks(on), FileConfig::default()).unwrap();
+        assert!(c.node_os && !c.events);
+
+        let file = Config::parse_file(
+            "jwks-url = \"https://issuer.example/keys\"\njwks-ca-file = \"/ca.pem\"\ntoken-issuer = \"https://issuer.example\"\n\
+             jwks-refresh-interval = \"1m\"\njwks-refresh-min-interval = \"0s\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(jwks(ServeArgs::default()), file).unwrap();
+        let TokenConfig::Jwks { keys, issuer, refresh, .. } = &c.token else { panic!("{:?}", c.token) };
+        let url = KeySource::Url { url: "https://issuer.example/keys".into(), ca_file: Some("/ca.pem".into()) };
+        assert_eq!((keys, issuer.as_deref()), (&url, Some("https://issuer.example")));
+        assert_eq!((refresh.refresh_interval, refresh.refresh_min_interval), (Duration::from_secs(60), Duration::ZERO));
+        assert!(!c.events && c.token.kubernetes().is_none());
+
+        let args = ServeArgs { jwks_file: Some("/j".into()), token_issuer: Some("k8s".into()), events: Some(false), ..Default::default() };
+        let c = Config::resolve(jwks(args), FileConfig::default()).unwrap();
+        assert!(matches!(c.token, TokenConfig::Jwks { keys: KeySource::File(ref p), .. } if p == std::path::Path::new("/j")));
+    }
+
+    #[test]
+    fn unusable_jwks_and_events_settings_name_the_flag() {
+        let issuer = || Some("https://issuer.example".to_owned());
+        let cases = [
+            ("token-issuer", ServeArgs { jwks_file: Some("/j".into()), ..Default::default() }),
+            ("token-issuer", ServeArgs { jwks_url: Some("https://issuer.example/keys".into()), ..Default::default() }),
+            ("jwks-url", ServeArgs { jwks_url: Some("http://issuer.example/keys".into()), token_issuer: issuer(), ..Default::default() }),
+            ("jwks-url", ServeArgs { jwks_url: Some("https://a/k".into()), jwks_file: Some("/j".into()), token_issuer: issuer(), ..Default::default() }),
+            ("jwks-ca-file", ServeArgs { jwks_ca_file: Some("/ca.pem".into()), ..Default::default() }),
+            ("jwks-refresh-interval", ServeArgs { jwks_refresh_interval: Some("0s".into()), ..Default::default() }),
+            ("jwks-refresh-interval", ServeArgs { jwks_refresh_interval: Some("2days".into()), ..Default::default() }),
+            ("jwks-refresh-min-interval", ServeArgs { jwks_refresh_min_interval: Some("2h".into()), ..Default::default() }),
+            ("events", ServeArgs { jwks_file: Some("/j".into()), token_issuer: issuer(), events: Some(true), ..Default::default() }),
+            ("audit-node-os", ServeArgs { jwks_file: Some("/j".into()), token_issuer: issuer(), audit_node_os: Some(true), ..Default::default() }),
+        ];
+        for (flag, args) in cases {
+            let err = Config::resolve(jwks(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("--{flag}")), "{flag}: {err}");
+        }
+        let dev = ServeArgs { dev: true, events: Some(true), ..Default::default() };
+        let err = Config::resolve(dev, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("--events"), "{err}");
     }
 }

@@ -9,7 +9,8 @@
 //! - [`server`]: transport — gRPC over TLS, limits, request ids, the admin listener.
 //! - [`auth`]: authenticate — token bytes → [`auth::Subject`].
 //! - [`identity`]: authorize — Subject → the one identity it may hold.
-//! - [`ca`]: issue — CSR checks, leaf profile, signing with the current issuer snapshot.
+//! - [`ca`]: issue — CSR checks, leaf profile, signing with the current issuer snapshot
+//!   (swapped whole when the issuer or trust-anchor files change: [`ca::reload`]).
 //! - [`audit`]: record — hash-chained, durable before the reply.
 //! - [`status`]: the one mapping from any stage's error to a gRPC status.
 //!
@@ -35,4 +36,10 @@ pub mod status;
 #[allow(clippy::all, missing_docs)] // generated code
 pub mod proto {
     tonic::include_proto!("io.linkerd.proxy.identity");
+}
+
+/// Generated from proto/trustbundle.proto: `meshca.v1`, meshca's own API (TrustBundle).
+#[allow(clippy::all, missing_docs)] // generated code
+pub mod v1 {
+    tonic::include_proto!("meshca.v1");
 }

@@ -1,9 +1,11 @@
-//! One Certify round trip, as a proxy would make it.
+//! One Certify round trip, as a proxy would make it, and the trust bundle.
 //!
 //! Generates a new key (never reused), builds a CSR naming the identity, calls
 //! Certify over TLS (verifying meshca's serving certificate against the trust
 //! anchors and the expected server name), and verifies that the returned chain
 //! leads to the trust anchors and carries the identity before anything is written.
+//! [`trust_bundle`] asks the same server (`meshca.v1.TrustBundle/Get`) for the
+//! anchors it currently trusts; what to do with them is the caller's decision.
 
 use std::time::SystemTime;
 
@@ -15,6 +17,8 @@ use crate::ca::issuer::TrustAnchors;
 use crate::ca::material::to_pem;
 use crate::proto::identity_client::IdentityClient;
 use crate::proto::CertifyRequest;
+use crate::v1::trust_bundle_client::TrustBundleClient;
+use crate::v1::GetTrustBundleRequest;
 
 /// Why a certificate could not be obtained.
 #[derive(Debug, thiserror::Error)]
@@ -186,11 +190,17 @@ pub fn server_time(metadata: &tonic::metadata::MetadataMap) -> Option<SystemTime
 /// call; the chain is verified at the server's time when the response carries it
 /// (a host clock minutes off must not throw away a good certificate), else at `now`.
 pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, Error> {
+    let channel = connect_as(req.addr, req.anchors, req.server_name, req.client_identity.as_ref()).await?;
+    certify_on(channel, req, now).await
+}
+
+/// [`certify`] over an established `channel` (`req.addr` and
+/// `req.client_identity` were for connecting it and are not used again).
+pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> Result<Credentials, Error> {
     let (identity, key_type) = (req.identity.to_owned(), req.key_type);
     let (key, csr) = tokio::task::spawn_blocking(move || make_csr(&identity, key_type))
         .await
         .map_err(|e| Error::Key(e.to_string()))??;
-    let channel = connect_as(req.addr, req.anchors, req.server_name, req.client_identity.as_ref()).await?;
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {
             identity: req.identity.to_owned(),
@@ -229,4 +239,21 @@ pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, E
         not_after,
         server_time,
     })
+}
+
+/// The trust anchors meshca currently trusts, from `meshca.v1.TrustBundle/Get`.
+/// Refused by a server without the service (`Unimplemented`); an empty bundle, or
+/// one holding something that is not a usable root, is a bad response.
+pub async fn trust_bundle(channel: Channel) -> Result<TrustAnchors, Error> {
+    let response = TrustBundleClient::new(channel)
+        .get(GetTrustBundleRequest {})
+        .await
+        .map_err(|s| Error::Refused { code: s.code(), message: s.message().to_owned() })?
+        .into_inner();
+    if response.trust_anchors.is_empty() {
+        return Err(Error::BadResponse("the trust bundle is empty".into()));
+    }
+    let certs = response.trust_anchors.into_iter().map(CertificateDer::from).collect();
+    TrustAnchors::from_certs(certs, std::path::Path::new("the trust bundle"))
+        .map_err(|e| Error::BadResponse(e.to_string()))
 }

@@ -2,12 +2,23 @@
 //!
 //! Each round makes a new key (never reused), re-reads the token file (projected
 //! tokens rotate) and the trust anchors, calls Certify, verifies the chain at the
-//! server's time, writes `tls.key`, `tls.crt` and `ca.crt` atomically, optionally
-//! runs `--on-renew`, and waits for the next renewal per [`schedule`]. Waiting is
-//! done through a [`Timer`] (tokio's monotonic clock in production, a test timer in
-//! tests), and every delay is counted from receipt, so a wall clock that jumps or
-//! disagrees with the server's changes nothing. On failure the agent backs off with
-//! full jitter, keeps the old files, and logs the validity left.
+//! server's time, asks for meshca's trust bundle on the same connection, writes
+//! `tls.key`, `tls.crt` and `ca.crt` atomically, optionally runs `--on-renew`, and
+//! waits for the next renewal per [`schedule`]. Waiting is done through a [`Timer`]
+//! (tokio's monotonic clock in production, a test timer in tests), and every delay
+//! is counted from receipt, so a wall clock that jumps or disagrees with the
+//! server's changes nothing. On failure the agent backs off with full jitter, keeps
+//! the old files, and logs the validity left.
+//!
+//! `ca.crt` is meshca's trust bundle (`meshca.v1.TrustBundle/Get`), not the local
+//! `--trust-anchors`: during a root rotation the bundle grows to old + new root,
+//! and the proxy must trust both before any peer's certificate chains to the new
+//! one. The local anchors still decide what is accepted: meshca's serving
+//! certificate and the issued chain are verified against them alone. The bundle is
+//! written only when it, too, verifies the chain just issued (one that does not is
+//! no root set for this certificate); when it cannot be fetched (a meshca without
+//! the service answers `Unimplemented`) or does not verify the chain, `ca.crt`
+//! gets the local anchors and a warning is logged.
 //!
 //! The clock offset to the server (from the `x-meshca-time` response header) is
 //! logged and warned about past a threshold.
@@ -18,7 +29,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::client::{self, KeyType};
+use rustls_pki_types::CertificateDer;
+use tonic::transport::Channel;
+
+use super::client::{self, Credentials, KeyType};
 use super::files::{write_atomic, Access};
 use super::schedule::{self, Policy};
 use crate::ca::issuer::TrustAnchors;
@@ -134,17 +148,17 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
         key_type: settings.key_type,
         client_identity,
     };
-    let creds = match token {
-        Some(token) => match client::certify(request(token, None), clock.now()).await {
+    let (creds, channel) = match token {
+        Some(token) => match certify(request(token, None), clock.now()).await {
             Err(client::Error::Refused { code: tonic::Code::Unauthenticated, .. }) if current.is_some() => {
                 tracing::warn!("token refused; renewing with the current certificate");
-                client::certify(request(Vec::new(), current), clock.now()).await?
+                certify(request(Vec::new(), current), clock.now()).await?
             }
             other => other?,
         },
         None => {
             tracing::debug!("no token file; renewing with the current certificate");
-            client::certify(request(Vec::new(), current), clock.now()).await?
+            certify(request(Vec::new(), current), clock.now()).await?
         }
     };
     let received = clock.now();
@@ -161,6 +175,15 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
         }
     }
 
+    let verified_at = creds.server_time.unwrap_or(received);
+    let bundle = ca_bundle(
+        &anchors,
+        client::trust_bundle(channel).await,
+        &creds.leaf,
+        &creds.intermediates,
+        verified_at,
+    );
+
     let out = &settings.out;
     let write = |name: &str, contents: String, access| {
         let path = out.join(name);
@@ -168,7 +191,7 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
     };
     write("tls.key", creds.key_pem(), Access::Private)?;
     write("tls.crt", creds.chain_pem(), Access::Public)?;
-    let ca: String = anchors.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
+    let ca: String = bundle.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
     write("ca.crt", ca, Access::Public)?;
     if let Some(cmd) = &settings.on_renew {
         run_hook(cmd).await;
@@ -182,6 +205,47 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
         None => schedule::lifetime(validity, ASSUMED_BACKDATE),
     };
     Ok(Renewed { not_after: creds.not_after, lifetime, offset_millis })
+}
+
+/// Connects (presenting `request.client_identity`, if any) and calls Certify;
+/// returns the channel as well, for the trust bundle.
+async fn certify(
+    request: client::Request<'_>,
+    now: SystemTime,
+) -> Result<(Credentials, Channel), client::Error> {
+    let channel = client::connect_as(
+        request.addr,
+        request.anchors,
+        request.server_name,
+        request.client_identity.as_ref(),
+    )
+    .await?;
+    let creds = client::certify_on(channel.clone(), request, now).await?;
+    Ok((creds, channel))
+}
+
+/// What `ca.crt` holds (see the module doc): the fetched bundle when it verifies
+/// `leaf` + `intermediates` at `at`, else the local anchors.
+fn ca_bundle(
+    local: &TrustAnchors,
+    fetched: Result<TrustAnchors, client::Error>,
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    at: SystemTime,
+) -> TrustAnchors {
+    let usable = fetched.and_then(|bundle| match bundle.verify(leaf, intermediates, at, None) {
+        Ok(()) => Ok(bundle),
+        Err(reason) => Err(client::Error::BadResponse(format!(
+            "the trust bundle does not verify the issued certificate: {reason}"
+        ))),
+    });
+    match usable {
+        Ok(bundle) => bundle,
+        Err(error) => {
+            tracing::warn!(%error, "cannot use meshca's trust bundle; writing the local trust anchors to ca.crt");
+            local.clone()
+        }
+    }
 }
 
 async fn run_hook(cmd: &str) {
@@ -229,7 +293,9 @@ pub async fn run(
                 let delay = schedule::backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, uniform());
                 attempt = attempt.saturating_add(1);
                 match left {
-                    Some(l) => tracing::error!(error = %e, validity_left = ?l, retry_in = ?delay, "renewal failed; keeping the current certificate"),
+                    Some(l) => {
+                        tracing::error!(error = %e, validity_left = ?l, retry_in = ?delay, "renewal failed; keeping the current certificate")
+                    }
                     None => tracing::error!(error = %e, retry_in = ?delay, "no certificate yet; retrying"),
                 }
                 delay
@@ -240,5 +306,69 @@ pub async fn run(
             () = &mut shutdown => return,
         }
         left = left.map(|l| l.saturating_sub(wait));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
+    use crate::ca::issuer::Issuer;
+    use crate::ca::profile::Lifetimes;
+    use crate::clock::SystemClock;
+    use crate::identity::Naming;
+
+    /// Anchors of a fresh CA and a leaf it issued: (anchors, leaf, intermediates).
+    fn ca_and_leaf(now: SystemTime) -> (TrustAnchors, CertificateDer<'static>, Vec<CertificateDer<'static>>) {
+        let naming = Naming::new("cluster.local", "meshca-system").unwrap();
+        let h = hierarchy::generate(&naming, CaKeyType::P256, now, HierarchyLifetimes::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        crate::dev::write_hierarchy(dir.path(), &h).unwrap();
+        let anchors = TrustAnchors::load(&dir.path().join("trust-anchors.pem")).unwrap();
+        let issuer = Issuer::load(&dir.path().join("issuer"), &anchors, now).unwrap();
+        let (_, csr) = client::make_csr(
+            "web.default.serviceaccount.identity.meshca-system.cluster.local",
+            KeyType::P256,
+        )
+        .unwrap();
+        let csr = crate::ca::csr::check(
+            &csr,
+            &crate::ca::csr::Expected {
+                dns_name: "web.default.serviceaccount.identity.meshca-system.cluster.local",
+                spiffe_id: "spiffe://cluster.local/ns/default/sa/web",
+            },
+            &crate::ca::csr::KeyPolicy::default(),
+        )
+        .unwrap();
+        let identity = naming.identity("default", "web").unwrap();
+        let leaf = issuer.issue(&identity, &csr, &Lifetimes::default(), now).unwrap();
+        (anchors, leaf.der, issuer.intermediates().to_vec())
+    }
+
+    fn roots(anchors: &TrustAnchors) -> Vec<CertificateDer<'static>> {
+        anchors.certificates().to_vec()
+    }
+
+    #[test]
+    fn ca_crt_is_the_fetched_bundle_when_it_verifies_the_issued_chain() {
+        let now = SystemClock.now();
+        let (local, leaf, intermediates) = ca_and_leaf(now);
+        let (other, _, _) = ca_and_leaf(now);
+        // A rotation in progress: the bundle holds the current root and the next one.
+        let both = [roots(&local), roots(&other)].concat();
+        let fetched = TrustAnchors::from_certs(both.clone(), std::path::Path::new("bundle")).unwrap();
+        assert_eq!(roots(&ca_bundle(&local, Ok(fetched), &leaf, &intermediates, now)), both);
+    }
+
+    #[test]
+    fn ca_crt_falls_back_to_the_local_anchors_when_the_bundle_is_unusable() {
+        let now = SystemClock.now();
+        let (local, leaf, intermediates) = ca_and_leaf(now);
+        let (other, _, _) = ca_and_leaf(now);
+        // Unreachable or unimplemented: the local anchors.
+        let refused = Err(client::Error::Refused { code: tonic::Code::Unimplemented, message: "no".into() });
+        assert_eq!(roots(&ca_bundle(&local, refused, &leaf, &intermediates, now)), roots(&local));
+        // A bundle without the root of the certificate just issued: the local anchors.
+        assert_eq!(roots(&ca_bundle(&local, Ok(other), &leaf, &intermediates, now)), roots(&local));
     }
 }

@@ -318,10 +318,7 @@ impl Authenticator for CachingAuthenticator {
                 &c.coalesced,
             ),
         ];
-        for (name, help, value) in counters {
-            let value = value.load(Ordering::Relaxed);
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        }
+        crate::server::metrics::write_counters(out, &counters);
         let name = "meshca_token_cache_entries";
         let _ = writeln!(
             out,

@@ -16,6 +16,7 @@ use std::{
     fmt,
     path::Path,
     str::FromStr,
+    sync::{Arc, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -172,16 +173,28 @@ fn parse_jwk(jwk: &Map<String, Value>) -> Result<Option<Key>, String> {
     Ok(Some(Key { kid: text("kid")?.map(str::to_owned), alg, material }))
 }
 
-/// Verifies tokens locally against a fixed JWKS.
+/// Verifies tokens locally against a JWKS. The key set is an immutable snapshot
+/// swapped whole by [`JwksAuthenticator::replace_keys`] (key rotation, see
+/// `super::discovery`): a verification sees one set from start to end.
 #[derive(Debug)]
 pub struct JwksAuthenticator {
     settings: Settings,
-    jwks: Jwks,
+    jwks: RwLock<Arc<Jwks>>,
 }
 
 impl JwksAuthenticator {
     pub fn new(settings: Settings, jwks: Jwks) -> Self {
-        JwksAuthenticator { settings, jwks }
+        JwksAuthenticator { settings, jwks: RwLock::new(Arc::new(jwks)) }
+    }
+
+    /// The key set verifications use now.
+    pub fn keys(&self) -> Arc<Jwks> {
+        self.jwks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Swaps in a new key set; verifications already running finish with the old one.
+    pub fn replace_keys(&self, jwks: Jwks) {
+        *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(jwks);
     }
 
     /// Reads the JWKS at `path`; errors name the path.
@@ -237,7 +250,8 @@ impl JwksAuthenticator {
         };
         let sig = b64(s64, "signature is not base64url")?;
         let msg = &token[..h64.len() + 1 + p64.len()];
-        let mut candidates = (self.jwks.keys.iter())
+        let jwks = self.keys();
+        let mut candidates = (jwks.keys.iter())
             .filter(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid))
             .peekable();
         if candidates.peek().is_none() {
@@ -560,7 +574,7 @@ mod tests {
         let mut jwks: Value = serde_json::from_str(&signer.jwks_json()).unwrap();
         jwks["keys"].as_array_mut().unwrap().push(json!({"kty": "oct", "kid": "h", "k": enc("secret")}));
         let auth = JwksAuthenticator::new(settings(), Jwks::from_json(jwks.to_string().as_bytes()).unwrap());
-        assert_eq!(auth.jwks.len(), 1);
+        assert_eq!(auth.keys().len(), 1);
         let msg = format!("{}.{}", enc(r#"{"alg":"HS256","kid":"h"}"#), enc(claims().to_string()));
         let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"secret"), msg.as_bytes());
         refused!(auth.verify(format!("{msg}.{}", enc(tag)).as_bytes(), now()), Error::UnsupportedAlgorithm);

@@ -3,13 +3,15 @@
 //! This module only proves who the caller is. Turning a subject into a certificate
 //! identity, and deciding whether that identity may be issued, belongs to
 //! `crate::identity`; mapping an [`Error`] to a gRPC status belongs to
-//! `crate::status`. [`jwt`] verifies tokens locally against a JWKS file;
-//! [`tokenreview`] asks the Kubernetes API server; [`cache`] remembers answers so
-//! the API server is asked once per token, not once per request; [`dev`] holds the
-//! key and signer used in development mode.
+//! `crate::status`. [`jwt`] verifies tokens locally against a JWKS, whose keys
+//! [`discovery`] fetches (a file, a URL, or the cluster's service-account issuer)
+//! and keeps current; [`tokenreview`] asks the Kubernetes API server; [`cache`]
+//! remembers answers so the API server is asked once per token, not once per
+//! request; [`dev`] holds the key and signer used in development mode.
 
 pub mod cache;
 pub mod dev;
+pub mod discovery;
 pub mod jwt;
 pub mod peer;
 pub mod tokenreview;

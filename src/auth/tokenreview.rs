@@ -18,7 +18,6 @@
 use super::{AuthFuture, Authenticator, Error, Subject};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use std::{fmt, path::Path, time::Duration, time::SystemTime};
 
 /// `Subject::issuer` for subjects vouched for by TokenReview: the Kubernetes API
@@ -62,28 +61,7 @@ impl TokenReviewAuthenticator {
     /// configuration that cannot be loaded is an [`Error::Config`] naming
     /// `--kubeconfig`.
     pub async fn connect(kubeconfig: Option<&Path>, settings: Settings) -> Result<Self, Error> {
-        let config = match kubeconfig {
-            Some(path) => {
-                let bad = |e: &KubeconfigError| Error::Config {
-                    reason: format!("--kubeconfig {}: {}", path.display(), kubeconfig_reason(e)),
-                };
-                let file = Kubeconfig::read_from(path).map_err(|e| bad(&e))?;
-                kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                    .await
-                    .map_err(|e| bad(&e))?
-            }
-            None => kube::Config::infer().await.map_err(|e| {
-                let kubeconfig = std::error::Error::source(&e)
-                    .and_then(|s| s.downcast_ref::<KubeconfigError>())
-                    .map_or_else(|| "unusable".to_owned(), kubeconfig_reason);
-                Error::Config {
-                    reason: format!(
-                        "no Kubernetes API server to send TokenReviews to: not running in a pod with a \
-                         service account, and KUBECONFIG or ~/.kube/config: {kubeconfig}; pass --kubeconfig FILE"
-                    ),
-                }
-            })?,
-        };
+        let config = super::discovery::kube_config(kubeconfig, "send TokenReviews to").await?;
         Self::from_config(config, settings)
     }
 
@@ -225,15 +203,6 @@ fn unavailable(e: &kube::Error) -> Error {
         }
     };
     Error::Unavailable { reason }
-}
-
-/// A kubeconfig problem in words; YAML errors are not quoted, as they may show
-/// the credentials in the file.
-fn kubeconfig_reason(e: &KubeconfigError) -> String {
-    match e {
-        KubeconfigError::Parse(_) => "not valid kubeconfig YAML".into(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

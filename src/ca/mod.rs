@@ -5,6 +5,8 @@
 //! - [`profile`] is the leaf template: serial, validity window, names, key usages.
 //! - [`issuer`] loads the issuer certificate and key, checks them at start, and signs.
 //! - [`store`] holds the current issuer and trust anchors as one immutable snapshot.
+//! - [`reload`] watches the issuer directory and the trust-anchor file and swaps a
+//!   new, fully checked snapshot into the store when their contents change.
 //! - [`material`] reads PEM certificates and keys from files.
 //!
 //! Who the caller is and which identity it may hold are decided before this step
@@ -15,6 +17,7 @@ pub mod hierarchy;
 pub mod issuer;
 pub mod material;
 pub mod profile;
+pub mod reload;
 pub mod rsa_keygen;
 pub mod store;
 

@@ -3,13 +3,18 @@
 //! A request takes one `Arc<Snapshot>` at its start and uses it to the end, so it
 //! never sees half a reload: a new snapshot is built and checked completely, then
 //! swapped in whole. Watching files for changes (and deciding when to reload)
-//! belongs to the reloader; this module only holds and swaps.
+//! belongs to the reloader ([`super::reload`]); this module only holds and swaps,
+//! and lets long-lived tasks (the serving-certificate renewer) [`Store::subscribe`]
+//! to swaps.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::issuer::{Issuer, TrustAnchors};
+use tokio::sync::watch;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::issuer::{to_system_time, Issuer, TrustAnchors};
 use super::Error;
 
 /// Issuer and anchors that were checked together.
@@ -26,27 +31,55 @@ impl Snapshot {
         let issuer = Issuer::load(issuer_dir, &anchors, now)?;
         Ok(Snapshot { issuer, anchors })
     }
+
+    /// When the first of the trust anchors expires (`None` if none can be parsed,
+    /// which `TrustAnchors::load` does not let happen).
+    pub fn anchors_not_after(&self) -> Option<SystemTime> {
+        self.anchors
+            .certificates()
+            .iter()
+            .filter_map(|der| X509Certificate::from_der(der).ok())
+            .map(|(_, cert)| to_system_time(cert.validity().not_after))
+            .min()
+    }
 }
 
+/// The current snapshot, if any: what [`Store::subscribe`] receivers see.
+pub type Current = Option<Arc<Snapshot>>;
+
 /// Holder of the current snapshot (none until the first successful load).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Store {
-    current: RwLock<Option<Arc<Snapshot>>>,
+    current: watch::Sender<Current>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store { current: watch::Sender::new(None) }
+    }
 }
 
 impl Store {
     /// A store holding `snapshot`.
     pub fn new(snapshot: Snapshot) -> Self {
-        Store { current: RwLock::new(Some(Arc::new(snapshot))) }
+        Store { current: watch::Sender::new(Some(Arc::new(snapshot))) }
     }
 
     /// The snapshot requests should use now, if any is loaded.
     pub fn current(&self) -> Option<Arc<Snapshot>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current.borrow().clone()
     }
 
-    /// Replaces the snapshot whole.
-    pub fn replace(&self, snapshot: Snapshot) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(snapshot));
+    /// Replaces the snapshot whole; subscribers are told.
+    pub fn replace(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+        let snapshot = Arc::new(snapshot);
+        self.current.send_replace(Some(snapshot.clone()));
+        snapshot
+    }
+
+    /// A receiver that sees every later [`Store::replace`] (the snapshot current
+    /// at the call counts as seen).
+    pub fn subscribe(&self) -> watch::Receiver<Current> {
+        self.current.subscribe()
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! `now` is read once, here, and passed down. Every decision, issued or denied, is
 //! written to the audit log; an issued certificate is returned only after its record
-//! is durable (fail closed). Status codes come from `status::Refusal` alone.
+//! is durable (fail closed). Status codes come from `status::Refusal` alone. Once
+//! recorded, a decision about a known service account is also reported as a
+//! Kubernetes Event (`events`), without waiting for it.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -24,6 +26,8 @@ use crate::clock::Clock;
 use crate::identity::Naming;
 use crate::proto::identity_server::Identity;
 use crate::proto::{CertifyRequest, CertifyResponse};
+use crate::server::events::{Emitter, Notice};
+use crate::server::nodes::NodeOs;
 use crate::server::metrics::Metrics;
 use crate::status::{code_name, Refusal, RequestError};
 
@@ -44,6 +48,10 @@ pub struct Certifier {
     pub metrics: Arc<Metrics>,
     /// Bounds requests in flight; beyond it callers get `ResourceExhausted`.
     pub in_flight: Semaphore,
+    /// Reports decisions as Kubernetes Events, when on.
+    pub events: Option<Emitter>,
+    /// Tells the OS of the caller's node for its audit record, when on.
+    pub nodes: Option<Arc<NodeOs>>,
 }
 
 /// Response header carrying the server's wall-clock time at the request, in Unix
@@ -118,11 +126,16 @@ impl Certifier {
             }
         };
         record.token_issuer = (subject.issuer != peer::CERTIFICATE_ISSUER).then(|| subject.issuer.clone());
+        let node_os = match (&self.nodes, &subject.pod_name) {
+            (Some(nodes), Some(pod)) => nodes.lookup(&subject.namespace, pod, subject.pod_uid.as_deref()).await,
+            _ => None,
+        };
         record.subject = Some(SubjectRecord {
             namespace: subject.namespace.clone(),
             service_account: subject.service_account.clone(),
             pod_name: subject.pod_name.clone(),
             pod_uid: subject.pod_uid.clone(),
+            node_os,
         });
         let identity = self.naming.authorize(&subject, &req.identity)?;
         let expected = Expected { dns_name: &identity.dns_name, spiffe_id: &identity.spiffe_id };
@@ -148,6 +161,13 @@ impl Certifier {
                 .collect(),
             valid_until: Some(prost_types::Timestamp::from(leaf.not_after)),
         })
+    }
+
+    /// Queues an Event for a recorded decision; never waits.
+    fn emit(&self, notice: Option<Notice>) {
+        if let (Some(events), Some(notice)) = (&self.events, notice) {
+            events.emit(notice);
+        }
     }
 }
 
@@ -182,9 +202,12 @@ impl Identity for Arc<Certifier> {
             Ok(_permit) => self.decide(&req, peer_certs.as_deref().map(Vec::as_slice), now, &mut record).await,
             Err(_) => Err(Refusal::Overloaded),
         };
+        // The Event for an issuance (`None` for a denial, or with events off).
+        let issued = self.events.as_ref().and_then(|_| Notice::issued(&record));
         let result = match decision {
             Ok(response) => match self.audit.append(record).await {
                 Ok(_) => {
+                    self.emit(issued);
                     self.metrics.record_issued(started.elapsed());
                     let mut response = Response::new(response);
                     tag(response.metadata_mut(), &request_id, now);
@@ -193,6 +216,7 @@ impl Identity for Arc<Certifier> {
                 Err(e) => {
                     tracing::error!(%request_id, error = %e, "audit write failed; certificate withheld");
                     let refusal = Refusal::from(e);
+                    self.emit(issued.map(|n| n.withheld(refusal.reason_code(), refusal.to_string())));
                     self.metrics.record_denied(refusal.reason_code(), started.elapsed());
                     let mut status = refusal.status(&request_id);
                     tag(status.metadata_mut(), &request_id, now);
@@ -210,9 +234,12 @@ impl Identity for Arc<Certifier> {
                 record.issued = None;
                 record.code = Some(code_name(code).to_owned());
                 record.reason = Some(format!("{}: {}", refusal.reason_code(), refusal));
+                let notice = (self.events.as_ref())
+                    .and_then(|_| Notice::denied(&record, refusal.reason_code(), refusal.to_string()));
                 if let Err(e) = self.audit.append(record).await {
                     tracing::error!(%request_id, error = %e, "audit write failed for a denial");
                 }
+                self.emit(notice);
                 self.metrics.record_denied(refusal.reason_code(), started.elapsed());
                 let mut status = refusal.status(&request_id);
                 tag(status.metadata_mut(), &request_id, now);

@@ -1,10 +1,14 @@
 //! Counters and gauges served on the admin listener's `/metrics` (Prometheus text).
 //!
 //! Kept to what an operator alerts on: issuances, denials by reason, Certify latency,
-//! audit write failures, issuer and serving-certificate expiry. Recording is lock-free
-//! on the issuance path; denials take a short lock keyed by reason. The
-//! authenticator's own metrics (token reviews, its cache) are appended to the same
-//! page by [`crate::auth::Authenticator::render_metrics`].
+//! audit write failures, issuer, trust-anchor and serving-certificate expiry, and
+//! issuer/trust-anchor reloads (counted through [`crate::ca::reload::Observer`]).
+//! Recording is lock-free on the issuance path; denials take a short lock keyed by
+//! reason. The authenticator's own metrics (token reviews, its cache, JWKS
+//! refreshes) are appended to the same page by
+//! [`crate::auth::Authenticator::render_metrics`], the Kubernetes Events
+//! counters by [`Emitter::render_metrics`], and the node OS lookup counters by
+//! [`NodeOs::render_metrics`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,6 +17,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::auth::Authenticator;
+use crate::server::events::Emitter;
+use crate::server::nodes::NodeOs;
+use crate::ca::reload::Observer;
+use crate::ca::store::Snapshot;
+use crate::clock::unix_seconds;
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
@@ -26,9 +35,16 @@ pub struct Metrics {
     latency_sum_micros: AtomicU64,
     /// Unix seconds.
     issuer_not_after: AtomicU64,
+    anchors_not_after: AtomicU64,
     serving_not_after: AtomicU64,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
     ready: AtomicBool,
     authenticator: AuthenticatorMetrics,
+    /// The Kubernetes Events emitter, when events are on; set once at start.
+    events: OnceLock<Emitter>,
+    /// The node OS lookups, when on; set once at start.
+    nodes: OnceLock<Arc<NodeOs>>,
 }
 
 /// The authenticator whose metrics `/metrics` also shows; set once at start.
@@ -71,6 +87,23 @@ impl Metrics {
         self.issuer_not_after.store(unix, Ordering::Relaxed);
     }
 
+    /// Sets the issuer and trust-anchor expiry gauges from the snapshot in use.
+    pub fn set_snapshot(&self, snapshot: &Snapshot) {
+        self.set_issuer_not_after(unix_seconds(snapshot.issuer.window().not_after));
+        let anchors = snapshot.anchors_not_after().map(unix_seconds).unwrap_or(0);
+        self.anchors_not_after.store(anchors, Ordering::Relaxed);
+    }
+
+    /// Successful reloads since start.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Failed reload attempts since start.
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
+    }
+
     pub fn set_serving_not_after(&self, unix: u64) {
         self.serving_not_after.store(unix, Ordering::Relaxed);
     }
@@ -86,6 +119,16 @@ impl Metrics {
     /// Shows `authenticator`'s own metrics after these; only the first call counts.
     pub fn set_authenticator(&self, authenticator: Arc<dyn Authenticator>) {
         let _ = self.authenticator.0.set(authenticator);
+    }
+
+    /// Shows the Kubernetes Events counters too; only the first call counts.
+    pub fn set_events(&self, emitter: Emitter) {
+        let _ = self.events.set(emitter);
+    }
+
+    /// Shows the node OS lookup counters too; only the first call counts.
+    pub fn set_nodes(&self, nodes: Arc<NodeOs>) {
+        let _ = self.nodes.set(nodes);
     }
 
     /// Prometheus text exposition.
@@ -114,6 +157,9 @@ impl Metrics {
         let gauges = [
             ("meshca_audit_write_failures_total", "counter", "Audit appends that failed.", audit_write_failures),
             ("meshca_issuer_not_after_seconds", "gauge", "Unix time the issuer chain expires.", self.issuer_not_after.load(Ordering::Relaxed)),
+            ("meshca_trust_anchor_earliest_not_after_seconds", "gauge", "Unix time the first of the trust anchors expires.", self.anchors_not_after.load(Ordering::Relaxed)),
+            ("meshca_reloads_total", "counter", "Issuer and trust-anchor reloads swapped in.", self.reloads()),
+            ("meshca_reload_failures_total", "counter", "Reload attempts whose files could not be used (the previous issuer stayed).", self.reload_failures()),
             ("meshca_serving_certificate_not_after_seconds", "gauge", "Unix time the serving certificate expires.", self.serving_not_after.load(Ordering::Relaxed)),
             ("meshca_ready", "gauge", "1 when an issuer is loaded and gRPC is listening.", u64::from(self.is_ready())),
         ];
@@ -123,7 +169,32 @@ impl Metrics {
         if let Some(authenticator) = self.authenticator.0.get() {
             authenticator.render_metrics(&mut out);
         }
+        if let Some(events) = self.events.get() {
+            events.render_metrics(&mut out);
+        }
+        if let Some(nodes) = self.nodes.get() {
+            nodes.render_metrics(&mut out);
+        }
         out
+    }
+}
+
+impl Observer for Metrics {
+    fn reloaded(&self, snapshot: &Snapshot) {
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        self.set_snapshot(snapshot);
+    }
+
+    fn reload_failed(&self, _error: &crate::ca::Error) {
+        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Writes counters in Prometheus text: `(name, help, value)` each.
+pub fn write_counters(out: &mut String, counters: &[(&str, &str, &AtomicU64)]) {
+    for (name, help, value) in counters {
+        let value = value.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
     }
 }
 
@@ -143,6 +214,32 @@ mod tests {
         assert!(text.contains("meshca_certify_duration_seconds_bucket{le=\"0.001\"} 1"));
         assert!(text.contains("meshca_certify_duration_seconds_count 3"));
         assert!(text.contains("meshca_audit_write_failures_total 4"));
+    }
+
+    #[test]
+    fn reloads_failures_and_the_earliest_anchor_expiry_are_rendered() {
+        use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
+        use crate::clock::{Clock, SystemClock};
+        let dir = tempfile::tempdir().unwrap();
+        let naming = crate::identity::Naming::new("cluster.local", "meshca-system").unwrap();
+        let now = SystemClock.now();
+        let h = hierarchy::generate(&naming, CaKeyType::P256, now, HierarchyLifetimes::default()).unwrap();
+        crate::dev::write_hierarchy(dir.path(), &h).unwrap();
+        let snapshot =
+            Snapshot::load(&dir.path().join("trust-anchors.pem"), &dir.path().join("issuer"), now).unwrap();
+        let m = Metrics::default();
+        m.reloaded(&snapshot);
+        m.reload_failed(&crate::ca::Error::KeyMismatch);
+        m.reload_failed(&crate::ca::Error::KeyMismatch);
+        let text = m.render(0);
+        assert!(text.contains("\nmeshca_reloads_total 1\n"), "{text}");
+        assert!(text.contains("\nmeshca_reload_failures_total 2\n"), "{text}");
+        let anchor = unix_seconds(snapshot.anchors_not_after().unwrap());
+        assert!(anchor > unix_seconds(now) + 9 * 365 * 86_400, "the root lasts ten years");
+        let gauge = format!("\nmeshca_trust_anchor_earliest_not_after_seconds {anchor}\n");
+        assert!(text.contains(&gauge), "{text}");
+        let issuer = unix_seconds(snapshot.issuer.window().not_after);
+        assert!(text.contains(&format!("\nmeshca_issuer_not_after_seconds {issuer}\n")), "{text}");
     }
 
     #[test]

@@ -5,15 +5,24 @@
 //! future. It loads and checks the issuer, opens the audit log, issues the serving
 //! certificate, then serves gRPC (TLS unless `--plaintext`) and the admin listener
 //! until shutdown: stop accepting, finish in-flight requests, flush the audit log.
+//! Beside them run the reloader (`ca::reload`: issuer and trust-anchor files →
+//! new snapshots) and the serving-certificate renewer, which re-issues at half
+//! the lifetime and at once whenever a new snapshot is swapped in.
 //!
 //! - [`grpc`]: the Certify handler (the pipeline).
+//! - [`bundle`]: the TrustBundle service (the current trust anchors).
 //! - [`tls`]: serving certificate, its renewal, the TLS acceptor.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
 //! - [`metrics`]: the counters behind `/metrics`.
+//! - [`events`]: Kubernetes Events for decisions (a bounded queue; never slows issuance).
+//! - [`nodes`]: the OS of the caller's node, for audit records (cached lookups).
 
 pub mod admin;
+pub mod bundle;
+pub mod events;
 pub mod grpc;
 pub mod metrics;
+pub mod nodes;
 pub mod tls;
 
 use std::future::Future;
@@ -21,19 +30,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
 use crate::audit::{AuditLog, Sink};
 use crate::auth::cache::{self, CachingAuthenticator};
-use crate::auth::jwt::{Algorithm, JwksAuthenticator, Settings};
+use crate::auth::discovery::RotatingJwksAuthenticator;
 use crate::auth::tokenreview::{self, TokenReviewAuthenticator};
 use crate::auth::Authenticator;
 use crate::ca::csr::KeyPolicy;
-use crate::ca::store::{Snapshot, Store};
+use crate::ca::reload::Reloader;
+use crate::ca::store::{self, Store};
 use crate::clock::{unix_seconds, Clock};
 use crate::config::{Config, TokenConfig};
 use crate::proto::identity_server::IdentityServer;
+use crate::v1::trust_bundle_server::TrustBundleServer;
 use metrics::Metrics;
 
 /// Hard cap on a decoded gRPC message; requests between the Certify limit
@@ -58,20 +69,22 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("admin listener: {0}")]
     Admin(std::io::Error),
+    #[error("{0}")]
+    Events(#[from] events::Error),
+    #[error("{0}")]
+    Nodes(#[from] nodes::Error),
 }
 
-/// Builds the authenticator the configuration asks for. TokenReview loads the
-/// Kubernetes client configuration (hence async) and sits behind the cache.
+/// Builds the authenticator the configuration asks for. TokenReview and JWKS
+/// discovery load the Kubernetes client configuration (hence async); TokenReview
+/// sits behind the cache; JWKS fetches its keys once before returning.
 pub async fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crate::auth::Error> {
     match token {
-        TokenConfig::Jwks { jwks_file, issuer, audiences, leeway } => {
-            let settings = Settings {
-                issuer: issuer.clone(),
-                audiences: audiences.clone(),
-                leeway: *leeway,
-                algorithms: vec![Algorithm::RS256, Algorithm::ES256],
-            };
-            Ok(Arc::new(JwksAuthenticator::from_file(jwks_file, settings)?))
+        TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh } => {
+            let jwks =
+                RotatingJwksAuthenticator::connect(keys, issuer.clone(), audiences.clone(), *leeway, *refresh)
+                    .await?;
+            Ok(Arc::new(jwks))
         }
         TokenConfig::TokenReview { kubeconfig, audiences, timeout, qps, burst, cache_ttl, cache_failure_ttl } => {
             let settings = tokenreview::Settings { audiences: audiences.clone(), timeout: *timeout };
@@ -89,6 +102,17 @@ pub async fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>
     }
 }
 
+/// What a running server lends to whoever started it with [`run_with`] (tests,
+/// embedders): ways to look inside and to check the files now.
+#[derive(Clone, Debug)]
+pub struct Handles {
+    /// Re-checks the issuer and trust anchors on demand ([`Reloader::check`]).
+    pub reloader: Arc<Reloader>,
+    pub metrics: Arc<Metrics>,
+    /// The serving certificate as it changes; `None` with `--plaintext`.
+    pub serving: Option<watch::Receiver<Arc<rustls::sign::CertifiedKey>>>,
+}
+
 /// Runs meshca until `shutdown` completes.
 pub async fn run(
     config: Config,
@@ -97,13 +121,47 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    run_with(config, clock, listener, admin_listener, shutdown, None).await
+}
+
+/// Like [`run`]; `handles` receives the [`Handles`] just before serving starts
+/// (dropped unsent when start-up fails).
+pub async fn run_with(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    handles: Option<oneshot::Sender<Handles>>,
+) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
-    let now = clock.now();
-    let snapshot = Snapshot::load(&config.trust_anchors, &config.issuer_dir, now)?;
-    metrics.set_issuer_not_after(unix_seconds(snapshot.issuer.window().not_after));
-    let store = Arc::new(Store::new(snapshot));
+    let store = Arc::new(Store::default());
+    let reloader = Arc::new(Reloader::new(
+        config.trust_anchors.clone(),
+        config.issuer_dir.clone(),
+        store.clone(),
+        clock.clone(),
+        metrics.clone(),
+    ));
+    metrics.set_snapshot(reloader.load()?.as_ref());
     let authenticator = authenticator(&config.token).await?;
     metrics.set_authenticator(authenticator.clone());
+    let events = match config.token.kubernetes().filter(|_| config.events) {
+        Some(kubeconfig) => {
+            let emitter = events::Emitter::connect(kubeconfig).await?;
+            metrics.set_events(emitter.clone());
+            Some(emitter)
+        }
+        None => None,
+    };
+    let nodes = match config.token.kubernetes().filter(|_| config.node_os) {
+        Some(kubeconfig) => {
+            let nodes = Arc::new(nodes::NodeOs::connect(kubeconfig).await?);
+            metrics.set_nodes(nodes.clone());
+            Some(nodes)
+        }
+        None => None,
+    };
     let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
 
     // One shutdown signal, fanned out to gRPC, admin and the renewer.
@@ -115,6 +173,10 @@ pub async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+
+    // Aborted when `run_with` returns, early errors included.
+    let mut beside = tokio::task::JoinSet::new();
+    beside.spawn(reloader.clone().run(config.reload, stopped(stop_rx.clone())));
 
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
@@ -133,6 +195,8 @@ pub async fn run(
         key_policy: KeyPolicy::default(),
         metrics: metrics.clone(),
         in_flight: Semaphore::new(config.max_in_flight),
+        events,
+        nodes,
     });
     let service = IdentityServer::new(certifier)
         .max_decoding_message_size(MAX_DECODED_MESSAGE)
@@ -141,9 +205,17 @@ pub async fn run(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .max_concurrent_streams(Some(1024));
-    let router = builder.add_service(service);
+    let router = builder
+        .add_service(service)
+        .add_service(TrustBundleServer::new(bundle::Bundles { store: store.clone() }));
+    let lend = |serving| {
+        if let Some(tx) = handles {
+            let _ = tx.send(Handles { reloader, metrics: metrics.clone(), serving });
+        }
+    };
 
     let result = if config.plaintext {
+        lend(None);
         metrics.set_ready(true);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC (plaintext)");
         router
@@ -151,14 +223,20 @@ pub async fn run(
             .await
     } else {
         let identity = config.naming.own_identity(&config.service_account)?;
-        let snapshot = store.current().ok_or(crate::ca::Error::Sign { reason: "no issuer".into() })?;
+        // Subscribed before the first issue, so a swap from now on is never missed.
+        let mut snapshots = store.subscribe();
+        let snapshot = snapshots
+            .borrow_and_update()
+            .clone()
+            .ok_or(crate::ca::Error::Sign { reason: "no issuer".into() })?;
         let (key, leaf) =
             tls::issue_serving(&snapshot, &identity, &config.lifetimes, clock.now(), &audit).await?;
         metrics.set_serving_not_after(unix_seconds(leaf.not_after));
         let resolver = tls::Resolver::new(key);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
+        lend(Some(resolver.subscribe()));
         tokio::spawn(renew_serving(
-            store.clone(),
+            snapshots,
             identity,
             config.lifetimes,
             clock.clone(),
@@ -187,10 +265,12 @@ pub async fn run(
 }
 
 /// Renews the serving certificate at half its lifetime (measured on the monotonic
-/// clock from issuance), retrying every 30 s on failure while the old one is valid.
+/// clock from issuance), and at once when a new snapshot is swapped in (the
+/// certificate is signed by the issuer and chains to the anchors); retries every
+/// 30 s on failure while the old one is valid.
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
 async fn renew_serving(
-    store: Arc<Store>,
+    mut snapshots: watch::Receiver<store::Current>,
     identity: crate::identity::Identity,
     lifetimes: crate::ca::profile::Lifetimes,
     clock: Arc<dyn Clock>,
@@ -204,9 +284,11 @@ async fn renew_serving(
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            // Only an error when the store is gone, i.e. the server is stopping.
+            Ok(()) = snapshots.changed() => tracing::info!("new issuer or trust anchors; re-issuing the serving certificate"),
             _ = stop.wait_for(|s| *s) => return,
         }
-        let Some(snapshot) = store.current() else { continue };
+        let Some(snapshot) = snapshots.borrow_and_update().clone() else { continue };
         match tls::issue_serving(&snapshot, &identity, &lifetimes, clock.now(), &audit).await {
             Ok((key, new_leaf)) => {
                 resolver.replace(key);
@@ -229,6 +311,7 @@ mod tests {
     use crate::audit::Sink;
     use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
     use crate::ca::profile::Lifetimes;
+    use crate::ca::store::Snapshot;
     use crate::clock::{FakeClock, SystemClock};
     use crate::identity::Naming;
 
@@ -256,7 +339,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let clock_dyn: Arc<dyn Clock> = Arc::new(clock.clone());
         tokio::spawn(renew_serving(
-            store,
+            store.subscribe(),
             identity,
             lifetimes,
             clock_dyn,

@@ -1,4 +1,5 @@
-//! A test Kubernetes API server that answers TokenReviews the way kube-apiserver
+//! A test Kubernetes API server that answers TokenReviews, serves the
+//! service-account issuer discovery and accepts Events the way kube-apiserver
 //! does, for meshca's real `kube` client to talk to over real TLS.
 //!
 //! It listens with HTTPS on 127.0.0.1 (a self-signed CA and a server certificate
@@ -12,14 +13,23 @@
 //! service account user and the pod in `extra` — or `error` for a bad token.
 //! Unlike a real cluster it does not check that the service account or pod exist.
 //!
-//! Failure modes switch at run time: answer 500, hold answers until released, or
-//! stop listening (connection refused). It counts the reviews it was asked for.
+//! It also serves `GET /.well-known/openid-configuration` (its issuer, and a
+//! `jwks_uri` on itself) and `GET /openid/v1/jwks` (the keys it signs tokens with);
+//! [`ApiServer::rotate`] adds a new ES256 key with a new kid and signs with it from
+//! then on. And it accepts core/v1 Events (`POST /api/v1/namespaces/NS/events`),
+//! checking their namespace like the real one, and records them. It serves the
+//! pods and nodes a test adds ([`ApiServer::add_pod`], [`ApiServer::add_node`])
+//! with `GET /api/v1/namespaces/NS/pods/NAME` and `GET /api/v1/nodes/NAME`.
+//!
+//! Failure modes switch at run time, separately for reviews, the discovery
+//! endpoints, Events and pod/node GETs: answer 500 or 403, hold answers until released; or stop
+//! listening (connection refused). It counts what it was asked for.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -41,24 +51,43 @@ pub const ISSUER: &str = super::TOKEN_ISSUER;
 /// Audiences a token gets when the review names none: the API server's own.
 pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 const PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+const DISCOVERY: &str = "/.well-known/openid-configuration";
+const JWKS: &str = "/openid/v1/jwks";
 const RSA_KID: &str = "cluster-rsa";
 
-/// How the server answers reviews.
+/// How the server answers a family of requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Verify and answer, like a healthy API server.
     Answer,
     /// 500 with a Status body.
     Fail500,
+    /// 403 with a Status body, as without the RBAC rule.
+    Forbidden,
     /// Hold every answer until [`ApiServer::release`] (or drop).
     Hold,
 }
 
 struct State {
-    jwks: String,
+    jwks: RwLock<String>,
     bearer: String,
+    addr: SocketAddr,
     calls: AtomicUsize,
+    discovery_calls: AtomicUsize,
+    jwks_calls: watch::Sender<usize>,
+    events: Mutex<Vec<Value>>,
+    events_seen: watch::Sender<usize>,
     mode: watch::Sender<Mode>,
+    oidc_mode: watch::Sender<Mode>,
+    events_mode: watch::Sender<Mode>,
+    anonymous_oidc: AtomicBool,
+    /// (namespace, name) → (uid, node name).
+    pods: Mutex<std::collections::HashMap<(String, String), (String, String)>>,
+    /// node name → `kubernetes.io/os` label, if any.
+    nodes: Mutex<std::collections::HashMap<String, Option<String>>>,
+    pod_gets: AtomicUsize,
+    node_gets: AtomicUsize,
+    lookups_mode: watch::Sender<Mode>,
     released: watch::Sender<bool>,
     down: watch::Sender<bool>,
 }
@@ -68,8 +97,10 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     /// A kubeconfig pointing at this server, for `--kubeconfig`.
     pub kubeconfig: PathBuf,
-    /// The cluster's ES256 token-signing key.
+    /// The cluster's first ES256 token-signing key.
     pub signer: DevSigner,
+    /// Keys added by [`Self::rotate`], the newest last: tokens are signed with it.
+    rotated: Mutex<Vec<Arc<DevSigner>>>,
     rsa: RsaKeyPair,
     state: Arc<State>,
     accept: Option<tokio::task::JoinHandle<()>>,
@@ -87,7 +118,11 @@ impl ApiServer {
         let rsa = RsaKeyPair::from_pkcs8(&STANDARD.decode(der).unwrap()).unwrap();
         let public = RsaPublicKeyComponents::<Vec<u8>>::from(rsa.public());
         let mut jwks: Value = serde_json::from_str(&signer.jwks_json()).unwrap();
-        jwks["keys"].as_array_mut().unwrap().push(json!({"kty": "RSA", "kid": RSA_KID, "use": "sig",
+        // Like kube-apiserver's: RSA keys carry "alg" and "use".
+        jwks["keys"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"kty": "RSA", "kid": RSA_KID, "use": "sig", "alg": "RS256",
             "n": URL_SAFE_NO_PAD.encode(&public.n), "e": URL_SAFE_NO_PAD.encode(&public.e)}));
 
         // TLS: a CA of its own and a certificate for 127.0.0.1.
@@ -116,7 +151,7 @@ impl ApiServer {
         let addr = listener.local_addr().unwrap();
         let bearer = format!("meshca-reviewer-{}", addr.port());
         let kubeconfig = dir.path().join("kubeconfig");
-        let ca_data = STANDARD.encode(ca_pem);
+        let ca_data = STANDARD.encode(&ca_pem);
         std::fs::write(
             &kubeconfig,
             format!(
@@ -127,16 +162,31 @@ impl ApiServer {
             ),
         )
         .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
         let state = Arc::new(State {
-            jwks: jwks.to_string(),
+            jwks: RwLock::new(jwks.to_string()),
             bearer,
+            addr,
             calls: AtomicUsize::new(0),
+            discovery_calls: AtomicUsize::new(0),
+            jwks_calls: watch::channel(0).0,
+            events: Mutex::new(Vec::new()),
+            events_seen: watch::channel(0).0,
             mode: watch::channel(Mode::Answer).0,
+            oidc_mode: watch::channel(Mode::Answer).0,
+            events_mode: watch::channel(Mode::Answer).0,
+            anonymous_oidc: AtomicBool::new(false),
+            pods: Mutex::default(),
+            nodes: Mutex::default(),
+            pod_gets: AtomicUsize::new(0),
+            node_gets: AtomicUsize::new(0),
+            lookups_mode: watch::channel(Mode::Answer).0,
             released: watch::channel(false).0,
             down: watch::channel(false).0,
         });
         let accept = tokio::spawn(accept(listener, acceptor, state.clone()));
-        ApiServer { addr, kubeconfig, signer, rsa, state, accept: Some(accept), _dir: dir }
+        let rotated = Mutex::new(Vec::new());
+        ApiServer { addr, kubeconfig, signer, rotated, rsa, state, accept: Some(accept), _dir: dir }
     }
 
     /// Reviews asked for so far (with the right bearer token).
@@ -144,12 +194,115 @@ impl ApiServer {
         self.state.calls.load(Ordering::SeqCst)
     }
 
-    /// Answers from now on like this; switching to `Hold` holds until the next release.
+    /// Discovery documents served or refused so far (authorized requests).
+    pub fn discovery_calls(&self) -> usize {
+        self.state.discovery_calls.load(Ordering::SeqCst)
+    }
+
+    /// JWKS requests so far (authorized, whether answered or failed).
+    pub fn jwks_calls(&self) -> usize {
+        *self.state.jwks_calls.borrow()
+    }
+
+    /// Waits until `n` JWKS requests have arrived.
+    pub async fn jwks_calls_reach(&self, n: usize) {
+        let _ = self.state.jwks_calls.subscribe().wait_for(|calls| *calls >= n).await;
+    }
+
+    /// The issuer URL its discovery document names (and its tokens carry).
+    pub fn issuer(&self) -> &'static str {
+        ISSUER
+    }
+
+    /// The PEM CA certificate its TLS certificate chains to.
+    pub fn ca_file(&self) -> PathBuf {
+        self._dir.path().join("ca.pem")
+    }
+
+    /// Its own `https://127.0.0.1:PORT/openid/v1/jwks`.
+    pub fn jwks_url(&self) -> String {
+        format!("https://{}{JWKS}", self.addr)
+    }
+
+    /// Serves the discovery endpoints without a bearer token too (clusters that
+    /// bind the discovery role to `system:unauthenticated`).
+    pub fn allow_anonymous_discovery(&self) {
+        self.state.anonymous_oidc.store(true, Ordering::SeqCst);
+    }
+
+    /// Adds a new ES256 key (new kid) to the JWKS and signs tokens with it from now on.
+    pub fn rotate(&self) -> String {
+        let (signer, _) = DevSigner::generate().unwrap();
+        let kid = signer.kid().to_owned();
+        let key: Value = serde_json::from_str(&signer.jwks_json()).unwrap();
+        let mut jwks: Value = serde_json::from_str(&self.state.jwks.read().unwrap()).unwrap();
+        jwks["keys"].as_array_mut().unwrap().push(key["keys"][0].clone());
+        *self.state.jwks.write().unwrap() = jwks.to_string();
+        self.rotated.lock().unwrap().push(Arc::new(signer));
+        kid
+    }
+
+    /// A pod `namespace/name` with this uid, scheduled on `node`.
+    pub fn add_pod(&self, namespace: &str, name: &str, uid: &str, node: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.state.pods.lock().unwrap().insert(key, (uid.to_owned(), node.to_owned()));
+    }
+
+    /// A node, labelled `kubernetes.io/os: OS` when `os` is given.
+    pub fn add_node(&self, name: &str, os: Option<&str>) {
+        self.state.nodes.lock().unwrap().insert(name.to_owned(), os.map(str::to_owned));
+    }
+
+    /// Pod GETs so far (authorized, whether found or not).
+    pub fn pod_gets(&self) -> usize {
+        self.state.pod_gets.load(Ordering::SeqCst)
+    }
+
+    /// Node GETs so far (authorized, whether found or not).
+    pub fn node_gets(&self) -> usize {
+        self.state.node_gets.load(Ordering::SeqCst)
+    }
+
+    /// Answers pod and node GETs from now on like this.
+    pub fn set_lookups_mode(&self, mode: Mode) {
+        if mode == Mode::Hold {
+            self.state.released.send_replace(false);
+        }
+        self.state.lookups_mode.send_replace(mode);
+    }
+
+    /// Events created so far, as posted.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.events.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` Events have been created.
+    pub async fn events_reach(&self, n: usize) {
+        let _ = self.state.events_seen.subscribe().wait_for(|seen| *seen >= n).await;
+    }
+
+    /// Answers reviews from now on like this; switching to `Hold` holds until the next release.
     pub fn set_mode(&self, mode: Mode) {
         if mode == Mode::Hold {
             self.state.released.send_replace(false);
         }
         self.state.mode.send_replace(mode);
+    }
+
+    /// Answers the discovery document and the JWKS from now on like this.
+    pub fn set_discovery_mode(&self, mode: Mode) {
+        if mode == Mode::Hold {
+            self.state.released.send_replace(false);
+        }
+        self.state.oidc_mode.send_replace(mode);
+    }
+
+    /// Answers Event creations from now on like this.
+    pub fn set_events_mode(&self, mode: Mode) {
+        if mode == Mode::Hold {
+            self.state.released.send_replace(false);
+        }
+        self.state.events_mode.send_replace(mode);
     }
 
     /// Lets held answers go.
@@ -165,8 +318,16 @@ impl ApiServer {
         }
     }
 
-    /// An ES256 token for `claims`, signed with the cluster's key.
+    /// An ES256 token for `claims`, signed with the cluster's newest key.
     pub fn token(&self, claims: &TokenClaims) -> Vec<u8> {
+        match self.rotated.lock().unwrap().last() {
+            Some(signer) => signer.sign(claims).unwrap().into_bytes(),
+            None => self.signer.sign(claims).unwrap().into_bytes(),
+        }
+    }
+
+    /// An ES256 token for `claims` signed with the first key, whatever rotated since.
+    pub fn token_with_first_key(&self, claims: &TokenClaims) -> Vec<u8> {
         self.signer.sign(claims).unwrap().into_bytes()
     }
 
@@ -240,33 +401,66 @@ fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes
     respond(code, body)
 }
 
-async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::POST || req.uri().path() != PATH {
-        return failure(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource",
-        );
+fn not_found() -> Response<Full<Bytes>> {
+    failure(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource")
+}
+
+/// Applies `mode`: `Some` failure to send, or `None` to answer (after a hold).
+async fn mode_answer(state: &State, mode: Mode) -> Option<Response<Full<Bytes>>> {
+    match mode {
+        Mode::Fail500 => {
+            Some(failure(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "etcdserver: request timed out"))
+        }
+        Mode::Forbidden => Some(failure(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "forbidden: User \"system:serviceaccount:meshca-system:meshca\" cannot do this",
+        )),
+        Mode::Hold => {
+            let _ = state.released.subscribe().wait_for(|r| *r).await;
+            None
+        }
+        Mode::Answer => None,
     }
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let authorized = req.headers().get("authorization").and_then(|v| v.to_str().ok())
         == Some(&format!("Bearer {}", state.bearer));
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, DISCOVERY | JWKS) => {
+            if !authorized && !state.anonymous_oidc.load(Ordering::SeqCst) {
+                return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+            }
+            return oidc(state, &path).await;
+        }
+        (Method::POST, PATH) => {}
+        (Method::GET, lookup) if lookup.starts_with("/api/v1/namespaces/") || lookup.starts_with("/api/v1/nodes/") => {
+            if !authorized {
+                return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+            }
+            return get_object(state, lookup).await;
+        }
+        (Method::POST, events)
+            if events.starts_with("/api/v1/namespaces/") && events.ends_with("/events") =>
+        {
+            if !authorized {
+                return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+            }
+            let namespace = events.trim_start_matches("/api/v1/namespaces/").trim_end_matches("/events");
+            let namespace = namespace.to_owned();
+            return create_event(state, &namespace, req).await;
+        }
+        _ => return not_found(),
+    }
     if !authorized {
         return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
     state.calls.fetch_add(1, Ordering::SeqCst);
     let mode = *state.mode.borrow();
-    match mode {
-        Mode::Fail500 => {
-            return failure(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                "etcdserver: request timed out",
-            )
-        }
-        Mode::Hold => {
-            let _ = state.released.subscribe().wait_for(|r| *r).await;
-        }
-        Mode::Answer => {}
+    if let Some(failed) = mode_answer(state, mode).await {
+        return failed;
     }
     let Ok(body) = req.into_body().collect().await else {
         return failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
@@ -286,7 +480,8 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         leeway: Duration::from_secs(60),
         algorithms: vec![Algorithm::ES256, Algorithm::RS256],
     };
-    let verifier = JwksAuthenticator::new(settings, Jwks::from_json(state.jwks.as_bytes()).unwrap());
+    let jwks = state.jwks.read().unwrap().clone();
+    let verifier = JwksAuthenticator::new(settings, Jwks::from_json(jwks.as_bytes()).unwrap());
     let claims = token.split('.').nth(1).and_then(|p| URL_SAFE_NO_PAD.decode(p).ok());
     let claims: Value = claims.and_then(|c| serde_json::from_slice(&c).ok()).unwrap_or_default();
     let aud: Vec<String> = match &claims["aud"] {
@@ -314,6 +509,110 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     let answer = json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
         "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status});
     respond(StatusCode::CREATED, answer)
+}
+
+/// The discovery document or the JWKS, as kube-apiserver serves them.
+async fn oidc(state: &State, path: &str) -> Response<Full<Bytes>> {
+    if path == JWKS {
+        state.jwks_calls.send_modify(|n| *n += 1);
+    } else {
+        state.discovery_calls.fetch_add(1, Ordering::SeqCst);
+    }
+    let mode = *state.oidc_mode.borrow();
+    if let Some(failed) = mode_answer(state, mode).await {
+        return failed;
+    }
+    if path == JWKS {
+        let jwks: Value = serde_json::from_str(&state.jwks.read().unwrap()).unwrap();
+        return respond(StatusCode::OK, jwks);
+    }
+    respond(
+        StatusCode::OK,
+        json!({"issuer": ISSUER, "jwks_uri": format!("https://{}{JWKS}", state.addr),
+            "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256", "RS256"]}),
+    )
+}
+
+/// `GET` of a pod (`/api/v1/namespaces/NS/pods/NAME`) or node (`/api/v1/nodes/NAME`).
+async fn get_object(state: &State, path: &str) -> Response<Full<Bytes>> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let object = match parts[..] {
+        ["api", "v1", "namespaces", ns, "pods", name] => {
+            state.pod_gets.fetch_add(1, Ordering::SeqCst);
+            let pod = state.pods.lock().unwrap().get(&(ns.to_owned(), name.to_owned())).cloned();
+            pod.map(|(uid, node)| {
+                json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": ns, "uid": uid},
+                    "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app:1"}]},
+                    "status": {"phase": "Running"}})
+            })
+        }
+        ["api", "v1", "nodes", name] => {
+            state.node_gets.fetch_add(1, Ordering::SeqCst);
+            let node = state.nodes.lock().unwrap().get(name).cloned();
+            node.map(|os| {
+                let mut labels = serde_json::Map::new();
+                labels.insert("kubernetes.io/hostname".into(), json!(name));
+                if let Some(os) = os {
+                    labels.insert("kubernetes.io/os".into(), json!(os));
+                }
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}})
+            })
+        }
+        _ => return not_found(),
+    };
+    let mode = *state.lookups_mode.borrow();
+    if let Some(failed) = mode_answer(state, mode).await {
+        return failed;
+    }
+    match object {
+        Some(object) => respond(StatusCode::OK, object),
+        None => failure(StatusCode::NOT_FOUND, "NotFound", "not found"),
+    }
+}
+
+/// `POST /api/v1/namespaces/NS/events`: checks the Event like kube-apiserver's
+/// validation (kind, namespace agreement, a name, no duplicate), records it, and
+/// answers 201 with it.
+async fn create_event(state: &State, namespace: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let mode = *state.events_mode.borrow();
+    if let Some(failed) = mode_answer(state, mode).await {
+        return failed;
+    }
+    let Ok(body) = req.into_body().collect().await else {
+        return failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    let mut event: Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+    if event["apiVersion"] != "v1" || event["kind"] != "Event" {
+        return failure(StatusCode::BAD_REQUEST, "BadRequest", "not a v1 Event");
+    }
+    let name = event["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let meta_ns = event["metadata"]["namespace"].as_str().unwrap_or(namespace);
+    let involved_ns = event["involvedObject"]["namespace"].as_str().unwrap_or_default();
+    if name.is_empty() || meta_ns != namespace || involved_ns != namespace {
+        return failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "Event is invalid: involvedObject.namespace: Invalid value: does not match event.namespace",
+        );
+    }
+    let mut events = state.events.lock().unwrap();
+    if events
+        .iter()
+        .any(|e| e["metadata"]["name"] == name.as_str() && e["metadata"]["namespace"] == namespace)
+    {
+        drop(events);
+        return failure(StatusCode::CONFLICT, "AlreadyExists", "events already exists");
+    }
+    event["metadata"]["namespace"] = json!(namespace);
+    event["metadata"]["uid"] = json!(format!("uid-{}", events.len()));
+    event["metadata"]["resourceVersion"] = json!(events.len().to_string());
+    events.push(event.clone());
+    let seen = events.len();
+    drop(events);
+    state.events_seen.send_replace(seen);
+    respond(StatusCode::CREATED, event)
 }
 
 /// What kube-apiserver says about a token it does not accept (its texts, which

@@ -2,7 +2,9 @@
 //! ports, with a generated CA, a token signer, and a fake clock.
 //!
 //! The listeners are bound before the server task starts, so a test may connect at
-//! once; time moves only when a test moves the [`FakeClock`].
+//! once; time moves only when a test moves the [`FakeClock`]. File notifications
+//! are off by default: a test that changes the CA files decides when meshca looks
+//! (`server.reloader().check()`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod apiserver;
@@ -17,10 +19,11 @@ use meshca::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use meshca::ca::issuer::TrustAnchors;
 use meshca::ca::profile::Lifetimes;
 use meshca::clock::{Clock, FakeClock, SystemClock};
-use meshca::config::{Config, TokenConfig};
+use meshca::config::{Config, KeyRefresh, KeySource, ReloadSettings, TokenConfig};
 use meshca::identity::Naming;
 use meshca::proto::identity_client::IdentityClient;
 use meshca::proto::{CertifyRequest, CertifyResponse};
+use meshca::v1::trust_bundle_client::TrustBundleClient;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -42,6 +45,12 @@ pub struct Options {
     pub max_in_flight: usize,
     /// Token validation; default: JWKS with the test signer's keys (DIR/jwks.json).
     pub token: Option<TokenConfig>,
+    /// Kubernetes Events (only with a token mode that has a Kubernetes client).
+    pub events: bool,
+    /// Node OS in audit records (only with a token mode that has a Kubernetes client).
+    pub node_os: bool,
+    /// Issuer and trust-anchor re-checks; default: every 30 s, no notifications.
+    pub reload: ReloadSettings,
 }
 
 impl Default for Options {
@@ -54,6 +63,9 @@ impl Default for Options {
             audit_log: None,
             max_in_flight: 8192,
             token: None,
+            events: false,
+            node_os: false,
+            reload: ReloadSettings { notifications: false, ..ReloadSettings::default() },
         }
     }
 }
@@ -69,6 +81,9 @@ pub struct TestServer {
     pub admin: SocketAddr,
     pub audit_path: PathBuf,
     pub plaintext: bool,
+    /// What the running server lends (reloader, metrics, serving certificate);
+    /// `None` when it failed to start.
+    pub handles: Option<meshca::server::Handles>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), meshca::server::Error>>>,
 }
@@ -91,14 +106,18 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
         issuer_dir: dir.join("issuer"),
         lifetimes: opts.lifetimes,
         token: opts.token.clone().unwrap_or_else(|| TokenConfig::Jwks {
-            jwks_file: dir.join("jwks.json"),
-            issuer: TOKEN_ISSUER.into(),
+            keys: KeySource::File(dir.join("jwks.json")),
+            issuer: Some(TOKEN_ISSUER.into()),
             audiences: vec![AUDIENCE.into()],
             leeway: Duration::from_secs(60),
+            refresh: KeyRefresh::default(),
         }),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
         max_in_flight: opts.max_in_flight,
         plaintext: opts.plaintext,
+        events: opts.events,
+        node_os: opts.node_os,
+        reload: opts.reload,
     }
 }
 
@@ -128,7 +147,8 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let admin = admin_listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(meshca::server::run(
+        let (lent, handles) = oneshot::channel();
+        let task = tokio::spawn(meshca::server::run_with(
             config,
             Arc::new(clock.clone()),
             listener,
@@ -136,7 +156,9 @@ impl TestServer {
             async move {
                 let _ = stopped.await;
             },
+            Some(lent),
         ));
+        let handles = handles.await.ok();
         TestServer {
             dir,
             naming,
@@ -147,6 +169,7 @@ impl TestServer {
             admin,
             audit_path,
             plaintext: opts.plaintext,
+            handles,
             stop: Some(stop),
             task: Some(task),
         }
@@ -161,6 +184,37 @@ impl TestServer {
     pub async fn client(&self) -> IdentityClient<Channel> {
         let channel = meshca::agent::client::connect(&self.url(), &self.anchors, SERVER_NAME).await.unwrap();
         IdentityClient::new(channel)
+    }
+
+    /// The server's reloader, to check the CA files now.
+    pub fn reloader(&self) -> &meshca::ca::reload::Reloader {
+        &self.handles.as_ref().expect("the server did not start").reloader
+    }
+
+    /// A TrustBundle client that verifies the server against the trust anchors.
+    pub async fn bundle_client(&self) -> TrustBundleClient<Channel> {
+        let channel = meshca::agent::client::connect(&self.url(), &self.anchors, SERVER_NAME).await.unwrap();
+        TrustBundleClient::new(channel)
+    }
+
+    /// `/metrics` from the admin listener, over HTTP.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    }
+
+    /// The value of an unlabelled sample in `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics().await;
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     }
 
     /// The identity of `sa` in `ns`.
@@ -255,7 +309,9 @@ pub fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
 }
 
 /// The leaf and intermediates of a response.
-pub fn chain(resp: &CertifyResponse) -> (rustls_pki_types::CertificateDer<'static>, Vec<rustls_pki_types::CertificateDer<'static>>) {
+pub fn chain(
+    resp: &CertifyResponse,
+) -> (rustls_pki_types::CertificateDer<'static>, Vec<rustls_pki_types::CertificateDer<'static>>) {
     (
         resp.leaf_certificate.clone().into(),
         resp.intermediate_certificates.iter().map(|c| c.clone().into()).collect(),
