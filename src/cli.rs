@@ -29,6 +29,8 @@ pub enum Command {
     Certify(CertifyArgs),
     /// Keep a certificate fresh in a directory: renew before expiry, with a new key each time.
     Agent(AgentArgs),
+    /// Check, on this host, everything the agent needs: name resolution, reachability, TLS, clock, credentials, token.
+    Doctor(DoctorArgs),
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -45,10 +47,15 @@ pub enum AuditCommand {
     },
 }
 
+/// Key algorithm of `init`'s anchor and issuer: each one Windows Server 2016 verifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CaKeyArg {
+    /// ECDSA P-256, signing with SHA-256.
     P256,
+    /// ECDSA P-384, signing with SHA-384.
     P384,
+    /// RSA 3072 bits, signing with PKCS#1 v1.5 and SHA-256 (key generation takes a few seconds).
+    Rsa3072,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +209,9 @@ pub struct ServeArgs {
         action = clap::ArgAction::Set
     )]
     pub audit_node_os: Option<bool>,
+    /// Accept an issuer chain with keys or signatures Windows Server 2016 cannot verify (Ed25519, RSA-PSS, ...); without it such an issuer is refused at start and on reload.
+    #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS")]
+    pub allow_non_windows_algorithms: bool,
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +289,41 @@ pub struct AgentArgs {
     /// Warn when this host's clock differs from meshca's by more than this.
     #[arg(long, env = "MESHCA_CLOCK_OFFSET_WARNING", default_value = "30s", value_name = "DURATION")]
     pub clock_offset_warning: String,
+    /// Serve /live, /ready (a valid certificate is on disk) and /metrics on this address.
+    #[arg(long, env = "MESHCA_AGENT_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+}
+
+/// `meshca doctor`: every input optional; what is missing is reported as not checked.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// meshca's address, e.g. https://meshca.meshca-system.svc:8080 (http:// for a --plaintext server).
+    #[arg(long, env = "MESHCA_ADDR", value_name = "URL")]
+    pub addr: Option<String>,
+    /// PEM bundle of trust anchors the agent verifies meshca and its certificates with.
+    #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: Option<PathBuf>,
+    /// The agent's token file (its claims are shown, never the token).
+    #[arg(long, env = "MESHCA_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The identity the agent requests [default: the one in --cert-dir/tls.crt].
+    #[arg(long, env = "MESHCA_IDENTITY", value_name = "NAME")]
+    pub identity: Option<String>,
+    /// The agent's --out directory (tls.crt, tls.key).
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Name expected in meshca's serving certificate [default: meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local].
+    #[arg(long, env = "MESHCA_SERVER_NAME", value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Bound on each lookup, connection, handshake and call.
+    #[arg(long, default_value = "3s", value_name = "DURATION")]
+    pub timeout: String,
+    /// meshca's --clock-skew-allowance: a larger clock offset fails.
+    #[arg(long, env = "MESHCA_CLOCK_SKEW_ALLOWANCE", default_value = "2m", value_name = "DURATION")]
+    pub skew_allowance: String,
+    /// Print the findings as one JSON array of {check, status, found, fix}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[cfg(test)]

@@ -63,6 +63,7 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
     let key_type = match args.key_type {
         CaKeyArg::P256 => CaKeyType::P256,
         CaKeyArg::P384 => CaKeyType::P384,
+        CaKeyArg::Rsa3072 => CaKeyType::Rsa3072,
     };
     let h = hierarchy::generate(&naming, key_type, SystemClock.now(), HierarchyLifetimes::default())
         .map_err(Failure::other)?;
@@ -309,7 +310,19 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
         return certify_round(&settings).await;
     }
     let shutdown = shutdown_signal()?;
-    agent_run::run(settings, Arc::new(SystemClock), Arc::new(TokioTimer), shutdown).await;
+    let status = Arc::new(crate::agent::status::Status::default());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    if let Some(addr) = &args.admin_listen {
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| Failure::usage(format!("--admin-listen {addr:?} is not an IP:port address")))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Failure::other(format!("cannot listen on {addr}: {e}")))?;
+        // Ends with the process, after the loop below has returned.
+        tokio::spawn(crate::agent::admin::serve(listener, status.clone(), clock.clone(), std::future::pending()));
+    }
+    agent_run::run_with_status(settings, clock, Arc::new(TokioTimer), status, shutdown).await;
     Ok(())
 }
 
@@ -322,6 +335,39 @@ async fn certify_round(settings: &AgentSettings) -> Result<(), Failure> {
         humantime::format_rfc3339_seconds(renewed.not_after)
     );
     Ok(())
+}
+
+/// `meshca doctor`: the report on stdout (lines, or JSON with `--json`); exit 1
+/// when a check failed, 2 for unusable flags.
+pub async fn doctor(args: crate::cli::DoctorArgs) -> Result<(), Failure> {
+    let duration = |flag: &str, value: &str| match humantime::parse_duration(value) {
+        Ok(d) if d > Duration::ZERO => Ok(d),
+        Ok(_) => Err(Failure::usage(format!("{flag} must be more than 0"))),
+        Err(e) => Err(Failure::usage(format!("{flag} {value:?}: {e}"))),
+    };
+    if let Some(addr) = &args.addr {
+        crate::doctor::net::Target::parse(addr).map_err(Failure::usage)?;
+    }
+    let options = crate::doctor::Options {
+        timeout: duration("--timeout", &args.timeout)?,
+        skew_allowance: duration("--skew-allowance", &args.skew_allowance)?,
+        server_name: args.server_name.unwrap_or_else(|| crate::doctor::DEFAULT_SERVER_NAME.to_owned()),
+        addr: args.addr,
+        trust_anchors: args.trust_anchors,
+        token_file: args.token_file,
+        identity: args.identity,
+        cert_dir: args.cert_dir,
+    };
+    let report = crate::doctor::run(&options, &SystemClock).await;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{report}");
+    }
+    match report.failed() {
+        failed if failed.is_empty() => Ok(()),
+        failed => Err(Failure::other(format!("doctor: failed: {}", failed.join(", ")))),
+    }
 }
 
 /// `meshca audit verify FILE`.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::auth::discovery::{Settings as KeyRefresh, Source as KeySource};
+use crate::ca::issuer::Algorithms as IssuerAlgorithms;
 use crate::ca::profile::Lifetimes;
 pub use crate::ca::reload::Settings as ReloadSettings;
 use crate::cli::{ServeArgs, TokenValidation};
@@ -68,6 +69,7 @@ pub struct FileConfig {
     pub reload_interval: Option<String>,
     pub events: Option<bool>,
     pub audit_node_os: Option<bool>,
+    pub allow_non_windows_algorithms: Option<bool>,
 }
 
 /// The dev-mode issuer name tokens from `meshca dev-token` carry.
@@ -429,6 +431,13 @@ impl Config {
             return Err(Error::Invalid { setting: "reload-interval", reason: "must be at least 1s and at most 1h".into() });
         }
 
+        let issuer_algorithms =
+            if args.allow_non_windows_algorithms || file.allow_non_windows_algorithms.unwrap_or(false) {
+                IssuerAlgorithms::Any
+            } else {
+                IssuerAlgorithms::WindowsCompatible
+            };
+
         Ok(Config {
             dev: dev_paths,
             listen,
@@ -442,7 +451,7 @@ impl Config {
             audit_log,
             max_in_flight,
             plaintext: args.plaintext || file.plaintext.unwrap_or(false),
-            reload: ReloadSettings { interval: reload_interval, notifications: true },
+            reload: ReloadSettings { interval: reload_interval, notifications: true, issuer_algorithms },
             events,
             node_os,
         })
@@ -468,7 +477,7 @@ mod tests {
     fn reload_interval_defaults_to_30s_comes_from_flag_over_file_and_is_bounded() {
         let dev = |args| ServeArgs { dev: true, ..args };
         let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
-        assert_eq!(c.reload, ReloadSettings { interval: Duration::from_secs(30), notifications: true });
+        assert_eq!(c.reload, ReloadSettings { interval: Duration::from_secs(30), ..ReloadSettings::default() });
         let file = || Config::parse_file("reload-interval = \"2m\"\n").unwrap();
         let c = Config::resolve(dev(ServeArgs::default()), file()).unwrap();
         assert_eq!(c.reload.interval, Duration::from_secs(120));
@@ -479,6 +488,22 @@ mod tests {
             let err = Config::resolve(dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--reload-interval:"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn non_windows_issuer_algorithms_are_refused_unless_the_flag_or_the_file_allows_them() {
+        let dev = |args| ServeArgs { dev: true, ..args };
+        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::WindowsCompatible);
+        let args = ServeArgs { allow_non_windows_algorithms: true, ..Default::default() };
+        let c = Config::resolve(dev(args), FileConfig::default()).unwrap();
+        assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::Any);
+        let file = Config::parse_file("allow-non-windows-algorithms = true\n").unwrap();
+        let c = Config::resolve(dev(ServeArgs::default()), file).unwrap();
+        assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::Any);
+        let file = Config::parse_file("allow-non-windows-algorithms = false\n").unwrap();
+        let c = Config::resolve(dev(ServeArgs::default()), file).unwrap();
+        assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::WindowsCompatible);
     }
 
     #[test]

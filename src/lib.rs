@@ -15,8 +15,9 @@
 //! - [`status`]: the one mapping from any stage's error to a gRPC status.
 //!
 //! Beside the path: [`config`] and [`cli`] (settings), [`clock`] (injected time),
-//! [`agent`] (the client side: key, CSR, Certify, verify, write files), [`dev`] (the
-//! embedded default) and [`commands`] (what each subcommand does).
+//! [`agent`] (the client side: key, CSR, Certify, verify, write files), [`doctor`]
+//! (what stands between a host and its certificate), [`dev`] (the embedded default)
+//! and [`commands`] (what each subcommand does).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -28,6 +29,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dev;
+pub mod doctor;
 pub mod identity;
 pub mod server;
 pub mod status;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(commands::serve(*args))),
         Command::Certify(args) => runtime().and_then(|rt| rt.block_on(commands::certify(args))),
         Command::Agent(args) => runtime().and_then(|rt| rt.block_on(commands::agent(args))),
+        Command::Doctor(args) => runtime().and_then(|rt| rt.block_on(commands::doctor(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -214,3 +214,108 @@ async fn agent_without_a_token_renews_with_its_current_certificate() {
         .collect();
     assert_eq!(methods, ["jwks", "certificate"]);
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    (out.split_whitespace().nth(1).unwrap().parse().unwrap(), out)
+}
+
+#[tokio::test]
+async fn agent_admin_is_ready_only_with_a_valid_certificate_and_counts_rounds() {
+    let server = TestServer::start().await;
+    let dir = server.dir.path().to_owned();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, server.token("default", "web")).unwrap();
+    let out = dir.join("out");
+    let status = Arc::new(meshca::agent::status::Status::default());
+    let clock: Arc<dyn Clock> = Arc::new(server.clock.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    tokio::spawn(meshca::agent::admin::serve(listener, status.clone(), clock.clone(), std::future::pending()));
+    assert_eq!(http_get(admin, "/live").await.0, 200);
+    assert_eq!(http_get(admin, "/ready").await.0, 503, "nothing on disk yet");
+
+    let (mut steps, timer) = stepped();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(run::run_with_status(
+        settings(&server, &token_file, &out),
+        clock,
+        timer,
+        status,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let (wait, done) = steps.recv().await.unwrap();
+    assert_eq!(http_get(admin, "/ready").await.0, 200);
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(metrics.contains("meshca_agent_renewals_total 1"), "{metrics}");
+    assert!(metrics.contains("meshca_agent_ready 1"));
+    // Past the certificate's expiry without a renewal, the agent is no longer ready.
+    server.clock.advance(wait * 3);
+    assert_eq!(http_get(admin, "/ready").await.0, 503);
+    let _ = stop.send(());
+    agent.await.unwrap();
+    drop(done);
+}
+
+#[tokio::test]
+async fn agent_rides_out_a_server_outage_longer_than_a_renewal_interval() {
+    let opts = Options {
+        lifetimes: meshca::ca::profile::Lifetimes {
+            issuance_lifetime: Duration::from_secs(600),
+            clock_skew_allowance: Duration::from_secs(120),
+        },
+        // The fake clock moves far ahead while TLS would judge meshca's restarted
+        // serving certificate by the real clock; this test is about the outage.
+        plaintext: true,
+        ..Default::default()
+    };
+    let mut server = TestServer::start_with(opts).await;
+    let dir = server.dir.path().to_owned();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, server.token("default", "web")).unwrap();
+    let out = dir.join("out");
+    let (mut steps, timer) = stepped();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(run::run(settings(&server, &token_file, &out), Arc::new(server.clock.clone()), timer, async move {
+        let _ = stopped.await;
+    }));
+    let (interval, done) = steps.recv().await.unwrap();
+    let first = std::fs::read(out.join("tls.crt")).unwrap();
+    server.stop().await.unwrap();
+    server.clock.advance(interval);
+    done.send(()).unwrap();
+    // The server stays down for longer than a renewal interval: the agent backs off
+    // (never more than the cap) and never touches the files it has.
+    let mut down_for = Duration::ZERO;
+    let mut rounds = 0;
+    let mut step = steps.recv().await.unwrap();
+    while down_for <= interval {
+        let (backoff, done) = step;
+        assert!(backoff <= Duration::from_secs(60));
+        assert_eq!(std::fs::read(out.join("tls.crt")).unwrap(), first, "old files kept while the server is down");
+        server.clock.advance(backoff);
+        down_for += backoff;
+        rounds += 1;
+        assert!(rounds < 1000, "backoff does not grow");
+        done.send(()).unwrap();
+        step = steps.recv().await.unwrap();
+    }
+    // Back up: the next round succeeds.
+    server.restart().await;
+    std::fs::write(&token_file, server.token("default", "web")).unwrap();
+    let (_, done) = step;
+    done.send(()).unwrap();
+    let (wait, done) = steps.recv().await.unwrap();
+    assert!(wait >= Duration::from_secs(240), "back on the renewal schedule: {wait:?} (down for {down_for:?}, {rounds} rounds)");
+    let renewed = std::fs::read(out.join("tls.crt")).unwrap();
+    assert_ne!(renewed, first);
+    let _ = stop.send(());
+    agent.await.unwrap();
+    drop(done);
+}

@@ -494,3 +494,51 @@ fn agent_once_writes_a_certificate_runs_its_hook_and_exits_0() {
     assert_exit(&bad, 2, "agent --renew-at 1.5");
     assert_eq!(server.stop().code(), Some(0));
 }
+
+#[test]
+fn killing_certify_at_any_moment_never_leaves_a_partial_file() {
+    use rustls_pki_types::pem::PemObject;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::dev(&data);
+    let token = server.token_file("default", "web");
+    let out = tmp.path().join("out");
+    let mut killed_early = 0;
+    for i in 0..24u64 {
+        let mut cmd = meshca();
+        cmd.args(["certify", "--addr", &server.grpc, "--trust-anchors", p(&data.join("trust-anchors.pem"))]);
+        cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&out)]);
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        // Fault injection: SIGKILL after a varying delay, landing before, during and
+        // after the writes.
+        std::thread::sleep(Duration::from_millis(i * 4));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        killed_early += usize::from(!status.success());
+        for entry in std::fs::read_dir(&out).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            match name.as_str() {
+                "tls.crt" | "ca.crt" => {
+                    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).collect();
+                    assert!(!certs.is_empty() && certs.iter().all(Result::is_ok), "round {i}: {name} is partial");
+                }
+                "tls.key" => {
+                    assert!(rustls_pki_types::PrivateKeyDer::from_pem_slice(&bytes).is_ok(), "round {i}: tls.key is partial");
+                }
+                // A temporary file may survive a kill; it is never the file a proxy reads.
+                other => assert!(other.starts_with('.') && other.contains(".tmp-"), "round {i}: stray {other}"),
+            }
+        }
+    }
+    assert!(killed_early > 0, "no round was interrupted");
+    // A completed round clears what killed ones left behind.
+    let done = server.certify(&token, WEB, &out);
+    assert_exit(&done, 0, "certify after the kills");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(server.stop().code(), Some(0));
+}

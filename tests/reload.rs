@@ -226,7 +226,8 @@ async fn an_issuer_swapped_under_a_hundred_requests_in_flight_fails_none_and_sig
 #[tokio::test]
 async fn an_unusable_issuer_is_refused_counted_and_retried_until_the_periodic_recheck_loads_a_good_one() {
     // No notifications: only check() and the periodic re-check read the files.
-    let reload = ReloadSettings { interval: Duration::from_millis(100), notifications: false };
+    let reload =
+        ReloadSettings { interval: Duration::from_millis(100), notifications: false, ..ReloadSettings::default() };
     let server = TestServer::start_prepared(Options { reload, ..Default::default() }, mount_issuer).await;
     let dir = server.dir.path();
     let now = server.clock.now();
@@ -261,7 +262,7 @@ async fn an_unusable_issuer_is_refused_counted_and_retried_until_the_periodic_re
 
 #[tokio::test]
 async fn a_kubernetes_secret_update_is_picked_up_by_notification_without_waiting_for_the_interval() {
-    let reload = ReloadSettings { interval: Duration::from_secs(3600), notifications: true };
+    let reload = ReloadSettings { interval: Duration::from_secs(3600), ..ReloadSettings::default() };
     let server = TestServer::start_prepared(Options { reload, ..Default::default() }, mount_issuer).await;
     let dir = server.dir.path();
     // Serving, so the reloader (started before serving) is watching.

@@ -1,19 +1,31 @@
 //! Writing credentials to disk without ever exposing a half-written file.
 //!
 //! [`write_atomic`] writes a temporary file in the same directory, syncs it, and
-//! renames it over the target (atomic on POSIX; on Windows `std::fs::rename`
-//! replaces the file too), then syncs the directory. Key files get mode 0600 on
-//! Unix from the moment they exist. [`write_new`] refuses to replace an existing
-//! file (for `meshca init`). Directories are created when absent.
+//! renames it over the target, then syncs the directory. [`write_new`] refuses to
+//! replace an existing file (for `meshca init`). Directories are created when absent.
+//!
+//! Unix: the rename is atomic, key files get mode 0600 from the moment they exist,
+//! and the directory is fsynced so the rename survives a crash.
+//!
+//! Windows: `std::fs::rename` is `MoveFileExW` with `MOVEFILE_REPLACE_EXISTING`
+//! (and, when that is refused with access denied, a POSIX-semantics rename through
+//! `SetFileInformationByHandle(FileRenameInfoEx)`), so the target is replaced
+//! whole, never seen half-written. A reader that holds the target open without
+//! `FILE_SHARE_DELETE` can make the rename fail; the round then fails and the
+//! agent retries with backoff. Files get no mode: they inherit the ACL of their
+//! directory, the temporary file from its creation, so a key is never readable by
+//! more accounts than the directory allows; keep `--out` in a directory readable
+//! only by the agent's account and the proxy's. The directory is not synced: NTFS
+//! journals the rename.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
 /// Who may read a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Owner read/write only (private keys, tokens).
+    /// Owner read/write only (private keys, tokens); on Windows, the directory's ACL.
     Private,
     /// World-readable (certificates).
     Public,
@@ -30,16 +42,16 @@ fn open_options(access: Access) -> OpenOptions {
             Access::Public => 0o644,
         });
     }
+    // Windows: the directory's inherited ACL decides (module doc).
     #[cfg(not(unix))]
     let _ = access;
     options
 }
 
 fn sync_dir(dir: &Path) {
-    // Directory fsync makes the rename durable on Linux; other platforms may refuse
-    // to open a directory, which is harmless here.
+    // Makes the rename durable on Linux; not done on Windows (module doc).
     #[cfg(unix)]
-    if let Ok(d) = File::open(dir) {
+    if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
     #[cfg(not(unix))]
@@ -98,7 +110,8 @@ mod tests {
         write_atomic(&path, b"one", Access::Private).unwrap();
         write_atomic(&path, b"two", Access::Private).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> =
+            fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
         #[cfg(unix)]
         {

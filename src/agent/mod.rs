@@ -3,10 +3,13 @@
 //! - [`client`]: make a key and CSR, call Certify, verify the returned chain.
 //! - [`files`]: write certificates and keys atomically, keys readable by the owner only.
 //! - [`schedule`]: when to renew and how long to back off (pure).
+//! - [`status`] and [`admin`]: what the agent knows, served on `/ready` and `/metrics`.
 //!
 //! `meshca certify` runs this once; platform-specific file handling stays in `files`.
 
+pub mod admin;
 pub mod client;
 pub mod files;
 pub mod run;
 pub mod schedule;
+pub mod status;

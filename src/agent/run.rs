@@ -35,6 +35,7 @@ use tonic::transport::Channel;
 use super::client::{self, Credentials, KeyType};
 use super::files::{write_atomic, Access};
 use super::schedule::{self, Policy};
+use super::status::Status;
 use crate::ca::issuer::TrustAnchors;
 use crate::ca::material::to_pem;
 use crate::clock::Clock;
@@ -119,6 +120,19 @@ pub fn uniform() -> f64 {
     }
 }
 
+/// Removes temporary files a killed earlier round may have left in `out` (they may
+/// hold a private key). Only this agent's own names are touched.
+fn remove_stale_temporaries(out: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = ["tls.key", "tls.crt", "ca.crt"].iter().any(|f| name.starts_with(&format!(".{f}.tmp-")));
+        if ours {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The certificate and key currently on disk, if both are there.
 fn current_identity(out: &std::path::Path) -> Option<(String, String)> {
     let chain = std::fs::read_to_string(out.join("tls.crt")).ok()?;
@@ -133,6 +147,7 @@ fn current_identity(out: &std::path::Path) -> Option<(String, String)> {
 /// (mutual TLS with the current certificate, empty token) instead.
 pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewed, Error> {
     let anchors = TrustAnchors::load(&settings.trust_anchors)?;
+    remove_stale_temporaries(&settings.out);
     let current = current_identity(&settings.out);
     let token = match std::fs::read(&settings.token_file) {
         Ok(token) => Some(token),
@@ -271,6 +286,17 @@ pub async fn run(
     timer: Arc<dyn Timer>,
     shutdown: impl Future<Output = ()>,
 ) {
+    run_with_status(settings, clock, timer, Arc::new(Status::default()), shutdown).await;
+}
+
+/// Like [`run`], reporting every round to `status` (for the admin endpoints).
+pub async fn run_with_status(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    timer: Arc<dyn Timer>,
+    status: Arc<Status>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
     // Validity left on the current files, counted down by the time waited.
@@ -280,6 +306,7 @@ pub async fn run(
             Ok(r) => {
                 attempt = 0;
                 left = Some(r.lifetime);
+                status.renewed(r.not_after, r.offset_millis);
                 let delay = schedule::renewal_delay(r.lifetime, &settings.policy, uniform());
                 tracing::info!(
                     identity = %settings.identity,
@@ -290,6 +317,7 @@ pub async fn run(
                 delay
             }
             Err(e) => {
+                status.failed();
                 let delay = schedule::backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, uniform());
                 attempt = attempt.saturating_add(1);
                 match left {

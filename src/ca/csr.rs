@@ -12,11 +12,18 @@
 //! and attributes are only checked so that a request for something else fails
 //! loudly; the leaf is always built from our own template around
 //! [`CheckedCsr::spki_der`].
+//!
+//! Requests made by Windows `certreq.exe` are accepted as they come: its attributes
+//! (OS version, client information, enrollment CSP) are ignored, and so are the
+//! certificate-template and key-identifier extensions it asks for. Extensions may be
+//! requested in PKCS#9's extensionRequest or in Microsoft's legacy extension-request
+//! attribute (1.3.6.1.4.1.311.2.1.14); both are checked alike, so no name can hide
+//! in the second.
 
 use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
 use x509_parser::asn1_rs::Tag;
 use x509_parser::certification_request::{X509CertificationRequest, X509CertificationRequestInfo};
-use x509_parser::cri_attributes::ParsedCriAttribute;
+use x509_parser::cri_attributes::{ExtensionRequest, ParsedCriAttribute};
 use x509_parser::extensions::{GeneralName, ParsedExtension, X509Extension};
 use x509_parser::oid_registry::{OID_PKCS9_EMAIL_ADDRESS, OID_X509_COMMON_NAME};
 use x509_parser::prelude::FromDer;
@@ -197,6 +204,8 @@ const OID_ECDSA_SHA384: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03
 const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 const OID_ED448: &[u8] = &[0x2b, 0x65, 0x71];
 const OID_DSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x01];
+/// Microsoft's legacy extension-request attribute (szOID_CERT_EXTENSIONS), 1.3.6.1.4.1.311.2.1.14.
+const OID_MS_CERT_EXTENSIONS: &[u8] = &[0x2b, 0x06, 0x01, 0x04, 0x01, 0x82, 0x37, 0x02, 0x01, 0x0e];
 /// ring verifies RSA PKCS#1 signatures for moduli of 2048..=8192 bits only.
 const RING_RSA_BITS: (u32, u32) = (2048, 8192);
 
@@ -252,6 +261,8 @@ fn single_value(input: &[u8]) -> Result<(), Error> {
 /// The pieces of a CertificationRequest, located by a strict DER walk.
 struct Frame<'a> {
     info: &'a [u8],
+    /// Contents of the `[0]` attributes field.
+    attributes: &'a [u8],
     spki: &'a [u8],
     key_alg: &'a [u8],
     key_params: &'a [u8],
@@ -274,13 +285,13 @@ impl<'a> Frame<'a> {
         }
         let (_subject, _, rest) = read_tlv(rest, TAG_SEQUENCE)?;
         let (spki_body, spki, rest) = read_tlv(rest, TAG_SEQUENCE)?;
-        read_only(rest, TAG_ATTRIBUTES)?;
+        let attributes = read_only(rest, TAG_ATTRIBUTES)?;
 
         let (key_alg_body, _, rest) = read_tlv(spki_body, TAG_SEQUENCE)?;
         let key_bits = bit_string_bytes(read_only(rest, TAG_BIT_STRING)?)?;
         let (key_alg, _, key_params) = read_tlv(key_alg_body, TAG_OID)?;
         let (sig_alg, _, sig_params) = read_tlv(sig_alg_body, TAG_OID)?;
-        Ok(Frame { info, spki, key_alg, key_params, key_bits, sig_alg, sig_params, signature })
+        Ok(Frame { info, attributes, spki, key_alg, key_params, key_bits, sig_alg, sig_params, signature })
     }
 }
 
@@ -469,7 +480,7 @@ pub fn check(der: &[u8], expected: &Expected<'_>, policy: &KeyPolicy) -> Result<
         .verify(frame.info, frame.signature)
         .map_err(|_| Error::BadSignature)?;
 
-    let extensions = requested_extensions(info)?;
+    let extensions = requested_extensions(info, frame.attributes)?;
     check_subject(&info.subject, expected)?;
     for ext in &extensions {
         check_extension(ext, expected)?;
@@ -477,24 +488,58 @@ pub fn check(der: &[u8], expected: &Expected<'_>, policy: &KeyPolicy) -> Result<
     Ok(CheckedCsr { key_type, spki_der: frame.spki.to_vec() })
 }
 
-/// The extensionRequest's extensions, after structural checks: one such
-/// attribute with one value, each extension a single DER value, parsable,
-/// no OID twice, no critical extension we do not understand.
+/// The requested extensions, from PKCS#9's extensionRequest and Microsoft's legacy
+/// extension-request attribute, after structural checks: each attribute at most once
+/// and with one value; in each, every extension a single DER value, parsable, no OID
+/// twice, no critical extension we do not understand.
 fn requested_extensions<'b>(
     info: &'b X509CertificationRequestInfo<'_>,
-) -> Result<Vec<&'b X509Extension<'b>>, Error> {
-    let mut found: Option<&'b [X509Extension<'b>]> = None;
+    attributes: &'b [u8],
+) -> Result<Vec<X509Extension<'b>>, Error> {
+    let mut pkcs9: Option<Vec<X509Extension<'b>>> = None;
     for attr in info.iter_attributes() {
         if let ParsedCriAttribute::ExtensionRequest(req) = attr.parsed_attribute() {
-            if found.is_some() {
+            if pkcs9.is_some() {
                 return Err(malformed("more than one extensionRequest attribute"));
             }
             let set = read_only(attr.value, TAG_SET)?;
             read_only(set, TAG_SEQUENCE)?;
-            found = Some(&req.extensions);
+            pkcs9 = Some(req.extensions.clone());
         }
     }
-    let exts = found.unwrap_or(&[]);
+    // x509-parser leaves attributes it does not know unparsed: walk them here.
+    let mut microsoft: Option<Vec<X509Extension<'b>>> = None;
+    let mut rest = attributes;
+    while !rest.is_empty() {
+        let (attr, _, after) = read_tlv(rest, TAG_SEQUENCE)?;
+        rest = after;
+        let (oid, _, values) = read_tlv(attr, TAG_OID)?;
+        if oid != OID_MS_CERT_EXTENSIONS {
+            continue;
+        }
+        if microsoft.is_some() {
+            return Err(malformed("more than one Microsoft extension-request attribute"));
+        }
+        let set = read_only(values, TAG_SET)?;
+        read_only(set, TAG_SEQUENCE)?;
+        let (left, req) = ExtensionRequest::from_der(set)
+            .map_err(|_| malformed("Microsoft extension-request attribute could not be parsed"))?;
+        if !left.is_empty() {
+            return Err(malformed("unexpected bytes in the Microsoft extension-request attribute"));
+        }
+        microsoft = Some(req.extensions);
+    }
+    let mut all = Vec::new();
+    for exts in [pkcs9, microsoft].into_iter().flatten() {
+        check_extension_list(&exts)?;
+        all.extend(exts);
+    }
+    Ok(all)
+}
+
+/// One attribute's extensions: each a single parsable DER value, no OID twice, no
+/// critical extension we do not understand.
+fn check_extension_list(exts: &[X509Extension<'_>]) -> Result<(), Error> {
     let mut seen: Vec<&[u8]> = Vec::with_capacity(exts.len());
     for ext in exts {
         let oid = ext.oid.as_bytes();
@@ -518,7 +563,7 @@ fn requested_extensions<'b>(
             return Err(malformed(format!("critical extension {name} is not supported")));
         }
     }
-    Ok(exts.iter().collect())
+    Ok(())
 }
 
 /// Every CN must be the expected DNS name; emailAddress is refused; other
@@ -789,6 +834,34 @@ mod tests {
             run(&request(&k, None, vec![], |p| p.custom_extensions.push(unknown))),
             "csr_malformed",
         );
+    }
+
+    #[test]
+    fn names_in_microsofts_legacy_extension_request_attribute_are_checked_like_any_other() {
+        let k = key(&PKCS_ECDSA_P256_SHA256);
+        let ms_oid: &[u64] = &[1, 3, 6, 1, 4, 1, 311, 2, 1, 14];
+        let san = |name: &str| {
+            let names = tlv(TAG_SEQUENCE, &[&tlv(0x82, &[name.as_bytes()])]);
+            let oid = tlv(TAG_OID, &[&[0x55, 0x1d, 0x11]]);
+            tlv(TAG_SEQUENCE, &[&oid, &tlv(0x04, &[&names])])
+        };
+        let attribute = |exts: &[&[u8]]| rcgen::Attribute {
+            oid: ms_oid,
+            values: tlv(TAG_SET, &[&tlv(TAG_SEQUENCE, exts)]),
+        };
+        let csr = |attrs: Vec<rcgen::Attribute>| {
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.serialize_request_with_attributes(&k, attrs).unwrap().der().to_vec()
+        };
+        let other = "api.default.serviceaccount.identity.meshca-system.cluster.local";
+        assert!(run(&csr(vec![attribute(&[&san(ID)])])).is_ok());
+        assert_refused(run(&csr(vec![attribute(&[&san(other)])])), "csr_name_not_allowed");
+        assert_refused(run(&csr(vec![attribute(&[&san(ID), &san(ID)])])), "csr_malformed");
+        let twice = vec![attribute(&[&san(ID)]), attribute(&[&san(ID)])];
+        assert_refused(run(&csr(twice)), "csr_malformed");
+        let not_extensions = rcgen::Attribute { oid: ms_oid, values: tlv(TAG_SET, &[DER_NULL]) };
+        assert_refused(run(&csr(vec![not_extensions])), "csr_malformed");
     }
 
     #[test]

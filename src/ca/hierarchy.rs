@@ -2,15 +2,19 @@
 //!
 //! The anchor is a self-signed root; the issuer is an intermediate CA it signs, with
 //! pathLen 0. Neither carries an extended key usage (Windows restricts leaves by the
-//! EKUs of every CA above them) nor name constraints. Writing the files, and refusing
-//! to overwrite them, is left to the caller.
+//! EKUs of every CA above them) nor name constraints. Every key type offered is one
+//! Windows Server 2016 verifies: ECDSA P-256 (signing with SHA-256), P-384 (SHA-384)
+//! or RSA 3072 (PKCS#1 v1.5 with SHA-256; the key from [`super::rsa_keygen`], as ring
+//! generates no RSA keys). Writing the files, and refusing to overwrite them, is left
+//! to the caller.
 
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
-    KeyUsagePurpose, SignatureAlgorithm,
+    KeyUsagePurpose,
 };
+use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use super::Error;
 use crate::identity::Naming;
@@ -20,13 +24,24 @@ use crate::identity::Naming;
 pub enum CaKeyType {
     P256,
     P384,
+    /// RSA 3072 bits, signing with PKCS#1 v1.5 and SHA-256.
+    Rsa3072,
 }
 
 impl CaKeyType {
-    fn algorithm(self) -> &'static SignatureAlgorithm {
+    /// A fresh key. RSA generation is CPU-bound for about a second (several in an
+    /// unoptimized build): call this where blocking is fine.
+    fn generate_key(self) -> Result<KeyPair, Error> {
+        let sign_err = |e: rcgen::Error| Error::Sign { reason: e.to_string() };
         match self {
-            CaKeyType::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-            CaKeyType::P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            CaKeyType::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err),
+            CaKeyType::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(sign_err),
+            CaKeyType::Rsa3072 => {
+                let der = super::rsa_keygen::generate_pkcs8(3072)
+                    .map_err(|e| Error::Sign { reason: format!("RSA key generation: {e}") })?;
+                KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &rcgen::PKCS_RSA_SHA256)
+                    .map_err(sign_err)
+            }
         }
     }
 }
@@ -82,6 +97,7 @@ fn ca_params(cn: String, not_before: SystemTime, not_after: SystemTime, path_len
 }
 
 /// Generates an anchor valid from `now − 1h` and an issuer nested inside it.
+/// With [`CaKeyType::Rsa3072`] this blocks while two RSA keys are generated.
 pub fn generate(
     naming: &Naming,
     key_type: CaKeyType,
@@ -92,12 +108,12 @@ pub fn generate(
     let start = now - Duration::from_secs(3600);
     let suffix = format!("{}.{}", naming.control_plane_namespace(), naming.trust_domain());
 
-    let anchor_key = KeyPair::generate_for(key_type.algorithm()).map_err(sign_err)?;
+    let anchor_key = key_type.generate_key()?;
     let mut anchor_params = ca_params(format!("root.{suffix}"), start, now + lifetimes.anchor, None);
     anchor_params.serial_number = Some(random_serial()?);
     let anchor = anchor_params.self_signed(&anchor_key).map_err(sign_err)?;
 
-    let issuer_key = KeyPair::generate_for(key_type.algorithm()).map_err(sign_err)?;
+    let issuer_key = key_type.generate_key()?;
     let issuer_end = (now + lifetimes.issuer).min(now + lifetimes.anchor);
     let mut issuer_params = ca_params(format!("identity.{suffix}"), start, issuer_end, Some(0));
     issuer_params.serial_number = Some(random_serial()?);

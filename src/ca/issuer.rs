@@ -8,13 +8,27 @@
 //! against the anchors, so the key, the chain and the constraints are all proven
 //! together. Directory layouts accepted: `tls.crt`/`tls.key` (Kubernetes and
 //! cert-manager secrets) or `crt.pem`/`key.pem` (Linkerd).
+//!
+//! Unless [`Algorithms::Any`] is asked for (`serve --allow-non-windows-algorithms`),
+//! the chain must also be one Windows Server 2016 (Schannel) can verify: every key of
+//! the chain and of the anchor above it ECDSA P-256/P-384 or RSA, every chain
+//! certificate signed with ECDSA SHA-256/384 or RSA PKCS#1 v1.5 SHA-256 — no Ed25519,
+//! no RSA-PSS. Leaves are signed with the issuer key's own algorithm (ECDSA P-256
+//! SHA-256, P-384 SHA-384, RSA PKCS#1 v1.5 SHA-256), so they follow.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{KeyPair, PublicKeyData, SignatureAlgorithm};
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use x509_parser::oid_registry::{
+    Oid, OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA1WITHRSA, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA,
+    OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
+    OID_SIG_ECDSA_WITH_SHA512, OID_SIG_ED25519, OID_SIG_ED448,
+};
 use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::x509::{AlgorithmIdentifier, SubjectPublicKeyInfo};
 
 use super::csr::{CheckedCsr, KeyType};
 use super::material::{read_certificates, read_pkcs8_key};
@@ -151,6 +165,85 @@ impl std::fmt::Debug for Issuer {
     }
 }
 
+/// Which algorithms the issuer chain may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithms {
+    /// Only what Windows Server 2016 verifies (the default): keys ECDSA P-256/P-384 or
+    /// RSA; chain certificates signed with ECDSA SHA-256/384 or RSA PKCS#1 v1.5 SHA-256.
+    #[default]
+    WindowsCompatible,
+    /// Whatever rustls-webpki verifies, Ed25519 and RSA-PSS included
+    /// (`serve --allow-non-windows-algorithms`).
+    Any,
+}
+
+/// A signature or key algorithm, named for an error message.
+fn algorithm_name(oid: &Oid<'_>) -> String {
+    let known = [
+        (&OID_SIG_ED25519, "Ed25519"),
+        (&OID_SIG_ED448, "Ed448"),
+        (&OID_PKCS1_RSASSAPSS, "RSA-PSS"),
+        (&OID_PKCS1_SHA1WITHRSA, "RSA PKCS#1 v1.5 with SHA-1"),
+        (&OID_PKCS1_SHA384WITHRSA, "RSA PKCS#1 v1.5 with SHA-384"),
+        (&OID_PKCS1_SHA512WITHRSA, "RSA PKCS#1 v1.5 with SHA-512"),
+        (&OID_SIG_ECDSA_WITH_SHA512, "ECDSA with SHA-512"),
+    ];
+    known
+        .iter()
+        .find(|(known, _)| *known == oid)
+        .map_or_else(|| format!("algorithm {}", oid.to_id_string()), |(_, name)| (*name).to_string())
+}
+
+/// `Err(what)` unless the key is ECDSA P-256/P-384 or RSA.
+fn check_windows_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<(), String> {
+    let alg = &spki.algorithm.algorithm;
+    if *alg == OID_PKCS1_RSAENCRYPTION {
+        return Ok(());
+    }
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return match spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()) {
+            Some(curve) if curve == OID_EC_P256 || curve == OID_NIST_EC_P384 => Ok(()),
+            Some(curve) => Err(format!("has an EC key on curve {}", curve.to_id_string())),
+            None => Err("has an EC key without a named curve".into()),
+        };
+    }
+    Err(format!("has an {} key", algorithm_name(alg)))
+}
+
+/// `Err(what)` unless the signature is ECDSA SHA-256/384 or RSA PKCS#1 v1.5 SHA-256.
+fn check_windows_signature(alg: &AlgorithmIdentifier<'_>) -> Result<(), String> {
+    let oid = &alg.algorithm;
+    if *oid == OID_SIG_ECDSA_WITH_SHA256 || *oid == OID_SIG_ECDSA_WITH_SHA384 || *oid == OID_PKCS1_SHA256WITHRSA {
+        return Ok(());
+    }
+    Err(format!("is signed with {}", algorithm_name(oid)))
+}
+
+/// Refuses a chain (issuer first) that Windows Server 2016 cannot verify, or one whose
+/// anchors (those named by its top issuer; several during a rotation) all have keys it
+/// cannot verify with. Anchors' own self-signatures are not checked: a verifier trusts
+/// an anchor for being an anchor, not for its signature.
+fn check_windows(chain: &[X509Certificate<'_>], anchors: &[X509Certificate<'_>]) -> Result<(), Error> {
+    let refuse = |who: String, what: String| Error::NotWindowsCompatible { what: format!("{who} {what}") };
+    for (i, cert) in chain.iter().enumerate() {
+        let who = match i {
+            0 => "the issuer certificate".to_string(),
+            i => format!("certificate {} of the issuer chain", i + 1),
+        };
+        check_windows_key(cert.public_key()).map_err(|what| refuse(who.clone(), what))?;
+        check_windows_signature(&cert.signature_algorithm).map_err(|what| refuse(who, what))?;
+    }
+    if anchors.iter().any(|a| check_windows_key(a.public_key()).is_ok()) {
+        return Ok(());
+    }
+    match anchors.first() {
+        Some(anchor) => check_windows_key(anchor.public_key())
+            .map_err(|what| refuse(format!("the trust anchor \"{}\"", anchor.subject()), what)),
+        // No anchor names the chain's top issuer: the probe reports it as untrusted.
+        None => Ok(()),
+    }
+}
+
 /// Where an issuer directory keeps its certificate and key.
 pub fn issuer_files(dir: &Path) -> (PathBuf, PathBuf) {
     let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
@@ -182,15 +275,27 @@ pub fn to_system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
 }
 
 impl Issuer {
-    /// Loads and checks the issuer in `dir` against `anchors` at `now`.
+    /// Loads and checks the issuer in `dir` against `anchors` at `now`, allowing only
+    /// algorithms Windows verifies ([`Algorithms::WindowsCompatible`]).
     pub fn load(dir: &Path, anchors: &TrustAnchors, now: SystemTime) -> Result<Self, Error> {
+        Self::load_with(dir, anchors, now, Algorithms::WindowsCompatible)
+    }
+
+    /// Like [`Issuer::load`], with the algorithms the chain may use.
+    pub fn load_with(
+        dir: &Path,
+        anchors: &TrustAnchors,
+        now: SystemTime,
+        algorithms: Algorithms,
+    ) -> Result<Self, Error> {
         let (crt_path, key_path) = issuer_files(dir);
         let certs = read_certificates(&crt_path)?;
         let key = read_pkcs8_key(&key_path)?;
-        Self::from_parts(certs, &key, anchors, now, &crt_path, &key_path)
+        Self::from_parts_with(certs, &key, anchors, now, (&crt_path, &key_path), algorithms)
     }
 
-    /// Checks and assembles an issuer from its chain (issuer first) and PKCS#8 key.
+    /// Checks and assembles an issuer from its chain (issuer first) and PKCS#8 key,
+    /// allowing only algorithms Windows verifies. The paths name the material in errors.
     pub fn from_parts(
         certs: Vec<CertificateDer<'static>>,
         pkcs8_key: &[u8],
@@ -199,15 +304,22 @@ impl Issuer {
         crt_path: &Path,
         key_path: &Path,
     ) -> Result<Self, Error> {
+        Self::from_parts_with(certs, pkcs8_key, anchors, now, (crt_path, key_path), Algorithms::WindowsCompatible)
+    }
+
+    /// Like [`Issuer::from_parts`], with the algorithms the chain may use.
+    pub fn from_parts_with(
+        certs: Vec<CertificateDer<'static>>,
+        pkcs8_key: &[u8],
+        anchors: &TrustAnchors,
+        now: SystemTime,
+        (crt_path, key_path): (&Path, &Path),
+        algorithms: Algorithms,
+    ) -> Result<Self, Error> {
         let key = KeyPair::try_from(pkcs8_key).map_err(|_| Error::BadKey {
             path: key_path.into(),
-            reason: "not a P-256, P-384 or RSA PKCS#8 private key".into(),
+            reason: "not a P-256, P-384, RSA or Ed25519 PKCS#8 private key".into(),
         })?;
-        if key.algorithm() == &rcgen::PKCS_ED25519 {
-            return Err(Error::UnsupportedIssuerKey {
-                what: "Ed25519 (Windows Server 2016 and many TLS stacks cannot verify it)",
-            });
-        }
         let issuer_der = certs.first().ok_or(Error::NoCertificate { path: crt_path.into() })?;
         let issuer_cert = parse_cert(issuer_der, crt_path)?;
         match issuer_cert.basic_constraints() {
@@ -230,18 +342,25 @@ impl Issuer {
             not_after: to_system_time(issuer_cert.validity().not_after),
         };
         let mut top_issuer = issuer_cert.issuer().as_raw().to_vec();
+        let mut parsed = vec![issuer_cert.clone()]; // the chain file, issuer first
         for der in &certs[1..] {
             let c = parse_cert(der, crt_path)?;
             window.not_before = window.not_before.max(to_system_time(c.validity().not_before));
             window.not_after = window.not_after.min(to_system_time(c.validity().not_after));
             top_issuer = c.issuer().as_raw().to_vec();
+            parsed.push(c);
         }
+        let mut top_anchors = Vec::new();
         for der in anchors.certificates() {
             let Ok((_, a)) = X509Certificate::from_der(der) else { continue };
             if a.subject().as_raw() == top_issuer.as_slice() {
                 window.not_before = window.not_before.max(to_system_time(a.validity().not_before));
                 window.not_after = window.not_after.min(to_system_time(a.validity().not_after));
+                top_anchors.push(a);
             }
+        }
+        if algorithms == Algorithms::WindowsCompatible {
+            check_windows(&parsed, &top_anchors)?;
         }
         if now >= window.not_after {
             return Err(Error::IssuerExpired { not_after: window.not_after, now });
@@ -337,5 +456,88 @@ impl Issuer {
     /// SHA-256 fingerprint (hex) of the issuer certificate.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose, SignatureAlgorithm};
+
+    fn ca_params(cn: &str, now: SystemTime) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.not_before = (now - Duration::from_secs(3600)).into();
+        params.not_after = (now + Duration::from_secs(86_400)).into();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params
+    }
+
+    /// Loads an issuer with an `issuer_alg` key under an anchor with an `anchor_alg` key.
+    fn load(
+        anchor_alg: &'static SignatureAlgorithm,
+        issuer_alg: &'static SignatureAlgorithm,
+        algorithms: Algorithms,
+    ) -> Result<Issuer, Error> {
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        let anchor_key = KeyPair::generate_for(anchor_alg).unwrap();
+        let anchor = ca_params("anchor", now).self_signed(&anchor_key).unwrap();
+        let issuer_key = KeyPair::generate_for(issuer_alg).unwrap();
+        let signer = rcgen::Issuer::new(ca_params("anchor", now), &anchor_key);
+        let issuer = ca_params("issuer", now).signed_by(&issuer_key, &signer).unwrap();
+        let nowhere = Path::new("(test)");
+        let anchors = TrustAnchors::from_certs(vec![anchor.der().clone()], nowhere).unwrap();
+        let certs = vec![issuer.der().clone()];
+        Issuer::from_parts_with(certs, &issuer_key.serialize_der(), &anchors, now, (nowhere, nowhere), algorithms)
+    }
+
+    fn refusal(result: Result<Issuer, Error>) -> String {
+        match result {
+            Err(e @ Error::NotWindowsCompatible { .. }) => e.to_string(),
+            other => panic!("expected NotWindowsCompatible, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_ed25519_issuer_is_refused_naming_the_flag_unless_any_algorithm_is_allowed() {
+        let ed = &rcgen::PKCS_ED25519;
+        let message = refusal(load(ed, ed, Algorithms::WindowsCompatible));
+        assert!(message.starts_with("the issuer certificate has an Ed25519 key"), "{message}");
+        assert!(message.contains("--allow-non-windows-algorithms"), "{message}");
+        assert!(load(ed, ed, Algorithms::Any).is_ok());
+    }
+
+    #[test]
+    fn an_ecdsa_issuer_signed_by_an_ed25519_anchor_is_refused_unless_any_algorithm_is_allowed() {
+        let (ed, p256) = (&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P256_SHA256);
+        let message = refusal(load(ed, p256, Algorithms::WindowsCompatible));
+        assert!(message.starts_with("the issuer certificate is signed with Ed25519"), "{message}");
+        assert!(load(ed, p256, Algorithms::Any).is_ok());
+    }
+
+    #[test]
+    fn anchors_are_refused_only_when_none_of_them_has_a_key_windows_verifies_with() {
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        let self_signed = |alg| {
+            let key = KeyPair::generate_for(alg).unwrap();
+            ca_params("anchor", now).self_signed(&key).unwrap().der().clone()
+        };
+        let (p256, ed) = (self_signed(&rcgen::PKCS_ECDSA_P256_SHA256), self_signed(&rcgen::PKCS_ED25519));
+        let (p256, ed) = (parse_cert(&p256, Path::new("p256")).unwrap(), parse_cert(&ed, Path::new("ed")).unwrap());
+        let chain = std::slice::from_ref(&p256);
+        let err = check_windows(chain, std::slice::from_ref(&ed)).unwrap_err().to_string();
+        assert!(err.starts_with("the trust anchor \"CN=anchor\" has an Ed25519 key"), "{err}");
+        check_windows(chain, &[ed.clone(), p256.clone()]).unwrap();
+        check_windows(chain, &[]).unwrap();
+    }
+
+    #[test]
+    fn ecdsa_chains_are_windows_compatible() {
+        let (p256, p384) = (&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384);
+        for (anchor, issuer) in [(p256, p256), (p384, p384), (p384, p256), (p256, p384)] {
+            load(anchor, issuer, Algorithms::WindowsCompatible).unwrap();
+        }
     }
 }

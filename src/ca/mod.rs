@@ -55,9 +55,10 @@ pub enum Error {
     /// The issuer does not chain to the trust anchors.
     #[error("the issuer does not chain to the trust anchors: {reason}")]
     Untrusted { reason: String },
-    /// The issuer uses an algorithm meshca does not sign with.
-    #[error("unsupported issuer key: {what}")]
-    UnsupportedIssuerKey { what: &'static str },
+    /// The issuer chain uses a key or signature algorithm Windows Server 2016 cannot
+    /// verify (Ed25519, RSA-PSS, ...) and non-Windows algorithms were not allowed.
+    #[error("{what}, which Windows Server 2016 cannot verify; use ECDSA P-256/P-384 or RSA keys with ECDSA SHA-256/384 or RSA PKCS#1 v1.5 SHA-256 signatures (e.g. `meshca init --key-type p256|p384|rsa3072`), or start with --allow-non-windows-algorithms")]
+    NotWindowsCompatible { what: String },
     /// The CSR was refused.
     #[error(transparent)]
     Csr(#[from] csr::Error),

@@ -6,7 +6,8 @@
 //! `..data` symlink) and compares the SHA-256 of their contents with that of the
 //! files the current snapshot came from; modification times are never consulted.
 //! When the contents differ, the new issuer and anchors are loaded and checked
-//! exactly as at start ([`Snapshot::load`] at the injected clock's now). On success
+//! exactly as at start ([`Snapshot::load_with`] at the injected clock's now, with the
+//! same [`Algorithms`] policy: by default, only what Windows verifies). On success
 //! the new snapshot is swapped in whole. On failure the old snapshot stays, the
 //! error is logged (what is wrong and where, never key material) and reported, and
 //! the next check tries again: some failures pass with time (an issuer not valid
@@ -33,7 +34,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 
-use super::issuer::issuer_files;
+use super::issuer::{issuer_files, Algorithms};
 use super::store::{Snapshot, Store};
 use super::Error;
 use crate::clock::Clock;
@@ -44,18 +45,21 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// Quiet time after a notification before the files are read.
 const SETTLE: Duration = Duration::from_millis(200);
 
-/// When the reloader looks at the files.
+/// When the reloader looks at the files, and what it accepts in them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// Period of the re-check that runs whatever the notifications say.
     pub interval: Duration,
     /// Also check on file-system notifications (off: the periodic re-check alone).
     pub notifications: bool,
+    /// Algorithms the issuer chain may use, at start and on every reload; given to
+    /// the reloader when it is built ([`Reloader::with_algorithms`]).
+    pub issuer_algorithms: Algorithms,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { interval: DEFAULT_INTERVAL, notifications: true }
+        Settings { interval: DEFAULT_INTERVAL, notifications: true, issuer_algorithms: Algorithms::default() }
     }
 }
 
@@ -85,6 +89,7 @@ pub struct Reloader {
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
     observer: Arc<dyn Observer>,
+    algorithms: Algorithms,
     /// SHA-256 of the files the current snapshot was loaded from; the lock also
     /// makes checks run one at a time.
     loaded: Mutex<Option<Vec<u8>>>,
@@ -100,7 +105,8 @@ impl std::fmt::Debug for Reloader {
 }
 
 impl Reloader {
-    /// A reloader for these locations; nothing is read until [`Reloader::load`].
+    /// A reloader for these locations, accepting only issuers Windows can verify
+    /// ([`Algorithms::WindowsCompatible`]); nothing is read until [`Reloader::load`].
     pub fn new(
         trust_anchors: PathBuf,
         issuer_dir: PathBuf,
@@ -108,7 +114,14 @@ impl Reloader {
         clock: Arc<dyn Clock>,
         observer: Arc<dyn Observer>,
     ) -> Self {
-        Reloader { trust_anchors, issuer_dir, store, clock, observer, loaded: Mutex::new(None) }
+        let algorithms = Algorithms::WindowsCompatible;
+        Reloader { trust_anchors, issuer_dir, store, clock, observer, algorithms, loaded: Mutex::new(None) }
+    }
+
+    /// The same reloader, accepting issuer chains that use `algorithms`.
+    pub fn with_algorithms(mut self, algorithms: Algorithms) -> Self {
+        self.algorithms = algorithms;
+        self
     }
 
     /// The store this reloader swaps snapshots into.
@@ -121,7 +134,7 @@ impl Reloader {
     pub fn load(&self) -> Result<Arc<Snapshot>, Error> {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         let digest = self.digest()?;
-        let snapshot = Snapshot::load(&self.trust_anchors, &self.issuer_dir, self.clock.now())?;
+        let snapshot = self.load_snapshot()?;
         *loaded = Some(digest);
         Ok(self.store.replace(snapshot))
     }
@@ -136,7 +149,7 @@ impl Reloader {
             }
             // Hashed before loading: if the files change in between, the recorded
             // digest is the older one and the next check loads again.
-            let snapshot = Snapshot::load(&self.trust_anchors, &self.issuer_dir, self.clock.now())?;
+            let snapshot = self.load_snapshot()?;
             Ok(Some((digest, snapshot)))
         });
         match attempt {
@@ -166,6 +179,11 @@ impl Reloader {
                 Outcome::Failed(error)
             }
         }
+    }
+
+    /// Reads and checks the files now, as at start.
+    fn load_snapshot(&self) -> Result<Snapshot, Error> {
+        Snapshot::load_with(&self.trust_anchors, &self.issuer_dir, self.clock.now(), self.algorithms)
     }
 
     /// SHA-256 over the trust-anchor file, the issuer certificate and the issuer
@@ -412,7 +430,8 @@ mod tests {
     async fn without_notifications_the_periodic_recheck_picks_up_a_change_after_one_interval() {
         let f = mounted();
         let mut swaps = f.reloader.store().subscribe();
-        let settings = Settings { interval: Duration::from_secs(30), notifications: false };
+        let settings =
+            Settings { interval: Duration::from_secs(30), notifications: false, ..Settings::default() };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(f.reloader.clone().run(settings, async move {
             let _ = stopped.await;
@@ -437,7 +456,7 @@ mod tests {
     async fn a_notification_triggers_a_reload_long_before_the_interval() {
         let f = mounted();
         let mut swaps = f.reloader.store().subscribe();
-        let settings = Settings { interval: Duration::from_secs(3600), notifications: true };
+        let settings = Settings { interval: Duration::from_secs(3600), ..Settings::default() };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(f.reloader.clone().run(settings, async move {
             let _ = stopped.await;

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::issuer::{to_system_time, Issuer, TrustAnchors};
+use super::issuer::{to_system_time, Algorithms, Issuer, TrustAnchors};
 use super::Error;
 
 /// Issuer and anchors that were checked together.
@@ -25,10 +25,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Loads the anchors bundle and the issuer directory and checks them at `now`.
+    /// Loads the anchors bundle and the issuer directory and checks them at `now`
+    /// (Windows-compatible algorithms only).
     pub fn load(trust_anchors: &Path, issuer_dir: &Path, now: SystemTime) -> Result<Self, Error> {
+        Self::load_with(trust_anchors, issuer_dir, now, Algorithms::WindowsCompatible)
+    }
+
+    /// Like [`Snapshot::load`], with the algorithms the issuer chain may use.
+    pub fn load_with(
+        trust_anchors: &Path,
+        issuer_dir: &Path,
+        now: SystemTime,
+        algorithms: Algorithms,
+    ) -> Result<Self, Error> {
         let anchors = TrustAnchors::load(trust_anchors)?;
-        let issuer = Issuer::load(issuer_dir, &anchors, now)?;
+        let issuer = Issuer::load_with(issuer_dir, &anchors, now, algorithms)?;
         Ok(Snapshot { issuer, anchors })
     }
 

@@ -8,6 +8,14 @@
 //! is durable (fail closed). Status codes come from `status::Refusal` alone. Once
 //! recorded, a decision about a known service account is also reported as a
 //! Kubernetes Event (`events`), without waiting for it.
+//!
+//! A request with the header `x-meshca-dry-run: 1` (what `meshca doctor` sends) runs
+//! authenticate, authorize and the CSR check, and stops before signing: nothing is
+//! issued. It is audited like any decision, so the chain stays complete: one that
+//! passes is recorded with outcome `denied` (no certificate left), code `Ok` and
+//! reason `dry_run: …`, counted under that reason, emits no Event, and is answered
+//! with an empty response tagged `x-meshca-dry-run: passed`; one that is refused
+//! gets the usual status and record, its reason ending in "(dry run)".
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -57,6 +65,10 @@ pub struct Certifier {
 /// Response header carrying the server's wall-clock time at the request, in Unix
 /// milliseconds, so clients can estimate their clock offset.
 pub const SERVER_TIME_HEADER: &str = "x-meshca-time";
+/// Request header asking for a dry run (value `1`); the answer's header says `passed`.
+pub const DRY_RUN_HEADER: &str = "x-meshca-dry-run";
+/// Reason code of a dry run that passed.
+pub const DRY_RUN_REASON: &str = "dry_run";
 
 fn unix_millis(t: SystemTime) -> u128 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
@@ -97,6 +109,7 @@ impl Certifier {
         &self,
         req: &CertifyRequest,
         peer_certs: Option<&[CertificateDer<'static>]>,
+        dry_run: bool,
         now: SystemTime,
         record: &mut Record,
     ) -> Result<CertifyResponse, Refusal> {
@@ -142,6 +155,9 @@ impl Certifier {
         let checked = csr::check(&req.certificate_signing_request, &expected, &self.key_policy)
             .map_err(crate::ca::Error::from)?;
         record.csr_key_type = Some(checked.key_type.label());
+        if dry_run {
+            return Ok(CertifyResponse::default());
+        }
         let leaf = snapshot.issuer.issue(&identity, &checked, &self.lifetimes, now)?;
         record.outcome = Outcome::Issued;
         record.issued = Some(audit::Issued {
@@ -182,6 +198,7 @@ impl Identity for Arc<Certifier> {
         let request_id = new_request_id();
         let peer = request.remote_addr().map(|a| a.to_string());
         let peer_certs = request.peer_certs();
+        let dry_run = request.metadata().get(DRY_RUN_HEADER).is_some_and(|v| v == "1");
         let req = request.into_inner();
         let mut record = Record {
             time: now,
@@ -199,12 +216,35 @@ impl Identity for Arc<Certifier> {
         };
 
         let decision = match self.in_flight.try_acquire() {
-            Ok(_permit) => self.decide(&req, peer_certs.as_deref().map(Vec::as_slice), now, &mut record).await,
+            Ok(_permit) => self.decide(&req, peer_certs.as_deref().map(Vec::as_slice), dry_run, now, &mut record).await,
             Err(_) => Err(Refusal::Overloaded),
         };
         // The Event for an issuance (`None` for a denial, or with events off).
         let issued = self.events.as_ref().and_then(|_| Notice::issued(&record));
         let result = match decision {
+            Ok(response) if dry_run => {
+                record.code = Some(code_name(tonic::Code::Ok).to_owned());
+                record.reason = Some(format!(
+                    "{DRY_RUN_REASON}: authentication, authorization and the CSR check passed; nothing was signed"
+                ));
+                let (reason, answer) = match self.audit.append(record).await {
+                    Ok(_) => {
+                        let mut response = Response::new(response);
+                        tag(response.metadata_mut(), &request_id, now);
+                        response.metadata_mut().insert(DRY_RUN_HEADER, tonic::metadata::MetadataValue::from_static("passed"));
+                        (DRY_RUN_REASON, Ok(response))
+                    }
+                    Err(e) => {
+                        tracing::error!(%request_id, error = %e, "audit write failed for a dry run");
+                        let refusal = Refusal::from(e);
+                        let mut status = refusal.status(&request_id);
+                        tag(status.metadata_mut(), &request_id, now);
+                        (refusal.reason_code(), Err(status))
+                    }
+                };
+                self.metrics.record_denied(reason, started.elapsed());
+                answer
+            }
             Ok(response) => match self.audit.append(record).await {
                 Ok(_) => {
                     self.emit(issued);
@@ -233,7 +273,8 @@ impl Identity for Arc<Certifier> {
                 record.outcome = Outcome::Denied;
                 record.issued = None;
                 record.code = Some(code_name(code).to_owned());
-                record.reason = Some(format!("{}: {}", refusal.reason_code(), refusal));
+                let marker = if dry_run { " (dry run)" } else { "" };
+                record.reason = Some(format!("{}: {}{marker}", refusal.reason_code(), refusal));
                 let notice = (self.events.as_ref())
                     .and_then(|_| Notice::denied(&record, refusal.reason_code(), refusal.to_string()));
                 if let Err(e) = self.audit.append(record).await {

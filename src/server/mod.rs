@@ -142,7 +142,7 @@ pub async fn run_with(
         store.clone(),
         clock.clone(),
         metrics.clone(),
-    ));
+    ).with_algorithms(config.reload.issuer_algorithms));
     metrics.set_snapshot(reloader.load()?.as_ref());
     let authenticator = authenticator(&config.token).await?;
     metrics.set_authenticator(authenticator.clone());

@@ -436,7 +436,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
             return oidc(state, &path).await;
         }
         (Method::POST, PATH) => {}
-        (Method::GET, lookup) if lookup.starts_with("/api/v1/namespaces/") || lookup.starts_with("/api/v1/nodes/") => {
+        (Method::GET, lookup)
+            if lookup.starts_with("/api/v1/namespaces/") || lookup.starts_with("/api/v1/nodes/") =>
+        {
             if !authorized {
                 return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
             }

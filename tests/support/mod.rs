@@ -84,6 +84,7 @@ pub struct TestServer {
     /// What the running server lends (reloader, metrics, serving certificate);
     /// `None` when it failed to start.
     pub handles: Option<meshca::server::Handles>,
+    opts: Options,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), meshca::server::Error>>>,
 }
@@ -146,20 +147,7 @@ impl TestServer {
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin = admin_listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (lent, handles) = oneshot::channel();
-        let task = tokio::spawn(meshca::server::run_with(
-            config,
-            Arc::new(clock.clone()),
-            listener,
-            admin_listener,
-            async move {
-                let _ = stopped.await;
-            },
-            Some(lent),
-        ));
-        let handles = handles.await.ok();
-        TestServer {
+        let mut server = TestServer {
             dir,
             naming,
             clock,
@@ -169,10 +157,41 @@ impl TestServer {
             admin,
             audit_path,
             plaintext: opts.plaintext,
-            handles,
-            stop: Some(stop),
-            task: Some(task),
-        }
+            handles: None,
+            opts,
+            stop: None,
+            task: None,
+        };
+        server.spawn(config, listener, admin_listener).await;
+        server
+    }
+
+    /// Runs the server on the given listeners.
+    async fn spawn(&mut self, config: Config, listener: TcpListener, admin_listener: TcpListener) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (lent, handles) = oneshot::channel();
+        let task = tokio::spawn(meshca::server::run_with(
+            config,
+            Arc::new(self.clock.clone()),
+            listener,
+            admin_listener,
+            async move {
+                let _ = stopped.await;
+            },
+            Some(lent),
+        ));
+        self.handles = handles.await.ok();
+        self.stop = Some(stop);
+        self.task = Some(task);
+    }
+
+    /// Starts a stopped server again on the same ports, CA and audit log.
+    pub async fn restart(&mut self) {
+        assert!(self.task.is_none(), "stop the server first");
+        let config = config(self.dir.path(), &self.naming, &self.opts);
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        let admin_listener = TcpListener::bind(self.admin).await.unwrap();
+        self.spawn(config, listener, admin_listener).await;
     }
 
     pub fn url(&self) -> String {

@@ -1,0 +1,537 @@
+//! Requests as Windows `certreq.exe` makes them, sent through a real Certify call.
+//!
+//! The corpus is built here, byte by byte, the way certreq lays a PKCS#10 request out:
+//! RSA-2048, ECDSA P-256 and P-384 keys; SHA-256, SHA-384 and SHA-512 signatures;
+//! subject CN = the identity (PrintableString, as Windows encodes an ASCII name; also
+//! UTF8String) or an empty subject; the Microsoft attributes OS version
+//! (1.3.6.1.4.1.311.13.2.3), client information (1.3.6.1.4.1.311.21.20) and enrollment
+//! CSP (1.3.6.1.4.1.311.13.2.2); an extensionRequest carrying the certificate template
+//! name and information (1.3.6.1.4.1.311.20.2, 1.3.6.1.4.1.311.21.7), application
+//! policies (1.3.6.1.4.1.311.21.10), subjectKeyIdentifier, a critical keyUsage and an
+//! extendedKeyUsage; and the same extensions again in Microsoft's legacy
+//! extension-request attribute (1.3.6.1.4.1.311.2.1.14).
+//!
+//! Accepted requests must yield a leaf with meshca's profile and nothing requested:
+//! its own keyUsage, EKU, SKI and names, no template or policy extension. Requests
+//! that ask for more are refused with their reason: another identity or an IP address
+//! in a SAN, CA:TRUE, a name hidden in the legacy attribute, an RSA-PSS signature, and
+//! ECDSA with SHA-512 (ring, meshca's one crypto provider, verifies ECDSA with
+//! SHA-256/384 only; certreq must be told `HashAlgorithm = sha256` or `sha384` for EC
+//! keys). Every request is also checked by `openssl req -verify`, so that the corpus
+//! is proven well-formed and correctly signed by a parser other than meshca's.
+//!
+//! Signatures are made with ring where it can (P-256/SHA-256, P-384/SHA-384, RSA); the
+//! mixed ECDSA pairs (P-256/SHA-384, P-384/SHA-256, SHA-512) are made by `openssl dgst`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+
+use meshca::ca::material::to_pem;
+use meshca::clock::Clock;
+use meshca::proto::CertifyRequest;
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use support::{chain, request_id, TestServer};
+use tonic::Code;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::FromDer;
+
+// ---- A small DER writer ----
+
+fn tlv(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let content = parts.concat();
+    let mut out = vec![tag];
+    match content.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n < 0x100 => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend(content);
+    out
+}
+
+fn seq(parts: &[&[u8]]) -> Vec<u8> {
+    tlv(0x30, parts)
+}
+
+/// The elements of a DER SET OF, sorted by their encoding.
+fn sorted(parts: &[&[u8]]) -> Vec<u8> {
+    let mut parts = parts.to_vec();
+    parts.sort();
+    parts.concat()
+}
+
+fn set_of(parts: &[&[u8]]) -> Vec<u8> {
+    tlv(0x31, &[&sorted(parts)])
+}
+
+fn oid(dotted: &str) -> Vec<u8> {
+    let arcs: Vec<u64> = dotted.split('.').map(|a| a.parse().unwrap()).collect();
+    let mut body = vec![(arcs[0] * 40 + arcs[1]) as u8];
+    for &arc in &arcs[2..] {
+        let mut groups = vec![(arc & 0x7f) as u8];
+        let mut rest = arc >> 7;
+        while rest > 0 {
+            groups.push((rest & 0x7f) as u8 | 0x80);
+            rest >>= 7;
+        }
+        body.extend(groups.iter().rev());
+    }
+    tlv(0x06, &[&body])
+}
+
+fn int(v: u8) -> Vec<u8> {
+    assert!(v < 0x80);
+    tlv(0x02, &[&[v]])
+}
+
+fn bmp(s: &str) -> Vec<u8> {
+    let units: Vec<u8> = s.encode_utf16().flat_map(u16::to_be_bytes).collect();
+    tlv(0x1e, &[&units])
+}
+
+fn bits(bytes: &[u8]) -> Vec<u8> {
+    tlv(0x03, &[&[0], bytes])
+}
+
+const NULL: &[u8] = &[0x05, 0x00];
+
+fn extension(id: &str, critical: bool, value: &[u8]) -> Vec<u8> {
+    let critical: &[u8] = if critical { &[0x01, 0x01, 0xff] } else { &[] };
+    seq(&[&oid(id), critical, &tlv(0x04, &[value])])
+}
+
+fn attribute(id: &str, value: &[u8]) -> Vec<u8> {
+    seq(&[&oid(id), &set_of(&[value])])
+}
+
+// ---- Keys and signatures ----
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hash {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl Hash {
+    fn openssl(self) -> &'static str {
+        match self {
+            Hash::Sha256 => "-sha256",
+            Hash::Sha384 => "-sha384",
+            Hash::Sha512 => "-sha512",
+        }
+    }
+}
+
+/// A request key: its PKCS#8 form and SubjectPublicKeyInfo.
+struct Key {
+    label: &'static str,
+    pkcs8: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+impl Key {
+    fn ec(label: &'static str, alg: &'static signature::EcdsaSigningAlgorithm, curve: &str) -> Key {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap().as_ref().to_vec();
+        let public = EcdsaKeyPair::from_pkcs8(alg, &pkcs8, &rng).unwrap().public_key().as_ref().to_vec();
+        let spki = seq(&[&seq(&[&oid("1.2.840.10045.2.1"), &oid(curve)]), &bits(&public)]);
+        Key { label, pkcs8, spki }
+    }
+
+    fn p256() -> Key {
+        Key::ec("p256", &signature::ECDSA_P256_SHA256_ASN1_SIGNING, "1.2.840.10045.3.1.7")
+    }
+
+    fn p384() -> Key {
+        Key::ec("p384", &signature::ECDSA_P384_SHA384_ASN1_SIGNING, "1.3.132.0.34")
+    }
+
+    fn rsa2048() -> Key {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rsa2048.pk8.pem");
+        let pkcs8 = PrivatePkcs8KeyDer::from_pem_file(path).unwrap().secret_pkcs8_der().to_vec();
+        let public = RsaKeyPair::from_pkcs8(&pkcs8).unwrap().public().as_ref().to_vec();
+        let spki = seq(&[&seq(&[&oid("1.2.840.113549.1.1.1"), NULL]), &bits(&public)]);
+        Key { label: "rsa2048", pkcs8, spki }
+    }
+
+    fn is_rsa(&self) -> bool {
+        self.label.starts_with("rsa")
+    }
+
+    /// (signatureAlgorithm, signature) over `data`.
+    fn sign(&self, hash: Hash, data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let rng = SystemRandom::new();
+        if self.is_rsa() {
+            let (id, alg): (_, &'static dyn signature::RsaEncoding) = match hash {
+                Hash::Sha256 => ("1.2.840.113549.1.1.11", &signature::RSA_PKCS1_SHA256),
+                Hash::Sha384 => ("1.2.840.113549.1.1.12", &signature::RSA_PKCS1_SHA384),
+                Hash::Sha512 => ("1.2.840.113549.1.1.13", &signature::RSA_PKCS1_SHA512),
+            };
+            let key = RsaKeyPair::from_pkcs8(&self.pkcs8).unwrap();
+            let mut sig = vec![0; key.public().modulus_len()];
+            key.sign(alg, &rng, data, &mut sig).unwrap();
+            return (seq(&[&oid(id), NULL]), sig);
+        }
+        let id = match hash {
+            Hash::Sha256 => "1.2.840.10045.4.3.2",
+            Hash::Sha384 => "1.2.840.10045.4.3.3",
+            Hash::Sha512 => "1.2.840.10045.4.3.4",
+        };
+        let native = match (self.label, hash) {
+            ("p256", Hash::Sha256) => Some(&signature::ECDSA_P256_SHA256_ASN1_SIGNING),
+            ("p384", Hash::Sha384) => Some(&signature::ECDSA_P384_SHA384_ASN1_SIGNING),
+            _ => None,
+        };
+        let sig = match native {
+            Some(alg) => {
+                let key = EcdsaKeyPair::from_pkcs8(alg, &self.pkcs8, &rng).unwrap();
+                key.sign(&rng, data).unwrap().as_ref().to_vec()
+            }
+            None => openssl_sign(&self.pkcs8, hash, data),
+        };
+        (seq(&[&oid(id)]), sig)
+    }
+
+    /// An RSA-PSS (SHA-256) signature, as certreq makes with `AlternateSignatureAlgorithm = true`.
+    fn sign_pss(&self, data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let key = RsaKeyPair::from_pkcs8(&self.pkcs8).unwrap();
+        let mut sig = vec![0; key.public().modulus_len()];
+        key.sign(&signature::RSA_PSS_SHA256, &SystemRandom::new(), data, &mut sig).unwrap();
+        (seq(&[rustls_pki_types::alg_id::RSA_PSS_SHA256.as_ref()]), sig)
+    }
+}
+
+/// Runs openssl, failing the test with a pointer to `.ci/run` when it is missing.
+fn openssl(args: &[&str], dir: &std::path::Path) -> Output {
+    match Command::new("openssl").args(args).current_dir(dir).stdin(Stdio::null()).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("openssl is not installed; run .ci/run, which installs it")
+        }
+        Err(e) => panic!("cannot run openssl: {e}"),
+    }
+}
+
+/// An ECDSA signature by `openssl dgst`, for the hash/curve pairs ring does not sign.
+fn openssl_sign(pkcs8: &[u8], hash: Hash, data: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key.pem"), to_pem("PRIVATE KEY", pkcs8)).unwrap();
+    std::fs::write(dir.path().join("data"), data).unwrap();
+    let out = openssl(&["dgst", hash.openssl(), "-sign", "key.pem", "-out", "sig", "data"], dir.path());
+    assert!(out.status.success(), "openssl dgst: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(dir.path().join("sig")).unwrap()
+}
+
+/// `openssl req -verify`: the request parses and its self-signature verifies.
+fn assert_openssl_verifies(csr: &[u8], what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("req.der"), csr).unwrap();
+    let out = openssl(&["req", "-inform", "DER", "-in", "req.der", "-verify", "-noout"], dir.path());
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.contains("verify OK"), "{what}: openssl req -verify: {said}");
+}
+
+// ---- The requests ----
+
+const SERVER_AUTH: &str = "1.3.6.1.5.5.7.3.1";
+const CLIENT_AUTH: &str = "1.3.6.1.5.5.7.3.2";
+const EMAIL_PROTECTION: &str = "1.3.6.1.5.5.7.3.4";
+const TEMPLATE_NAME: &str = "1.3.6.1.4.1.311.20.2";
+const TEMPLATE_INFO: &str = "1.3.6.1.4.1.311.21.7";
+const APPLICATION_POLICIES: &str = "1.3.6.1.4.1.311.21.10";
+const MS_EXTENSION_REQUEST: &str = "1.3.6.1.4.1.311.2.1.14";
+/// SKI certreq would not compute: the leaf must carry meshca's own.
+const REQUESTED_SKI: [u8; 20] = [0x5a; 20];
+
+#[derive(Clone, Copy, Debug)]
+enum Subject<'a> {
+    Printable(&'a str),
+    Utf8(&'a str),
+    Empty,
+}
+
+/// How a request departs from what certreq makes for the identity.
+#[derive(Clone, Debug)]
+struct Request<'a> {
+    subject: Subject<'a>,
+    hash: Hash,
+    /// DNS names in a subjectAltName of the extensionRequest.
+    san_dns: Vec<&'a str>,
+    /// An IPv4 address in that subjectAltName.
+    san_ip: Option<[u8; 4]>,
+    ca: bool,
+    /// Also send the extensions in Microsoft's legacy attribute, with a SAN of this DNS name.
+    legacy_attribute: Option<&'a str>,
+    pss: bool,
+}
+
+impl Request<'_> {
+    fn plain(identity: &str) -> Request<'_> {
+        Request {
+            subject: Subject::Printable(identity),
+            hash: Hash::Sha256,
+            san_dns: vec![],
+            san_ip: None,
+            ca: false,
+            legacy_attribute: None,
+            pss: false,
+        }
+    }
+}
+
+fn name(subject: Subject<'_>) -> Vec<u8> {
+    let cn = |tag: u8, s: &str| seq(&[&set_of(&[&seq(&[&oid("2.5.4.3"), &tlv(tag, &[s.as_bytes()])])])]);
+    match subject {
+        Subject::Printable(s) => cn(0x13, s),
+        Subject::Utf8(s) => cn(0x0c, s),
+        Subject::Empty => seq(&[]),
+    }
+}
+
+/// The extensions certreq asks for, with the request's SAN and basicConstraints.
+fn extensions(req: &Request<'_>, san_dns: &[&str]) -> Vec<u8> {
+    let mut exts = vec![
+        extension(TEMPLATE_NAME, false, &bmp("WebServer")),
+        extension(TEMPLATE_INFO, false, &seq(&[&oid("1.3.6.1.4.1.311.21.8.1.2.3.4"), &int(100), &int(4)])),
+        extension("2.5.29.37", false, &seq(&[&oid(SERVER_AUTH), &oid(CLIENT_AUTH), &oid(EMAIL_PROTECTION)])),
+        extension(
+            APPLICATION_POLICIES,
+            false,
+            &seq(&[&seq(&[&oid(SERVER_AUTH)]), &seq(&[&oid(CLIENT_AUTH)])]),
+        ),
+        // digitalSignature, nonRepudiation, keyEncipherment, dataEncipherment: more
+        // than meshca grants, so the leaf shows whose key usage it carries.
+        extension("2.5.29.15", true, &tlv(0x03, &[&[0x04, 0xf0]])),
+        extension("2.5.29.14", false, &tlv(0x04, &[&REQUESTED_SKI])),
+    ];
+    let mut names: Vec<Vec<u8>> = san_dns.iter().map(|n| tlv(0x82, &[n.as_bytes()])).collect();
+    if let Some(ip) = req.san_ip {
+        names.push(tlv(0x87, &[&ip]));
+    }
+    if !names.is_empty() {
+        let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+        exts.push(extension("2.5.29.17", false, &seq(&names)));
+    }
+    if req.ca {
+        exts.push(extension("2.5.29.19", true, &seq(&[&[0x01, 0x01, 0xff]])));
+    }
+    let exts: Vec<&[u8]> = exts.iter().map(Vec::as_slice).collect();
+    seq(&exts)
+}
+
+/// A request laid out as certreq lays it out, signed by `key`.
+fn certreq(key: &Key, req: &Request<'_>) -> Vec<u8> {
+    let (key_spec, csp) = if key.is_rsa() {
+        (1, "Microsoft RSA SChannel Cryptographic Provider")
+    } else {
+        (0, "Microsoft Software Key Storage Provider")
+    };
+    let client_info = seq(&[
+        &int(5),
+        &tlv(0x0c, &[b"WIN-2016-NODE1.corp.example.com"]),
+        &tlv(0x0c, &[b"CORP\\svc-web"]),
+        &tlv(0x0c, &[b"certreq.exe"]),
+    ]);
+    let mut attributes = vec![
+        attribute("1.3.6.1.4.1.311.13.2.3", &tlv(0x16, &[b"10.0.14393.2"])),
+        attribute("1.3.6.1.4.1.311.21.20", &client_info),
+        attribute("1.3.6.1.4.1.311.13.2.2", &seq(&[&int(key_spec), &bmp(csp), &bits(&[])])),
+        attribute("1.2.840.113549.1.9.14", &extensions(req, &req.san_dns)),
+    ];
+    if let Some(dns) = req.legacy_attribute {
+        attributes.push(attribute(
+            MS_EXTENSION_REQUEST,
+            &extensions(&Request { ca: false, ..req.clone() }, &[dns]),
+        ));
+    }
+    let attributes: Vec<&[u8]> = attributes.iter().map(Vec::as_slice).collect();
+    // attributes [0] IMPLICIT SET OF Attribute
+    let info = seq(&[&int(0), &name(req.subject), &key.spki, &tlv(0xa0, &[&sorted(&attributes)])]);
+    let (alg, sig) = if req.pss { key.sign_pss(&info) } else { key.sign(req.hash, &info) };
+    seq(&[&info, &alg, &bits(&sig)])
+}
+
+// ---- The tests ----
+
+fn certify_request(server: &TestServer, csr: Vec<u8>) -> CertifyRequest {
+    CertifyRequest {
+        identity: server.identity("default", "web"),
+        token: server.token("default", "web"),
+        certificate_signing_request: csr,
+    }
+}
+
+/// The leaf carries meshca's profile for `key` and nothing the request asked for.
+fn assert_only_meshcas_profile(leaf: &[u8], key: &Key, identity: &str, what: &str) {
+    let (_, cert) = X509Certificate::from_der(leaf).unwrap();
+    let mut oids: Vec<String> = cert.extensions().iter().map(|e| e.oid.to_id_string()).collect();
+    oids.sort();
+    // basicConstraints, keyUsage, extendedKeyUsage, SAN, SKI, AKI: nothing else.
+    let expected = ["2.5.29.14", "2.5.29.15", "2.5.29.17", "2.5.29.19", "2.5.29.35", "2.5.29.37"];
+    assert_eq!(oids, expected, "{what}: leaf extensions");
+    assert_eq!(cert.public_key().raw, key.spki.as_slice(), "{what}: the leaf certifies the request's key");
+    let cn: Vec<_> = cert.subject().iter_common_name().map(|a| a.as_str().unwrap().to_owned()).collect();
+    assert_eq!(cn, [identity], "{what}: subject");
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(ski) => {
+                assert_ne!(ski.0, REQUESTED_SKI, "{what}: requested SKI")
+            }
+            ParsedExtension::KeyUsage(ku) => {
+                assert!(
+                    ku.digital_signature() && !ku.non_repudiation() && !ku.data_encipherment(),
+                    "{what}: {ku}"
+                );
+                assert_eq!(ku.key_encipherment(), key.is_rsa(), "{what}: {ku}");
+            }
+            ParsedExtension::ExtendedKeyUsage(eku) => {
+                assert!(eku.server_auth && eku.client_auth && !eku.email_protection, "{what}: {eku:?}");
+                assert!(eku.other.is_empty() && !eku.any, "{what}: {eku:?}");
+            }
+            ParsedExtension::BasicConstraints(bc) => assert!(!bc.ca, "{what}: CA:TRUE"),
+            ParsedExtension::SubjectAlternativeName(san) => match san.general_names.as_slice() {
+                [GeneralName::DNSName(dns), GeneralName::URI(uri)] => {
+                    assert_eq!(*dns, identity, "{what}: DNS SAN");
+                    assert!(
+                        uri.starts_with("spiffe://cluster.local/ns/default/sa/web"),
+                        "{what}: URI SAN {uri}"
+                    );
+                }
+                names => panic!("{what}: SAN {names:?}"),
+            },
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn certreq_style_requests_are_accepted_and_the_leaf_carries_only_meshcas_profile() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let identity = server.identity("default", "web");
+    let id = identity.as_str();
+    let (p256, p384, rsa) = (Key::p256(), Key::p384(), Key::rsa2048());
+    let hashes = |key: &Key| {
+        if key.is_rsa() {
+            vec![Hash::Sha256, Hash::Sha384, Hash::Sha512]
+        } else {
+            vec![Hash::Sha256, Hash::Sha384]
+        }
+    };
+    let mut cases: Vec<(String, &Key, Request<'_>)> = Vec::new();
+    for key in [&p256, &p384, &rsa] {
+        for hash in hashes(key) {
+            let what = format!("{} {hash:?}", key.label);
+            cases.push((what.clone(), key, Request { hash, ..Request::plain(id) }));
+            let sans = Request { hash, san_dns: vec![id], legacy_attribute: Some(id), ..Request::plain(id) };
+            cases.push((format!("{what}, SAN and legacy attribute"), key, sans));
+        }
+        cases.push((
+            format!("{} UTF8String CN", key.label),
+            key,
+            Request { subject: Subject::Utf8(id), ..Request::plain(id) },
+        ));
+        cases.push((
+            format!("{} empty subject", key.label),
+            key,
+            Request { subject: Subject::Empty, ..Request::plain(id) },
+        ));
+    }
+    assert_eq!(cases.len(), 20);
+    for (what, key, req) in cases {
+        let csr = certreq(key, &req);
+        assert_openssl_verifies(&csr, &what);
+        let resp = client.certify(certify_request(&server, csr)).await;
+        let resp =
+            resp.unwrap_or_else(|s| panic!("{what}: refused: {:?} {}", s.code(), s.message())).into_inner();
+        let (leaf, intermediates) = chain(&resp);
+        server.anchors.verify(&leaf, &intermediates, server.clock.now(), Some(id)).unwrap();
+        assert_only_meshcas_profile(&leaf, key, id, &what);
+    }
+}
+
+#[tokio::test]
+async fn certreq_style_requests_asking_for_more_are_refused_with_their_reason() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let identity = server.identity("default", "web");
+    let id = identity.as_str();
+    let other = server.identity("default", "db");
+    let (p256, p384, rsa) = (Key::p256(), Key::p384(), Key::rsa2048());
+    let plain = || Request::plain(id);
+    let cases: Vec<(&str, &Key, Request<'_>, Code, &str)> = vec![
+        (
+            "SAN naming another identity",
+            &rsa,
+            Request { san_dns: vec![id, other.as_str()], ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        (
+            "CN naming another identity",
+            &p256,
+            Request { subject: Subject::Printable(other.as_str()), ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        (
+            "IP address SAN",
+            &p256,
+            Request { san_ip: Some([10, 0, 0, 7]), ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        ("CA:TRUE", &rsa, Request { ca: true, ..plain() }, Code::PermissionDenied, "csr_ca_requested"),
+        (
+            "another identity hidden in the legacy extension-request attribute",
+            &p384,
+            Request { legacy_attribute: Some(other.as_str()), ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        (
+            "RSA-PSS signature",
+            &rsa,
+            Request { pss: true, ..plain() },
+            Code::InvalidArgument,
+            "csr_unsupported_signature_algorithm",
+        ),
+        (
+            "ECDSA P-256 with SHA-512",
+            &p256,
+            Request { hash: Hash::Sha512, ..plain() },
+            Code::InvalidArgument,
+            "csr_unsupported_signature_algorithm",
+        ),
+        (
+            "ECDSA P-384 with SHA-512",
+            &p384,
+            Request { hash: Hash::Sha512, ..plain() },
+            Code::InvalidArgument,
+            "csr_unsupported_signature_algorithm",
+        ),
+    ];
+    for (what, key, req, code, reason) in cases {
+        let csr = certreq(key, &req);
+        // Well-formed and correctly signed: refused for what it asks, not for how it is made.
+        assert_openssl_verifies(&csr, what);
+        let status = match client.certify(certify_request(&server, csr)).await {
+            Ok(_) => panic!("{what}: a certificate was issued"),
+            Err(status) => status,
+        };
+        assert_eq!(status.code(), code, "{what}: {}", status.message());
+        let record = server.audit_record(&request_id(status.metadata()));
+        assert_eq!(record["outcome"], "denied", "{what}");
+        let got = record["reason"].as_str().unwrap();
+        assert!(got.starts_with(reason), "{what}: reason {got:?}, expected {reason}");
+    }
+    let issued = server.audit_records().iter().filter(|r| r["outcome"] == "issued").count();
+    assert_eq!(issued, 1, "only the serving certificate was issued");
+}

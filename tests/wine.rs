@@ -1,0 +1,367 @@
+//! The Windows build of `meshca agent`, run for real under Wine against a Linux
+//! `meshca serve --dev` on loopback.
+//!
+//! `.ci/run` cross-compiles `meshca.exe` (`x86_64-pc-windows-gnu`, dev profile)
+//! and the test-only `bcryptprimitives.dll` shim (tests/wine/bcryptprimitives.c)
+//! next to it, and installs Wine, before `cargo test`. When any of them is missing
+//! or `meshca.exe` is older than the sources, the test fails and says how to build
+//! it: it never passes without having run the Windows binary.
+//!
+//! What runs on Windows code paths here: file replacement by `std::fs::rename`
+//! (MoveFileExW), directory creation, `Z:\` paths, the `--on-renew` hook through
+//! `cmd /C`, TLS and gRPC over Windows sockets, the monotonic renewal timer, and
+//! shutdown on Ctrl-C (Wine turns SIGINT into a console Ctrl-C event). Waiting for
+//! real renewals is inherent: the server issues 10 s leaves (its minimum), the
+//! agent renews at half of that, and the test waits on the agent's log lines, with
+//! one overall deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![cfg(target_os = "linux")]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+
+use meshca::ca::issuer::TrustAnchors;
+use meshca::clock::{Clock, SystemClock};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+/// The Linux binary: the server and `dev-token`.
+const BIN: &str = env!("CARGO_BIN_EXE_meshca");
+const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
+/// Bound on one Wine command (the first one also creates the Wine prefix).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on the agent's three certificates (expected: about 10 s).
+const RENEWALS_TIMEOUT: Duration = Duration::from_secs(60);
+const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
+const BUILD_HINT: &str = "run .ci/run, or its Windows steps: `rustup target add x86_64-pc-windows-gnu`, \
+    `apt-get install --no-install-recommends gcc-mingw-w64-x86-64 wine64`, \
+    `CARGO_PROFILE_DEV_DEBUG=0 cargo build --locked --target x86_64-pc-windows-gnu --bin meshca`, \
+    `x86_64-w64-mingw32-gcc -shared -O2 -o target/x86_64-pc-windows-gnu/debug/bcryptprimitives.dll \
+    tests/wine/bcryptprimitives.c -ladvapi32`";
+
+/// `target/x86_64-pc-windows-gnu/debug`, beside the directory of the Linux binary
+/// (so a custom `CARGO_TARGET_DIR` is followed).
+fn windows_dir() -> PathBuf {
+    let target = Path::new(BIN).parent().and_then(Path::parent).expect("target directory");
+    target.join(WINDOWS_TARGET).join("debug")
+}
+
+/// The most recently modified file under `path` (a file or a directory tree).
+fn newest(path: &Path) -> (SystemTime, PathBuf) {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let own = (meta.modified().expect("mtime"), path.to_path_buf());
+    if !meta.is_dir() {
+        return own;
+    }
+    std::fs::read_dir(path)
+        .expect("read_dir")
+        .map(|entry| newest(&entry.expect("dir entry").path()))
+        .fold(own, std::cmp::max)
+}
+
+/// A build output that must exist and be newer than what it is built from.
+fn built(output: &Path, sources: &[&str]) -> PathBuf {
+    let built_at = match std::fs::metadata(output) {
+        Ok(meta) => meta.modified().expect("mtime"),
+        Err(e) => panic!("{} is missing ({e}); {BUILD_HINT}", output.display()),
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for source in sources {
+        let (changed_at, changed) = newest(&root.join(source));
+        assert!(
+            changed_at <= built_at,
+            "{} is older than {}; rebuild it: {BUILD_HINT}",
+            output.display(),
+            changed.display()
+        );
+    }
+    output.to_path_buf()
+}
+
+/// A program named one of `names` on `PATH`, else `absolute` (where Debian's
+/// `wine64` package puts it).
+fn program(names: &[&str], absolute: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
+        .chain([PathBuf::from(absolute)])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("Wine is not installed (no {names:?} on PATH, no {absolute}); {BUILD_HINT}")
+        })
+}
+
+/// Windows' name for a Linux path: Wine maps `/` to drive `Z:`.
+fn windows_path(path: &Path) -> String {
+    format!("Z:{}", path.to_str().expect("utf-8 path").replace('/', "\\"))
+}
+
+/// A child process whose stderr is read line by line; killed on drop.
+struct Process {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Process {
+    fn spawn(cmd: &mut Command) -> Process {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let pipe = child.stderr.take().expect("stderr pipe");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Process { child, lines, seen: Vec::new() }
+    }
+
+    /// Reads stderr until a line contains `needle`; fails at `deadline`.
+    fn wait_for(&mut self, needle: &str, deadline: Instant) -> String {
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no line with {needle:?} ({e:?}); stderr so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Sends `signal` (`kill -s`), then waits for stderr to close and the process to exit.
+    fn stop(&mut self, signal: &str) -> ExitStatus {
+        let sent = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status();
+        assert!(sent.expect("run kill").success(), "kill -s {signal} failed");
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no exit after SIG{signal}:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs to completion with output captured; fails after [`COMMAND_TIMEOUT`].
+fn output(cmd: &mut Command) -> Output {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let child = child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id().to_string();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}")
+        }
+    }
+}
+
+fn assert_success(out: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what}: {}\n{stderr}", out.status);
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+/// A Wine prefix of its own; on drop, every Windows process in it is ended
+/// (`wineserver -k`) and its wineserver has exited (`wineserver -w`).
+struct Wine {
+    loader: PathBuf,
+    server: PathBuf,
+    prefix: PathBuf,
+}
+
+impl Wine {
+    fn new(prefix: PathBuf) -> Wine {
+        let loader = program(&["wine64", "wine"], "/usr/lib/wine/wine64");
+        let server = program(&["wineserver"], "/usr/lib/wine/wineserver64");
+        Wine { loader, server, prefix }
+    }
+
+    /// `exe ARGS` under Wine, without `MESHCA_*` settings from the caller.
+    fn command(&self, exe: &Path) -> Command {
+        let mut cmd = Command::new(&self.loader);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("MESHCA_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.arg(exe)
+            .env("WINEPREFIX", &self.prefix)
+            // Quiet, headless, and no offer to install Mono or Gecko into the new prefix.
+            .env("WINEDEBUG", "-all")
+            .env("WINEDLLOVERRIDES", "mscoree,mshtml=")
+            .env_remove("DISPLAY")
+            .env_remove("WAYLAND_DISPLAY")
+            .env("NO_COLOR", "1");
+        cmd
+    }
+}
+
+impl Drop for Wine {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.server).arg("-k").env("WINEPREFIX", &self.prefix).status();
+        let _ = Command::new(&self.server).arg("-w").env("WINEPREFIX", &self.prefix).status();
+    }
+}
+
+/// The leaf's SHA-256, as audit records spell it.
+fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn certificates(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().expect("PEM certificates")
+}
+
+fn issued_for(audit_log: &Path, identity: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(audit_log).expect("read audit log");
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit record is JSON"))
+        .filter(|r| r["requested_identity"] == identity)
+        .collect()
+}
+
+#[test]
+fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
+    let exe =
+        built(&windows_dir().join("meshca.exe"), &["src", "build.rs", "proto", "Cargo.toml", "Cargo.lock"]);
+    built(&windows_dir().join("bcryptprimitives.dll"), &["tests/wine/bcryptprimitives.c"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let wine = Wine::new(tmp.path().join("wine"));
+
+    // Smoke: the Windows binary starts (this run also creates the prefix).
+    let version = assert_success(&output(wine.command(&exe).arg("--version")), "meshca.exe --version");
+    assert_eq!(version.trim_end(), format!("meshca {}", env!("CARGO_PKG_VERSION")));
+    let help = assert_success(&output(wine.command(&exe).args(["certify", "--help"])), "certify --help");
+    assert!(help.contains("--trust-anchors") && help.contains("--out"), "{help}");
+
+    // The server, on this host's clock: Wine shares it, so no backdate is needed
+    // and a leaf is valid for exactly the 10 s asked for.
+    let data = tmp.path().join("data");
+    let mut server =
+        Process::spawn(Command::new(BIN).args(["serve", "--dev", "--data-dir"]).arg(&data).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--issuance-lifetime",
+            "10s",
+            "--clock-skew-allowance",
+            "0s",
+        ]));
+    let first = server.wait_for("meshca dev mode:", Instant::now() + COMMAND_TIMEOUT);
+    let grpc =
+        first.split("gRPC on ").nth(1).and_then(|s| s.split(',').next()).expect("gRPC address").to_owned();
+    let token = assert_success(
+        &output(Command::new(BIN).args(["dev-token", "--data-dir"]).arg(&data).args([
+            "--namespace",
+            "default",
+            "--service-account",
+            "web",
+        ])),
+        "dev-token",
+    );
+    let token_file = tmp.path().join("web.token");
+    std::fs::write(&token_file, token.trim_end()).unwrap();
+
+    let anchors_file = data.join("trust-anchors.pem");
+    let anchors = TrustAnchors::load(&anchors_file).unwrap();
+    let out = tmp.path().join("out");
+    let hooked = tmp.path().join("hooked.crt");
+    let hook = format!("type {} > {}", windows_path(&out.join("tls.crt")), windows_path(&hooked));
+    let mut agent = Process::spawn(wine.command(&exe).args([
+        "agent",
+        "--addr",
+        &grpc,
+        "--trust-anchors",
+        &windows_path(&anchors_file),
+        "--token-file",
+        &windows_path(&token_file),
+        "--identity",
+        WEB,
+        "--out",
+        &windows_path(&out),
+        "--on-renew",
+        &hook,
+    ]));
+
+    // Three rounds: the first certificate and two renewals, each a new key and a
+    // new leaf that chains to the anchors, written whole, with the hook run after.
+    let deadline = Instant::now() + RENEWALS_TIMEOUT;
+    let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut fingerprints = BTreeSet::new();
+    let mut last_round: Option<SystemTime> = None;
+    while seen.len() < 3 {
+        let line = agent.wait_for("certificate renewed", deadline);
+        // The agent's own timestamp, which starts the line.
+        let at = line.split_whitespace().next().and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+        let at = at.unwrap_or_else(|| panic!("no timestamp in {line:?}"));
+        if let Some(previous) = last_round {
+            // Half of the 10 s lifetime, less at most 10% jitter: no renewal loop.
+            let gap = at.duration_since(previous).unwrap_or_default();
+            assert!(gap >= Duration::from_secs(4), "renewed {gap:?} after the previous round");
+        }
+        last_round = Some(at);
+        let chain = std::fs::read(out.join("tls.crt")).unwrap();
+        let key = std::fs::read(out.join("tls.key")).unwrap();
+        assert!(
+            seen.iter().all(|(c, k)| *c != chain && *k != key),
+            "round {} reused a certificate or key",
+            seen.len() + 1
+        );
+        let certs = certificates(&chain);
+        assert!(certs.len() >= 2, "leaf and issuer expected in tls.crt");
+        anchors.verify(&certs[0], &certs[1..], SystemClock.now(), Some(WEB)).expect("the chain verifies");
+        assert_eq!(std::fs::read(out.join("ca.crt")).unwrap(), std::fs::read(&anchors_file).unwrap());
+        assert_eq!(
+            std::fs::read(&hooked).unwrap(),
+            chain,
+            "the --on-renew hook ran after the files were written"
+        );
+        fingerprints.insert(fingerprint(&certs[0]));
+        seen.push((chain, key));
+    }
+    let names: BTreeSet<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["ca.crt", "tls.crt", "tls.key"].map(Into::into).into(), "temporary files left behind");
+
+    // Ctrl-C ends the agent cleanly.
+    let status = agent.stop("INT");
+    assert!(status.success(), "agent exit after Ctrl-C: {status}\n{}", agent.seen.join("\n"));
+    let errors: Vec<&String> = agent.seen.iter().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "the agent logged errors:\n{}", agent.seen.join("\n"));
+
+    // The audit log holds exactly these three issuances and no refusal.
+    assert!(server.stop("TERM").success(), "serve exit:\n{}", server.seen.join("\n"));
+    let records = issued_for(&data.join("audit.jsonl"), WEB);
+    assert!(records.iter().all(|r| r["outcome"] == "issued"), "{records:?}");
+    let audited: BTreeSet<String> =
+        records.iter().map(|r| r["fingerprint_sha256"].as_str().expect("fingerprint").to_owned()).collect();
+    assert_eq!(audited, fingerprints, "audited issuances differ from the certificates written");
+}
