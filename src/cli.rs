@@ -236,7 +236,8 @@ pub struct DevTokenArgs {
     pub pod_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LeafKeyArg {
     P256,
     P384,
@@ -247,50 +248,71 @@ pub enum LeafKeyArg {
 /// What every certificate request needs (`certify` and `agent`).
 #[derive(Debug, Args)]
 pub struct CertifyArgs {
+    /// TOML file with any of these settings (same names as the flags, e.g. `token-file = "…"`).
+    #[arg(long, env = "MESHCA_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// meshca's address, e.g. https://127.0.0.1:8080 (http:// for a --plaintext server).
-    #[arg(long, env = "MESHCA_ADDR", value_name = "URL")]
-    pub addr: String,
+    #[arg(long, env = "MESHCA_ADDR", value_name = "URL", required_unless_present = "config")]
+    pub addr: Option<String>,
     /// PEM bundle of trust anchors to verify the server and the issued chain.
-    #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE")]
-    pub trust_anchors: PathBuf,
+    #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE", required_unless_present = "config")]
+    pub trust_anchors: Option<PathBuf>,
     /// File holding the token to present (re-read on every attempt).
-    #[arg(long, env = "MESHCA_TOKEN_FILE", value_name = "FILE")]
-    pub token_file: PathBuf,
+    #[arg(long, env = "MESHCA_TOKEN_FILE", value_name = "FILE", required_unless_present = "config")]
+    pub token_file: Option<PathBuf>,
     /// The identity to request.
-    #[arg(long, env = "MESHCA_IDENTITY", value_name = "NAME")]
-    pub identity: String,
+    #[arg(long, env = "MESHCA_IDENTITY", value_name = "NAME", required_unless_present = "config")]
+    pub identity: Option<String>,
     /// Output directory for tls.crt, tls.key, ca.crt (created when absent).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub out: Option<PathBuf>,
     /// Name expected in meshca's serving certificate [default: meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local].
     #[arg(long, env = "MESHCA_SERVER_NAME", value_name = "NAME")]
     pub server_name: Option<String>,
-    /// Key algorithm of the new key.
-    #[arg(long, env = "MESHCA_KEY_TYPE", value_enum, default_value = "p256")]
-    pub key_type: LeafKeyArg,
+    /// Key algorithm of the new key [default: p256].
+    #[arg(long, env = "MESHCA_KEY_TYPE", value_enum)]
+    pub key_type: Option<LeafKeyArg>,
 }
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     #[command(flatten)]
     pub request: CertifyArgs,
-    /// Renew after this fraction of the certificate's lifetime.
-    #[arg(long, env = "MESHCA_RENEW_AT", default_value = "0.5", value_name = "FRACTION")]
-    pub renew_at: f64,
-    /// Relative jitter on the renewal time (0.1 = ±10%).
-    #[arg(long, env = "MESHCA_JITTER", default_value = "0.1", value_name = "FRACTION")]
-    pub jitter: f64,
+    /// Renew after this fraction of the certificate's lifetime [default: 0.5].
+    #[arg(long, env = "MESHCA_RENEW_AT", value_name = "FRACTION")]
+    pub renew_at: Option<f64>,
+    /// Relative jitter on the renewal time, 0.1 = ±10% [default: 0.1].
+    #[arg(long, env = "MESHCA_JITTER", value_name = "FRACTION")]
+    pub jitter: Option<f64>,
     /// Get one certificate and exit (init containers, scheduled tasks).
     #[arg(long, env = "MESHCA_ONCE")]
     pub once: bool,
     /// Shell command run after each renewal (e.g. to make a proxy reload its files).
     #[arg(long, env = "MESHCA_ON_RENEW", value_name = "CMD")]
     pub on_renew: Option<String>,
-    /// Warn when this host's clock differs from meshca's by more than this.
-    #[arg(long, env = "MESHCA_CLOCK_OFFSET_WARNING", default_value = "30s", value_name = "DURATION")]
-    pub clock_offset_warning: String,
+    /// Warn when this host's clock differs from meshca's by more than this [default: 30s].
+    #[arg(long, env = "MESHCA_CLOCK_OFFSET_WARNING", value_name = "DURATION")]
+    pub clock_offset_warning: Option<String>,
     /// Serve /live, /ready (a valid certificate is on disk) and /metrics on this address.
     #[arg(long, env = "MESHCA_AGENT_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+}
+
+/// The agent's TOML file (`--config` of `agent` and `certify`): the flags' names.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentFile {
+    pub addr: Option<String>,
+    pub trust_anchors: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub identity: Option<String>,
+    pub out: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub key_type: Option<LeafKeyArg>,
+    pub renew_at: Option<f64>,
+    pub jitter: Option<f64>,
+    pub on_renew: Option<String>,
+    pub clock_offset_warning: Option<String>,
     pub admin_listen: Option<String>,
 }
 

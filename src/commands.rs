@@ -15,7 +15,7 @@ use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use crate::ca::issuer::TrustAnchors;
 use crate::agent::run::{self as agent_run, Settings as AgentSettings, TokioTimer};
 use crate::agent::schedule::Policy;
-use crate::cli::{AgentArgs, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs};
+use crate::cli::{AgentArgs, AgentFile, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, FileConfig, DEV_TOKEN_ISSUER};
 use crate::identity::Naming;
@@ -262,22 +262,32 @@ fn default_server_name() -> Result<String, Failure> {
         .map_err(Failure::other)
 }
 
-/// Agent settings from `certify`/`agent` arguments, checked.
-fn agent_settings(args: CertifyArgs, policy: Policy) -> Result<AgentSettings, Failure> {
+/// Reads the agent's `--config` file, if any.
+fn agent_file(path: Option<&Path>) -> Result<AgentFile, Failure> {
+    let Some(path) = path else { return Ok(AgentFile::default()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("--config {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| Failure::usage(format!("--config {}: {e}", path.display())))
+}
+
+/// Agent settings from `certify`/`agent` arguments over the config file, checked.
+fn agent_settings(args: CertifyArgs, file: &AgentFile, policy: Policy) -> Result<AgentSettings, Failure> {
     policy.validate().map_err(Failure::usage)?;
+    let missing = |flag: &str| Failure::usage(format!("--{flag} is required (flag, environment or --config)"));
+    let trust_anchors = args.trust_anchors.or(file.trust_anchors.clone()).ok_or_else(|| missing("trust-anchors"))?;
     // Fail early, as a usage error, on anchors that cannot be read at all.
-    TrustAnchors::load(&args.trust_anchors).map_err(Failure::usage)?;
+    TrustAnchors::load(&trust_anchors).map_err(Failure::usage)?;
     Ok(AgentSettings {
-        server_name: match args.server_name {
+        server_name: match args.server_name.or(file.server_name.clone()) {
             Some(n) => n,
             None => default_server_name()?,
         },
-        addr: args.addr,
-        trust_anchors: args.trust_anchors,
-        token_file: args.token_file,
-        identity: args.identity,
-        out: args.out,
-        key_type: key_type(args.key_type),
+        addr: args.addr.or(file.addr.clone()).ok_or_else(|| missing("addr"))?,
+        trust_anchors,
+        token_file: args.token_file.or(file.token_file.clone()).ok_or_else(|| missing("token-file"))?,
+        identity: args.identity.or(file.identity.clone()).ok_or_else(|| missing("identity"))?,
+        out: args.out.or(file.out.clone()).ok_or_else(|| missing("out"))?,
+        key_type: key_type(args.key_type.or(file.key_type).unwrap_or(LeafKeyArg::P256)),
         policy,
         offset_warning: Duration::from_secs(30),
         on_renew: None,
@@ -295,24 +305,34 @@ fn round_failure(e: agent_run::Error) -> Failure {
 
 /// `meshca certify`: one certificate, verified, written to `--out`.
 pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
-    certify_round(&agent_settings(args, Policy::default())?).await
+    let file = agent_file(args.config.as_deref())?;
+    certify_round(&agent_settings(args, &file, Policy::default())?).await
 }
 
 /// `meshca agent`: keeps `--out` fresh until SIGTERM/Ctrl-C (or once with `--once`).
 pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
-    let offset_warning = humantime::parse_duration(&args.clock_offset_warning)
+    let file = agent_file(args.request.config.as_deref())?;
+    let offset_warning = args.clock_offset_warning.or(file.clock_offset_warning.clone()).unwrap_or_else(|| "30s".into());
+    let offset_warning = humantime::parse_duration(&offset_warning)
         .map_err(|e| Failure::usage(format!("--clock-offset-warning: {e}")))?;
-    let policy = Policy { renew_at: args.renew_at, jitter: args.jitter, ..Policy::default() };
-    let mut settings = agent_settings(args.request, policy)?;
+    let defaults = Policy::default();
+    let policy = Policy {
+        renew_at: args.renew_at.or(file.renew_at).unwrap_or(defaults.renew_at),
+        jitter: args.jitter.or(file.jitter).unwrap_or(defaults.jitter),
+        ..defaults
+    };
+    let admin_listen = args.admin_listen.or(file.admin_listen.clone());
+    let on_renew = args.on_renew.or(file.on_renew.clone());
+    let mut settings = agent_settings(args.request, &file, policy)?;
     settings.offset_warning = offset_warning;
-    settings.on_renew = args.on_renew;
+    settings.on_renew = on_renew;
     if args.once {
         return certify_round(&settings).await;
     }
     let shutdown = shutdown_signal()?;
     let status = Arc::new(crate::agent::status::Status::default());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    if let Some(addr) = &args.admin_listen {
+    if let Some(addr) = &admin_listen {
         let addr: SocketAddr = addr
             .parse()
             .map_err(|_| Failure::usage(format!("--admin-listen {addr:?} is not an IP:port address")))?;

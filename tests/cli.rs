@@ -542,3 +542,38 @@ fn killing_certify_at_any_moment_never_leaves_a_partial_file() {
     assert_eq!(names, ["ca.crt", "tls.crt", "tls.key"]);
     assert_eq!(server.stop().code(), Some(0));
 }
+
+#[test]
+fn agent_reads_its_settings_from_a_config_file_under_its_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut server = Server::dev(&data);
+    let token = server.token_file("default", "web");
+    let out = tmp.path().join("out");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "addr = \"{}\"\ntrust-anchors = \"{}\"\ntoken-file = \"{}\"\nidentity = \"{WEB}\"\nout = \"{}\"\nkey-type = \"p384\"\n",
+            server.grpc,
+            p(&data.join("trust-anchors.pem")),
+            p(&token),
+            p(&out)
+        ),
+    )
+    .unwrap();
+    assert_exit(&run(&["agent", "--once", "--config", p(&config)]), 0, "agent --once --config");
+    // A flag wins over the file.
+    assert_exit(&run(&["agent", "--once", "--config", p(&config), "--key-type", "p256"]), 0, "flag over file");
+    let types: Vec<_> = audit_records(&server.audit_log())
+        .into_iter()
+        .filter(|r| r["requested_identity"] == WEB)
+        .map(|r| r["csr_key_type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types, ["p384", "p256"]);
+    std::fs::write(&config, "addr = \"https://127.0.0.1:1\"\nno-such-setting = 1\n").unwrap();
+    let bad = run(&["agent", "--once", "--config", p(&config)]);
+    assert_exit(&bad, 2, "unknown config key");
+    assert!(stderr(&bad).contains("no-such-setting"), "{}", stderr(&bad));
+    assert_eq!(server.stop().code(), Some(0));
+}
