@@ -148,6 +148,17 @@ pub struct ServeArgs {
     /// Shortest time between two re-fetches caused by tokens with unknown key ids [default: 10s].
     #[arg(long, env = "MESHCA_JWKS_REFRESH_MIN_INTERVAL", value_name = "DURATION")]
     pub jwks_refresh_min_interval: Option<String>,
+    /// After a token verifies (jwks mode), confirm through the Kubernetes client (--kubeconfig or in-cluster) that the pod it is bound to still exists with the token's uid: --jwks-confirm-pod or --jwks-confirm-pod=BOOL [default: false].
+    #[arg(
+        long,
+        env = "MESHCA_JWKS_CONFIRM_POD",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub jwks_confirm_pod: Option<bool>,
     /// Required token `iss` (jwks mode; required with --jwks-file or --jwks-url, else the discovered issuer; dev mode uses "meshca-dev").
     #[arg(long, env = "MESHCA_TOKEN_ISSUER", value_name = "ISS")]
     pub token_issuer: Option<String>,
@@ -157,7 +168,7 @@ pub struct ServeArgs {
     /// Leeway applied to token exp/nbf/iat [default: 60s].
     #[arg(long, env = "MESHCA_TOKEN_LEEWAY", value_name = "DURATION")]
     pub token_leeway: Option<String>,
-    /// kubeconfig for the Kubernetes API server (tokenreview mode; jwks discovery; Events; node lookups) [default: KUBECONFIG, ~/.kube/config, or in-cluster].
+    /// kubeconfig for the Kubernetes API server (tokenreview mode; jwks discovery; --jwks-confirm-pod; Events; node lookups) [default: KUBECONFIG, ~/.kube/config, or in-cluster].
     #[arg(long, env = "MESHCA_KUBECONFIG", value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// Bound on each TokenReview call, connecting included [default: 2s].

@@ -349,8 +349,8 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
 async fn certify_round(settings: &AgentSettings) -> Result<(), Failure> {
     let renewed = agent_run::renew_once(settings, &SystemClock).await.map_err(round_failure)?;
     eprintln!(
-        "wrote {}/tls.crt, tls.key, ca.crt for {} (valid until {})",
-        settings.out.display(),
+        "wrote {}, tls.key, ca.crt for {} (valid until {})",
+        settings.out.join("tls.crt").display(),
         settings.identity,
         humantime::format_rfc3339_seconds(renewed.not_after)
     );

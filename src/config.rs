@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::auth::discovery::{Settings as KeyRefresh, Source as KeySource};
+pub use crate::auth::pods::Settings as PodSettings;
 use crate::ca::issuer::Algorithms as IssuerAlgorithms;
 use crate::ca::profile::Lifetimes;
 pub use crate::ca::reload::Settings as ReloadSettings;
@@ -54,6 +55,7 @@ pub struct FileConfig {
     pub jwks_ca_file: Option<PathBuf>,
     pub jwks_refresh_interval: Option<String>,
     pub jwks_refresh_min_interval: Option<String>,
+    pub jwks_confirm_pod: Option<bool>,
     pub token_issuer: Option<String>,
     pub token_audiences: Option<Vec<String>>,
     pub token_leeway: Option<String>,
@@ -88,6 +90,8 @@ pub enum TokenConfig {
         audiences: Vec<String>,
         leeway: Duration,
         refresh: KeyRefresh,
+        /// `--jwks-confirm-pod`: confirm the token's pod through the Kubernetes client.
+        confirm_pod: Option<ConfirmPod>,
     },
     /// Kubernetes TokenReview, behind a cache and a rate limit.
     TokenReview {
@@ -103,6 +107,14 @@ pub enum TokenConfig {
     },
 }
 
+/// `--jwks-confirm-pod`: where pods are looked up and how answers are cached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfirmPod {
+    /// `None`: `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub settings: PodSettings,
+}
+
 impl TokenConfig {
     /// `Some(kubeconfig)` when this mode talks to a Kubernetes API server (the
     /// inner `None`: `KUBECONFIG`, `~/.kube/config` or in-cluster), so a client
@@ -110,7 +122,10 @@ impl TokenConfig {
     pub fn kubernetes(&self) -> Option<Option<&std::path::Path>> {
         match self {
             TokenConfig::TokenReview { kubeconfig, .. }
-            | TokenConfig::Jwks { keys: KeySource::Discovery { kubeconfig }, .. } => Some(kubeconfig.as_deref()),
+            | TokenConfig::Jwks { keys: KeySource::Discovery { kubeconfig }, .. }
+            | TokenConfig::Jwks { confirm_pod: Some(ConfirmPod { kubeconfig, .. }), .. } => {
+                Some(kubeconfig.as_deref())
+            }
             TokenConfig::Jwks { .. } => None,
         }
     }
@@ -275,6 +290,16 @@ impl Config {
             return Err(Error::Invalid { setting: "token-audiences", reason: "no audience given".into() });
         }
         let leeway = duration("token-leeway", args.token_leeway.or(file.token_leeway), Duration::from_secs(60))?;
+        let kubeconfig = args.kubeconfig.or(file.kubeconfig);
+        let confirm_pod = args.jwks_confirm_pod.or(file.jwks_confirm_pod).unwrap_or(false);
+        if confirm_pod && mode != TokenValidation::Jwks {
+            return Err(Error::Invalid {
+                setting: "jwks-confirm-pod",
+                reason: "only used with --token-validation jwks (tokenreview has the API server confirm the pod; \
+                         dev tokens name no real pod)"
+                    .into(),
+            });
+        }
         let token = match mode {
             TokenValidation::Dev => {
                 let Some(p) = &dev_paths else {
@@ -289,6 +314,7 @@ impl Config {
                     audiences,
                     leeway,
                     refresh: KeyRefresh::default(),
+                    confirm_pod: None,
                 }
             }
             TokenValidation::Jwks => {
@@ -308,7 +334,7 @@ impl Config {
                         }
                         KeySource::Url { url, ca_file: ca_file.clone() }
                     }
-                    (None, None) => KeySource::Discovery { kubeconfig: args.kubeconfig.or(file.kubeconfig) },
+                    (None, None) => KeySource::Discovery { kubeconfig: kubeconfig.clone() },
                 };
                 if ca_file.is_some() && !matches!(keys, KeySource::Url { .. }) {
                     return Err(Error::Invalid { setting: "jwks-ca-file", reason: "only used with --jwks-url".into() });
@@ -342,7 +368,8 @@ impl Config {
                     });
                 }
                 let refresh = KeyRefresh { refresh_interval, refresh_min_interval, ..KeyRefresh::default() };
-                TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh }
+                let confirm_pod = confirm_pod.then(|| ConfirmPod { kubeconfig, settings: PodSettings::default() });
+                TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod }
             }
             TokenValidation::TokenReview => {
                 let timeout = duration(
@@ -377,7 +404,7 @@ impl Config {
                     });
                 }
                 TokenConfig::TokenReview {
-                    kubeconfig: args.kubeconfig.or(file.kubeconfig),
+                    kubeconfig,
                     audiences,
                     timeout,
                     qps: at_least_one("token-review-qps", args.token_review_qps.or(file.token_review_qps), 100)?,
@@ -401,7 +428,7 @@ impl Config {
                 return Err(Error::Invalid {
                     setting: "events",
                     reason: "Events need a Kubernetes client: --token-validation tokenreview, or jwks without \
-                             --jwks-file and --jwks-url (discovery); or pass --events=false"
+                             --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod; or pass --events=false"
                         .into(),
                 })
             }
@@ -412,7 +439,7 @@ impl Config {
             return Err(Error::Invalid {
                 setting: "audit-node-os",
                 reason: "node lookups need a Kubernetes client: --token-validation tokenreview, or jwks \
-                         without --jwks-file and --jwks-url (discovery)"
+                         without --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod"
                     .into(),
             });
         }
@@ -606,6 +633,7 @@ mod tests {
             audiences: vec![DEFAULT_AUDIENCE.into()],
             leeway: Duration::from_secs(60),
             refresh: KeyRefresh::default(),
+            confirm_pod: None,
         };
         assert_eq!(c.token, expected);
         assert_eq!(c.token.kubernetes(), Some(Some(std::path::Path::new("/k"))));
@@ -630,6 +658,34 @@ mod tests {
         let args = ServeArgs { jwks_file: Some("/j".into()), token_issuer: Some("k8s".into()), events: Some(false), ..Default::default() };
         let c = Config::resolve(jwks(args), FileConfig::default()).unwrap();
         assert!(matches!(c.token, TokenConfig::Jwks { keys: KeySource::File(ref p), .. } if p == std::path::Path::new("/j")));
+    }
+
+    #[test]
+    fn jwks_confirm_pod_comes_from_the_flag_or_the_file_and_brings_a_kubernetes_client() {
+        let file_keys = || ServeArgs { jwks_file: Some("/j".into()), token_issuer: Some("k8s".into()), ..Default::default() };
+        let c = Config::resolve(jwks(file_keys()), FileConfig::default()).unwrap();
+        assert!(matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }) && c.token.kubernetes().is_none());
+        let args = ServeArgs { jwks_confirm_pod: Some(true), kubeconfig: Some("/k".into()), ..file_keys() };
+        let c = Config::resolve(jwks(args), FileConfig::default()).unwrap();
+        let TokenConfig::Jwks { confirm_pod: Some(confirm), .. } = &c.token else { panic!("{:?}", c.token) };
+        assert_eq!(confirm, &ConfirmPod { kubeconfig: Some("/k".into()), settings: PodSettings::default() });
+        assert_eq!((confirm.settings.ttl, confirm.settings.failure_ttl), (Duration::from_secs(30), Duration::from_secs(5)));
+        assert_eq!(c.token.kubernetes(), Some(Some(std::path::Path::new("/k"))));
+        assert!(c.events, "a Kubernetes client, so events default on");
+        let file = Config::parse_file("jwks-confirm-pod = true\n").unwrap();
+        let c = Config::resolve(jwks(file_keys()), file).unwrap();
+        assert!(matches!(c.token, TokenConfig::Jwks { confirm_pod: Some(_), .. }));
+        let file = Config::parse_file("jwks-confirm-pod = true\n").unwrap();
+        let args = ServeArgs { jwks_confirm_pod: Some(false), ..file_keys() };
+        let c = Config::resolve(jwks(args), file).unwrap();
+        assert!(matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }), "the flag wins over the file");
+        for mode in [TokenValidation::TokenReview, TokenValidation::Dev] {
+            let args = ServeArgs { token_validation: Some(mode), jwks_confirm_pod: Some(true), dev: mode == TokenValidation::Dev, ..Default::default() };
+            let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with("--jwks-confirm-pod:"), "{mode:?}: {err}");
+        }
+        let args = ServeArgs { token_validation: Some(TokenValidation::TokenReview), jwks_confirm_pod: Some(false), ..Default::default() };
+        assert!(Config::resolve(outside_dev(args), FileConfig::default()).is_ok());
     }
 
     #[test]

@@ -35,6 +35,7 @@ fn discovery(api: &ApiServer, issuer: Option<&str>, min_interval: Duration) -> T
         audiences: vec![AUDIENCE.into()],
         leeway: Duration::from_secs(60),
         refresh: KeyRefresh { refresh_min_interval: min_interval, ..KeyRefresh::default() },
+        confirm_pod: None,
     }
 }
 
@@ -192,6 +193,7 @@ async fn a_jwks_url_is_fetched_over_https_trusting_the_given_ca_without_credenti
         audiences: vec![AUDIENCE.into()],
         leeway: Duration::from_secs(60),
         refresh: KeyRefresh::default(),
+        confirm_pod: None,
     };
     let (trusted, untrusted) = (url(Some(api.ca_file())), url(None));
     let mut refused = TestServer::start_with(Options { token: Some(untrusted), ..Default::default() }).await;

@@ -139,6 +139,7 @@ async fn jwks_discovery_mode_has_a_kubernetes_client_and_so_events() {
         audiences: vec![AUDIENCE.into()],
         leeway: Duration::from_secs(60),
         refresh: KeyRefresh::default(),
+        confirm_pod: None,
     };
     let c = cluster_with(discovery, true).await;
     let id = c.issue().await;

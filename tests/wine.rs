@@ -3,9 +3,10 @@
 //!
 //! `.ci/run` cross-compiles `meshca.exe` (`x86_64-pc-windows-gnu`, dev profile)
 //! and the test-only `bcryptprimitives.dll` shim (tests/wine/bcryptprimitives.c)
-//! next to it, and installs Wine, before `cargo test`. When any of them is missing
-//! or `meshca.exe` is older than the sources, the test fails and says how to build
-//! it: it never passes without having run the Windows binary.
+//! next to it, and installs Wine, before `cargo test`. When any of them is missing,
+//! or older than a source cargo built it from (its dep-info file says which), the
+//! test fails and says how to build it: it never passes without having run the
+//! current Windows binary.
 //!
 //! What runs on Windows code paths here: file replacement by `std::fs::rename`
 //! (MoveFileExW), directory creation, `Z:\` paths, the `--on-renew` hook through
@@ -50,36 +51,34 @@ fn windows_dir() -> PathBuf {
     target.join(WINDOWS_TARGET).join("debug")
 }
 
-/// The most recently modified file under `path` (a file or a directory tree).
-fn newest(path: &Path) -> (SystemTime, PathBuf) {
-    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let own = (meta.modified().expect("mtime"), path.to_path_buf());
-    if !meta.is_dir() {
-        return own;
-    }
-    std::fs::read_dir(path)
-        .expect("read_dir")
-        .map(|entry| newest(&entry.expect("dir entry").path()))
-        .fold(own, std::cmp::max)
+/// The sources cargo built `exe` from, as its dep-info file (`meshca.d`) lists them:
+/// the crate's own files, build.rs, the protos and the generated code.
+fn cargo_sources(exe: &Path) -> Vec<PathBuf> {
+    let dep_info = exe.with_extension("d");
+    let text = std::fs::read_to_string(&dep_info)
+        .unwrap_or_else(|e| panic!("{} is missing ({e}); {BUILD_HINT}", dep_info.display()));
+    let (_, deps) = text.split_once(": ").unwrap_or_else(|| panic!("no rule in {}", dep_info.display()));
+    // Make escapes a space in a path as `\ `.
+    let deps = deps.replace("\\ ", "\0");
+    deps.split_whitespace().map(|p| PathBuf::from(p.replace('\0', " "))).collect()
 }
 
-/// A build output that must exist and be newer than what it is built from.
-fn built(output: &Path, sources: &[&str]) -> PathBuf {
-    let built_at = match std::fs::metadata(output) {
+/// `output`, which must exist and be newer than every one of `sources`.
+fn built(output: PathBuf, sources: &[PathBuf]) -> PathBuf {
+    let built_at = match std::fs::metadata(&output) {
         Ok(meta) => meta.modified().expect("mtime"),
         Err(e) => panic!("{} is missing ({e}); {BUILD_HINT}", output.display()),
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for source in sources {
-        let (changed_at, changed) = newest(&root.join(source));
+        let changed_at = std::fs::metadata(source).and_then(|m| m.modified());
         assert!(
-            changed_at <= built_at,
-            "{} is older than {}; rebuild it: {BUILD_HINT}",
+            changed_at.is_ok_and(|t| t <= built_at),
+            "{} is older than {} (or that is gone); rebuild it: {BUILD_HINT}",
             output.display(),
-            changed.display()
+            source.display()
         );
     }
-    output.to_path_buf()
+    output
 }
 
 /// A program named one of `names` on `PATH`, else `absolute` (where Debian's
@@ -250,9 +249,10 @@ fn issued_for(audit_log: &Path, identity: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
-    let exe =
-        built(&windows_dir().join("meshca.exe"), &["src", "build.rs", "proto", "Cargo.toml", "Cargo.lock"]);
-    built(&windows_dir().join("bcryptprimitives.dll"), &["tests/wine/bcryptprimitives.c"]);
+    let exe = windows_dir().join("meshca.exe");
+    let exe = built(exe.clone(), &cargo_sources(&exe));
+    let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wine/bcryptprimitives.c");
+    built(windows_dir().join("bcryptprimitives.dll"), &[shim]);
     let tmp = tempfile::tempdir().unwrap();
     let wine = Wine::new(tmp.path().join("wine"));
 

@@ -7,13 +7,15 @@
 //! [`discovery`] fetches (a file, a URL, or the cluster's service-account issuer)
 //! and keeps current; [`tokenreview`] asks the Kubernetes API server; [`cache`]
 //! remembers answers so the API server is asked once per token, not once per
-//! request; [`dev`] holds the key and signer used in development mode.
+//! request; [`pods`] confirms, in jwks mode, that a token's pod still exists;
+//! [`dev`] holds the key and signer used in development mode.
 
 pub mod cache;
 pub mod dev;
 pub mod discovery;
 pub mod jwt;
 pub mod peer;
+pub mod pods;
 pub mod tokenreview;
 
 use std::{future::Future, pin::Pin, time::SystemTime};
@@ -111,6 +113,14 @@ pub enum Error {
     /// API server's own text may quote token claims, so it is never passed on.
     #[error("the Kubernetes API server did not authenticate the token ({summary}); send a current projected service account token requested with the CA's audience")]
     Rejected { summary: &'static str },
+    /// `--jwks-confirm-pod`: the pod the token is bound to does not exist (deleted),
+    /// or has been terminating for more than a minute.
+    #[error("the pod the token is bound to no longer exists; the proxy must present the token of its current pod")]
+    PodNotFound,
+    /// `--jwks-confirm-pod`: a pod of that name exists with another uid (deleted and
+    /// re-created under the same name).
+    #[error("the pod the token is bound to was replaced by another pod of the same name; the proxy must present the token of its current pod")]
+    PodUidMismatch,
     /// The authentication backend could not be reached, did not answer in time,
     /// answered with an error, or is being spared (rate limit). Never cached.
     #[error("authentication backend unavailable: {reason}; retry later")]
@@ -141,6 +151,8 @@ impl Error {
             Error::WrongAudience => "wrong_audience",
             Error::MissingIdentity => "missing_identity",
             Error::Rejected { .. } => "token_rejected",
+            Error::PodNotFound => "pod_not_found",
+            Error::PodUidMismatch => "pod_uid_mismatch",
             Error::Unavailable { .. } => "backend_unavailable",
             Error::Config { .. } => "config_invalid",
             Error::Signing { .. } => "signing_failed",

@@ -36,6 +36,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use crate::audit::{AuditLog, Sink};
 use crate::auth::cache::{self, CachingAuthenticator};
 use crate::auth::discovery::RotatingJwksAuthenticator;
+use crate::auth::pods::PodConfirmingAuthenticator;
 use crate::auth::tokenreview::{self, TokenReviewAuthenticator};
 use crate::auth::Authenticator;
 use crate::ca::csr::KeyPolicy;
@@ -77,14 +78,23 @@ pub enum Error {
 
 /// Builds the authenticator the configuration asks for. TokenReview and JWKS
 /// discovery load the Kubernetes client configuration (hence async); TokenReview
-/// sits behind the cache; JWKS fetches its keys once before returning.
+/// sits behind the cache; JWKS fetches its keys once before returning, and with
+/// `--jwks-confirm-pod` sits behind the pod confirmation.
 pub async fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crate::auth::Error> {
     match token {
-        TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh } => {
+        TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod } => {
             let jwks =
                 RotatingJwksAuthenticator::connect(keys, issuer.clone(), audiences.clone(), *leeway, *refresh)
                     .await?;
-            Ok(Arc::new(jwks))
+            match confirm_pod {
+                None => Ok(Arc::new(jwks)),
+                Some(confirm) => {
+                    let kubeconfig = confirm.kubeconfig.as_deref();
+                    let confirming =
+                        PodConfirmingAuthenticator::connect(Arc::new(jwks), kubeconfig, confirm.settings).await?;
+                    Ok(Arc::new(confirming))
+                }
+            }
         }
         TokenConfig::TokenReview { kubeconfig, audiences, timeout, qps, burst, cache_ttl, cache_failure_ttl } => {
             let settings = tokenreview::Settings { audiences: audiences.clone(), timeout: *timeout };

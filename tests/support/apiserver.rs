@@ -18,8 +18,9 @@
 //! [`ApiServer::rotate`] adds a new ES256 key with a new kid and signs with it from
 //! then on. And it accepts core/v1 Events (`POST /api/v1/namespaces/NS/events`),
 //! checking their namespace like the real one, and records them. It serves the
-//! pods and nodes a test adds ([`ApiServer::add_pod`], [`ApiServer::add_node`])
-//! with `GET /api/v1/namespaces/NS/pods/NAME` and `GET /api/v1/nodes/NAME`.
+//! pods and nodes a test adds ([`ApiServer::add_pod`], [`ApiServer::add_node`]) or
+//! deletes ([`ApiServer::remove_pod`]) with `GET /api/v1/namespaces/NS/pods/NAME`
+//! and `GET /api/v1/nodes/NAME`.
 //!
 //! Failure modes switch at run time, separately for reviews, the discovery
 //! endpoints, Events and pod/node GETs: answer 500 or 403, hold answers until released; or stop
@@ -246,6 +247,11 @@ impl ApiServer {
     pub fn add_pod(&self, namespace: &str, name: &str, uid: &str, node: &str) {
         let key = (namespace.to_owned(), name.to_owned());
         self.state.pods.lock().unwrap().insert(key, (uid.to_owned(), node.to_owned()));
+    }
+
+    /// Deletes pod `namespace/name`: GETs of it answer 404 from now on.
+    pub fn remove_pod(&self, namespace: &str, name: &str) {
+        self.state.pods.lock().unwrap().remove(&(namespace.to_owned(), name.to_owned()));
     }
 
     /// A node, labelled `kubernetes.io/os: OS` when `os` is given.

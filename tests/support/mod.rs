@@ -112,6 +112,7 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
             audiences: vec![AUDIENCE.into()],
             leeway: Duration::from_secs(60),
             refresh: KeyRefresh::default(),
+            confirm_pod: None,
         }),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
         max_in_flight: opts.max_in_flight,

@@ -1,15 +1,14 @@
 /*
- * Test-only stand-in for Windows' bcryptprimitives.dll, for running meshca.exe under Wine.
+ * Test-only stand-in for Windows' bcryptprimitives.dll, so that meshca.exe runs under
+ * Wine 8 in tests (tests/wine.rs). Never shipped; not needed on Windows.
  *
- * Rust's standard library (1.78 and later) draws its randomness from ProcessPrng in
- * bcryptprimitives.dll, present on Windows 10 and later. Wine 8 (Debian 12's wine
- * package) does not provide that export, so a Rust program exits at start-up. Placed
- * next to meshca.exe, this DLL supplies ProcessPrng on top of RtlGenRandom
- * (advapi32's SystemFunction036), which Wine implements from the host's random
- * source. It is used only by tests/wine.rs, is never shipped, and is not needed on
- * Windows itself (whose own DLL is found first: it is a KnownDLL).
+ * Rust's standard library for Windows imports ProcessPrng from bcryptprimitives.dll
+ * (Windows 10 and later) for its randomness. Wine 8, Debian 12's wine, has no such
+ * export, so the loader refuses to start any current Rust program. Placed next to
+ * meshca.exe, this DLL supplies ProcessPrng on top of RtlGenRandom (advapi32's
+ * SystemFunction036), which Wine implements with the host's random source.
  *
- * Build (.ci/run does this):
+ * Build (.ci/run does this; on x86_64 the export needs no .def file):
  *   x86_64-w64-mingw32-gcc -shared -O2 -o bcryptprimitives.dll bcryptprimitives.c -ladvapi32
  */
 #include <windows.h>
