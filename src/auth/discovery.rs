@@ -293,6 +293,25 @@ pub async fn kube_config(kubeconfig: Option<&Path>, purpose: &str) -> Result<kub
     }
 }
 
+/// Why the API server could not be reached, in words: a refused connection said
+/// as such, anything else by its innermost cause (at most 200 characters; transport
+/// errors carry no token). `context` is appended, e.g. " (pod lookup)".
+pub fn unreachable_reason(err: &kube::Error, context: &str) -> String {
+    let mut cause: &dyn std::error::Error = err;
+    let mut refused = false;
+    while let Some(source) = cause.source() {
+        cause = source;
+        let io = source.downcast_ref::<std::io::Error>();
+        refused |= io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+    }
+    if refused {
+        format!("the Kubernetes API server refused the connection{context}")
+    } else {
+        let text: String = cause.to_string().chars().take(200).collect();
+        format!("cannot reach the Kubernetes API server{context} ({text})")
+    }
+}
+
 /// A kubeconfig problem in words; YAML errors are not quoted, as they may show the
 /// credentials in the file.
 fn kubeconfig_reason(e: &KubeconfigError) -> String {

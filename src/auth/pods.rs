@@ -134,21 +134,7 @@ fn unavailable(e: &kube::Error) -> Error {
         }
         kube::Error::Api(status) => format!("the Kubernetes API server answered {} to a pod lookup", status.code),
         kube::Error::SerdeError(_) => "the Kubernetes API server's pod answer does not parse".to_owned(),
-        other => {
-            let mut cause: &dyn std::error::Error = other;
-            let mut refused = false;
-            while let Some(source) = cause.source() {
-                cause = source;
-                let io = source.downcast_ref::<std::io::Error>();
-                refused |= io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-            }
-            if refused {
-                "the Kubernetes API server refused the connection (pod lookup)".to_owned()
-            } else {
-                let text: String = cause.to_string().chars().take(200).collect();
-                format!("cannot reach the Kubernetes API server for a pod lookup ({text})")
-            }
-        }
+        other => super::discovery::unreachable_reason(other, " (pod lookup)"),
     };
     Error::Unavailable { reason }
 }

@@ -186,21 +186,7 @@ fn unavailable(e: &kube::Error) -> Error {
         kube::Error::SerdeError(_) => {
             "the Kubernetes API server's TokenReview answer does not parse".to_owned()
         }
-        other => {
-            let mut cause: &dyn std::error::Error = other;
-            let mut refused = false;
-            while let Some(source) = cause.source() {
-                cause = source;
-                let io = source.downcast_ref::<std::io::Error>();
-                refused |= io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-            }
-            if refused {
-                "the Kubernetes API server refused the connection".to_owned()
-            } else {
-                let text: String = cause.to_string().chars().take(200).collect();
-                format!("cannot reach the Kubernetes API server ({text})")
-            }
-        }
+        other => super::discovery::unreachable_reason(other, ""),
     };
     Error::Unavailable { reason }
 }
