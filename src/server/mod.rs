@@ -278,6 +278,14 @@ pub async fn run_with(
 /// clock from issuance), and at once when a new snapshot is swapped in (the
 /// certificate is signed by the issuer and chains to the anchors); retries every
 /// 30 s on failure while the old one is valid.
+///
+/// Half of the validity *left* at issuance, not of notAfter − notBefore: the latter
+/// includes the clock-skew backdate and, for lifetimes shorter than the allowance,
+/// would renew after expiry. Never sooner than 1 s.
+fn renewal_wait(leaf: &crate::ca::issuer::Leaf, issued_at: std::time::SystemTime) -> Duration {
+    (leaf.not_after.duration_since(issued_at).unwrap_or_default() / 2).max(Duration::from_secs(1))
+}
+
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
 async fn renew_serving(
     mut snapshots: watch::Receiver<store::Current>,
@@ -290,7 +298,7 @@ async fn renew_serving(
     mut leaf: crate::ca::issuer::Leaf,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut wait = leaf.not_after.duration_since(leaf.not_before).unwrap_or_default() / 2;
+    let mut wait = renewal_wait(&leaf, clock.now());
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -304,7 +312,7 @@ async fn renew_serving(
                 resolver.replace(key);
                 metrics.set_serving_not_after(unix_seconds(new_leaf.not_after));
                 leaf = new_leaf;
-                wait = leaf.not_after.duration_since(leaf.not_before).unwrap_or_default() / 2;
+                wait = renewal_wait(&leaf, clock.now());
                 tracing::info!("serving certificate renewed");
             }
             Err(e) => {
@@ -324,6 +332,19 @@ mod tests {
     use crate::ca::store::Snapshot;
     use crate::clock::{FakeClock, SystemClock};
     use crate::identity::Naming;
+
+    #[test]
+    fn serving_renewal_waits_half_the_validity_left_not_half_the_backdated_span() {
+        let now = SystemClock.now();
+        let leaf = crate::ca::issuer::Leaf {
+            der: rustls_pki_types::CertificateDer::from(Vec::new()),
+            serial: [1; 16],
+            not_before: now - Duration::from_secs(120),
+            not_after: now + Duration::from_secs(10),
+        };
+        assert_eq!(renewal_wait(&leaf, now), Duration::from_secs(5));
+        assert_eq!(renewal_wait(&leaf, now + Duration::from_secs(60)), Duration::from_secs(1), "floor");
+    }
 
     #[tokio::test]
     async fn serving_certificate_is_renewed_at_half_its_lifetime() {
