@@ -244,6 +244,8 @@ fn issued_for(audit_log: &Path, identity: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit record is JSON"))
         .filter(|r| r["requested_identity"] == identity)
+        // doctor's dry runs sign nothing; they are audited as such.
+        .filter(|r| !r["reason"].as_str().is_some_and(|reason| reason.contains("dry_run") || reason.contains("(dry run)")))
         .collect()
 }
 
@@ -356,6 +358,27 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
     assert!(status.success(), "agent exit after Ctrl-C: {status}\n{}", agent.seen.join("\n"));
     let errors: Vec<&String> = agent.seen.iter().filter(|l| l.contains(" ERROR ")).collect();
     assert!(errors.is_empty(), "the agent logged errors:\n{}", agent.seen.join("\n"));
+
+    // `meshca doctor` from the Windows build: name, port, TLS and clock are fine
+    // (Wine shares this host's clock); the 10 s certificate on disk may have expired.
+    let doctor = output(wine.command(&exe).args([
+        "doctor",
+        "--addr",
+        &grpc,
+        "--trust-anchors",
+        &windows_path(&anchors_file),
+        "--cert-dir",
+        &windows_path(&out),
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json under Wine: {e}\n{}", String::from_utf8_lossy(&doctor.stderr)));
+    let checks = report.as_array().expect("an array of checks");
+    assert_eq!(checks.len(), 6, "{report}");
+    for name in ["dns", "tcp", "tls", "clock"] {
+        let check = checks.iter().find(|c| c["check"] == name).expect("every check reported");
+        assert_eq!(check["status"], "OK", "doctor under Wine, {name}: {check}");
+    }
 
     // The audit log holds exactly these three issuances and no refusal.
     assert!(server.stop("TERM").success(), "serve exit:\n{}", server.seen.join("\n"));
