@@ -228,7 +228,12 @@ async fn start(
 }
 
 /// Sends every item once, `concurrency` at a time; (certificates, errors, seconds).
-async fn drive(args: &Args, addr: &str, anchors: &TrustAnchors, items: Arc<Vec<Item>>) -> Result<(usize, usize, f64)> {
+async fn drive(
+    args: &Args,
+    addr: &str,
+    anchors: &TrustAnchors,
+    items: Arc<Vec<Item>>,
+) -> Result<(usize, usize, f64)> {
     let mut channels = Vec::with_capacity(args.connections);
     for _ in 0..args.connections.max(1) {
         channels.push(client::connect(addr, anchors, SERVER_NAME).await?);
@@ -291,11 +296,13 @@ async fn run(args: Args) -> Result<()> {
     );
 
     let mut outcomes = Vec::new();
-    let modes = [Mode::DevEquivalent, Mode::TokenReview, Mode::Jwks, Mode::JwksConfirmPod, Mode::DevEquivalent];
+    let modes =
+        [Mode::DevEquivalent, Mode::TokenReview, Mode::Jwks, Mode::JwksConfirmPod, Mode::DevEquivalent];
     for (round, mode) in modes.into_iter().enumerate() {
         let audit = dir.path().join(format!("audit-{round}.jsonl"));
         let (reviews, pod_gets) = (api.calls(), api.pod_gets());
-        let (addr, stop, task) = start(dir.path(), &naming, mode.token_config(&api, &jwks_file), &audit).await?;
+        let (addr, stop, task) =
+            start(dir.path(), &naming, mode.token_config(&api, &jwks_file), &audit).await?;
         let (certs, errors, seconds) = drive(&args, &addr, &anchors, items.clone()).await?;
         let _ = stop.send(());
         task.await?;

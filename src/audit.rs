@@ -191,10 +191,7 @@ impl AuditLog {
             })
             .map_err(|source| Error::Spawn { source })?;
         ready_rx.await.unwrap_or(Err(Error::Closed))?;
-        Ok(AuditLog {
-            tx,
-            failures: Arc::new(AtomicU64::new(0)),
-        })
+        Ok(AuditLog { tx, failures: Arc::new(AtomicU64::new(0)) })
     }
 
     /// Appends one record and returns only once it is written and synced,
@@ -262,12 +259,7 @@ impl Writer {
             Sink::Stdout => (Out::Stdout, 0, ZERO_HASH.to_string()),
             Sink::File(path) => open_file(&path)?,
         };
-        Ok(Writer {
-            out,
-            seq,
-            prev_hash,
-            poisoned: false,
-        })
+        Ok(Writer { out, seq, prev_hash, poisoned: false })
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, ready: oneshot::Sender<Result<(), Error>>) {
@@ -320,9 +312,7 @@ impl Writer {
                     waiters.push((reply, Appended { seq, hash }));
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(Error::Write {
-                        source: io::Error::other(e),
-                    }));
+                    let _ = reply.send(Err(Error::Write { source: io::Error::other(e) }));
                 }
             }
         }
@@ -341,9 +331,7 @@ impl Writer {
                 tracing::error!(error = %e, records, "audit write failed; appends refused until restart");
                 self.poisoned = true;
                 for (reply, _) in waiters {
-                    let _ = reply.send(Err(Error::Write {
-                        source: io::Error::new(e.kind(), e.to_string()),
-                    }));
+                    let _ = reply.send(Err(Error::Write { source: io::Error::new(e.kind(), e.to_string()) }));
                 }
             }
         }
@@ -353,10 +341,7 @@ impl Writer {
 
 /// Opens (or creates) the file and reads the chain state off its last line.
 fn open_file(path: &Path) -> Result<(Out, u64, String), Error> {
-    let open_err = |source| Error::Open {
-        path: path.to_path_buf(),
-        source,
-    };
+    let open_err = |source| Error::Open { path: path.to_path_buf(), source };
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     let parent = parent.unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(open_err)?;
@@ -370,9 +355,7 @@ fn open_file(path: &Path) -> Result<(Out, u64, String), Error> {
     #[cfg(unix)]
     if !existed {
         // Make the new directory entry itself durable.
-        File::open(parent)
-            .and_then(|dir| dir.sync_all())
-            .map_err(open_err)?;
+        File::open(parent).and_then(|dir| dir.sync_all()).map_err(open_err)?;
     }
     let (seq, hash) = match last_line(&mut file).map_err(open_err)? {
         None => (0, ZERO_HASH.to_string()),
@@ -381,10 +364,7 @@ fn open_file(path: &Path) -> Result<(Out, u64, String), Error> {
             let parsed = body.and_then(|body| parse_line(body).ok());
             let Some(Parsed { seq, hash, .. }) = parsed else {
                 let excerpt = String::from_utf8_lossy(&line[..line.len().min(120)]).into_owned();
-                return Err(Error::TailCorrupt {
-                    path: path.to_path_buf(),
-                    line: excerpt,
-                });
+                return Err(Error::TailCorrupt { path: path.to_path_buf(), line: excerpt });
             };
             (seq, hash)
         }
@@ -507,18 +487,14 @@ struct Parsed {
 /// Checks one line (without its newline) on its own: hash suffix, digest, seq and prev_hash present.
 fn parse_line(line: &[u8]) -> Result<Parsed, (Option<u64>, String)> {
     let seq_of = |json: &[u8]| {
-        serde_json::from_slice::<serde_json::Value>(json)
-            .ok()
-            .and_then(|v| v.get("seq")?.as_u64())
+        serde_json::from_slice::<serde_json::Value>(json).ok().and_then(|v| v.get("seq")?.as_u64())
     };
     let suffix_len = HASH_KEY.len() + 64 + 2;
     let split = line.len().checked_sub(suffix_len).filter(|&at| {
         let (key, rest) = line[at..].split_at(HASH_KEY.len());
         key == HASH_KEY
             && rest.ends_with(b"\"}")
-            && rest[..64]
-                .iter()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && rest[..64].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     });
     let Some(at) = split else {
         return Err((seq_of(line), "missing or malformed hash".into()));
@@ -538,11 +514,7 @@ fn parse_line(line: &[u8]) -> Result<Parsed, (Option<u64>, String)> {
     let Some(prev_hash) = value.get("prev_hash").and_then(|v| v.as_str()) else {
         return Err((Some(seq), "missing prev_hash".into()));
     };
-    Ok(Parsed {
-        seq,
-        prev_hash: prev_hash.to_string(),
-        hash: claimed,
-    })
+    Ok(Parsed { seq, prev_hash: prev_hash.to_string(), hash: claimed })
 }
 
 /// Result of a successful [`verify`].
@@ -560,11 +532,7 @@ pub enum VerifyError {
     Io(#[from] io::Error),
     /// The first broken record: 1-based line number, its seq if readable, and what is wrong.
     #[error("audit log broken at line {line}{}: {problem}", seq.map(|s| format!(" (seq {s})")).unwrap_or_default())]
-    Broken {
-        line: u64,
-        seq: Option<u64>,
-        problem: String,
-    },
+    Broken { line: u64, seq: Option<u64>, problem: String },
 }
 
 /// Checks a whole log: every line's hash, seq = previous + 1 starting at 1,
@@ -575,21 +543,12 @@ pub fn verify(mut reader: impl io::BufRead) -> Result<VerifyReport, VerifyError>
     loop {
         buf.clear();
         if reader.read_until(b'\n', &mut buf)? == 0 {
-            return Ok(VerifyReport {
-                records: line_no,
-                last_hash,
-            });
+            return Ok(VerifyReport { records: line_no, last_hash });
         }
         line_no += 1;
-        let broken = |seq, problem: String| VerifyError::Broken {
-            line: line_no,
-            seq,
-            problem,
-        };
+        let broken = |seq, problem: String| VerifyError::Broken { line: line_no, seq, problem };
         let Some(line) = buf.strip_suffix(b"\n") else {
-            let seq = parse_line(&buf)
-                .map(|p| Some(p.seq))
-                .unwrap_or_else(|(seq, _)| seq);
+            let seq = parse_line(&buf).map(|p| Some(p.seq)).unwrap_or_else(|(seq, _)| seq);
             return Err(broken(seq, "truncated last line (no newline)".into()));
         };
         let parsed = parse_line(line).map_err(|(seq, problem)| broken(seq, problem))?;
@@ -665,11 +624,7 @@ mod tests {
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path)
-            .unwrap()
-            .split_inclusive('\n')
-            .map(String::from)
-            .collect()
+        std::fs::read_to_string(path).unwrap().split_inclusive('\n').map(String::from).collect()
     }
 
     /// Writes 5 records, applies `edit` to the lines and returns the broken line number.
@@ -704,20 +659,11 @@ mod tests {
         let report = verify_file(&path).unwrap();
         assert_eq!(report.records, 100);
         appended.sort_by_key(|a| a.seq);
-        assert_eq!(
-            appended.iter().map(|a| a.seq).collect::<Vec<_>>(),
-            (1..=100).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            report.last_hash.as_deref(),
-            Some(appended[99].hash.as_str())
-        );
+        assert_eq!(appended.iter().map(|a| a.seq).collect::<Vec<_>>(), (1..=100).collect::<Vec<_>>());
+        assert_eq!(report.last_hash.as_deref(), Some(appended[99].hash.as_str()));
         for (line, a) in lines(&path).iter().zip(&appended) {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            assert_eq!(
-                (v["seq"].as_u64(), v["hash"].as_str()),
-                (Some(a.seq), Some(a.hash.as_str()))
-            );
+            assert_eq!((v["seq"].as_u64(), v["hash"].as_str()), (Some(a.seq), Some(a.hash.as_str())));
         }
         assert_eq!(log.write_failures(), 0);
     }
@@ -727,10 +673,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = log_with(dir.path(), 3).await;
         let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
-        let long = Record {
-            reason: Some("x".repeat(100_000)),
-            ..record(4)
-        };
+        let long = Record { reason: Some("x".repeat(100_000)), ..record(4) };
         assert_eq!(log.append(long).await.unwrap().seq, 4);
         log.close().await.unwrap();
         // The last line is now longer than one backwards read.
@@ -749,17 +692,13 @@ mod tests {
         let fields = "seq prev_hash time request_id peer requested_identity subject namespace \
             service_account pod_name node_os auth_method token_issuer csr_key_type outcome serial fingerprint_sha256 \
             not_before not_after issuer_fingerprint_sha256 hash";
-        let positions: Vec<usize> = fields
-            .split_whitespace()
-            .map(|f| line.find(&format!("\"{f}\":")).unwrap())
-            .collect();
+        let positions: Vec<usize> =
+            fields.split_whitespace().map(|f| line.find(&format!("\"{f}\":")).unwrap()).collect();
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert!(line.starts_with(&format!(
             "{{\"seq\":1,\"prev_hash\":\"{ZERO_HASH}\",\"time\":\"2023-11-14T22:13:21.250Z\""
         )));
-        assert!(
-            !line.contains("pod_uid") && !line.contains("\"code\"") && !line.contains("\"reason\"")
-        );
+        assert!(!line.contains("pod_uid") && !line.contains("\"code\"") && !line.contains("\"reason\""));
     }
 
     #[tokio::test]
@@ -769,8 +708,7 @@ mod tests {
 
     #[tokio::test]
     async fn edited_field_is_detected() {
-        let edit =
-            |lines: &mut Vec<String>| lines[3] = lines[3].replace("\"denied\"", "\"issued\"");
+        let edit = |lines: &mut Vec<String>| lines[3] = lines[3].replace("\"denied\"", "\"issued\"");
         assert_eq!(tampered(edit).await, 4);
     }
 
@@ -793,13 +731,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn appends_fail_closed_when_the_file_cannot_be_written() {
-        let log = AuditLog::open(Sink::File("/dev/full".into()))
-            .await
-            .unwrap();
-        assert!(matches!(
-            log.append(record(1)).await,
-            Err(Error::Write { .. })
-        ));
+        let log = AuditLog::open(Sink::File("/dev/full".into())).await.unwrap();
+        assert!(matches!(log.append(record(1)).await, Err(Error::Write { .. })));
         assert!(log.write_failures() > 0);
         assert!(matches!(log.append(record(2)).await, Err(Error::Poisoned)));
         assert_eq!(log.write_failures(), 2);
@@ -814,16 +747,10 @@ mod tests {
         for tail in ["{\"seq\":3", "not a record\n", "\n"] {
             std::fs::write(&path, format!("{good}{tail}")).unwrap();
             let err = AuditLog::open(Sink::File(path.clone())).await.err();
-            assert!(
-                matches!(err, Some(Error::TailCorrupt { .. })),
-                "{tail:?}: {err:?}"
-            );
+            assert!(matches!(err, Some(Error::TailCorrupt { .. })), "{tail:?}: {err:?}");
         }
         std::fs::write(&path, good.replace("\"denied\"", "\"issued\"")).unwrap();
-        assert!(matches!(
-            AuditLog::open(Sink::File(path)).await,
-            Err(Error::TailCorrupt { .. })
-        ));
+        assert!(matches!(AuditLog::open(Sink::File(path)).await, Err(Error::TailCorrupt { .. })));
     }
 
     #[tokio::test]
@@ -840,12 +767,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let reason = "bad \"token\"\nsecond line\r\u{2028}\\";
         let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
-        log.append(Record {
-            reason: Some(reason.into()),
-            ..record(2)
-        })
-        .await
-        .unwrap();
+        log.append(Record { reason: Some(reason.into()), ..record(2) }).await.unwrap();
         log.close().await.unwrap();
         let lines = lines(&path);
         assert_eq!(lines.len(), 1);

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent::client::{self, KeyType};
+use crate::agent::run::{self as agent_run, Settings as AgentSettings, TokioTimer};
+use crate::agent::schedule::Policy;
 use crate::auth::dev::{DevSigner, TokenClaims};
 use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use crate::ca::issuer::TrustAnchors;
-use crate::agent::run::{self as agent_run, Settings as AgentSettings, TokioTimer};
-use crate::agent::schedule::Policy;
-use crate::cli::{AgentArgs, AgentFile, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs};
+use crate::cli::{
+    AgentArgs, AgentFile, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs,
+};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, FileConfig, DEV_TOKEN_ISSUER};
 use crate::identity::Naming;
@@ -46,8 +48,7 @@ impl Failure {
 
 /// `meshca init`.
 pub fn init(args: InitArgs) -> Result<(), Failure> {
-    let naming =
-        Naming::new(&args.trust_domain, &args.control_plane_namespace).map_err(Failure::usage)?;
+    let naming = Naming::new(&args.trust_domain, &args.control_plane_namespace).map_err(Failure::usage)?;
     let namespace = args.namespace.as_deref().unwrap_or(&args.control_plane_namespace);
     crate::identity::check_label(namespace)
         .map_err(|e| Failure::usage(format!("--namespace {namespace:?}: {e}")))?;
@@ -160,9 +161,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         let addrs = (bound(&listener, config.listen), bound(&admin, config.admin_listen));
         print_dev_instructions(&config, prepared.created_ca, addrs);
     }
-    crate::server::run(config, clock, listener, admin, shutdown)
-        .await
-        .map_err(Failure::other)
+    crate::server::run(config, clock, listener, admin, shutdown).await.map_err(Failure::other)
 }
 
 fn print_dev_instructions(config: &Config, created: bool, (listen, admin): (SocketAddr, SocketAddr)) {
@@ -273,8 +272,10 @@ fn agent_file(path: Option<&Path>) -> Result<AgentFile, Failure> {
 /// Agent settings from `certify`/`agent` arguments over the config file, checked.
 fn agent_settings(args: CertifyArgs, file: &AgentFile, policy: Policy) -> Result<AgentSettings, Failure> {
     policy.validate().map_err(Failure::usage)?;
-    let missing = |flag: &str| Failure::usage(format!("--{flag} is required (flag, environment or --config)"));
-    let trust_anchors = args.trust_anchors.or(file.trust_anchors.clone()).ok_or_else(|| missing("trust-anchors"))?;
+    let missing =
+        |flag: &str| Failure::usage(format!("--{flag} is required (flag, environment or --config)"));
+    let trust_anchors =
+        args.trust_anchors.or(file.trust_anchors.clone()).ok_or_else(|| missing("trust-anchors"))?;
     // Fail early, as a usage error, on anchors that cannot be read at all.
     TrustAnchors::load(&trust_anchors).map_err(Failure::usage)?;
     Ok(AgentSettings {
@@ -312,7 +313,8 @@ pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
 /// `meshca agent`: keeps `--out` fresh until SIGTERM/Ctrl-C (or once with `--once`).
 pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     let file = agent_file(args.request.config.as_deref())?;
-    let offset_warning = args.clock_offset_warning.or(file.clock_offset_warning.clone()).unwrap_or_else(|| "30s".into());
+    let offset_warning =
+        args.clock_offset_warning.or(file.clock_offset_warning.clone()).unwrap_or_else(|| "30s".into());
     let offset_warning = humantime::parse_duration(&offset_warning)
         .map_err(|e| Failure::usage(format!("--clock-offset-warning: {e}")))?;
     let defaults = Policy::default();
@@ -340,7 +342,12 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::other(format!("cannot listen on {addr}: {e}")))?;
         // Ends with the process, after the loop below has returned.
-        tokio::spawn(crate::agent::admin::serve(listener, status.clone(), clock.clone(), std::future::pending()));
+        tokio::spawn(crate::agent::admin::serve(
+            listener,
+            status.clone(),
+            clock.clone(),
+            std::future::pending(),
+        ));
     }
     agent_run::run_with_status(settings, clock, Arc::new(TokioTimer), status, shutdown).await;
     Ok(())

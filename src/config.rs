@@ -187,10 +187,8 @@ pub struct Config {
 fn duration(setting: &'static str, value: Option<String>, default: Duration) -> Result<Duration, Error> {
     match value {
         None => Ok(default),
-        Some(v) => humantime::parse_duration(v.trim()).map_err(|e| Error::Invalid {
-            setting,
-            reason: format!("{e} (use e.g. 24h, 90s, 2m)"),
-        }),
+        Some(v) => humantime::parse_duration(v.trim())
+            .map_err(|e| Error::Invalid { setting, reason: format!("{e} (use e.g. 24h, 90s, 2m)") }),
     }
 }
 
@@ -224,10 +222,15 @@ impl Config {
             .or(file.control_plane_namespace)
             .unwrap_or_else(|| "meshca-system".into());
         let naming = Naming::new(&trust_domain, &cpns).map_err(|e| Error::Invalid {
-            setting: if e.to_string().contains("trust domain") { "trust-domain" } else { "control-plane-namespace" },
+            setting: if e.to_string().contains("trust domain") {
+                "trust-domain"
+            } else {
+                "control-plane-namespace"
+            },
             reason: e.to_string(),
         })?;
-        let service_account = args.service_account.or(file.service_account).unwrap_or_else(|| "meshca".into());
+        let service_account =
+            args.service_account.or(file.service_account).unwrap_or_else(|| "meshca".into());
         check_label(&service_account).map_err(|r| Error::Invalid {
             setting: "service-account",
             reason: format!("not a DNS-1123 label: {r}"),
@@ -280,24 +283,24 @@ impl Config {
         } else {
             TokenValidation::TokenReview
         });
-        let audiences = args
-            .token_audiences
-            .or(file.token_audiences)
-            .unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
+        let audiences =
+            args.token_audiences.or(file.token_audiences).unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
         let audiences: Vec<String> =
             audiences.into_iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
         if audiences.is_empty() {
             return Err(Error::Invalid { setting: "token-audiences", reason: "no audience given".into() });
         }
-        let leeway = duration("token-leeway", args.token_leeway.or(file.token_leeway), Duration::from_secs(60))?;
+        let leeway =
+            duration("token-leeway", args.token_leeway.or(file.token_leeway), Duration::from_secs(60))?;
         let kubeconfig = args.kubeconfig.or(file.kubeconfig);
         let confirm_pod = args.jwks_confirm_pod.or(file.jwks_confirm_pod).unwrap_or(false);
         if confirm_pod && mode != TokenValidation::Jwks {
             return Err(Error::Invalid {
                 setting: "jwks-confirm-pod",
-                reason: "only used with --token-validation jwks (tokenreview has the API server confirm the pod; \
+                reason:
+                    "only used with --token-validation jwks (tokenreview has the API server confirm the pod; \
                          dev tokens name no real pod)"
-                    .into(),
+                        .into(),
             });
         }
         let token = match mode {
@@ -330,14 +333,20 @@ impl Config {
                     (Some(path), None) => KeySource::File(path),
                     (None, Some(url)) => {
                         if !url.starts_with("https://") {
-                            return Err(Error::Invalid { setting: "jwks-url", reason: "must be an https:// URL".into() });
+                            return Err(Error::Invalid {
+                                setting: "jwks-url",
+                                reason: "must be an https:// URL".into(),
+                            });
                         }
                         KeySource::Url { url, ca_file: ca_file.clone() }
                     }
                     (None, None) => KeySource::Discovery { kubeconfig: kubeconfig.clone() },
                 };
                 if ca_file.is_some() && !matches!(keys, KeySource::Url { .. }) {
-                    return Err(Error::Invalid { setting: "jwks-ca-file", reason: "only used with --jwks-url".into() });
+                    return Err(Error::Invalid {
+                        setting: "jwks-ca-file",
+                        reason: "only used with --jwks-url".into(),
+                    });
                 }
                 if issuer.is_none() && !matches!(keys, KeySource::Discovery { .. }) {
                     return Err(Error::Missing {
@@ -350,7 +359,9 @@ impl Config {
                     args.jwks_refresh_interval.or(file.jwks_refresh_interval),
                     crate::auth::discovery::DEFAULT_REFRESH_INTERVAL,
                 )?;
-                if refresh_interval < Duration::from_secs(1) || refresh_interval > Duration::from_secs(24 * 3600) {
+                if refresh_interval < Duration::from_secs(1)
+                    || refresh_interval > Duration::from_secs(24 * 3600)
+                {
                     return Err(Error::Invalid {
                         setting: "jwks-refresh-interval",
                         reason: "must be at least 1s and at most 24h".into(),
@@ -368,7 +379,8 @@ impl Config {
                     });
                 }
                 let refresh = KeyRefresh { refresh_interval, refresh_min_interval, ..KeyRefresh::default() };
-                let confirm_pod = confirm_pod.then(|| ConfirmPod { kubeconfig, settings: PodSettings::default() });
+                let confirm_pod =
+                    confirm_pod.then(|| ConfirmPod { kubeconfig, settings: PodSettings::default() });
                 TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod }
             }
             TokenValidation::TokenReview => {
@@ -387,10 +399,16 @@ impl Config {
                     0 => Err(Error::Invalid { setting, reason: "must be at least 1".into() }),
                     n => Ok(n),
                 };
-                let cache_ttl =
-                    duration("token-cache-ttl", args.token_cache_ttl.or(file.token_cache_ttl), Duration::from_secs(300))?;
+                let cache_ttl = duration(
+                    "token-cache-ttl",
+                    args.token_cache_ttl.or(file.token_cache_ttl),
+                    Duration::from_secs(300),
+                )?;
                 if cache_ttl > Duration::from_secs(3600) {
-                    return Err(Error::Invalid { setting: "token-cache-ttl", reason: "must be at most 1h".into() });
+                    return Err(Error::Invalid {
+                        setting: "token-cache-ttl",
+                        reason: "must be at most 1h".into(),
+                    });
                 }
                 let cache_failure_ttl = duration(
                     "token-cache-failure-ttl",
@@ -407,8 +425,16 @@ impl Config {
                     kubeconfig,
                     audiences,
                     timeout,
-                    qps: at_least_one("token-review-qps", args.token_review_qps.or(file.token_review_qps), 100)?,
-                    burst: at_least_one("token-review-burst", args.token_review_burst.or(file.token_review_burst), 200)?,
+                    qps: at_least_one(
+                        "token-review-qps",
+                        args.token_review_qps.or(file.token_review_qps),
+                        100,
+                    )?,
+                    burst: at_least_one(
+                        "token-review-burst",
+                        args.token_review_burst.or(file.token_review_burst),
+                        200,
+                    )?,
                     cache_ttl,
                     cache_failure_ttl,
                 }
@@ -420,7 +446,10 @@ impl Config {
             None => "-".into(),
         });
         if audit_log.is_empty() {
-            return Err(Error::Invalid { setting: "audit-log", reason: "empty path (use - for stdout)".into() });
+            return Err(Error::Invalid {
+                setting: "audit-log",
+                reason: "empty path (use - for stdout)".into(),
+            });
         }
 
         let events = match (args.events.or(file.events), token.kubernetes()) {
@@ -455,7 +484,10 @@ impl Config {
             crate::ca::reload::DEFAULT_INTERVAL,
         )?;
         if reload_interval < Duration::from_secs(1) || reload_interval > Duration::from_secs(3600) {
-            return Err(Error::Invalid { setting: "reload-interval", reason: "must be at least 1s and at most 1h".into() });
+            return Err(Error::Invalid {
+                setting: "reload-interval",
+                reason: "must be at least 1s and at most 1h".into(),
+            });
         }
 
         let issuer_algorithms =
@@ -504,7 +536,10 @@ mod tests {
     fn reload_interval_defaults_to_30s_comes_from_flag_over_file_and_is_bounded() {
         let dev = |args| ServeArgs { dev: true, ..args };
         let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
-        assert_eq!(c.reload, ReloadSettings { interval: Duration::from_secs(30), ..ReloadSettings::default() });
+        assert_eq!(
+            c.reload,
+            ReloadSettings { interval: Duration::from_secs(30), ..ReloadSettings::default() }
+        );
         let file = || Config::parse_file("reload-interval = \"2m\"\n").unwrap();
         let c = Config::resolve(dev(ServeArgs::default()), file()).unwrap();
         assert_eq!(c.reload.interval, Duration::from_secs(120));
@@ -577,8 +612,11 @@ mod tests {
             cache_failure_ttl: Duration::from_secs(10),
         };
         assert_eq!(c.token, expected);
-        let dev = Config::resolve(ServeArgs { dev: true, ..Default::default() }, FileConfig::default()).unwrap();
-        assert!(matches!(dev.token, TokenConfig::Jwks { ref issuer, .. } if issuer.as_deref() == Some(DEV_TOKEN_ISSUER)));
+        let dev =
+            Config::resolve(ServeArgs { dev: true, ..Default::default() }, FileConfig::default()).unwrap();
+        assert!(
+            matches!(dev.token, TokenConfig::Jwks { ref issuer, .. } if issuer.as_deref() == Some(DEV_TOKEN_ISSUER))
+        );
         assert!(c.events && !dev.events, "events default on with a Kubernetes client only");
     }
 
@@ -589,7 +627,11 @@ mod tests {
              token-review-qps = 5\ntoken-review-burst = 7\ntoken-cache-ttl = \"1m\"\ntoken-cache-failure-ttl = \"3s\"\n",
         )
         .unwrap();
-        let args = ServeArgs { token_review_qps: Some(9), token_audiences: Some(vec!["a".into(), "b".into()]), ..Default::default() };
+        let args = ServeArgs {
+            token_review_qps: Some(9),
+            token_audiences: Some(vec!["a".into(), "b".into()]),
+            ..Default::default()
+        };
         let c = Config::resolve(outside_dev(args), file).unwrap();
         let expected = TokenConfig::TokenReview {
             kubeconfig: Some("/k".into()),
@@ -606,12 +648,21 @@ mod tests {
     #[test]
     fn unusable_tokenreview_settings_name_the_flag() {
         let cases = [
-            ("token-review-timeout", ServeArgs { token_review_timeout: Some("0s".into()), ..Default::default() }),
-            ("token-review-timeout", ServeArgs { token_review_timeout: Some("2 fortnights".into()), ..Default::default() }),
+            (
+                "token-review-timeout",
+                ServeArgs { token_review_timeout: Some("0s".into()), ..Default::default() },
+            ),
+            (
+                "token-review-timeout",
+                ServeArgs { token_review_timeout: Some("2 fortnights".into()), ..Default::default() },
+            ),
             ("token-review-qps", ServeArgs { token_review_qps: Some(0), ..Default::default() }),
             ("token-review-burst", ServeArgs { token_review_burst: Some(0), ..Default::default() }),
             ("token-cache-ttl", ServeArgs { token_cache_ttl: Some("2h".into()), ..Default::default() }),
-            ("token-cache-failure-ttl", ServeArgs { token_cache_failure_ttl: Some("1h".into()), ..Default::default() }),
+            (
+                "token-cache-failure-ttl",
+                ServeArgs { token_cache_failure_ttl: Some("1h".into()), ..Default::default() },
+            ),
         ];
         for (flag, args) in cases {
             let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
@@ -625,8 +676,11 @@ mod tests {
 
     #[test]
     fn jwks_mode_discovers_the_issuer_by_default_or_reads_a_file_or_an_https_url() {
-        let c = Config::resolve(jwks(ServeArgs { kubeconfig: Some("/k".into()), ..Default::default() }), FileConfig::default())
-            .unwrap();
+        let c = Config::resolve(
+            jwks(ServeArgs { kubeconfig: Some("/k".into()), ..Default::default() }),
+            FileConfig::default(),
+        )
+        .unwrap();
         let expected = TokenConfig::Jwks {
             keys: KeySource::Discovery { kubeconfig: Some("/k".into()) },
             issuer: None,
@@ -650,26 +704,46 @@ mod tests {
         .unwrap();
         let c = Config::resolve(jwks(ServeArgs::default()), file).unwrap();
         let TokenConfig::Jwks { keys, issuer, refresh, .. } = &c.token else { panic!("{:?}", c.token) };
-        let url = KeySource::Url { url: "https://issuer.example/keys".into(), ca_file: Some("/ca.pem".into()) };
+        let url =
+            KeySource::Url { url: "https://issuer.example/keys".into(), ca_file: Some("/ca.pem".into()) };
         assert_eq!((keys, issuer.as_deref()), (&url, Some("https://issuer.example")));
-        assert_eq!((refresh.refresh_interval, refresh.refresh_min_interval), (Duration::from_secs(60), Duration::ZERO));
+        assert_eq!(
+            (refresh.refresh_interval, refresh.refresh_min_interval),
+            (Duration::from_secs(60), Duration::ZERO)
+        );
         assert!(!c.events && c.token.kubernetes().is_none());
 
-        let args = ServeArgs { jwks_file: Some("/j".into()), token_issuer: Some("k8s".into()), events: Some(false), ..Default::default() };
+        let args = ServeArgs {
+            jwks_file: Some("/j".into()),
+            token_issuer: Some("k8s".into()),
+            events: Some(false),
+            ..Default::default()
+        };
         let c = Config::resolve(jwks(args), FileConfig::default()).unwrap();
-        assert!(matches!(c.token, TokenConfig::Jwks { keys: KeySource::File(ref p), .. } if p == std::path::Path::new("/j")));
+        assert!(
+            matches!(c.token, TokenConfig::Jwks { keys: KeySource::File(ref p), .. } if p == std::path::Path::new("/j"))
+        );
     }
 
     #[test]
     fn jwks_confirm_pod_comes_from_the_flag_or_the_file_and_brings_a_kubernetes_client() {
-        let file_keys = || ServeArgs { jwks_file: Some("/j".into()), token_issuer: Some("k8s".into()), ..Default::default() };
+        let file_keys = || ServeArgs {
+            jwks_file: Some("/j".into()),
+            token_issuer: Some("k8s".into()),
+            ..Default::default()
+        };
         let c = Config::resolve(jwks(file_keys()), FileConfig::default()).unwrap();
-        assert!(matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }) && c.token.kubernetes().is_none());
+        assert!(
+            matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }) && c.token.kubernetes().is_none()
+        );
         let args = ServeArgs { jwks_confirm_pod: Some(true), kubeconfig: Some("/k".into()), ..file_keys() };
         let c = Config::resolve(jwks(args), FileConfig::default()).unwrap();
         let TokenConfig::Jwks { confirm_pod: Some(confirm), .. } = &c.token else { panic!("{:?}", c.token) };
         assert_eq!(confirm, &ConfirmPod { kubeconfig: Some("/k".into()), settings: PodSettings::default() });
-        assert_eq!((confirm.settings.ttl, confirm.settings.failure_ttl), (Duration::from_secs(30), Duration::from_secs(5)));
+        assert_eq!(
+            (confirm.settings.ttl, confirm.settings.failure_ttl),
+            (Duration::from_secs(30), Duration::from_secs(5))
+        );
         assert_eq!(c.token.kubernetes(), Some(Some(std::path::Path::new("/k"))));
         assert!(c.events, "a Kubernetes client, so events default on");
         let file = Config::parse_file("jwks-confirm-pod = true\n").unwrap();
@@ -678,13 +752,25 @@ mod tests {
         let file = Config::parse_file("jwks-confirm-pod = true\n").unwrap();
         let args = ServeArgs { jwks_confirm_pod: Some(false), ..file_keys() };
         let c = Config::resolve(jwks(args), file).unwrap();
-        assert!(matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }), "the flag wins over the file");
+        assert!(
+            matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }),
+            "the flag wins over the file"
+        );
         for mode in [TokenValidation::TokenReview, TokenValidation::Dev] {
-            let args = ServeArgs { token_validation: Some(mode), jwks_confirm_pod: Some(true), dev: mode == TokenValidation::Dev, ..Default::default() };
+            let args = ServeArgs {
+                token_validation: Some(mode),
+                jwks_confirm_pod: Some(true),
+                dev: mode == TokenValidation::Dev,
+                ..Default::default()
+            };
             let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--jwks-confirm-pod:"), "{mode:?}: {err}");
         }
-        let args = ServeArgs { token_validation: Some(TokenValidation::TokenReview), jwks_confirm_pod: Some(false), ..Default::default() };
+        let args = ServeArgs {
+            token_validation: Some(TokenValidation::TokenReview),
+            jwks_confirm_pod: Some(false),
+            ..Default::default()
+        };
         assert!(Config::resolve(outside_dev(args), FileConfig::default()).is_ok());
     }
 
@@ -693,15 +779,58 @@ mod tests {
         let issuer = || Some("https://issuer.example".to_owned());
         let cases = [
             ("token-issuer", ServeArgs { jwks_file: Some("/j".into()), ..Default::default() }),
-            ("token-issuer", ServeArgs { jwks_url: Some("https://issuer.example/keys".into()), ..Default::default() }),
-            ("jwks-url", ServeArgs { jwks_url: Some("http://issuer.example/keys".into()), token_issuer: issuer(), ..Default::default() }),
-            ("jwks-url", ServeArgs { jwks_url: Some("https://a/k".into()), jwks_file: Some("/j".into()), token_issuer: issuer(), ..Default::default() }),
+            (
+                "token-issuer",
+                ServeArgs { jwks_url: Some("https://issuer.example/keys".into()), ..Default::default() },
+            ),
+            (
+                "jwks-url",
+                ServeArgs {
+                    jwks_url: Some("http://issuer.example/keys".into()),
+                    token_issuer: issuer(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "jwks-url",
+                ServeArgs {
+                    jwks_url: Some("https://a/k".into()),
+                    jwks_file: Some("/j".into()),
+                    token_issuer: issuer(),
+                    ..Default::default()
+                },
+            ),
             ("jwks-ca-file", ServeArgs { jwks_ca_file: Some("/ca.pem".into()), ..Default::default() }),
-            ("jwks-refresh-interval", ServeArgs { jwks_refresh_interval: Some("0s".into()), ..Default::default() }),
-            ("jwks-refresh-interval", ServeArgs { jwks_refresh_interval: Some("2days".into()), ..Default::default() }),
-            ("jwks-refresh-min-interval", ServeArgs { jwks_refresh_min_interval: Some("2h".into()), ..Default::default() }),
-            ("events", ServeArgs { jwks_file: Some("/j".into()), token_issuer: issuer(), events: Some(true), ..Default::default() }),
-            ("audit-node-os", ServeArgs { jwks_file: Some("/j".into()), token_issuer: issuer(), audit_node_os: Some(true), ..Default::default() }),
+            (
+                "jwks-refresh-interval",
+                ServeArgs { jwks_refresh_interval: Some("0s".into()), ..Default::default() },
+            ),
+            (
+                "jwks-refresh-interval",
+                ServeArgs { jwks_refresh_interval: Some("2days".into()), ..Default::default() },
+            ),
+            (
+                "jwks-refresh-min-interval",
+                ServeArgs { jwks_refresh_min_interval: Some("2h".into()), ..Default::default() },
+            ),
+            (
+                "events",
+                ServeArgs {
+                    jwks_file: Some("/j".into()),
+                    token_issuer: issuer(),
+                    events: Some(true),
+                    ..Default::default()
+                },
+            ),
+            (
+                "audit-node-os",
+                ServeArgs {
+                    jwks_file: Some("/j".into()),
+                    token_issuer: issuer(),
+                    audit_node_os: Some(true),
+                    ..Default::default()
+                },
+            ),
         ];
         for (flag, args) in cases {
             let err = Config::resolve(jwks(args), FileConfig::default()).unwrap_err();

@@ -63,10 +63,8 @@ pub fn prepare(paths: &DevPaths, naming: &Naming, now: SystemTime) -> Result<Pre
         let _ = std::fs::remove_file(paths.jwks());
         write(&paths.jwks(), &signer.jwks_json(), Access::Public)?;
     } else if !paths.jwks().exists() {
-        let pem = std::fs::read_to_string(paths.token_key()).map_err(|source| Error::Write {
-            path: paths.token_key().display().to_string(),
-            source,
-        })?;
+        let pem = std::fs::read_to_string(paths.token_key())
+            .map_err(|source| Error::Write { path: paths.token_key().display().to_string(), source })?;
         let signer = DevSigner::from_pem(&pem)?;
         write(&paths.jwks(), &signer.jwks_json(), Access::Public)?;
     }

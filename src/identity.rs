@@ -144,7 +144,8 @@ impl Naming {
     /// Reads an identity name of this deployment back into (namespace, service
     /// account); `None` for any other name.
     pub fn parse(&self, dns_name: &str) -> Option<(String, String)> {
-        let suffix = format!(".serviceaccount.identity.{}.{}", self.control_plane_namespace, self.trust_domain);
+        let suffix =
+            format!(".serviceaccount.identity.{}.{}", self.control_plane_namespace, self.trust_domain);
         let (sa, ns) = dns_name.strip_suffix(&suffix)?.split_once('.')?;
         check_label(sa).ok()?;
         check_label(ns).ok()?;

@@ -46,7 +46,9 @@ pub enum Refusal {
     #[error("no issuer is loaded; retry shortly")]
     NoIssuer,
     /// The audit record could not be written: nothing is issued without one.
-    #[error("the audit log cannot be written; no certificate is issued without an audit record; retry later")]
+    #[error(
+        "the audit log cannot be written; no certificate is issued without an audit record; retry later"
+    )]
     Audit(#[from] audit::Error),
     /// Too many requests in flight.
     #[error("meshca is over capacity; retry with backoff")]

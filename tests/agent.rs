@@ -107,7 +107,10 @@ async fn keeps_a_certificate_fresh_with_offset(offset_secs: i64) {
         let server_now = server.clock.now();
         assert!(expires > server_now + wait, "rotation {rotation}: waits {wait:?} past expiry");
         // Renewal at about half the lifetime (600 s ± 10%), never a tight loop.
-        assert!(wait >= Duration::from_secs(240) && wait <= Duration::from_secs(360), "rotation {rotation}: {wait:?}");
+        assert!(
+            wait >= Duration::from_secs(240) && wait <= Duration::from_secs(360),
+            "rotation {rotation}: {wait:?}"
+        );
         if rotation + 1 == ROTATIONS {
             last = Some(done); // the agent stays asleep until it is stopped
             break;
@@ -218,7 +221,9 @@ async fn agent_without_a_token_renews_with_its_current_certificate() {
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     (out.split_whitespace().nth(1).unwrap().parse().unwrap(), out)
@@ -235,7 +240,12 @@ async fn agent_admin_is_ready_only_with_a_valid_certificate_and_counts_rounds() 
     let clock: Arc<dyn Clock> = Arc::new(server.clock.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = listener.local_addr().unwrap();
-    tokio::spawn(meshca::agent::admin::serve(listener, status.clone(), clock.clone(), std::future::pending()));
+    tokio::spawn(meshca::agent::admin::serve(
+        listener,
+        status.clone(),
+        clock.clone(),
+        std::future::pending(),
+    ));
     assert_eq!(http_get(admin, "/live").await.0, 200);
     assert_eq!(http_get(admin, "/ready").await.0, 503, "nothing on disk yet");
 
@@ -282,9 +292,14 @@ async fn agent_rides_out_a_server_outage_longer_than_a_renewal_interval() {
     let out = dir.join("out");
     let (mut steps, timer) = stepped();
     let (stop, stopped) = oneshot::channel::<()>();
-    let agent = tokio::spawn(run::run(settings(&server, &token_file, &out), Arc::new(server.clock.clone()), timer, async move {
-        let _ = stopped.await;
-    }));
+    let agent = tokio::spawn(run::run(
+        settings(&server, &token_file, &out),
+        Arc::new(server.clock.clone()),
+        timer,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let (interval, done) = steps.recv().await.unwrap();
     let first = std::fs::read(out.join("tls.crt")).unwrap();
     server.stop().await.unwrap();
@@ -298,7 +313,11 @@ async fn agent_rides_out_a_server_outage_longer_than_a_renewal_interval() {
     while down_for <= interval {
         let (backoff, done) = step;
         assert!(backoff <= Duration::from_secs(60));
-        assert_eq!(std::fs::read(out.join("tls.crt")).unwrap(), first, "old files kept while the server is down");
+        assert_eq!(
+            std::fs::read(out.join("tls.crt")).unwrap(),
+            first,
+            "old files kept while the server is down"
+        );
         server.clock.advance(backoff);
         down_for += backoff;
         rounds += 1;
@@ -312,7 +331,10 @@ async fn agent_rides_out_a_server_outage_longer_than_a_renewal_interval() {
     let (_, done) = step;
     done.send(()).unwrap();
     let (wait, done) = steps.recv().await.unwrap();
-    assert!(wait >= Duration::from_secs(240), "back on the renewal schedule: {wait:?} (down for {down_for:?}, {rounds} rounds)");
+    assert!(
+        wait >= Duration::from_secs(240),
+        "back on the renewal schedule: {wait:?} (down for {down_for:?}, {rounds} rounds)"
+    );
     let renewed = std::fs::read(out.join("tls.crt")).unwrap();
     assert_ne!(renewed, first);
     let _ = stop.send(());

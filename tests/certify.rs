@@ -78,7 +78,10 @@ async fn p256_p384_and_rsa_csrs_get_leaves_that_chain_to_the_anchors() {
         assert_eq!(record["csr_key_type"], label);
         assert_eq!(record["subject"]["namespace"], "default");
         assert_eq!(record["subject"]["pod_name"], "web-5d8f7");
-        assert_eq!(record["serial"].as_str().unwrap().trim_start_matches('0'), hex(cert.raw_serial()).trim_start_matches('0'));
+        assert_eq!(
+            record["serial"].as_str().unwrap().trim_start_matches('0'),
+            hex(cert.raw_serial()).trim_start_matches('0')
+        );
         assert_eq!(record["fingerprint_sha256"], meshca::audit::sha256_hex(&leaf));
     }
 }
@@ -145,9 +148,8 @@ fn refusals(server: &TestServer) -> Vec<Refused> {
         server.signer.sign(&c).unwrap().into_bytes()
     };
     let now = server.clock.now();
-    let fixture = |name: &str| {
-        std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-    };
+    let fixture =
+        |name: &str| std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let mut bad_sig = good_csr.clone();
     let n = bad_sig.len();
     bad_sig[n - 5] ^= 0x55; // inside the signature value
@@ -170,10 +172,14 @@ fn refusals(server: &TestServer) -> Vec<Refused> {
     vec![
         Refused {
             name: "expired token",
-            request: req(signed(&|c| {
-                c.issued_at = now - Duration::from_secs(7200);
-                c.expires_at = now - Duration::from_secs(3600);
-            }), good_csr.clone(), &web),
+            request: req(
+                signed(&|c| {
+                    c.issued_at = now - Duration::from_secs(7200);
+                    c.expires_at = now - Duration::from_secs(3600);
+                }),
+                good_csr.clone(),
+                &web,
+            ),
             code: Code::Unauthenticated,
             reason: "token_expired",
         },
@@ -221,7 +227,11 @@ fn refusals(server: &TestServer) -> Vec<Refused> {
         },
         Refused {
             name: "identity in another trust domain",
-            request: req(token.clone(), good_csr.clone(), "web.default.serviceaccount.identity.meshca-system.other.org"),
+            request: req(
+                token.clone(),
+                good_csr.clone(),
+                "web.default.serviceaccount.identity.meshca-system.other.org",
+            ),
             code: Code::PermissionDenied,
             reason: "identity_mismatch",
         },
@@ -323,7 +333,8 @@ async fn refusal_messages_never_echo_the_token() {
     claims.audience = vec!["aud-marker-7f3a".into()];
     let token = server.signer.sign(&claims).unwrap();
     let (_, req) = server.request("default", "web");
-    let status = client.certify(CertifyRequest { token: token.clone().into_bytes(), ..req }).await.unwrap_err();
+    let status =
+        client.certify(CertifyRequest { token: token.clone().into_bytes(), ..req }).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(!status.message().contains("aud-marker-7f3a"));
     let audit = std::fs::read_to_string(&server.audit_path).unwrap();
@@ -387,7 +398,10 @@ async fn validity_is_backdated_by_the_skew_allowance_and_lasts_the_issuance_life
 #[tokio::test]
 async fn leaves_never_outlive_the_issuer_and_an_expired_issuer_refuses() {
     let opts = Options {
-        hierarchy: HierarchyLifetimes { anchor: Duration::from_secs(86_400 * 365), issuer: Duration::from_secs(3600) },
+        hierarchy: HierarchyLifetimes {
+            anchor: Duration::from_secs(86_400 * 365),
+            issuer: Duration::from_secs(3600),
+        },
         plaintext: true,
         ..Default::default()
     };
@@ -445,7 +459,9 @@ async fn linkerd_proxies_trailing_newline_tokens_are_accepted() {
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -486,7 +502,8 @@ async fn graceful_shutdown_leaves_an_intact_audit_log() {
 /// Starts `run` on prepared material and returns its error.
 async fn start_error(dir: &std::path::Path) -> meshca::server::Error {
     let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
-    std::fs::write(dir.join("jwks.json"), meshca::auth::dev::DevSigner::generate().unwrap().0.jwks_json()).unwrap();
+    std::fs::write(dir.join("jwks.json"), meshca::auth::dev::DevSigner::generate().unwrap().0.jwks_json())
+        .unwrap();
     let config = support::config(dir, &naming, &Options::default());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -529,7 +546,10 @@ async fn serve_refuses_unusable_issuers() {
     // Expired issuer.
     let d = tempfile::tempdir().unwrap();
     let opts = Options {
-        hierarchy: HierarchyLifetimes { anchor: Duration::from_secs(86_400), issuer: Duration::from_secs(60) },
+        hierarchy: HierarchyLifetimes {
+            anchor: Duration::from_secs(86_400),
+            issuer: Duration::from_secs(60),
+        },
         ..Default::default()
     };
     support::write_ca(d.path(), &naming, &opts, now - Duration::from_secs(3600));

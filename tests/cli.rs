@@ -362,7 +362,14 @@ fn init_writes_a_hierarchy_and_refuses_to_overwrite() {
 
     let jwks = jwks_file(tmp.path());
     let mut cmd = meshca();
-    cmd.args(ca_args).args(["--token-validation", "jwks", "--jwks-file", p(&jwks), "--token-issuer", "https://issuer.example"]);
+    cmd.args(ca_args).args([
+        "--token-validation",
+        "jwks",
+        "--jwks-file",
+        p(&jwks),
+        "--token-issuer",
+        "https://issuer.example",
+    ]);
     let mut server = Server::spawn(cmd.args(LOOPBACK));
     server.wait_for("serving gRPC over TLS");
     assert!(server.stop().success(), "{}", server.seen.join("\n"));
@@ -383,7 +390,15 @@ fn serve_refuses_an_issuer_that_does_not_chain_to_the_trust_anchors() {
         "--issuer-dir",
         p(&b.join("issuer")),
     ]);
-    cmd.args(["--token-validation", "jwks", "--jwks-file", p(&jwks), "--token-issuer", "https://issuer.example"]).args(LOOPBACK);
+    cmd.args([
+        "--token-validation",
+        "jwks",
+        "--jwks-file",
+        p(&jwks),
+        "--token-issuer",
+        "https://issuer.example",
+    ])
+    .args(LOOPBACK);
     let out = output(&mut cmd);
     assert_exit(&out, 1, "serve with a foreign issuer");
     let err = stderr(&out);
@@ -472,7 +487,14 @@ fn agent_once_writes_a_certificate_runs_its_hook_and_exits_0() {
     let marker = tmp.path().join("renewed");
     let hook = format!("cat {}/tls.crt > {}", p(&out), p(&marker));
     let mut cmd = meshca();
-    cmd.args(["agent", "--once", "--addr", &server.grpc, "--trust-anchors", p(&data.join("trust-anchors.pem"))]);
+    cmd.args([
+        "agent",
+        "--once",
+        "--addr",
+        &server.grpc,
+        "--trust-anchors",
+        p(&data.join("trust-anchors.pem")),
+    ]);
     cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&out), "--key-type", "rsa2048"]);
     let run = output(cmd.args(["--on-renew", &hook]));
     assert_exit(&run, 0, "agent --once");
@@ -522,13 +544,21 @@ fn killing_certify_at_any_moment_never_leaves_a_partial_file() {
             match name.as_str() {
                 "tls.crt" | "ca.crt" => {
                     let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).collect();
-                    assert!(!certs.is_empty() && certs.iter().all(Result::is_ok), "round {i}: {name} is partial");
+                    assert!(
+                        !certs.is_empty() && certs.iter().all(Result::is_ok),
+                        "round {i}: {name} is partial"
+                    );
                 }
                 "tls.key" => {
-                    assert!(rustls_pki_types::PrivateKeyDer::from_pem_slice(&bytes).is_ok(), "round {i}: tls.key is partial");
+                    assert!(
+                        rustls_pki_types::PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+                        "round {i}: tls.key is partial"
+                    );
                 }
                 // A temporary file may survive a kill; it is never the file a proxy reads.
-                other => assert!(other.starts_with('.') && other.contains(".tmp-"), "round {i}: stray {other}"),
+                other => {
+                    assert!(other.starts_with('.') && other.contains(".tmp-"), "round {i}: stray {other}")
+                }
             }
         }
     }
@@ -536,8 +566,10 @@ fn killing_certify_at_any_moment_never_leaves_a_partial_file() {
     // A completed round clears what killed ones left behind.
     let done = server.certify(&token, WEB, &out);
     assert_exit(&done, 0, "certify after the kills");
-    let mut names: Vec<String> =
-        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     assert_eq!(names, ["ca.crt", "tls.crt", "tls.key"]);
     assert_eq!(server.stop().code(), Some(0));
@@ -564,7 +596,11 @@ fn agent_reads_its_settings_from_a_config_file_under_its_flags() {
     .unwrap();
     assert_exit(&run(&["agent", "--once", "--config", p(&config)]), 0, "agent --once --config");
     // A flag wins over the file.
-    assert_exit(&run(&["agent", "--once", "--config", p(&config), "--key-type", "p256"]), 0, "flag over file");
+    assert_exit(
+        &run(&["agent", "--once", "--config", p(&config), "--key-type", "p256"]),
+        0,
+        "flag over file",
+    );
     let types: Vec<_> = audit_records(&server.audit_log())
         .into_iter()
         .filter(|r| r["requested_identity"] == WEB)

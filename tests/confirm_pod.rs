@@ -32,7 +32,11 @@ async fn cluster_with(discovery: bool, settings: PodSettings) -> Cluster {
     let jwks = keys.path().join("jwks.json");
     std::fs::write(&jwks, api.signer.jwks_json()).unwrap();
     let kubeconfig = Some(api.kubeconfig.clone());
-    let source = if discovery { KeySource::Discovery { kubeconfig: kubeconfig.clone() } } else { KeySource::File(jwks) };
+    let source = if discovery {
+        KeySource::Discovery { kubeconfig: kubeconfig.clone() }
+    } else {
+        KeySource::File(jwks)
+    };
     let token = TokenConfig::Jwks {
         keys: source,
         issuer: Some(api.issuer().into()),
@@ -61,7 +65,10 @@ impl Cluster {
     async fn issued(&self, pod: Option<(&str, &str)>) {
         let resp = self.server.client().await.certify(self.request(pod)).await.unwrap();
         let record = self.server.audit_record(&request_id(resp.metadata()));
-        assert_eq!((record["outcome"].as_str(), record["auth_method"].as_str()), (Some("issued"), Some("jwks")));
+        assert_eq!(
+            (record["outcome"].as_str(), record["auth_method"].as_str()),
+            (Some("issued"), Some("jwks"))
+        );
     }
 
     /// Certify must be refused with `code` and this audit reason code; the message

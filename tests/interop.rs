@@ -13,7 +13,10 @@ use support::{chain, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Issues a leaf for `sa` and returns (chain: leaf first, PKCS#8 key).
-async fn credentials(server: &TestServer, sa: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+async fn credentials(
+    server: &TestServer,
+    sa: &str,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let (key, req) = server.request("default", sa);
     let resp = server.client().await.certify(req).await.unwrap().into_inner();
     let (leaf, intermediates) = chain(&resp);
@@ -37,9 +40,10 @@ async fn issued_leaves_complete_a_mutual_tls_handshake() {
     let (server_chain, server_key) = credentials(&server, "web").await;
     let (client_chain, client_key) = credentials(&server, "db").await;
 
-    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&server), provider.clone())
-        .build()
-        .unwrap();
+    let client_verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&server), provider.clone())
+            .build()
+            .unwrap();
     let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -113,7 +117,13 @@ async fn a_leaf_for_another_name_fails_the_handshake() {
     assert!(err.to_string().contains("certificate"), "{err}");
 }
 
-fn openssl_verify(dir: &std::path::Path, anchors: &str, intermediates: &str, leaf: &str, purpose: &str) -> std::process::Output {
+fn openssl_verify(
+    dir: &std::path::Path,
+    anchors: &str,
+    intermediates: &str,
+    leaf: &str,
+    purpose: &str,
+) -> std::process::Output {
     std::fs::write(dir.join("anchors.pem"), anchors).unwrap();
     std::fs::write(dir.join("intermediates.pem"), intermediates).unwrap();
     std::fs::write(dir.join("leaf.pem"), leaf).unwrap();
@@ -146,9 +156,14 @@ async fn openssl_verifies_the_returned_chain_for_client_and_server_use() {
         let (leaf, intermediates) = chain(&resp);
         let inter: String = intermediates.iter().map(|c| to_pem("CERTIFICATE", c)).collect();
         for purpose in ["sslclient", "sslserver"] {
-            let out = openssl_verify(server.dir.path(), &anchors, &inter, &to_pem("CERTIFICATE", &leaf), purpose);
+            let out =
+                openssl_verify(server.dir.path(), &anchors, &inter, &to_pem("CERTIFICATE", &leaf), purpose);
             let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success() && stdout.contains(": OK"), "{label} {purpose}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success() && stdout.contains(": OK"),
+                "{label} {purpose}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         // Negative control: without the issuer, OpenSSL must fail.
         let out = openssl_verify(server.dir.path(), &anchors, "", &to_pem("CERTIFICATE", &leaf), "sslclient");
@@ -161,7 +176,8 @@ async fn linkerds_own_client_gets_a_certificate() {
     use linkerd2_proxy_api::identity as l5d;
     let server = TestServer::start().await;
     let (_key, req) = server.request("default", "web");
-    let channel = meshca::agent::client::connect(&server.url(), &server.anchors, support::SERVER_NAME).await.unwrap();
+    let channel =
+        meshca::agent::client::connect(&server.url(), &server.anchors, support::SERVER_NAME).await.unwrap();
     let mut client = l5d::identity_client::IdentityClient::new(channel);
     let mut token = req.token.clone();
     token.push(b'\n'); // the proxy sends the token file as read
@@ -175,8 +191,12 @@ async fn linkerds_own_client_gets_a_certificate() {
         .unwrap()
         .into_inner();
     let leaf = CertificateDer::from(resp.leaf_certificate);
-    let intermediates: Vec<_> = resp.intermediate_certificates.into_iter().map(CertificateDer::from).collect();
-    server.anchors.verify(&leaf, &intermediates, meshca::clock::Clock::now(&server.clock), Some(&req.identity)).unwrap();
+    let intermediates: Vec<_> =
+        resp.intermediate_certificates.into_iter().map(CertificateDer::from).collect();
+    server
+        .anchors
+        .verify(&leaf, &intermediates, meshca::clock::Clock::now(&server.clock), Some(&req.identity))
+        .unwrap();
     let valid_until = resp.valid_until.expect("the proxy needs valid_until");
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     assert_eq!(valid_until.seconds, cert.validity().not_after.timestamp());
@@ -195,7 +215,8 @@ async fn the_client_makes_rsa_keys_that_meshca_certifies() {
         key_type: meshca::agent::client::KeyType::Rsa2048,
         client_identity: None,
     };
-    let creds = meshca::agent::client::certify(request, meshca::clock::Clock::now(&server.clock)).await.unwrap();
+    let creds =
+        meshca::agent::client::certify(request, meshca::clock::Clock::now(&server.clock)).await.unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&creds.leaf).unwrap();
     assert_eq!(cert.public_key().algorithm.algorithm, x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION);
     assert!(cert.key_usage().unwrap().unwrap().value.key_encipherment());

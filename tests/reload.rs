@@ -226,8 +226,11 @@ async fn an_issuer_swapped_under_a_hundred_requests_in_flight_fails_none_and_sig
 #[tokio::test]
 async fn an_unusable_issuer_is_refused_counted_and_retried_until_the_periodic_recheck_loads_a_good_one() {
     // No notifications: only check() and the periodic re-check read the files.
-    let reload =
-        ReloadSettings { interval: Duration::from_millis(100), notifications: false, ..ReloadSettings::default() };
+    let reload = ReloadSettings {
+        interval: Duration::from_millis(100),
+        notifications: false,
+        ..ReloadSettings::default()
+    };
     let server = TestServer::start_prepared(Options { reload, ..Default::default() }, mount_issuer).await;
     let dir = server.dir.path();
     let now = server.clock.now();

@@ -22,9 +22,14 @@ async fn issued(server: &TestServer, sa: &str) -> (String, String) {
     (pem, key.serialize_pem())
 }
 
-async fn client_as(server: &TestServer, identity: &(String, String)) -> IdentityClient<tonic::transport::Channel> {
+async fn client_as(
+    server: &TestServer,
+    identity: &(String, String),
+) -> IdentityClient<tonic::transport::Channel> {
     let channel =
-        meshca::agent::client::connect_as(&server.url(), &server.anchors, SERVER_NAME, Some(identity)).await.unwrap();
+        meshca::agent::client::connect_as(&server.url(), &server.anchors, SERVER_NAME, Some(identity))
+            .await
+            .unwrap();
     IdentityClient::new(channel)
 }
 
@@ -54,7 +59,8 @@ async fn a_valid_certificate_renews_itself_without_a_token() {
 async fn a_certificate_cannot_renew_into_another_identity() {
     let server = TestServer::start().await;
     let current = issued(&server, "web").await;
-    let status = client_as(&server, &current).await.certify(renewal_request(&server, "db")).await.unwrap_err();
+    let status =
+        client_as(&server, &current).await.certify(renewal_request(&server, "db")).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{}", status.message());
 }
 
@@ -88,7 +94,8 @@ async fn a_certificate_from_another_ca_is_refused() {
     let server = TestServer::start().await;
     let other = TestServer::start().await;
     let foreign = issued(&other, "web").await;
-    let status = client_as(&server, &foreign).await.certify(renewal_request(&server, "web")).await.unwrap_err();
+    let status =
+        client_as(&server, &foreign).await.certify(renewal_request(&server, "web")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     let record = server.audit_record(&request_id(status.metadata()));
     assert!(record["reason"].as_str().unwrap().starts_with("client_certificate_untrusted"), "{record}");
@@ -100,7 +107,8 @@ async fn a_certificate_for_another_trust_domain_is_refused() {
     // Signed by this very issuer, but naming another trust domain.
     let dir = server.dir.path();
     let issuer_pem = std::fs::read_to_string(dir.join("issuer/tls.crt")).unwrap();
-    let issuer_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("issuer/tls.key")).unwrap()).unwrap();
+    let issuer_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("issuer/tls.key")).unwrap()).unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&issuer_pem, issuer_key).unwrap();
     let name = "web.default.serviceaccount.identity.meshca-system.other.org";
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
@@ -111,7 +119,8 @@ async fn a_certificate_for_another_trust_domain_is_refused() {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     let identity = (format!("{}{issuer_pem}", cert.pem()), key.serialize_pem());
-    let status = client_as(&server, &identity).await.certify(renewal_request(&server, "web")).await.unwrap_err();
+    let status =
+        client_as(&server, &identity).await.certify(renewal_request(&server, "web")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
     let record = server.audit_record(&request_id(status.metadata()));
     assert!(record["reason"].as_str().unwrap().starts_with("client_certificate_wrong_identity"), "{record}");

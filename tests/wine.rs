@@ -245,7 +245,11 @@ fn issued_for(audit_log: &Path, identity: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit record is JSON"))
         .filter(|r| r["requested_identity"] == identity)
         // doctor's dry runs sign nothing; they are audited as such.
-        .filter(|r| !r["reason"].as_str().is_some_and(|reason| reason.contains("dry_run") || reason.contains("(dry run)")))
+        .filter(|r| {
+            !r["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("dry_run") || reason.contains("(dry run)"))
+        })
         .collect()
 }
 
@@ -371,8 +375,9 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
         &windows_path(&out),
         "--json",
     ]));
-    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout)
-        .unwrap_or_else(|e| panic!("doctor --json under Wine: {e}\n{}", String::from_utf8_lossy(&doctor.stderr)));
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_else(|e| {
+        panic!("doctor --json under Wine: {e}\n{}", String::from_utf8_lossy(&doctor.stderr))
+    });
     let checks = report.as_array().expect("an array of checks");
     assert_eq!(checks.len(), 6, "{report}");
     for name in ["dns", "tcp", "tls", "clock"] {

@@ -97,10 +97,7 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// `tls.crt`: leaf, then intermediates.
     pub fn chain_pem(&self) -> String {
-        std::iter::once(&self.leaf)
-            .chain(&self.intermediates)
-            .map(|c| to_pem("CERTIFICATE", c))
-            .collect()
+        std::iter::once(&self.leaf).chain(&self.intermediates).map(|c| to_pem("CERTIFICATE", c)).collect()
     }
 
     /// `tls.key`: PKCS#8 PEM.
@@ -126,9 +123,8 @@ pub async fn connect_as(
     let mut endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| bad(e.to_string()))?;
     if addr.starts_with("https://") {
         let ca: String = anchors.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(server_name);
+        let mut tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(server_name);
         if let Some((chain, key)) = identity {
             tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
         }
@@ -136,10 +132,7 @@ pub async fn connect_as(
     } else if !addr.starts_with("http://") {
         return Err(bad("use https://HOST:PORT (or http:// for a --plaintext server)".into()));
     }
-    endpoint.connect().await.map_err(|e| Error::Connect {
-        addr: addr.to_owned(),
-        reason: source_chain(&e),
-    })
+    endpoint.connect().await.map_err(|e| Error::Connect { addr: addr.to_owned(), reason: source_chain(&e) })
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -221,8 +214,8 @@ pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> 
         .verify(&leaf, &intermediates, server_time.unwrap_or(now), Some(req.identity))
         .map_err(Error::BadResponse)?;
     // A valid chain for someone else's key is of no use (and a sign of a broken server).
-    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
-        .map_err(|e| Error::BadResponse(format!("leaf: {e}")))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&leaf).map_err(|e| Error::BadResponse(format!("leaf: {e}")))?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(Error::BadResponse("the leaf does not carry the requested key".into()));
     }

@@ -33,12 +33,7 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy {
-            renew_at: 0.5,
-            jitter: 0.1,
-            margin: Duration::from_secs(120),
-            floor: Duration::from_secs(1),
-        }
+        Policy { renew_at: 0.5, jitter: 0.1, margin: Duration::from_secs(120), floor: Duration::from_secs(1) }
     }
 }
 
@@ -146,7 +141,11 @@ mod tests {
     #[test]
     fn short_lifetimes_renew_late_enough_to_be_useful() {
         // A 90 s certificate with a 2 min margin would otherwise renew at once.
-        let d = renewal_delay(Duration::from_secs(90), &Policy { renew_at: 0.9, jitter: 0.0, ..Policy::default() }, 0.5);
+        let d = renewal_delay(
+            Duration::from_secs(90),
+            &Policy { renew_at: 0.9, jitter: 0.0, ..Policy::default() },
+            0.5,
+        );
         assert_eq!(d, Duration::from_secs(45));
     }
 
@@ -175,7 +174,10 @@ mod tests {
     fn non_finite_randomness_is_tamed() {
         let p = Policy::default();
         assert_eq!(renewal_delay(24 * H, &p, f64::NAN), 12 * H);
-        assert!(backoff(2, Duration::from_millis(100), Duration::from_secs(60), f64::INFINITY) <= Duration::from_secs(60));
+        assert!(
+            backoff(2, Duration::from_millis(100), Duration::from_secs(60), f64::INFINITY)
+                <= Duration::from_secs(60)
+        );
     }
 
     #[test]

@@ -69,7 +69,11 @@ impl Status {
         let mut out = String::new();
         let counters = [
             ("meshca_agent_renewals_total", "Certificates obtained and written.", &self.renewals),
-            ("meshca_agent_failures_total", "Rounds that failed (the files on disk were kept).", &self.failures),
+            (
+                "meshca_agent_failures_total",
+                "Rounds that failed (the files on disk were kept).",
+                &self.failures,
+            ),
         ];
         crate::server::metrics::write_counters(&mut out, &counters);
         let gauges = [
@@ -88,7 +92,11 @@ impl Status {
                 "meshca's clock minus this host's, from the last response.",
                 self.offset_millis.load(Ordering::Relaxed) as f64 / 1000.0,
             ),
-            ("meshca_agent_ready", "1 when a valid certificate is on disk.", f64::from(u8::from(self.is_ready(now)))),
+            (
+                "meshca_agent_ready",
+                "1 when a valid certificate is on disk.",
+                f64::from(u8::from(self.is_ready(now))),
+            ),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");

@@ -115,7 +115,9 @@ pub enum Error {
     Rejected { summary: &'static str },
     /// `--jwks-confirm-pod`: the pod the token is bound to does not exist (deleted),
     /// or has been terminating for more than a minute.
-    #[error("the pod the token is bound to no longer exists; the proxy must present the token of its current pod")]
+    #[error(
+        "the pod the token is bound to no longer exists; the proxy must present the token of its current pod"
+    )]
     PodNotFound,
     /// `--jwks-confirm-pod`: a pod of that name exists with another uid (deleted and
     /// re-created under the same name).

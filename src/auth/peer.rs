@@ -81,7 +81,8 @@ pub fn authenticate(
         Err(webpki::Error::CertNotValidYet { .. }) => return Err(Error::NotYetValid),
         Err(e) => return Err(Error::Untrusted { reason: e.to_string() }),
     }
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| Error::Untrusted { reason: e.to_string() })?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| Error::Untrusted { reason: e.to_string() })?;
     let san = cert.subject_alternative_name().ok().flatten().ok_or(Error::WrongIdentity)?;
     let mut identities = san.value.general_names.iter().filter_map(|n| match n {
         x509_parser::extensions::GeneralName::DNSName(d) => naming.parse(d),
@@ -91,5 +92,11 @@ pub fn authenticate(
     if identities.next().is_some() {
         return Err(Error::WrongIdentity); // meshca never issues two identities in one leaf
     }
-    Ok(Subject { namespace, service_account, pod_name: None, pod_uid: None, issuer: CERTIFICATE_ISSUER.into() })
+    Ok(Subject {
+        namespace,
+        service_account,
+        pod_name: None,
+        pod_uid: None,
+        issuer: CERTIFICATE_ISSUER.into(),
+    })
 }

@@ -132,7 +132,9 @@ fn unavailable(e: &kube::Error) -> Error {
              pods (grant get on pods, as deploy/base does)"
                 .to_owned()
         }
-        kube::Error::Api(status) => format!("the Kubernetes API server answered {} to a pod lookup", status.code),
+        kube::Error::Api(status) => {
+            format!("the Kubernetes API server answered {} to a pod lookup", status.code)
+        }
         kube::Error::SerdeError(_) => "the Kubernetes API server's pod answer does not parse".to_owned(),
         other => super::discovery::unreachable_reason(other, " (pod lookup)"),
     };
@@ -248,7 +250,13 @@ impl PodConfirmingAuthenticator {
     }
 
     /// Whether pod `namespace/name` exists with `uid` (see the module notes).
-    pub async fn confirm(&self, namespace: &str, name: &str, uid: &str, now: SystemTime) -> Result<(), Error> {
+    pub async fn confirm(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        now: SystemTime,
+    ) -> Result<(), Error> {
         let key = PodKey { namespace: namespace.to_owned(), name: name.to_owned() };
         let (s, counters) = (&self.shared.settings, &self.shared.counters);
         let mut pending = {
@@ -278,7 +286,9 @@ impl PodConfirmingAuthenticator {
         match fetched {
             Some(Ok(facts)) => judge(facts.as_ref(), uid, now),
             Some(Err(e)) => Err(e),
-            None => Err(Error::Unavailable { reason: "the pod lookup was abandoned before it answered".into() }),
+            None => {
+                Err(Error::Unavailable { reason: "the pod lookup was abandoned before it answered".into() })
+            }
         }
     }
 
@@ -361,7 +371,11 @@ impl Authenticator for PodConfirmingAuthenticator {
                 &c.errors,
             ),
             ("meshca_pod_cache_hits_total", "Token pods confirmed or refused from the cache.", &c.hits),
-            ("meshca_pod_lookups_coalesced_total", "Token pods that joined a GET already running.", &c.coalesced),
+            (
+                "meshca_pod_lookups_coalesced_total",
+                "Token pods that joined a GET already running.",
+                &c.coalesced,
+            ),
             (
                 "meshca_pod_refusals_total",
                 "Tokens refused because their pod is gone or has another uid.",
@@ -509,7 +523,11 @@ mod tests {
     #[tokio::test]
     async fn a_hung_lookup_is_unavailable_after_the_timeout() {
         let (_open, gate) = watch::channel(false);
-        let fake = Arc::new(Fake { gets: AtomicUsize::new(0), answer: Mutex::new(Ok(live("u1"))), gate: Some(gate) });
+        let fake = Arc::new(Fake {
+            gets: AtomicUsize::new(0),
+            answer: Mutex::new(Ok(live("u1"))),
+            gate: Some(gate),
+        });
         let settings = Settings { timeout: Duration::from_millis(50), ..Settings::default() };
         let auth = PodConfirmingAuthenticator::new(Arc::new(Inner), fake, settings);
         tokio::time::pause();
@@ -520,7 +538,11 @@ mod tests {
     #[tokio::test]
     async fn a_hundred_concurrent_lookups_of_one_pod_share_one_get() {
         let (open, gate) = watch::channel(false);
-        let fake = Arc::new(Fake { gets: AtomicUsize::new(0), answer: Mutex::new(Ok(live("u1"))), gate: Some(gate) });
+        let fake = Arc::new(Fake {
+            gets: AtomicUsize::new(0),
+            answer: Mutex::new(Ok(live("u1"))),
+            gate: Some(gate),
+        });
         let auth = Arc::new(confirming(fake.clone()));
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..100 {

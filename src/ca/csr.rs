@@ -72,12 +72,7 @@ pub struct KeyPolicy {
 
 impl Default for KeyPolicy {
     fn default() -> Self {
-        KeyPolicy {
-            allow_p256: true,
-            allow_p384: true,
-            rsa_min_bits: Some(2048),
-            rsa_max_bits: 4096,
-        }
+        KeyPolicy { allow_p256: true, allow_p384: true, rsa_min_bits: Some(2048), rsa_max_bits: 4096 }
     }
 }
 
@@ -426,10 +421,7 @@ fn key_type(frame: &Frame<'_>, policy: &KeyPolicy) -> Result<KeyType, Error> {
 }
 
 /// The ring algorithm for a (key type, signature algorithm) pair.
-fn verification_alg(
-    key: KeyType,
-    frame: &Frame<'_>,
-) -> Result<&'static dyn VerificationAlgorithm, Error> {
+fn verification_alg(key: KeyType, frame: &Frame<'_>) -> Result<&'static dyn VerificationAlgorithm, Error> {
     let (oid, params) = (frame.sig_alg, frame.sig_params);
     let ecdsa = oid == OID_ECDSA_SHA256 || oid == OID_ECDSA_SHA384;
     let rsa = oid == OID_SHA256_RSA || oid == OID_SHA384_RSA || oid == OID_SHA512_RSA;
@@ -445,9 +437,7 @@ fn verification_alg(
         KeyType::Rsa { .. } if oid == OID_SHA384_RSA => &signature::RSA_PKCS1_2048_8192_SHA384,
         KeyType::Rsa { .. } if oid == OID_SHA512_RSA => &signature::RSA_PKCS1_2048_8192_SHA512,
         _ if oid == OID_RSA_PSS => return Err(unsupported_sig("RSA-PSS")),
-        _ if ecdsa || rsa => {
-            return Err(unsupported_sig(format!("{} with a {key} key", dotted(oid))))
-        }
+        _ if ecdsa || rsa => return Err(unsupported_sig(format!("{} with a {key} key", dotted(oid)))),
         _ => return Err(unsupported_sig(dotted(oid))),
     })
 }
@@ -572,21 +562,14 @@ fn check_subject(subject: &X509Name<'_>, expected: &Expected<'_>) -> Result<(), 
     for atv in subject.iter_attributes() {
         let value = atv.attr_value();
         if *atv.attr_type() == OID_X509_COMMON_NAME {
-            if !matches!(
-                value.header.tag(),
-                Tag::Utf8String | Tag::PrintableString | Tag::Ia5String
-            ) {
-                return Err(Error::NameNotAllowed {
-                    what: "CN of an unsupported string type".into(),
-                });
+            if !matches!(value.header.tag(), Tag::Utf8String | Tag::PrintableString | Tag::Ia5String) {
+                return Err(Error::NameNotAllowed { what: "CN of an unsupported string type".into() });
             }
             if value.data != expected.dns_name.as_bytes() {
                 return Err(Error::NameNotAllowed { what: describe("CN", value.data) });
             }
         } else if *atv.attr_type() == OID_PKCS9_EMAIL_ADDRESS {
-            return Err(Error::NameNotAllowed {
-                what: describe("emailAddress in subject", value.data),
-            });
+            return Err(Error::NameNotAllowed { what: describe("emailAddress in subject", value.data) });
         }
     }
     Ok(())
@@ -605,16 +588,12 @@ fn check_extension(ext: &X509Extension<'_>, expected: &Expected<'_>) -> Result<(
                     GeneralName::URI(s) if *s == expected.spiffe_id => {}
                     GeneralName::DNSName(s) => return refuse(describe("DNS SAN", s.as_bytes())),
                     GeneralName::URI(s) => return refuse(describe("URI SAN", s.as_bytes())),
-                    GeneralName::RFC822Name(s) => {
-                        return refuse(describe("email SAN", s.as_bytes()))
-                    }
+                    GeneralName::RFC822Name(s) => return refuse(describe("email SAN", s.as_bytes())),
                     GeneralName::IPAddress(_) => return refuse("IP SAN".into()),
                     GeneralName::DirectoryName(_) => return refuse("directoryName SAN".into()),
                     GeneralName::OtherName(..) => return refuse("otherName SAN".into()),
                     GeneralName::RegisteredID(_) => return refuse("registeredID SAN".into()),
-                    GeneralName::Invalid(..) => {
-                        return refuse("SAN entry with invalid encoding".into())
-                    }
+                    GeneralName::Invalid(..) => return refuse("SAN entry with invalid encoding".into()),
                     _ => return refuse("unsupported SAN type".into()),
                 }
             }
@@ -629,9 +608,9 @@ fn check_extension(ext: &X509Extension<'_>, expected: &Expected<'_>) -> Result<(
 mod tests {
     use super::*;
     use rcgen::{
-        BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa,
-        KeyPair, PublicKeyData, SanType, SignatureAlgorithm, PKCS_ECDSA_P256_SHA256,
-        PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PKCS_RSA_SHA256,
+        BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa, KeyPair,
+        PublicKeyData, SanType, SignatureAlgorithm, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
+        PKCS_ED25519, PKCS_RSA_SHA256,
     };
 
     const ID: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
@@ -732,10 +711,8 @@ mod tests {
     #[test]
     fn p384_key_signed_with_sha256_is_accepted_as_p384() {
         let hex = P384_SHA256_CSR.concat();
-        let csr: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
+        let csr: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         assert_eq!(run(&csr).unwrap().key_type, KeyType::P384);
         // The same signature labelled as an RSA signature is refused.
         let sig = Frame::parse(&csr).unwrap().signature;
@@ -764,17 +741,11 @@ mod tests {
             request(&k, None, vec![dns(&upper)], |_| {}),
             request(&k, Some(&dotted_id), vec![], |_| {}),
             request(&k, None, vec![dns(&dotted_id)], |_| {}),
-            request(
-                &k,
-                None,
-                vec![dns(ID), uri("spiffe://cluster.local/ns/default/sa/api")],
-                |_| {},
-            ),
+            request(&k, None, vec![dns(ID), uri("spiffe://cluster.local/ns/default/sa/api")], |_| {}),
             request(&k, None, vec![ip], |_| {}),
             request(&k, None, vec![email], |_| {}),
             request(&k, None, vec![], |p| {
-                p.distinguished_name
-                    .push(DnType::CustomDnType(vec![1, 2, 840, 113549, 1, 9, 1]), "a@b.c")
+                p.distinguished_name.push(DnType::CustomDnType(vec![1, 2, 840, 113549, 1, 9, 1]), "a@b.c")
             }),
         ];
         for csr in cases {
@@ -786,8 +757,7 @@ mod tests {
 
     #[test]
     fn uri_san_with_the_spiffe_id_is_accepted() {
-        let csr =
-            request(&key(&PKCS_ECDSA_P256_SHA256), Some(ID), vec![dns(ID), uri(SPIFFE)], |_| {});
+        let csr = request(&key(&PKCS_ECDSA_P256_SHA256), Some(ID), vec![dns(ID), uri(SPIFFE)], |_| {});
         assert!(run(&csr).is_ok());
     }
 
@@ -795,9 +765,7 @@ mod tests {
     fn refusal_names_only_printable_ascii_truncated() {
         let long = format!("{}.example", "a".repeat(300));
         let csr = request(&key(&PKCS_ECDSA_P256_SHA256), None, vec![dns(&long)], |_| {});
-        let Err(Error::NameNotAllowed { what }) = run(&csr) else {
-            panic!("expected NameNotAllowed")
-        };
+        let Err(Error::NameNotAllowed { what }) = run(&csr) else { panic!("expected NameNotAllowed") };
         assert_eq!(what, format!("DNS SAN {:?}", "a".repeat(253)));
         assert_eq!(describe("CN", b"web\0"), "CN");
     }
@@ -805,15 +773,11 @@ mod tests {
     #[test]
     fn ca_requests_are_refused_and_ca_false_is_accepted() {
         let k = key(&PKCS_ECDSA_P256_SHA256);
-        for is_ca in
-            [IsCa::Ca(BasicConstraints::Unconstrained), IsCa::Ca(BasicConstraints::Constrained(0))]
-        {
+        for is_ca in [IsCa::Ca(BasicConstraints::Unconstrained), IsCa::Ca(BasicConstraints::Constrained(0))] {
             let err = run(&request(&k, Some(ID), vec![dns(ID)], |p| p.is_ca = is_ca)).unwrap_err();
             assert!(matches!(err, Error::CaRequested) && err.is_permission(), "{err}");
         }
-        assert!(
-            run(&request(&k, Some(ID), vec![dns(ID)], |p| p.is_ca = IsCa::ExplicitNoCa)).is_ok()
-        );
+        assert!(run(&request(&k, Some(ID), vec![dns(ID)], |p| p.is_ca = IsCa::ExplicitNoCa)).is_ok());
     }
 
     #[test]
@@ -824,11 +788,8 @@ mod tests {
             p.custom_extensions.push(CustomExtension::from_oid_content(&[2, 5, 29, 17], san));
         });
         assert_refused(run(&dup), "csr_malformed");
-        let mut unknown =
-            CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
-        assert!(
-            run(&request(&k, None, vec![], |p| p.custom_extensions.push(unknown.clone()))).is_ok()
-        );
+        let mut unknown = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
+        assert!(run(&request(&k, None, vec![], |p| p.custom_extensions.push(unknown.clone()))).is_ok());
         unknown.set_criticality(true);
         assert_refused(
             run(&request(&k, None, vec![], |p| p.custom_extensions.push(unknown))),
@@ -909,10 +870,7 @@ mod tests {
 
     #[test]
     fn weak_unsupported_and_disabled_keys_are_refused() {
-        assert!(matches!(
-            run(&fixture("rsa1024.csr.der")),
-            Err(Error::WeakKey { bits: 1024, min: 2048 })
-        ));
+        assert!(matches!(run(&fixture("rsa1024.csr.der")), Err(Error::WeakKey { bits: 1024, min: 2048 })));
         assert_refused(run(&fixture("p521.csr.der")), "csr_unsupported_key");
         assert_refused(run(&identity_request(&key(&PKCS_ED25519))), "csr_unsupported_key");
         let csr = identity_request(&rsa_key("rsa3072.pk8.pem"));
@@ -920,10 +878,7 @@ mod tests {
         let no_rsa = KeyPolicy { rsa_min_bits: None, ..KeyPolicy::default() };
         assert_refused(check(&csr, &expected, &no_rsa), "csr_unsupported_key");
         let small = KeyPolicy { rsa_max_bits: 2048, ..KeyPolicy::default() };
-        assert!(matches!(
-            check(&csr, &expected, &small),
-            Err(Error::KeyTooLarge { bits: 3072, max: 2048 })
-        ));
+        assert!(matches!(check(&csr, &expected, &small), Err(Error::KeyTooLarge { bits: 3072, max: 2048 })));
         let no_p384 = KeyPolicy { allow_p384: false, ..KeyPolicy::default() };
         let p384 = identity_request(&key(&PKCS_ECDSA_P384_SHA384));
         assert_refused(check(&p384, &expected, &no_p384), "csr_unsupported_key");
@@ -938,8 +893,7 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let ec =
-            request(&key(&PKCS_ECDSA_P256_SHA256), Some(ID), vec![dns(ID), uri(SPIFFE)], |_| {});
+        let ec = request(&key(&PKCS_ECDSA_P256_SHA256), Some(ID), vec![dns(ID), uri(SPIFFE)], |_| {});
         for csr in [ec, identity_request(&rsa_key("rsa2048.pk8.pem"))] {
             for len in 0..csr.len() {
                 assert!(run(&csr[..len]).is_err());

@@ -10,10 +10,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use super::Error;
@@ -76,7 +73,12 @@ impl std::fmt::Debug for Hierarchy {
     }
 }
 
-fn ca_params(cn: String, not_before: SystemTime, not_after: SystemTime, path_len: Option<u8>) -> CertificateParams {
+fn ca_params(
+    cn: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    path_len: Option<u8>,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
@@ -87,11 +89,8 @@ fn ca_params(cn: String, not_before: SystemTime, not_after: SystemTime, path_len
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
     });
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = path_len.is_some();
     params
 }

@@ -24,8 +24,8 @@ use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 use x509_parser::oid_registry::{
     Oid, OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
     OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA1WITHRSA, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA,
-    OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
-    OID_SIG_ECDSA_WITH_SHA512, OID_SIG_ED25519, OID_SIG_ED448,
+    OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ECDSA_WITH_SHA512,
+    OID_SIG_ED25519, OID_SIG_ED448,
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::x509::{AlgorithmIdentifier, SubjectPublicKeyInfo};
@@ -99,9 +99,18 @@ impl TrustAnchors {
         at: SystemTime,
     ) -> Result<(), webpki::Error> {
         let ee = webpki::EndEntityCert::try_from(leaf)?;
-        let time = UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO));
+        let time =
+            UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO));
         for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
-            ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, intermediates, time, usage, None, None)?;
+            ee.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &self.anchors,
+                intermediates,
+                time,
+                usage,
+                None,
+                None,
+            )?;
         }
         Ok(())
     }
@@ -213,7 +222,10 @@ fn check_windows_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<(), String> {
 /// `Err(what)` unless the signature is ECDSA SHA-256/384 or RSA PKCS#1 v1.5 SHA-256.
 fn check_windows_signature(alg: &AlgorithmIdentifier<'_>) -> Result<(), String> {
     let oid = &alg.algorithm;
-    if *oid == OID_SIG_ECDSA_WITH_SHA256 || *oid == OID_SIG_ECDSA_WITH_SHA384 || *oid == OID_PKCS1_SHA256WITHRSA {
+    if *oid == OID_SIG_ECDSA_WITH_SHA256
+        || *oid == OID_SIG_ECDSA_WITH_SHA384
+        || *oid == OID_PKCS1_SHA256WITHRSA
+    {
         return Ok(());
     }
     Err(format!("is signed with {}", algorithm_name(oid)))
@@ -254,10 +266,8 @@ pub fn issuer_files(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn parse_cert<'a>(der: &'a CertificateDer<'_>, path: &Path) -> Result<X509Certificate<'a>, Error> {
-    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| Error::BadCertificate {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
+    let (rest, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::BadCertificate { path: path.into(), reason: e.to_string() })?;
     if !rest.is_empty() {
         return Err(Error::BadCertificate { path: path.into(), reason: "trailing data".into() });
     }
@@ -304,7 +314,14 @@ impl Issuer {
         crt_path: &Path,
         key_path: &Path,
     ) -> Result<Self, Error> {
-        Self::from_parts_with(certs, pkcs8_key, anchors, now, (crt_path, key_path), Algorithms::WindowsCompatible)
+        Self::from_parts_with(
+            certs,
+            pkcs8_key,
+            anchors,
+            now,
+            (crt_path, key_path),
+            Algorithms::WindowsCompatible,
+        )
     }
 
     /// Like [`Issuer::from_parts`], with the algorithms the chain may use.
@@ -369,23 +386,13 @@ impl Issuer {
             return Err(Error::IssuerNotYetValid { not_before: window.not_before, now });
         }
 
-        let signer = rcgen::Issuer::from_ca_cert_der(issuer_der, key).map_err(|e| {
-            Error::BadCertificate { path: crt_path.into(), reason: e.to_string() }
-        })?;
+        let signer = rcgen::Issuer::from_ca_cert_der(issuer_der, key)
+            .map_err(|e| Error::BadCertificate { path: crt_path.into(), reason: e.to_string() })?;
         let fingerprint = crate::audit::sha256_hex(issuer_der);
         drop(issuer_cert);
         // Never hand out a trust anchor as an intermediate.
-        let chain: Vec<_> = certs
-            .into_iter()
-            .filter(|c| !anchors.certificates().contains(c))
-            .collect();
-        let issuer = Issuer {
-            signer,
-            fingerprint,
-            chain,
-            window,
-            rng: ring::rand::SystemRandom::new(),
-        };
+        let chain: Vec<_> = certs.into_iter().filter(|c| !anchors.certificates().contains(c)).collect();
+        let issuer = Issuer { signer, fingerprint, chain, window, rng: ring::rand::SystemRandom::new() };
         issuer.probe(anchors, now)?;
         Ok(issuer)
     }
@@ -409,9 +416,7 @@ impl Issuer {
         };
         let (nb, na) = profile::validity(now, &lifetimes, &self.window)?;
         let leaf = self.sign_with(&identity, &csr, serial, nb, na)?;
-        anchors
-            .verify(&leaf.der, &self.chain, now, None)
-            .map_err(|reason| Error::Untrusted { reason })
+        anchors.verify(&leaf.der, &self.chain, now, None).map_err(|reason| Error::Untrusted { reason })
     }
 
     /// Issues a leaf for `identity` with the CSR's key, valid per `lifetimes` at `now`.
@@ -437,9 +442,7 @@ impl Issuer {
     ) -> Result<Leaf, Error> {
         let params = profile::leaf_params(identity, csr.key_type, &serial, not_before, not_after)?;
         let key = LeafKey::from_csr(csr)?;
-        let cert = params
-            .signed_by(&key, &self.signer)
-            .map_err(|e| Error::Sign { reason: e.to_string() })?;
+        let cert = params.signed_by(&key, &self.signer).map_err(|e| Error::Sign { reason: e.to_string() })?;
         Ok(Leaf { der: cert.der().clone(), serial, not_before, not_after })
     }
 
@@ -490,7 +493,14 @@ mod tests {
         let nowhere = Path::new("(test)");
         let anchors = TrustAnchors::from_certs(vec![anchor.der().clone()], nowhere).unwrap();
         let certs = vec![issuer.der().clone()];
-        Issuer::from_parts_with(certs, &issuer_key.serialize_der(), &anchors, now, (nowhere, nowhere), algorithms)
+        Issuer::from_parts_with(
+            certs,
+            &issuer_key.serialize_der(),
+            &anchors,
+            now,
+            (nowhere, nowhere),
+            algorithms,
+        )
     }
 
     fn refusal(result: Result<Issuer, Error>) -> String {
@@ -525,7 +535,8 @@ mod tests {
             ca_params("anchor", now).self_signed(&key).unwrap().der().clone()
         };
         let (p256, ed) = (self_signed(&rcgen::PKCS_ECDSA_P256_SHA256), self_signed(&rcgen::PKCS_ED25519));
-        let (p256, ed) = (parse_cert(&p256, Path::new("p256")).unwrap(), parse_cert(&ed, Path::new("ed")).unwrap());
+        let (p256, ed) =
+            (parse_cert(&p256, Path::new("p256")).unwrap(), parse_cert(&ed, Path::new("ed")).unwrap());
         let chain = std::slice::from_ref(&p256);
         let err = check_windows(chain, std::slice::from_ref(&ed)).unwrap_err().to_string();
         assert!(err.starts_with("the trust anchor \"CN=anchor\" has an Ed25519 key"), "{err}");

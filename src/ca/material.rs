@@ -33,9 +33,9 @@ pub fn read_pkcs8_key(path: &Path) -> Result<Vec<u8>, Error> {
         PrivateKeyDer::Pkcs8(k) => Ok(k.secret_pkcs8_der().to_vec()),
         PrivateKeyDer::Sec1(k) => sec1_to_pkcs8(k.secret_sec1_der())
             .ok_or_else(|| bad("EC PRIVATE KEY is not a P-256 or P-384 key")),
-        PrivateKeyDer::Pkcs1(_) => Err(bad(
-            "PKCS#1 RSA keys are not supported; convert with `openssl pkcs8 -topk8 -nocrypt`",
-        )),
+        PrivateKeyDer::Pkcs1(_) => {
+            Err(bad("PKCS#1 RSA keys are not supported; convert with `openssl pkcs8 -topk8 -nocrypt`"))
+        }
         _ => Err(bad("unsupported private key format")),
     }
 }

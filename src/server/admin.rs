@@ -36,10 +36,7 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(s.audit.write_failures()),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(s.audit.write_failures()))
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.

@@ -26,7 +26,6 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog, Outcome, Record, SubjectRecord};
 use crate::auth::{peer, Authenticator};
-use rustls_pki_types::CertificateDer;
 use crate::ca::csr::{self, Expected, KeyPolicy};
 use crate::ca::profile::Lifetimes;
 use crate::ca::store::Store;
@@ -35,9 +34,10 @@ use crate::identity::Naming;
 use crate::proto::identity_server::Identity;
 use crate::proto::{CertifyRequest, CertifyResponse};
 use crate::server::events::{Emitter, Notice};
-use crate::server::nodes::NodeOs;
 use crate::server::metrics::Metrics;
+use crate::server::nodes::NodeOs;
 use crate::status::{code_name, Refusal, RequestError};
+use rustls_pki_types::CertificateDer;
 
 /// Largest Certify request accepted (encoded protobuf).
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -140,7 +140,9 @@ impl Certifier {
         };
         record.token_issuer = (subject.issuer != peer::CERTIFICATE_ISSUER).then(|| subject.issuer.clone());
         let node_os = match (&self.nodes, &subject.pod_name) {
-            (Some(nodes), Some(pod)) => nodes.lookup(&subject.namespace, pod, subject.pod_uid.as_deref()).await,
+            (Some(nodes), Some(pod)) => {
+                nodes.lookup(&subject.namespace, pod, subject.pod_uid.as_deref()).await
+            }
             _ => None,
         };
         record.subject = Some(SubjectRecord {
@@ -169,12 +171,7 @@ impl Certifier {
         });
         Ok(CertifyResponse {
             leaf_certificate: leaf.der.to_vec(),
-            intermediate_certificates: snapshot
-                .issuer
-                .intermediates()
-                .iter()
-                .map(|c| c.to_vec())
-                .collect(),
+            intermediate_certificates: snapshot.issuer.intermediates().iter().map(|c| c.to_vec()).collect(),
             valid_until: Some(prost_types::Timestamp::from(leaf.not_after)),
         })
     }
@@ -189,10 +186,7 @@ impl Certifier {
 
 #[tonic::async_trait]
 impl Identity for Arc<Certifier> {
-    async fn certify(
-        &self,
-        request: Request<CertifyRequest>,
-    ) -> Result<Response<CertifyResponse>, Status> {
+    async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
         let started = Instant::now();
         let now = self.clock.now();
         let request_id = new_request_id();
@@ -216,7 +210,9 @@ impl Identity for Arc<Certifier> {
         };
 
         let decision = match self.in_flight.try_acquire() {
-            Ok(_permit) => self.decide(&req, peer_certs.as_deref().map(Vec::as_slice), dry_run, now, &mut record).await,
+            Ok(_permit) => {
+                self.decide(&req, peer_certs.as_deref().map(Vec::as_slice), dry_run, now, &mut record).await
+            }
             Err(_) => Err(Refusal::Overloaded),
         };
         // The Event for an issuance (`None` for a denial, or with events off).
@@ -231,7 +227,9 @@ impl Identity for Arc<Certifier> {
                     Ok(_) => {
                         let mut response = Response::new(response);
                         tag(response.metadata_mut(), &request_id, now);
-                        response.metadata_mut().insert(DRY_RUN_HEADER, tonic::metadata::MetadataValue::from_static("passed"));
+                        response
+                            .metadata_mut()
+                            .insert(DRY_RUN_HEADER, tonic::metadata::MetadataValue::from_static("passed"));
                         (DRY_RUN_REASON, Ok(response))
                     }
                     Err(e) => {

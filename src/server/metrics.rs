@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::auth::Authenticator;
-use crate::server::events::Emitter;
-use crate::server::nodes::NodeOs;
 use crate::ca::reload::Observer;
 use crate::ca::store::Snapshot;
 use crate::clock::unix_seconds;
+use crate::server::events::Emitter;
+use crate::server::nodes::NodeOs;
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
@@ -155,13 +155,48 @@ impl Metrics {
         let _ = writeln!(out, "meshca_certify_duration_seconds_sum {sum}");
         let _ = writeln!(out, "meshca_certify_duration_seconds_count {count}");
         let gauges = [
-            ("meshca_audit_write_failures_total", "counter", "Audit appends that failed.", audit_write_failures),
-            ("meshca_issuer_not_after_seconds", "gauge", "Unix time the issuer chain expires.", self.issuer_not_after.load(Ordering::Relaxed)),
-            ("meshca_trust_anchor_earliest_not_after_seconds", "gauge", "Unix time the first of the trust anchors expires.", self.anchors_not_after.load(Ordering::Relaxed)),
-            ("meshca_reloads_total", "counter", "Issuer and trust-anchor reloads swapped in.", self.reloads()),
-            ("meshca_reload_failures_total", "counter", "Reload attempts whose files could not be used (the previous issuer stayed).", self.reload_failures()),
-            ("meshca_serving_certificate_not_after_seconds", "gauge", "Unix time the serving certificate expires.", self.serving_not_after.load(Ordering::Relaxed)),
-            ("meshca_ready", "gauge", "1 when an issuer is loaded and gRPC is listening.", u64::from(self.is_ready())),
+            (
+                "meshca_audit_write_failures_total",
+                "counter",
+                "Audit appends that failed.",
+                audit_write_failures,
+            ),
+            (
+                "meshca_issuer_not_after_seconds",
+                "gauge",
+                "Unix time the issuer chain expires.",
+                self.issuer_not_after.load(Ordering::Relaxed),
+            ),
+            (
+                "meshca_trust_anchor_earliest_not_after_seconds",
+                "gauge",
+                "Unix time the first of the trust anchors expires.",
+                self.anchors_not_after.load(Ordering::Relaxed),
+            ),
+            (
+                "meshca_reloads_total",
+                "counter",
+                "Issuer and trust-anchor reloads swapped in.",
+                self.reloads(),
+            ),
+            (
+                "meshca_reload_failures_total",
+                "counter",
+                "Reload attempts whose files could not be used (the previous issuer stayed).",
+                self.reload_failures(),
+            ),
+            (
+                "meshca_serving_certificate_not_after_seconds",
+                "gauge",
+                "Unix time the serving certificate expires.",
+                self.serving_not_after.load(Ordering::Relaxed),
+            ),
+            (
+                "meshca_ready",
+                "gauge",
+                "1 when an issuer is loaded and gRPC is listening.",
+                u64::from(self.is_ready()),
+            ),
         ];
         for (name, kind, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
@@ -246,7 +281,11 @@ mod tests {
     fn the_authenticators_own_metrics_follow_the_servers() {
         struct Reviewing;
         impl Authenticator for Reviewing {
-            fn authenticate<'a>(&'a self, _: &'a [u8], _: std::time::SystemTime) -> crate::auth::AuthFuture<'a> {
+            fn authenticate<'a>(
+                &'a self,
+                _: &'a [u8],
+                _: std::time::SystemTime,
+            ) -> crate::auth::AuthFuture<'a> {
                 Box::pin(async { Err(crate::auth::Error::Empty) })
             }
             fn name(&self) -> &'static str {

@@ -83,20 +83,34 @@ pub enum Error {
 pub async fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crate::auth::Error> {
     match token {
         TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod } => {
-            let jwks =
-                RotatingJwksAuthenticator::connect(keys, issuer.clone(), audiences.clone(), *leeway, *refresh)
-                    .await?;
+            let jwks = RotatingJwksAuthenticator::connect(
+                keys,
+                issuer.clone(),
+                audiences.clone(),
+                *leeway,
+                *refresh,
+            )
+            .await?;
             match confirm_pod {
                 None => Ok(Arc::new(jwks)),
                 Some(confirm) => {
                     let kubeconfig = confirm.kubeconfig.as_deref();
                     let confirming =
-                        PodConfirmingAuthenticator::connect(Arc::new(jwks), kubeconfig, confirm.settings).await?;
+                        PodConfirmingAuthenticator::connect(Arc::new(jwks), kubeconfig, confirm.settings)
+                            .await?;
                     Ok(Arc::new(confirming))
                 }
             }
         }
-        TokenConfig::TokenReview { kubeconfig, audiences, timeout, qps, burst, cache_ttl, cache_failure_ttl } => {
+        TokenConfig::TokenReview {
+            kubeconfig,
+            audiences,
+            timeout,
+            qps,
+            burst,
+            cache_ttl,
+            cache_failure_ttl,
+        } => {
             let settings = tokenreview::Settings { audiences: audiences.clone(), timeout: *timeout };
             let reviewer = TokenReviewAuthenticator::connect(kubeconfig.as_deref(), settings).await?;
             let settings = cache::Settings {
@@ -146,13 +160,16 @@ pub async fn run_with(
 ) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::default());
-    let reloader = Arc::new(Reloader::new(
-        config.trust_anchors.clone(),
-        config.issuer_dir.clone(),
-        store.clone(),
-        clock.clone(),
-        metrics.clone(),
-    ).with_algorithms(config.reload.issuer_algorithms));
+    let reloader = Arc::new(
+        Reloader::new(
+            config.trust_anchors.clone(),
+            config.issuer_dir.clone(),
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+        )
+        .with_algorithms(config.reload.issuer_algorithms),
+    );
     metrics.set_snapshot(reloader.load()?.as_ref());
     let authenticator = authenticator(&config.token).await?;
     metrics.set_authenticator(authenticator.clone());
@@ -188,12 +205,8 @@ pub async fn run_with(
     let mut beside = tokio::task::JoinSet::new();
     beside.spawn(reloader.clone().run(config.reload, stopped(stop_rx.clone())));
 
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        metrics.clone(),
-        audit.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let admin_task =
+        tokio::spawn(admin::serve(admin_listener, metrics.clone(), audit.clone(), stopped(stop_rx.clone())));
 
     let certifier = Arc::new(grpc::Certifier {
         naming: config.naming.clone(),
@@ -228,9 +241,7 @@ pub async fn run_with(
         lend(None);
         metrics.set_ready(true);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC (plaintext)");
-        router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()))
-            .await
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone())).await
     } else {
         let identity = config.naming.own_identity(&config.service_account)?;
         // Subscribed before the first issue, so a swap from now on is never missed.
@@ -351,10 +362,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let naming = Naming::new("cluster.local", "meshca-system").unwrap();
         let clock = FakeClock::at(SystemClock.now());
-        let h = hierarchy::generate(&naming, CaKeyType::P256, clock.now(), HierarchyLifetimes::default()).unwrap();
+        let h = hierarchy::generate(&naming, CaKeyType::P256, clock.now(), HierarchyLifetimes::default())
+            .unwrap();
         crate::dev::write_hierarchy(dir.path(), &h).unwrap();
         let snapshot =
-            Snapshot::load(&dir.path().join("trust-anchors.pem"), &dir.path().join("issuer"), clock.now()).unwrap();
+            Snapshot::load(&dir.path().join("trust-anchors.pem"), &dir.path().join("issuer"), clock.now())
+                .unwrap();
         let store = Arc::new(Store::new(snapshot));
         let audit_path = dir.path().join("audit.jsonl");
         let audit = AuditLog::open(Sink::File(audit_path.clone())).await.unwrap();
@@ -362,7 +375,8 @@ mod tests {
         let lifetimes =
             Lifetimes { issuance_lifetime: Duration::from_secs(3600), clock_skew_allowance: Duration::ZERO };
         let snap = store.current().unwrap();
-        let (key, leaf) = tls::issue_serving(&snap, &identity, &lifetimes, clock.now(), &audit).await.unwrap();
+        let (key, leaf) =
+            tls::issue_serving(&snap, &identity, &lifetimes, clock.now(), &audit).await.unwrap();
         let first = key.cert[0].clone();
         let resolver = tls::Resolver::new(key);
         let mut changes = resolver.subscribe();
@@ -399,7 +413,9 @@ mod tests {
         let _ = stop_tx.send(true);
         audit.close().await.unwrap();
         let records = std::fs::read_to_string(&audit_path).unwrap();
-        assert!(records.lines().filter(|l| l.contains("\"request_id\":\"serving-certificate\"")).count() >= 2);
+        assert!(
+            records.lines().filter(|l| l.contains("\"request_id\":\"serving-certificate\"")).count() >= 2
+        );
         crate::audit::verify_file(&audit_path).unwrap();
     }
 }

@@ -80,8 +80,7 @@ pub async fn issue_serving(
     now: SystemTime,
     audit_log: &audit::AuditLog,
 ) -> Result<(CertifiedKey, Leaf), Error> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| Error::Key(e.to_string()))?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| Error::Key(e.to_string()))?;
     let csr = CheckedCsr { key_type: KeyType::P256, spki_der: key.subject_public_key_info() };
     let leaf = snapshot.issuer.issue(identity, &csr, lifetimes, now)?;
     audit_log
@@ -107,8 +106,8 @@ pub async fn issue_serving(
         })
         .await?;
     let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing_key = rustls::crypto::ring::sign::any_supported_type(&pkcs8)
-        .map_err(|e| Error::Key(e.to_string()))?;
+    let signing_key =
+        rustls::crypto::ring::sign::any_supported_type(&pkcs8).map_err(|e| Error::Key(e.to_string()))?;
     let mut chain = vec![leaf.der.clone()];
     chain.extend(snapshot.issuer.intermediates().iter().cloned());
     Ok((CertifiedKey::new(chain, signing_key), leaf))
