@@ -53,6 +53,44 @@ fn stepped() -> (Steps, Arc<SteppedTimer>) {
     (steps, Arc::new(SteppedTimer { steps: steps_tx }))
 }
 
+/// An agent running against `server` with a stepped timer, its token file holding a
+/// valid token for `web`.
+struct RunningAgent {
+    steps: Steps,
+    token_file: std::path::PathBuf,
+    out: std::path::PathBuf,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAgent {
+    /// Starts the agent on `clock`, reporting to `status`.
+    fn start(server: &TestServer, clock: FakeClock, status: Arc<meshca::agent::status::Status>) -> Self {
+        let dir = server.dir.path();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, server.token("default", "web")).unwrap();
+        let out = dir.join("out");
+        let (steps, timer) = stepped();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run::run_with_status(
+            settings(server, &token_file, &out),
+            Arc::new(clock),
+            timer,
+            status,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        RunningAgent { steps, token_file, out, stop, task }
+    }
+
+    /// Stops the agent and waits for it.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
 /// Agent settings for the web identity against `server`.
 fn settings(server: &TestServer, token_file: &std::path::Path, out: &std::path::Path) -> Settings {
     Settings {
@@ -84,21 +122,13 @@ async fn keeps_a_certificate_fresh_with_offset(offset_secs: i64) {
     } else {
         server.clock.now() - Duration::from_secs(offset_secs.unsigned_abs())
     });
-    let dir = server.dir.path().to_owned();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, server.token("default", "web")).unwrap();
-    let out = dir.join("out");
-    let (mut steps, timer) = stepped();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let settings = settings(&server, &token_file, &out);
-    let agent = tokio::spawn(run::run(settings, Arc::new(agent_clock.clone()), timer, async move {
-        let _ = stopped.await;
-    }));
+    let mut agent = RunningAgent::start(&server, agent_clock.clone(), Default::default());
+    let (token_file, out) = (agent.token_file.clone(), agent.out.clone());
 
     let mut keys = HashSet::new();
     let mut last = None;
     for rotation in 0..ROTATIONS {
-        let (wait, done) = steps.recv().await.expect("the agent stopped");
+        let (wait, done) = agent.steps.recv().await.expect("the agent stopped");
         // The agent just wrote its files: a fresh key, valid at the server's time.
         let key = std::fs::read_to_string(out.join("tls.key")).unwrap();
         assert!(keys.insert(key), "rotation {rotation}: key reused");
@@ -121,8 +151,7 @@ async fn keeps_a_certificate_fresh_with_offset(offset_secs: i64) {
         std::fs::write(&token_file, server.token("default", "web")).unwrap();
         done.send(()).unwrap();
     }
-    let _ = stop.send(());
-    agent.await.unwrap();
+    agent.stop().await;
     drop(last);
     let issued = server.audit_records().iter().filter(|r| r["outcome"] == "issued").count();
     assert_eq!(issued, ROTATIONS + 1, "one request per rotation (plus the serving certificate)");
@@ -143,19 +172,10 @@ async fn agent_ten_minutes_behind_keeps_a_valid_certificate_across_rotations() {
 #[tokio::test]
 async fn agent_backs_off_and_keeps_its_files_while_meshca_refuses() {
     let server = TestServer::start().await;
-    let dir = server.dir.path().to_owned();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, server.token("default", "web")).unwrap();
-    let out = dir.join("out");
-    let (mut steps, timer) = stepped();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let settings = settings(&server, &token_file, &out);
-    let clock = server.clock.clone();
-    let agent = tokio::spawn(run::run(settings, Arc::new(clock), timer, async move {
-        let _ = stopped.await;
-    }));
+    let mut agent = RunningAgent::start(&server, server.clock.clone(), Default::default());
+    let (token_file, out) = (agent.token_file.clone(), agent.out.clone());
 
-    let (wait, done) = steps.recv().await.unwrap();
+    let (wait, done) = agent.steps.recv().await.unwrap();
     assert!(wait > Duration::from_secs(3600), "first round renews normally");
     let first = std::fs::read(out.join("tls.crt")).unwrap();
     // Every later round is refused: the token no longer matches the identity.
@@ -164,7 +184,7 @@ async fn agent_backs_off_and_keeps_its_files_while_meshca_refuses() {
     let mut ceilings = Vec::new();
     let mut total = Duration::ZERO;
     for attempt in 0..12u32 {
-        let (wait, done) = steps.recv().await.unwrap();
+        let (wait, done) = agent.steps.recv().await.unwrap();
         let ceiling = Duration::from_millis(100).saturating_mul(1 << attempt).min(Duration::from_secs(60));
         assert!(wait <= ceiling, "attempt {attempt}: {wait:?} > {ceiling:?}");
         ceilings.push(ceiling);
@@ -178,36 +198,26 @@ async fn agent_backs_off_and_keeps_its_files_while_meshca_refuses() {
     }
     assert_eq!(*ceilings.last().unwrap(), Duration::from_secs(60), "backoff reaches its cap");
     assert!(total > Duration::ZERO, "backoff waits");
-    let (wait, done) = steps.recv().await.unwrap();
+    let (wait, done) = agent.steps.recv().await.unwrap();
     assert!(wait > Duration::from_secs(3600), "back on the renewal schedule");
     assert_ne!(std::fs::read(out.join("tls.crt")).unwrap(), first);
-    let _ = stop.send(());
-    agent.await.unwrap();
+    agent.stop().await;
     drop(done);
 }
 
 #[tokio::test]
 async fn agent_without_a_token_renews_with_its_current_certificate() {
     let server = TestServer::start().await;
-    let dir = server.dir.path().to_owned();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, server.token("default", "web")).unwrap();
-    let out = dir.join("out");
-    let (mut steps, timer) = stepped();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let settings = settings(&server, &token_file, &out);
-    let agent = tokio::spawn(run::run(settings, Arc::new(server.clock.clone()), timer, async move {
-        let _ = stopped.await;
-    }));
-    let (_, done) = steps.recv().await.unwrap();
+    let mut agent = RunningAgent::start(&server, server.clock.clone(), Default::default());
+    let (token_file, out) = (agent.token_file.clone(), agent.out.clone());
+    let (_, done) = agent.steps.recv().await.unwrap();
     let first = std::fs::read(out.join("tls.crt")).unwrap();
     std::fs::remove_file(&token_file).unwrap(); // e.g. a VM with no token source
     done.send(()).unwrap();
-    let (wait, done) = steps.recv().await.unwrap();
+    let (wait, done) = agent.steps.recv().await.unwrap();
     assert!(wait > Duration::from_secs(3600), "renewed on schedule");
     assert_ne!(std::fs::read(out.join("tls.crt")).unwrap(), first);
-    let _ = stop.send(());
-    agent.await.unwrap();
+    agent.stop().await;
     drop(done);
     let methods: Vec<_> = server
         .audit_records()
@@ -232,10 +242,6 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn agent_admin_is_ready_only_with_a_valid_certificate_and_counts_rounds() {
     let server = TestServer::start().await;
-    let dir = server.dir.path().to_owned();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, server.token("default", "web")).unwrap();
-    let out = dir.join("out");
     let status = Arc::new(meshca::agent::status::Status::default());
     let clock: Arc<dyn Clock> = Arc::new(server.clock.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -249,18 +255,8 @@ async fn agent_admin_is_ready_only_with_a_valid_certificate_and_counts_rounds() 
     assert_eq!(http_get(admin, "/live").await.0, 200);
     assert_eq!(http_get(admin, "/ready").await.0, 503, "nothing on disk yet");
 
-    let (mut steps, timer) = stepped();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let agent = tokio::spawn(run::run_with_status(
-        settings(&server, &token_file, &out),
-        clock,
-        timer,
-        status,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let (wait, done) = steps.recv().await.unwrap();
+    let mut agent = RunningAgent::start(&server, server.clock.clone(), status);
+    let (wait, done) = agent.steps.recv().await.unwrap();
     assert_eq!(http_get(admin, "/ready").await.0, 200);
     let (_, metrics) = http_get(admin, "/metrics").await;
     assert!(metrics.contains("meshca_agent_renewals_total 1"), "{metrics}");
@@ -268,8 +264,7 @@ async fn agent_admin_is_ready_only_with_a_valid_certificate_and_counts_rounds() 
     // Past the certificate's expiry without a renewal, the agent is no longer ready.
     server.clock.advance(wait * 3);
     assert_eq!(http_get(admin, "/ready").await.0, 503);
-    let _ = stop.send(());
-    agent.await.unwrap();
+    agent.stop().await;
     drop(done);
 }
 
@@ -286,21 +281,9 @@ async fn agent_rides_out_a_server_outage_longer_than_a_renewal_interval() {
         ..Default::default()
     };
     let mut server = TestServer::start_with(opts).await;
-    let dir = server.dir.path().to_owned();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, server.token("default", "web")).unwrap();
-    let out = dir.join("out");
-    let (mut steps, timer) = stepped();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let agent = tokio::spawn(run::run(
-        settings(&server, &token_file, &out),
-        Arc::new(server.clock.clone()),
-        timer,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let (interval, done) = steps.recv().await.unwrap();
+    let mut agent = RunningAgent::start(&server, server.clock.clone(), Default::default());
+    let (token_file, out) = (agent.token_file.clone(), agent.out.clone());
+    let (interval, done) = agent.steps.recv().await.unwrap();
     let first = std::fs::read(out.join("tls.crt")).unwrap();
     server.stop().await.unwrap();
     server.clock.advance(interval);
@@ -309,7 +292,7 @@ async fn agent_rides_out_a_server_outage_longer_than_a_renewal_interval() {
     // (never more than the cap) and never touches the files it has.
     let mut down_for = Duration::ZERO;
     let mut rounds = 0;
-    let mut step = steps.recv().await.unwrap();
+    let mut step = agent.steps.recv().await.unwrap();
     while down_for <= interval {
         let (backoff, done) = step;
         assert!(backoff <= Duration::from_secs(60));
@@ -323,21 +306,20 @@ async fn agent_rides_out_a_server_outage_longer_than_a_renewal_interval() {
         rounds += 1;
         assert!(rounds < 1000, "backoff does not grow");
         done.send(()).unwrap();
-        step = steps.recv().await.unwrap();
+        step = agent.steps.recv().await.unwrap();
     }
     // Back up: the next round succeeds.
     server.restart().await;
     std::fs::write(&token_file, server.token("default", "web")).unwrap();
     let (_, done) = step;
     done.send(()).unwrap();
-    let (wait, done) = steps.recv().await.unwrap();
+    let (wait, done) = agent.steps.recv().await.unwrap();
     assert!(
         wait >= Duration::from_secs(240),
         "back on the renewal schedule: {wait:?} (down for {down_for:?}, {rounds} rounds)"
     );
     let renewed = std::fs::read(out.join("tls.crt")).unwrap();
     assert_ne!(renewed, first);
-    let _ = stop.send(());
-    agent.await.unwrap();
+    agent.stop().await;
     drop(done);
 }
