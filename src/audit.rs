@@ -38,7 +38,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -169,6 +169,8 @@ enum Msg {
 pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
     failures: Arc<AtomicU64>,
+    /// Set by the writer when a write fails, cleared when one succeeds.
+    failing: Arc<AtomicBool>,
 }
 
 impl AuditLog {
@@ -183,15 +185,17 @@ impl AuditLog {
     pub async fn open(sink: Sink) -> Result<AuditLog, Error> {
         let (tx, rx) = mpsc::channel(CAPACITY);
         let (ready_tx, ready_rx) = oneshot::channel();
+        let failing = Arc::new(AtomicBool::new(false));
+        let writer_failing = failing.clone();
         std::thread::Builder::new()
             .name("meshca-audit".into())
-            .spawn(move || match Writer::open(sink) {
+            .spawn(move || match Writer::open(sink, writer_failing) {
                 Ok(writer) => writer.run(rx, ready_tx),
                 Err(e) => drop(ready_tx.send(Err(e))),
             })
             .map_err(|source| Error::Spawn { source })?;
         ready_rx.await.unwrap_or(Err(Error::Closed))?;
-        Ok(AuditLog { tx, failures: Arc::new(AtomicU64::new(0)) })
+        Ok(AuditLog { tx, failures: Arc::new(AtomicU64::new(0)), failing })
     }
 
     /// Appends one record and returns only once it is written and synced,
@@ -223,6 +227,12 @@ impl AuditLog {
     pub fn write_failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
+
+    /// True while the sink is failing: the last write failed (or the log is
+    /// poisoned) and no write has succeeded since. Readiness reads this.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
 }
 
 enum Out {
@@ -251,15 +261,16 @@ struct Writer {
     seq: u64,
     prev_hash: String,
     poisoned: bool,
+    failing: Arc<AtomicBool>,
 }
 
 impl Writer {
-    fn open(sink: Sink) -> Result<Writer, Error> {
+    fn open(sink: Sink, failing: Arc<AtomicBool>) -> Result<Writer, Error> {
         let (out, seq, prev_hash) = match sink {
             Sink::Stdout => (Out::Stdout, 0, ZERO_HASH.to_string()),
             Sink::File(path) => open_file(&path)?,
         };
-        Ok(Writer { out, seq, prev_hash, poisoned: false })
+        Ok(Writer { out, seq, prev_hash, poisoned: false, failing })
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, ready: oneshot::Sender<Result<(), Error>>) {
@@ -321,6 +332,7 @@ impl Writer {
         }
         match self.out.write_durably(&bytes) {
             Ok(()) => {
+                self.failing.store(false, Ordering::Relaxed);
                 (self.seq, self.prev_hash) = (seq, prev_hash);
                 for (reply, appended) in waiters {
                     let _ = reply.send(Ok(appended));
@@ -330,6 +342,7 @@ impl Writer {
                 let records = waiters.len();
                 tracing::error!(error = %e, records, "audit write failed; appends refused until restart");
                 self.poisoned = true;
+                self.failing.store(true, Ordering::Relaxed);
                 for (reply, _) in waiters {
                     let _ = reply.send(Err(Error::Write { source: io::Error::new(e.kind(), e.to_string()) }));
                 }
@@ -734,6 +747,7 @@ mod tests {
         let log = AuditLog::open(Sink::File("/dev/full".into())).await.unwrap();
         assert!(matches!(log.append(record(1)).await, Err(Error::Write { .. })));
         assert!(log.write_failures() > 0);
+        assert!(log.is_failing());
         assert!(matches!(log.append(record(2)).await, Err(Error::Poisoned)));
         assert_eq!(log.write_failures(), 2);
         assert!(matches!(log.close().await, Err(Error::Poisoned)));
