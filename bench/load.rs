@@ -8,8 +8,16 @@
 //! round-robin so that no two consecutive calls reuse a token or CSR. Calls that
 //! complete during the measured window (after `--warmup`, for `--duration`) are
 //! counted: certificates/s, latency percentiles, errors by gRPC code. With
+//! `--rate R` the calls are paced to R per second in all (bench/soak.sh drives a
+//! fraction of the measured capacity this way) rather than closed-loop. With
 //! `--server-pid`, the server's CPU time (utime+stime, /proc/PID/stat) is sampled at
 //! both ends of the window, and its RSS and peak RSS (VmRSS, VmHWM) at the end.
+//!
+//! `--herd N` mode simulates a herd: N proxies (each its own identity, token and
+//! CSR) start within `--spread` seconds and ask once each, retrying after the
+//! server's `grpc-retry-pushback-ms` (plus jitter) when refused with
+//! ResourceExhausted; it reports when the last was served, the retries, and the
+//! server's largest queue (scraped from `--admin-addr`).
 //!
 //! `--crypto-bound` mode needs no server: on one OS thread per core it runs the
 //! cryptographic core of Certify in-process — CSR check (parse + signature
@@ -67,6 +75,11 @@ struct Args {
     /// Measured window, seconds.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Pace the calls to this many per second in all, spread evenly over the
+    /// tasks (each waits for its next slot; one that fell behind starts afresh
+    /// rather than bursting), instead of calling again as soon as one completes.
+    #[arg(long, value_name = "PER_SECOND")]
+    rate: Option<f64>,
     /// Unmeasured ramp-up before the window, seconds.
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
@@ -79,6 +92,16 @@ struct Args {
     /// Measure in-process CSR check + leaf sign throughput on all cores (no server).
     #[arg(long)]
     crypto_bound: bool,
+    /// Herd mode: this many simulated proxies, each asking once (retrying on
+    /// ResourceExhausted after the server's pushback hint), starting within --spread.
+    #[arg(long, value_name = "N")]
+    herd: Option<usize>,
+    /// Herd mode: the proxies' start times are spread uniformly over this many seconds.
+    #[arg(long, default_value_t = 1.0)]
+    spread: f64,
+    /// Herd mode: the server's admin address, to read its largest queue depth.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_addr: Option<String>,
 }
 
 /// One prepared call: distinct identity, token and CSR.
@@ -138,6 +161,17 @@ fn prepare_pool(n: usize, signer: Option<&DevSigner>, token_ttl: Duration) -> Re
     Ok(pool)
 }
 
+/// Busy CPU seconds of the whole machine so far, all cores (/proc/stat: every
+/// field but idle and iowait; USER_HZ is 100 on Linux).
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((total - idle) as f64 / 100.0)
+}
+
 /// CPU seconds (utime + stime) of a process; USER_HZ is 100 on Linux.
 fn cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -181,11 +215,22 @@ async fn drive(
     stride: usize,
     measure_from: Instant,
     until: Instant,
+    pace: Option<Duration>,
 ) -> TaskStats {
     let mut client = IdentityClient::new(channel);
     let mut stats = TaskStats { latencies_us: Vec::with_capacity(4096), ..TaskStats::default() };
     let mut next = first % pool.len();
+    // With a pace: this task's slots, offset so that the tasks take turns.
+    let mut slot = pace.map(|p| Instant::now() + p.mul_f64(first as f64 / stride as f64));
     loop {
+        if let (Some(at), Some(pace)) = (slot.as_mut(), pace) {
+            let now = Instant::now();
+            if *at + pace < now {
+                *at = now; // fell behind: no catch-up burst
+            }
+            tokio::time::sleep_until((*at).into()).await;
+            *at += pace;
+        }
         let start = Instant::now();
         if start >= until {
             return stats;
@@ -217,6 +262,11 @@ fn load(args: &Args) -> Result<()> {
     if args.concurrency == 0 || args.pool == 0 || args.duration <= 0.0 || args.warmup < 0.0 {
         return Err("--concurrency and --pool must be positive, --duration > 0, --warmup >= 0".into());
     }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err("--rate must be a positive number of calls per second".into());
+    }
+    // Each task's interval between calls, so that all of them together make --rate.
+    let pace = args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r));
     let connections = args.connections.unwrap_or(args.concurrency.min(8)).clamp(1, args.concurrency);
     let key_path = args.data_dir.join("dev-token.key");
     let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
@@ -231,7 +281,7 @@ fn load(args: &Args) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let pid = args.server_pid.map(|p| p.to_string());
-    let (stats, window, (cpu, own_cpu), memory) = runtime.block_on(async {
+    let (stats, window, (cpu, own_cpu, machine), memory) = runtime.block_on(async {
         let mut channels = Vec::with_capacity(connections);
         for _ in 0..connections {
             channels.push(client::connect(&args.addr, &anchors, &args.server_name).await?);
@@ -242,23 +292,30 @@ fn load(args: &Args) -> Result<()> {
         let tasks: Vec<_> = (0..args.concurrency)
             .map(|t| {
                 let channel = channels[t % connections].clone();
-                tokio::spawn(drive(channel, pool.clone(), t, args.concurrency, measure_from, until))
+                tokio::spawn(drive(channel, pool.clone(), t, args.concurrency, measure_from, until, pace))
             })
             .collect();
         tokio::time::sleep_until(measure_from.into()).await;
         let (cpu_before, mark) = (pid.as_deref().and_then(cpu_seconds), Instant::now());
         let own_before = cpu_seconds("self");
+        let machine_before = machine_busy_seconds();
         tokio::time::sleep_until(until.into()).await;
         let (cpu_after, window) = (pid.as_deref().and_then(cpu_seconds), mark.elapsed().as_secs_f64());
         let own = own_before.zip(cpu_seconds("self")).map(|(b, a)| a - b);
+        let machine = machine_before.zip(machine_busy_seconds()).map(|(b, a)| a - b);
         let memory = pid.as_deref().and_then(memory_mib);
         let mut stats = Vec::with_capacity(tasks.len());
         for task in tasks {
             stats.push(task.await?);
         }
         let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
-        Ok::<_, Box<dyn Error + Send + Sync>>((stats, window, (cpu, own), memory))
+        Ok::<_, Box<dyn Error + Send + Sync>>((stats, window, (cpu, own, machine), memory))
     })?;
+    // CPU that neither the server nor this client used during the window: another
+    // process loading the machine. As a share of all cores.
+    let other_pct = cpu.zip(own_cpu).zip(machine).map(|((server, client), machine)| {
+        100.0 * (machine - server - client).max(0.0) / (window * cores() as f64)
+    });
 
     let mut latencies: Vec<u32> = Vec::with_capacity(stats.iter().map(|s| s.latencies_us.len()).sum());
     let mut errors = [0u64; 18];
@@ -290,13 +347,14 @@ fn load(args: &Args) -> Result<()> {
 
     if args.json {
         let out = json!({
-            "mode": "certify", "concurrency": args.concurrency, "connections": connections,
+            "mode": "certify", "concurrency": args.concurrency, "connections": connections, "rate": args.rate,
             "pool": args.pool, "window_s": window, "certs": certs, "certs_per_s": rate,
             "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "max_ms": max,
             "errors": error_total, "errors_by_code": by_code,
             "server_cpu_s": cpu, "server_cpu_s_per_1k": cpu_per_1k,
             "server_rss_mib": memory.map(|m| m.0), "server_peak_rss_mib": memory.map(|m| m.1),
             "client_cpu_s_per_1k": own_per_1k, "pool_prep_s": prep_s,
+            "other_load_pct": other_pct,
         });
         println!("{out}");
         return Ok(());
@@ -316,6 +374,9 @@ fn load(args: &Args) -> Result<()> {
     }
     if let Some((rss, hwm)) = memory {
         println!("  server RSS       {rss:.1} MiB now, {hwm:.1} MiB peak");
+    }
+    if let Some(other) = other_pct {
+        println!("  other processes  {other:.1}% of the cores during the window");
     }
     Ok(())
 }
@@ -401,10 +462,39 @@ fn crypto_bound(args: &Args) -> Result<()> {
     let bound = saturate(&pool, threads, args.duration, &bare)?;
     let full = saturate(&pool, threads, args.duration, &with_token)?;
     let per_core = bound / threads as f64;
+    // CSR check cost per key type relative to P-256, on one core: the weights
+    // admission control charges (server::admission::cost).
+    let naming_ref = &naming;
+    let check_rate = |key_type: KeyType| -> Result<f64> {
+        let items: Vec<(Identity, Vec<u8>)> = (0..32)
+            .map(|i| {
+                let id = naming_ref.identity("bench", &format!("cost-{i}"))?;
+                let (_key, csr) = client::make_csr(&id.dns_name, key_type)?;
+                Ok((id, csr))
+            })
+            .collect::<Result<_>>()?;
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_millis(500) {
+            let (id, der) = &items[n as usize % items.len()];
+            let expected = Expected { dns_name: &id.dns_name, spiffe_id: &id.spiffe_id };
+            csr::check(der, &expected, &policy)?;
+            n += 1;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    let p256 = check_rate(KeyType::P256)?;
+    let mut costs = serde_json::Map::new();
+    for (name, key_type) in
+        [("p384", KeyType::P384), ("rsa2048", KeyType::Rsa2048), ("rsa3072", KeyType::Rsa3072)]
+    {
+        costs.insert(name.into(), json!(p256 / check_rate(key_type)?));
+    }
     if args.json {
         let out = json!({
             "mode": "crypto-bound", "threads": threads, "ops_per_s": bound, "ops_per_s_per_core": per_core,
             "with_token_ops_per_s": full, "with_token_ops_per_s_per_core": full / threads as f64,
+            "csr_check_p256_per_s": p256, "csr_check_cost_vs_p256": costs,
         });
         println!("{out}");
     } else {
@@ -414,13 +504,175 @@ fn crypto_bound(args: &Args) -> Result<()> {
             "  token verify + CSR check + leaf sign:   {full:.0} ops/s ({:.0} per core)",
             full / threads as f64
         );
+        println!("  CSR check alone, P-256, one core:      {p256:.0} ops/s");
+        for (name, cost) in &costs {
+            println!("  CSR check cost of {name} vs P-256:      {:.2}x", cost.as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok(())
+}
+
+/// What one simulated proxy went through.
+struct Proxy {
+    /// From the herd's start until its certificate arrived; `None`: never.
+    done_after: Option<Duration>,
+    retries: u32,
+    /// The last refusal that was not retried (permanent failure).
+    failure: Option<String>,
+}
+
+/// One proxy: waits for its start, then asks until served, honouring the
+/// server's pushback (plus up to 50% jitter) on ResourceExhausted and backing
+/// off on Unavailable; any other refusal, or 60 s without success, is permanent.
+async fn proxy(
+    channel: tonic::transport::Channel,
+    item: &Item,
+    herd_start: tokio::time::Instant,
+    offset: Duration,
+    jitter: [u8; 8],
+) -> Proxy {
+    tokio::time::sleep_until(herd_start + offset).await;
+    let mut client = IdentityClient::new(channel);
+    let give_up = herd_start + offset + Duration::from_secs(60);
+    let mut retries = 0u32;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let request = CertifyRequest {
+            identity: item.identity.dns_name.clone(),
+            token: item.token.clone(),
+            certificate_signing_request: item.csr.clone(),
+        };
+        let wait = match client.certify(request).await {
+            Ok(r) if !r.get_ref().leaf_certificate.is_empty() => {
+                return Proxy { done_after: Some(herd_start.elapsed()), retries, failure: None };
+            }
+            Ok(_) => return Proxy { done_after: None, retries, failure: Some("empty leaf".into()) },
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                let pushback = (status.metadata().get("grpc-retry-pushback-ms"))
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .map_or(backoff, Duration::from_millis);
+                pushback
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff
+            }
+            Err(status) => {
+                return Proxy { done_after: None, retries, failure: Some(format!("{:?}", status.code())) };
+            }
+        };
+        retries += 1;
+        // Jitter: 0–50% on top, from this proxy's random bytes.
+        let j = f64::from(jitter[(retries as usize) % jitter.len()]) / 255.0 * 0.5;
+        let wait = wait.mul_f64(1.0 + j);
+        if tokio::time::Instant::now() + wait > give_up {
+            return Proxy { done_after: None, retries, failure: Some("gave up after 60 s".into()) };
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A gauge's value from a Prometheus text page.
+fn scrape(admin: &str, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).ok()?;
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Herd mode: `--herd N` proxies, each once, starting within `--spread` seconds.
+fn herd(args: &Args) -> Result<()> {
+    let n = args.herd.unwrap_or(0);
+    if n == 0 || args.spread < 0.0 {
+        return Err("--herd must be positive and --spread >= 0".into());
+    }
+    let connections = args.connections.unwrap_or(n.min(1000)).clamp(1, n);
+    let pem = std::fs::read_to_string(args.data_dir.join("dev-token.key"))?;
+    let signer = DevSigner::from_pem(&pem)?;
+    let anchors_path = args.trust_anchors.clone().unwrap_or_else(|| args.data_dir.join("trust-anchors.pem"));
+    let anchors = TrustAnchors::load(&anchors_path)?;
+    let pool = std::sync::Arc::new(prepare_pool(n, Some(&signer), Duration::from_secs(3600))?);
+    let rng = ring::rand::SystemRandom::new();
+    let mut random = vec![0u8; n * 16];
+    ring::rand::SecureRandom::fill(&rng, &mut random).map_err(|_| "random generator failed")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (proxies, elapsed) = runtime.block_on(async {
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            channels.push(client::connect(&args.addr, &anchors, &args.server_name).await?);
+        }
+        let start = tokio::time::Instant::now() + Duration::from_millis(100);
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let bytes = &random[i * 16..i * 16 + 16];
+                let unit = f64::from(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+                    / f64::from(u32::MAX);
+                let offset = Duration::from_secs_f64(args.spread * unit);
+                let mut jitter = [0u8; 8];
+                jitter.copy_from_slice(&bytes[8..16]);
+                let (channel, pool) = (channels[i % connections].clone(), pool.clone());
+                tokio::spawn(async move { proxy(channel, &pool[i], start, offset, jitter).await })
+            })
+            .collect();
+        let mut proxies = Vec::with_capacity(n);
+        for task in tasks {
+            proxies.push(task.await?);
+        }
+        Ok::<_, Box<dyn Error + Send + Sync>>((proxies, start.elapsed()))
+    })?;
+
+    let mut done: Vec<Duration> = proxies.iter().filter_map(|p| p.done_after).collect();
+    done.sort_unstable();
+    let served = done.len();
+    let failed = n - served;
+    let retries: u64 = proxies.iter().map(|p| u64::from(p.retries)).sum();
+    let max_retries = proxies.iter().map(|p| p.retries).max().unwrap_or(0);
+    let all_served_s = (failed == 0).then(|| done.last().map_or(0.0, Duration::as_secs_f64));
+    let at = |q: f64| {
+        done.get(((q * served as f64).ceil() as usize).clamp(1, served.max(1)) - 1).map(Duration::as_secs_f64)
+    };
+    let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
+    for f in proxies.iter().filter_map(|p| p.failure.clone()) {
+        *failures.entry(f).or_default() += 1;
+    }
+    let max_queue = args.admin_addr.as_deref().and_then(|a| scrape(a, "meshca_admission_queue_max"));
+    if args.json {
+        let out = json!({
+            "mode": "herd", "proxies": n, "spread_s": args.spread, "connections": connections,
+            "served": served, "failed": failed, "failures": failures, "retries": retries,
+            "max_retries": max_retries, "all_served_s": all_served_s,
+            "p50_s": at(0.5), "p99_s": at(0.99), "run_s": elapsed.as_secs_f64(), "max_queue": max_queue,
+        });
+        println!("{out}");
+    } else {
+        println!("herd: {n} proxies starting within {:.1}s on {connections} connections", args.spread);
+        match all_served_s {
+            Some(t) => println!("  all served after {t:.2}s"),
+            None => println!("  {failed} proxies never served: {failures:?}"),
+        }
+        println!("  retries {retries} (at most {max_retries} for one proxy)");
+        if let Some(q) = max_queue {
+            println!("  largest queue at the server: {q:.0}");
+        }
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {n} proxies were not served").into());
     }
     Ok(())
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let result = if args.crypto_bound { crypto_bound(&args) } else { load(&args) };
+    let result = if args.crypto_bound {
+        crypto_bound(&args)
+    } else if args.herd.is_some() {
+        herd(&args)
+    } else {
+        load(&args)
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -203,11 +203,13 @@ async fn start(
         lifetimes: Lifetimes::default(),
         token,
         audit_log: audit.display().to_string(),
-        max_in_flight: 8192,
+        admission: meshca::config::AdmissionSettings::new(8192),
         plaintext: false,
         reload: ReloadSettings { notifications: false, ..ReloadSettings::default() },
+        ready_api_unreachable_threshold: std::time::Duration::from_secs(60),
         events: false,
         node_os: false,
+        bootstrap: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;

@@ -9,7 +9,8 @@
 //! `service_account`, `pod_name`, `pod_uid`, and `node_os`: the
 //! `kubernetes.io/os` label of the pod's node, when `--audit-node-os` could tell
 //! it), `auth_method` (how the caller
-//! proved who it is: `jwks`, `tokenreview`, `certificate`), `token_issuer`, `csr_key_type`,
+//! proved who it is: `jwks`, `tokenreview`, `certificate`, `bootstrap`), `token_issuer`,
+//! `bootstrap_token_id` (the `jti` of a bootstrap token), `csr_key_type`,
 //! `outcome` (`issued` | `denied`), `code` (gRPC status code name),
 //! `reason`, `serial` (hex), `fingerprint_sha256` (hex SHA-256 of the leaf
 //! DER), `not_before`, `not_after` (RFC 3339), `issuer_fingerprint_sha256`,
@@ -26,9 +27,50 @@
 //! Durability and fail-closed policy: [`AuditLog::append`] returns only after
 //! the record is written and synced (`sync_data` for a file, `flush` for
 //! stdout); a caller must not hand out a certificate unless it returned `Ok`.
-//! After a failed write the file may end in a partial line, so the log is
-//! poisoned: every later append fails until the process is restarted (and the
-//! file repaired), because a CA must never issue without a record.
+//! When a batch fails (write error, disk full, file size limit, fsync error),
+//! every append in it is refused, the file is cut back at once to the length
+//! it had before the batch (no partial line, no unsynced record stays), and
+//! [`AuditLog::is_failing`] turns true. The log is not poisoned: the next
+//! append tries again, first cutting the file back to that length again, then
+//! writing a `gap` record (below) before its own records; without appends the
+//! writer retries on its own every second (writing just the `gap` record), so
+//! a replica that readiness took out of traffic recovers too. Until a batch is
+//! durable, every append is refused: no certificate without a durable record.
+//!
+//! The file under the path is checked before every batch (unix: device and
+//! inode of the path against those of the open file; elsewhere: the path
+//! still exists). When it was renamed away (log rotation) or removed, the
+//! path is opened anew (created if missing, or its chain continued if a file
+//! is there) and the new file starts with a `continued` record naming the
+//! last record of the previous one. Records written to a file removed during
+//! the write (its link count is 0 after the sync) are refused like a failed
+//! write. A path that cannot be opened (its directory gone, a directory in
+//! its place) is a failing sink like any other, retried with each append.
+//!
+//! Records the writer adds on its own account have `request_id`, `outcome`
+//! and `reason`, no `requested_identity`, and are hashed and chained like any
+//! other (fields in this order after `reason`):
+//!
+//! - `outcome: "gap"`, `request_id: "audit-gap"`: decisions are missing here.
+//!   After a failing period: `refused` (appends refused, none of which handed
+//!   out a certificate), `failing_since` (RFC 3339, the first failure) and
+//!   `error` (the first failure's error). After an interrupted write found at
+//!   open (a final line without newline, e.g. after SIGKILL or power loss
+//!   mid-batch, which was never acknowledged, so no certificate left for it):
+//!   `torn_bytes`, the length of the fragment that was cut off.
+//! - `outcome: "continued"`, `request_id: "audit-continued"`: first record of
+//!   a file opened because the previous one was renamed away or removed;
+//!   `previous_file` (`renamed` | `removed`), `previous_seq` and
+//!   `previous_hash` (the previous file's last record, 0 and 64 zeros if it
+//!   had none), so an operator can join the files. Its own chain starts anew
+//!   (seq 1 in a new file), so each file verifies on its own.
+//!
+//! [`verify`] counts gap records and their refused appends, reports the
+//! continuation, and reports a final line without newline as an incomplete
+//! tail (an interrupted write; the next open cuts it off) rather than as
+//! corruption, unless it is a complete record that fails its hash or chain.
+//! [`AuditLog::open`] likewise cuts off such a fragment (logging a warning and
+//! writing a `gap` record) and refuses a tail that is really corrupt.
 //!
 //! Group commit: the writer thread takes every record queued at that moment,
 //! assigns seq/prev_hash/hash in queue order, writes the whole batch with one
@@ -45,6 +87,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clock::{Clock, SystemClock};
+
 /// Queue depth between handlers and the writer thread (also the largest batch).
 const CAPACITY: usize = 4096;
 /// `prev_hash` of the first record.
@@ -55,6 +99,11 @@ const HASH_KEY: &[u8] = b",\"hash\":\"";
 const TAIL_CHUNK: u64 = 64 * 1024;
 /// A last line longer than this is treated as corrupt rather than loaded.
 const MAX_LINE: usize = 1 << 20;
+/// While failing, the writer retries on its own this long after the last attempt.
+const RETRY_WHILE_FAILING: Duration = Duration::from_secs(1);
+/// `request_id` of the records the writer adds on its own account.
+const GAP_ID: &str = "audit-gap";
+const CONTINUED_ID: &str = "audit-continued";
 
 /// Decision recorded in `outcome`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -90,6 +139,8 @@ pub struct Record {
     /// How the caller authenticated: the authenticator's name, or `certificate`.
     pub auth_method: Option<String>,
     pub token_issuer: Option<String>,
+    /// The id (`jti`) of the bootstrap token presented, once it verified.
+    pub bootstrap_token_id: Option<String>,
     pub csr_key_type: Option<String>,
     pub outcome: Outcome,
     pub code: Option<String>,
@@ -132,18 +183,14 @@ pub enum Error {
     /// The file (or its parent directory) could not be created, opened or read.
     #[error("cannot open audit log {}: {source}", path.display())]
     Open { path: PathBuf, source: io::Error },
-    /// Writing or syncing the batch holding this record failed: it is not
-    /// durable, and the log is now poisoned.
+    /// Writing or syncing the batch holding this record failed (or the sink
+    /// is still failing): it is not durable. The next append tries again.
     #[error("cannot write audit log: {source}")]
     Write { source: io::Error },
     /// The existing file's last record is unreadable (`line` is an excerpt),
     /// so the chain cannot be continued.
     #[error("audit log {} ends in an unreadable record {line:?}; refusing to extend it, run `meshca audit verify {}`", path.display(), path.display())]
     TailCorrupt { path: PathBuf, line: String },
-    /// An earlier write failed and may have left a partial line; nothing is
-    /// recorded (and so nothing may be issued) until restart.
-    #[error("audit log is poisoned by an earlier write failure; restart once the sink is fixed")]
-    Poisoned,
     /// The writer thread could not be started.
     #[error("cannot start the audit writer thread: {source}")]
     Spawn { source: io::Error },
@@ -162,6 +209,8 @@ pub struct Appended {
 enum Msg {
     Append(Box<Record>, oneshot::Sender<Result<Appended, Error>>),
     Close(oneshot::Sender<Result<(), Error>>),
+    /// Test hook: make every file sync fail (`true`) or not.
+    FailSyncs(bool, oneshot::Sender<()>),
 }
 
 /// Handle to the writer thread; cheap to clone, `Send + Sync`.
@@ -169,6 +218,8 @@ enum Msg {
 pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
     failures: Arc<AtomicU64>,
+    /// Appends that returned `Ok` (written and synced).
+    written: Arc<AtomicU64>,
     /// Set by the writer when a write fails, cleared when one succeeds.
     failing: Arc<AtomicBool>,
 }
@@ -178,8 +229,10 @@ impl AuditLog {
     /// mode, created with mode 0600 (unix) along with its parent directories;
     /// an existing file's last line (read backwards, never the whole file)
     /// gives the seq and hash to continue from, and an empty file starts at
-    /// seq 1. A last line without trailing newline, with a malformed hash
-    /// suffix or a wrong digest is [`Error::TailCorrupt`]. Standard output
+    /// seq 1. A final line without newline (an interrupted write) is cut off
+    /// and a `gap` record written in its place; a last line with a malformed
+    /// hash suffix or a wrong digest (with or without newline) is
+    /// [`Error::TailCorrupt`], and the file is left as it is. Standard output
     /// always starts a new chain at seq 1. The writer runs on a dedicated
     /// thread, so this works under any tokio runtime flavour.
     pub async fn open(sink: Sink) -> Result<AuditLog, Error> {
@@ -195,7 +248,7 @@ impl AuditLog {
             })
             .map_err(|source| Error::Spawn { source })?;
         ready_rx.await.unwrap_or(Err(Error::Closed))?;
-        Ok(AuditLog { tx, failures: Arc::new(AtomicU64::new(0)), failing })
+        Ok(AuditLog { tx, failures: Arc::new(AtomicU64::new(0)), written: Arc::default(), failing })
     }
 
     /// Appends one record and returns only once it is written and synced,
@@ -206,15 +259,17 @@ impl AuditLog {
             Ok(()) => rx.await.unwrap_or(Err(Error::Closed)),
             Err(_) => Err(Error::Closed),
         };
-        if result.is_err() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
+        match &result {
+            Ok(_) => self.written.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
+        };
         result
     }
 
     /// Writes what is queued before it, syncs and stops the writer; later
-    /// appends return [`Error::Closed`]. Closing a closed log is `Ok`; closing
-    /// a poisoned log reports [`Error::Poisoned`].
+    /// appends return [`Error::Closed`]. Closing a closed log is `Ok`. Closing
+    /// a failing log tries once more to record the gap, and reports
+    /// [`Error::Write`] if that fails too.
     pub async fn close(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Close(tx)).await.is_err() {
@@ -228,55 +283,193 @@ impl AuditLog {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// True while the sink is failing: the last write failed (or the log is
-    /// poisoned) and no write has succeeded since. Readiness reads this.
+    /// Appends that returned `Ok` since open: records written and synced.
+    pub fn records_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// True while the sink is failing: the last write failed and no write has
+    /// succeeded since. Readiness reads this.
     pub fn is_failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Test hook for the one sink failure that cannot be produced on demand
+    /// with real files: from now on every file sync fails with an I/O error
+    /// after the write went through (`true`), or syncs work again (`false`).
+    /// Applied before any append queued after this call. No effect on stdout.
+    #[doc(hidden)]
+    pub async fn fail_syncs(&self, fail: bool) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::FailSyncs(fail, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").field("failing", &self.is_failing()).finish_non_exhaustive()
     }
 }
 
 enum Out {
     Stdout,
-    File(File),
+    File(FileOut),
+}
+
+/// The open audit file, the path it was opened at, and its durable length: what
+/// every acknowledged batch wrote, and nothing after.
+struct FileOut {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl FileOut {
+    /// Cuts the file back to its durable length (regular files only: a device
+    /// such as /dev/full has nothing to cut).
+    fn cut_back(&mut self) -> io::Result<()> {
+        if self.file.metadata()?.is_file() {
+            self.file.set_len(self.len)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the path still names the open file.
+    fn still_at_path(&self) -> io::Result<bool> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::metadata(&self.path) {
+                Ok(at_path) => {
+                    let open = self.file.metadata()?;
+                    Ok(at_path.dev() == open.dev() && at_path.ino() == open.ino())
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(self.path.exists())
+        }
+    }
+
+    /// Whether the open file has no name left (removed, not renamed).
+    fn removed(&self) -> bool {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            self.file.metadata().is_ok_and(|m| m.nlink() == 0)
+        }
+        #[cfg(not(unix))]
+        {
+            false
+        }
+    }
 }
 
 impl Out {
-    fn write_durably(&mut self, bytes: &[u8]) -> io::Result<()> {
+    fn write_durably(&mut self, bytes: &[u8], fail_syncs: bool) -> io::Result<()> {
         match self {
             Out::Stdout => {
                 let mut out = io::stdout().lock();
                 out.write_all(bytes)?;
                 out.flush()
             }
-            Out::File(file) => {
-                file.write_all(bytes)?;
-                file.sync_data()
+            Out::File(out) => {
+                out.file.write_all(bytes)?;
+                if fail_syncs {
+                    return Err(io::Error::other("fsync failed: Input/output error (injected by a test)"));
+                }
+                out.file.sync_data()?;
+                if !bytes.is_empty() && out.removed() {
+                    // Durable in an inode nobody can reach: as good as lost.
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the audit file was removed while it was being written",
+                    ));
+                }
+                Ok(())
             }
         }
     }
 }
 
+/// Why appends are being refused: from the first failed batch until one succeeds.
+struct Failure {
+    since: SystemTime,
+    refused: u64,
+    error: String,
+}
+
+/// A record the writer adds on its own account (see the module docs).
+#[derive(Clone, Debug)]
+enum Marker {
+    /// First record of a file opened because the previous one went away.
+    Continued { previous_file: &'static str, previous_seq: u64, previous_hash: String },
+    /// An incomplete final line of this many bytes was cut off at open.
+    Torn { bytes: u64 },
+    /// Appends were refused while the sink failed.
+    Refused { refused: u64, since: SystemTime, error: String },
+}
+
+type Reply = oneshot::Sender<Result<Appended, Error>>;
+
 struct Writer {
     out: Out,
     seq: u64,
     prev_hash: String,
-    poisoned: bool,
+    /// Set from a failed batch until a batch is durable again.
+    failure: Option<Failure>,
+    /// Markers to write first in the next batch (kept until one is durable).
+    pending: Vec<Marker>,
     failing: Arc<AtomicBool>,
+    fail_syncs: bool,
 }
 
 impl Writer {
     fn open(sink: Sink, failing: Arc<AtomicBool>) -> Result<Writer, Error> {
-        let (out, seq, prev_hash) = match sink {
-            Sink::Stdout => (Out::Stdout, 0, ZERO_HASH.to_string()),
-            Sink::File(path) => open_file(&path)?,
+        let (out, seq, prev_hash, torn) = match sink {
+            Sink::Stdout => (Out::Stdout, 0, ZERO_HASH.to_string(), None),
+            Sink::File(path) => {
+                let opened = open_file(&path)?;
+                let out = FileOut { file: opened.file, len: opened.len, path };
+                (Out::File(out), opened.seq, opened.hash, opened.torn)
+            }
         };
-        Ok(Writer { out, seq, prev_hash, poisoned: false, failing })
+        let mut writer =
+            Writer { out, seq, prev_hash, failure: None, pending: Vec::new(), failing, fail_syncs: false };
+        if let Some(bytes) = torn {
+            // Recorded before anything else, so a crash now cannot hide the cut;
+            // if the sink fails already, like any failure: retried with the next append.
+            writer.pending.push(Marker::Torn { bytes });
+            if let Err(e) = writer.write_batch(&mut Vec::new()) {
+                writer.failed(&e, 0);
+            }
+        }
+        Ok(writer)
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, ready: oneshot::Sender<Result<(), Error>>) {
         let _ = ready.send(Ok(()));
         let mut batch = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        // A timer for the retries while failing (built when first needed).
+        let mut timer = None;
+        loop {
+            let first = if self.failure.is_some() {
+                match self.next_or_retry(&mut rx, &mut timer) {
+                    Some(Some(msg)) => msg,
+                    Some(None) => continue,
+                    None => return,
+                }
+            } else {
+                match rx.blocking_recv() {
+                    Some(msg) => msg,
+                    None => return,
+                }
+            };
             batch.push(first);
             while batch.len() < CAPACITY {
                 match rx.try_recv() {
@@ -285,11 +478,9 @@ impl Writer {
                 }
             }
             if let Some(close) = self.commit(&mut batch) {
-                let result = if self.poisoned {
-                    Err(Error::Poisoned)
-                } else {
-                    let synced = self.out.write_durably(&[]);
-                    synced.map_err(|source| Error::Write { source })
+                let result = match self.failure {
+                    Some(ref f) => Err(Error::Write { source: io::Error::other(f.error.clone()) }),
+                    None => self.out.write_durably(&[], false).map_err(|source| Error::Write { source }),
                 };
                 let _ = close.send(result);
                 return; // dropping `rx` fails everything still queued with `Closed`
@@ -297,63 +488,221 @@ impl Writer {
         }
     }
 
+    /// While failing: the next message, or, after [`RETRY_WHILE_FAILING`] without
+    /// one, a retry of its own (`Some(None)`): a replica that readiness took out
+    /// of traffic must recover, and record the gap, without an append to do it.
+    /// `None` once every handle is gone.
+    fn next_or_retry(
+        &mut self,
+        rx: &mut mpsc::Receiver<Msg>,
+        timer: &mut Option<tokio::runtime::Runtime>,
+    ) -> Option<Option<Msg>> {
+        if timer.is_none() {
+            *timer = tokio::runtime::Builder::new_current_thread().enable_time().build().ok();
+        }
+        let Some(runtime) = timer.as_ref() else {
+            return rx.blocking_recv().map(Some); // no timer: retried with the next append only
+        };
+        match runtime.block_on(async { tokio::time::timeout(RETRY_WHILE_FAILING, rx.recv()).await }) {
+            Ok(msg) => msg.map(Some),
+            Err(_) => {
+                match self.write_batch(&mut Vec::new()) {
+                    Ok(_) => self.recovered(),
+                    Err(e) => self.failed(&e, 0),
+                }
+                Some(None)
+            }
+        }
+    }
+
+    /// After a durable batch.
+    fn recovered(&mut self) {
+        if let Some(failure) = self.failure.take() {
+            tracing::warn!(
+                refused = failure.refused,
+                "audit log writable again; the gap is recorded in the log"
+            );
+        }
+        self.failing.store(false, Ordering::Relaxed);
+    }
+
+    /// After a failed batch of `refused` appends (0: a retry of its own).
+    fn failed(&mut self, e: &io::Error, refused: u64) {
+        // No unacknowledged record stays in the file (best effort; the next
+        // batch cuts back again before writing).
+        if let Out::File(out) = &mut self.out {
+            let _ = out.cut_back();
+        }
+        let first = self.failure.is_none();
+        let failure = self.failure.get_or_insert_with(|| Failure {
+            since: SystemClock.now(),
+            refused: 0,
+            error: e.to_string(),
+        });
+        failure.refused += refused;
+        self.failing.store(true, Ordering::Relaxed);
+        if first || refused > 0 {
+            tracing::error!(
+                error = %e,
+                records = refused,
+                refused_since_failing = failure.refused,
+                "audit write failed; appends refused (no certificate without a record) until a write succeeds"
+            );
+        } else {
+            tracing::debug!(error = %e, "audit log still failing");
+        }
+    }
+
     /// Writes the appends of `batch` up to the first close, which it returns.
     fn commit(&mut self, batch: &mut Vec<Msg>) -> Option<oneshot::Sender<Result<(), Error>>> {
-        let (mut seq, mut prev_hash) = (self.seq, self.prev_hash.clone());
-        let mut bytes = Vec::new();
-        let mut waiters = Vec::new();
+        let mut appends = Vec::new();
         let mut close = None;
         for msg in batch.drain(..) {
-            let (record, reply) = match msg {
-                Msg::Append(record, reply) => (record, reply),
+            match msg {
+                Msg::Append(record, reply) => appends.push((record, reply)),
+                Msg::FailSyncs(fail, ack) => {
+                    self.fail_syncs = fail;
+                    let _ = ack.send(());
+                }
                 Msg::Close(reply) => {
                     close = Some(reply);
                     break;
                 }
-            };
-            if self.poisoned {
-                let _ = reply.send(Err(Error::Poisoned));
-                continue;
             }
+        }
+        // A close while failing tries once more, to record the gap before exit.
+        if appends.is_empty() && (close.is_none() || self.failure.is_none()) {
+            return close;
+        }
+        let waiters = appends.len() as u64;
+        match self.write_batch(&mut appends) {
+            Ok(written) => {
+                self.recovered();
+                for (reply, appended) in written {
+                    let _ = reply.send(Ok(appended));
+                }
+            }
+            Err(e) => {
+                self.failed(&e, waiters);
+                for (_, reply) in appends {
+                    let source = match e.raw_os_error() {
+                        Some(code) => io::Error::from_raw_os_error(code),
+                        None => io::Error::new(e.kind(), e.to_string()),
+                    };
+                    let _ = reply.send(Err(Error::Write { source }));
+                }
+            }
+        }
+        close
+    }
+
+    /// Makes the sink ready for a batch (follows a renamed or removed file; cuts
+    /// a failed batch off), then writes the pending markers, a gap record if
+    /// appends were refused, and `appends`, with one write and one sync. On
+    /// success, returns the replies with their positions (records that cannot
+    /// be encoded are answered at once and left out); on error, `appends` keeps
+    /// the ones still to be answered.
+    fn write_batch(&mut self, appends: &mut Vec<(Box<Record>, Reply)>) -> io::Result<Vec<(Reply, Appended)>> {
+        self.prepare()?;
+        let mut markers = self.pending.clone();
+        if let Some(f) = self.failure.as_ref().filter(|f| f.refused > 0) {
+            markers.push(Marker::Refused { refused: f.refused, since: f.since, error: f.error.clone() });
+        }
+        let now = SystemClock.now();
+        let (mut seq, mut prev_hash) = (self.seq, self.prev_hash.clone());
+        let mut bytes = Vec::new();
+        for marker in &markers {
+            let (line, hash) = encode_marker(marker, now, seq + 1, &prev_hash).map_err(io::Error::other)?;
+            bytes.extend_from_slice(&line);
+            seq += 1;
+            prev_hash = hash;
+        }
+        let mut encoded = Vec::new();
+        for (record, reply) in appends.drain(..) {
             match encode(&record, seq + 1, &prev_hash) {
                 Ok((line, hash)) => {
                     bytes.extend_from_slice(&line);
                     seq += 1;
                     prev_hash.clone_from(&hash);
-                    waiters.push((reply, Appended { seq, hash }));
+                    encoded.push((record, reply, Appended { seq, hash }));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(Error::Write { source: io::Error::other(e) }));
                 }
             }
         }
-        if waiters.is_empty() {
-            return close;
+        if bytes.is_empty() {
+            return Ok(Vec::new());
         }
-        match self.out.write_durably(&bytes) {
-            Ok(()) => {
-                self.failing.store(false, Ordering::Relaxed);
-                (self.seq, self.prev_hash) = (seq, prev_hash);
-                for (reply, appended) in waiters {
-                    let _ = reply.send(Ok(appended));
-                }
-            }
-            Err(e) => {
-                let records = waiters.len();
-                tracing::error!(error = %e, records, "audit write failed; appends refused until restart");
-                self.poisoned = true;
-                self.failing.store(true, Ordering::Relaxed);
-                for (reply, _) in waiters {
-                    let _ = reply.send(Err(Error::Write { source: io::Error::new(e.kind(), e.to_string()) }));
-                }
-            }
+        if let Err(e) = self.out.write_durably(&bytes, self.fail_syncs) {
+            appends.extend(encoded.into_iter().map(|(record, reply, _)| (record, reply)));
+            return Err(e);
         }
-        close
+        if let Out::File(out) = &mut self.out {
+            out.len += bytes.len() as u64;
+        }
+        (self.seq, self.prev_hash) = (seq, prev_hash);
+        self.pending.clear();
+        Ok(encoded.into_iter().map(|(_, reply, appended)| (reply, appended)).collect())
+    }
+
+    /// Before a batch: a file renamed away or removed is replaced by the one at
+    /// the path (a `continued` marker goes first); after a failure, the file is
+    /// cut back to its durable length.
+    fn prepare(&mut self) -> io::Result<()> {
+        let Out::File(out) = &mut self.out else { return Ok(()) };
+        if out.still_at_path()? {
+            if self.failure.is_some() {
+                out.cut_back()?;
+            }
+            return Ok(());
+        }
+        // Leave the old file ending in a complete line, wherever it went.
+        if self.failure.is_some() {
+            let _ = out.cut_back();
+        }
+        let previous_file = if out.removed() { "removed" } else { "renamed" };
+        let opened = open_file(&out.path).map_err(io::Error::other)?;
+        tracing::warn!(
+            path = %out.path.display(),
+            previous_file,
+            previous_seq = self.seq,
+            next_seq = opened.seq + 1,
+            "the audit file was {previous_file} underneath meshca; continuing in a file at the path"
+        );
+        // A marker for the file before is kept until written; one for an
+        // interrupted write in a file given up before it was written is dropped.
+        self.pending.retain(|m| matches!(m, Marker::Continued { .. }));
+        if self.pending.is_empty() {
+            self.pending.push(Marker::Continued {
+                previous_file,
+                previous_seq: self.seq,
+                previous_hash: self.prev_hash.clone(),
+            });
+        }
+        if let Some(bytes) = opened.torn {
+            self.pending.push(Marker::Torn { bytes });
+        }
+        *out = FileOut { file: opened.file, path: out.path.clone(), len: opened.len };
+        (self.seq, self.prev_hash) = (opened.seq, opened.hash);
+        Ok(())
     }
 }
 
-/// Opens (or creates) the file and reads the chain state off its last line.
-fn open_file(path: &Path) -> Result<(Out, u64, String), Error> {
+/// An audit file opened for appending, and where its chain stands.
+struct Opened {
+    file: File,
+    /// Length after any incomplete final line was cut off.
+    len: u64,
+    seq: u64,
+    hash: String,
+    /// Bytes of an incomplete final line that were cut off.
+    torn: Option<u64>,
+}
+
+/// Opens (or creates) the file and reads the chain state off its last line,
+/// cutting off an incomplete final line (see the module docs).
+fn open_file(path: &Path) -> Result<Opened, Error> {
     let open_err = |source| Error::Open { path: path.to_path_buf(), source };
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     let parent = parent.unwrap_or(Path::new("."));
@@ -370,20 +719,119 @@ fn open_file(path: &Path) -> Result<(Out, u64, String), Error> {
         // Make the new directory entry itself durable.
         File::open(parent).and_then(|dir| dir.sync_all()).map_err(open_err)?;
     }
-    let (seq, hash) = match last_line(&mut file).map_err(open_err)? {
+    let corrupt = |line: &[u8]| {
+        let excerpt = String::from_utf8_lossy(&line[..line.len().min(120)]).into_owned();
+        Error::TailCorrupt { path: path.to_path_buf(), line: excerpt }
+    };
+    let mut last = last_line(&mut file).map_err(open_err)?;
+    let mut torn = None;
+    if let Some(fragment) = last.as_ref().filter(|l| !l.ends_with(b"\n")) {
+        // An interrupted write (never acknowledged), unless it is a whole record
+        // that fails its own hash: that is an edit, not a crash.
+        if fragment.len() > MAX_LINE || (has_hash_suffix(fragment) && parse_line(fragment).is_err()) {
+            return Err(corrupt(fragment));
+        }
+        let bytes = fragment.len() as u64;
+        let keep = file.seek(SeekFrom::End(0)).map_err(open_err)? - bytes;
+        file.set_len(keep).and_then(|()| file.sync_data()).map_err(open_err)?;
+        tracing::warn!(
+            path = %path.display(),
+            bytes,
+            "the audit log ended in an incomplete line (an interrupted write, never acknowledged); cut off, gap recorded"
+        );
+        torn = Some(bytes);
+        last = last_line(&mut file).map_err(open_err)?;
+    }
+    let (seq, hash) = match last {
         None => (0, ZERO_HASH.to_string()),
         Some(line) => {
             let body = line.strip_suffix(b"\n").filter(|_| line.len() <= MAX_LINE);
             let parsed = body.and_then(|body| parse_line(body).ok());
             let Some(Parsed { seq, hash, .. }) = parsed else {
-                let excerpt = String::from_utf8_lossy(&line[..line.len().min(120)]).into_owned();
-                return Err(Error::TailCorrupt { path: path.to_path_buf(), line: excerpt });
+                return Err(corrupt(&line));
             };
             (seq, hash)
         }
     };
+    let len = file.seek(SeekFrom::End(0)).map_err(open_err)?;
     tracing::info!(path = %path.display(), next_seq = seq + 1, "audit log opened");
-    Ok((Out::File(file), seq, hash))
+    Ok(Opened { file, len, seq, hash, torn })
+}
+
+/// A writer's own record without `hash` (field order is the contract).
+#[derive(Serialize)]
+struct MarkerBody<'a> {
+    seq: u64,
+    prev_hash: &'a str,
+    time: String,
+    request_id: &'a str,
+    outcome: &'a str,
+    reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failing_since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    torn_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_file: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_hash: Option<&'a str>,
+}
+
+fn encode_marker(
+    marker: &Marker,
+    now: SystemTime,
+    seq: u64,
+    prev_hash: &str,
+) -> Result<(Vec<u8>, String), serde_json::Error> {
+    let mut body = MarkerBody {
+        seq,
+        prev_hash,
+        time: rfc3339(now),
+        request_id: GAP_ID,
+        outcome: "gap",
+        reason: String::new(),
+        refused: None,
+        failing_since: None,
+        error: None,
+        torn_bytes: None,
+        previous_file: None,
+        previous_seq: None,
+        previous_hash: None,
+    };
+    match marker {
+        Marker::Refused { refused, since, error } => {
+            body.reason = format!(
+                "audit_unavailable: the audit sink failed; {refused} decisions were refused unrecorded \
+                 (no certificate was returned for them)"
+            );
+            (body.refused, body.failing_since, body.error) =
+                (Some(*refused), Some(rfc3339(*since)), Some(error.as_str()));
+        }
+        Marker::Torn { bytes } => {
+            body.reason = format!(
+                "interrupted_write: an incomplete final line of {bytes} bytes was cut off at open \
+                 (never acknowledged: no certificate was returned for it)"
+            );
+            body.torn_bytes = Some(*bytes);
+        }
+        Marker::Continued { previous_file, previous_seq, previous_hash } => {
+            body.request_id = CONTINUED_ID;
+            body.outcome = "continued";
+            body.reason = format!(
+                "file_{previous_file}: the previous audit file was {previous_file} underneath meshca; \
+                 this file continues its chain"
+            );
+            body.previous_file = Some(previous_file);
+            (body.previous_seq, body.previous_hash) = (Some(*previous_seq), Some(previous_hash.as_str()));
+        }
+    }
+    finish_line(serde_json::to_vec(&body)?)
 }
 
 /// The serialised form of a record without `hash` (field order is the contract).
@@ -402,6 +850,8 @@ struct Body<'a> {
     auth_method: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     token_issuer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bootstrap_token_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     csr_key_type: Option<&'a str>,
     outcome: Outcome,
@@ -424,7 +874,7 @@ struct Body<'a> {
 /// Returns the full line (with `hash` and newline) and its hash.
 fn encode(r: &Record, seq: u64, prev_hash: &str) -> Result<(Vec<u8>, String), serde_json::Error> {
     let issued = r.issued.as_ref();
-    let mut line = serde_json::to_vec(&Body {
+    let line = serde_json::to_vec(&Body {
         seq,
         prev_hash,
         time: rfc3339(r.time),
@@ -434,6 +884,7 @@ fn encode(r: &Record, seq: u64, prev_hash: &str) -> Result<(Vec<u8>, String), se
         subject: r.subject.as_ref(),
         auth_method: r.auth_method.as_deref(),
         token_issuer: r.token_issuer.as_deref(),
+        bootstrap_token_id: r.bootstrap_token_id.as_deref(),
         csr_key_type: r.csr_key_type.as_deref(),
         outcome: r.outcome,
         code: r.code.as_deref(),
@@ -444,6 +895,11 @@ fn encode(r: &Record, seq: u64, prev_hash: &str) -> Result<(Vec<u8>, String), se
         not_after: issued.map(|i| rfc3339(i.not_after)),
         issuer_fingerprint_sha256: issued.map(|i| i.issuer_fingerprint_sha256.as_str()),
     })?;
+    finish_line(line)
+}
+
+/// Appends `hash` (of `line`, the serialised body B) and the newline: the full line and its hash.
+fn finish_line(mut line: Vec<u8>) -> Result<(Vec<u8>, String), serde_json::Error> {
     let hash = sha256_hex(&line);
     line.pop(); // the closing brace of B
     line.extend_from_slice(HASH_KEY);
@@ -495,6 +951,23 @@ struct Parsed {
     seq: u64,
     prev_hash: String,
     hash: String,
+    value: serde_json::Value,
+}
+
+/// Where the `,"hash":"<64 hex>"}` suffix of a complete record line starts, if it has one.
+fn hash_suffix_at(line: &[u8]) -> Option<usize> {
+    let suffix_len = HASH_KEY.len() + 64 + 2;
+    line.len().checked_sub(suffix_len).filter(|&at| {
+        let (key, rest) = line[at..].split_at(HASH_KEY.len());
+        key == HASH_KEY
+            && rest.ends_with(b"\"}")
+            && rest[..64].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Whether `line` ends like a complete record (a write cut short cannot: `hash` is the last field).
+fn has_hash_suffix(line: &[u8]) -> bool {
+    hash_suffix_at(line).is_some()
 }
 
 /// Checks one line (without its newline) on its own: hash suffix, digest, seq and prev_hash present.
@@ -502,14 +975,7 @@ fn parse_line(line: &[u8]) -> Result<Parsed, (Option<u64>, String)> {
     let seq_of = |json: &[u8]| {
         serde_json::from_slice::<serde_json::Value>(json).ok().and_then(|v| v.get("seq")?.as_u64())
     };
-    let suffix_len = HASH_KEY.len() + 64 + 2;
-    let split = line.len().checked_sub(suffix_len).filter(|&at| {
-        let (key, rest) = line[at..].split_at(HASH_KEY.len());
-        key == HASH_KEY
-            && rest.ends_with(b"\"}")
-            && rest[..64].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    });
-    let Some(at) = split else {
+    let Some(at) = hash_suffix_at(line) else {
         return Err((seq_of(line), "missing or malformed hash".into()));
     };
     let mut body = line[..at].to_vec();
@@ -527,14 +993,37 @@ fn parse_line(line: &[u8]) -> Result<Parsed, (Option<u64>, String)> {
     let Some(prev_hash) = value.get("prev_hash").and_then(|v| v.as_str()) else {
         return Err((Some(seq), "missing prev_hash".into()));
     };
-    Ok(Parsed { seq, prev_hash: prev_hash.to_string(), hash: claimed })
+    Ok(Parsed { seq, prev_hash: prev_hash.to_string(), hash: claimed, value })
 }
 
 /// Result of a successful [`verify`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VerifyReport {
+    /// Complete records, the writer's own (`gap`, `continued`) included.
     pub records: u64,
     pub last_hash: Option<String>,
+    /// `gap` records: places where decisions are missing, recorded as such.
+    pub gaps: u64,
+    /// Appends the gap records say were refused while the sink failed.
+    pub refused: u64,
+    /// Incomplete lines the gap records say were cut off at open.
+    pub torn: u64,
+    /// The previous file's last record, when this file continues another's chain.
+    pub continues: Option<Continuation>,
+    /// Length of a final line without newline: an interrupted write, not
+    /// counted in `records` (the next open cuts it off).
+    pub incomplete_tail: Option<u64>,
+}
+
+/// What a `continued` record says about the file before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Continuation {
+    /// At which record of this file (1 when it was new).
+    pub seq: u64,
+    /// `renamed` or `removed`.
+    pub previous_file: String,
+    pub previous_seq: u64,
+    pub previous_hash: String,
 }
 
 /// Why a log failed [`verify`].
@@ -549,20 +1038,30 @@ pub enum VerifyError {
 }
 
 /// Checks a whole log: every line's hash, seq = previous + 1 starting at 1,
-/// and prev_hash = previous hash (64 zeros first). Stops at the first broken record.
+/// and prev_hash = previous hash (64 zeros first). Stops at the first broken
+/// record. A final line without newline is reported as
+/// [`VerifyReport::incomplete_tail`], unless it is a complete record whose
+/// hash or chain is wrong (then it is broken like any other).
 pub fn verify(mut reader: impl io::BufRead) -> Result<VerifyReport, VerifyError> {
     let mut buf = Vec::new();
-    let (mut line_no, mut last_hash): (u64, Option<String>) = (0, None);
+    let mut report = VerifyReport::default();
+    let mut line_no: u64 = 0;
     loop {
         buf.clear();
         if reader.read_until(b'\n', &mut buf)? == 0 {
-            return Ok(VerifyReport { records: line_no, last_hash });
+            report.records = line_no;
+            return Ok(report);
         }
         line_no += 1;
         let broken = |seq, problem: String| VerifyError::Broken { line: line_no, seq, problem };
-        let Some(line) = buf.strip_suffix(b"\n") else {
-            let seq = parse_line(&buf).map(|p| Some(p.seq)).unwrap_or_else(|(seq, _)| seq);
-            return Err(broken(seq, "truncated last line (no newline)".into()));
+        let (line, complete) = match buf.strip_suffix(b"\n") {
+            Some(line) => (line, true),
+            None if !has_hash_suffix(&buf) => {
+                report.records = line_no - 1;
+                report.incomplete_tail = Some(buf.len() as u64);
+                return Ok(report);
+            }
+            None => (&buf[..], false),
         };
         let parsed = parse_line(line).map_err(|(seq, problem)| broken(seq, problem))?;
         if parsed.seq != line_no {
@@ -572,13 +1071,38 @@ pub fn verify(mut reader: impl io::BufRead) -> Result<VerifyReport, VerifyError>
             );
             return Err(broken(Some(parsed.seq), problem));
         }
-        if parsed.prev_hash != last_hash.as_deref().unwrap_or(ZERO_HASH) {
+        if parsed.prev_hash != report.last_hash.as_deref().unwrap_or(ZERO_HASH) {
             return Err(broken(
                 Some(parsed.seq),
                 "prev_hash mismatch: does not chain to the previous record".into(),
             ));
         }
-        last_hash = Some(parsed.hash);
+        if !complete {
+            // A whole, chained record whose newline never made it: still an interrupted write.
+            report.records = line_no - 1;
+            report.incomplete_tail = Some(buf.len() as u64);
+            return Ok(report);
+        }
+        let field = |name: &str| parsed.value.get(name);
+        let number = |name: &str| field(name).and_then(|v| v.as_u64());
+        match field("outcome").and_then(|v| v.as_str()) {
+            Some("gap") => {
+                report.gaps += 1;
+                report.refused += number("refused").unwrap_or(0);
+                report.torn += u64::from(number("torn_bytes").is_some());
+            }
+            Some("continued") if report.continues.is_none() => {
+                let text = |name: &str| field(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+                report.continues = Some(Continuation {
+                    seq: parsed.seq,
+                    previous_file: text("previous_file"),
+                    previous_seq: number("previous_seq").unwrap_or(0),
+                    previous_hash: text("previous_hash"),
+                });
+            }
+            _ => {}
+        }
+        report.last_hash = Some(parsed.hash);
     }
 }
 
@@ -612,6 +1136,7 @@ mod tests {
             }),
             auth_method: Some("tokenreview".into()),
             token_issuer: Some("https://kubernetes.default.svc".into()),
+            bootstrap_token_id: None,
             csr_key_type: Some("p256".into()),
             outcome: [Outcome::Denied, Outcome::Issued][usize::from(issued)],
             code: (!issued).then(|| "PermissionDenied".into()),
@@ -730,10 +1255,35 @@ mod tests {
         assert_eq!(tampered(|lines| lines.swap(1, 2)).await, 2);
     }
 
+    /// Writes 5 records, applies `edit` to the lines and returns what verify says.
+    async fn verified_after(edit: impl FnOnce(&mut Vec<String>)) -> VerifyReport {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_with(dir.path(), 5).await;
+        let mut lines = lines(&path);
+        edit(&mut lines);
+        std::fs::write(&path, lines.concat()).unwrap();
+        verify_file(&path).unwrap()
+    }
+
     #[tokio::test]
-    async fn truncated_last_line_is_detected() {
-        assert_eq!(tampered(|l| l[4] = l[4].trim_end().into()).await, 5);
-        assert_eq!(tampered(|lines| lines[4].truncate(100)).await, 5);
+    async fn a_truncated_last_line_is_reported_as_an_incomplete_tail_not_counted() {
+        let report = verified_after(|lines| lines[4].truncate(100)).await;
+        assert_eq!((report.records, report.incomplete_tail), (4, Some(100)));
+        // A whole record whose newline never made it is still an interrupted write.
+        let report = verified_after(|l| l[4] = l[4].trim_end().into()).await;
+        assert_eq!(report.records, 4);
+        assert!(report.incomplete_tail.unwrap() > 100);
+        let intact = verified_after(|_| {}).await;
+        assert_eq!((intact.records, intact.incomplete_tail), (5, None));
+        assert_eq!(report.last_hash, verified_after(|l| drop(l.pop())).await.last_hash);
+    }
+
+    #[tokio::test]
+    async fn an_edited_last_record_without_newline_is_broken_not_incomplete() {
+        let edit = |l: &mut Vec<String>| l[4] = l[4].trim_end().replace("\"issued\"", "\"denied\"");
+        assert_eq!(tampered(edit).await, 5);
+        // A whole record that does not chain (the 4th, again, without newline).
+        assert_eq!(tampered(|l| l[4] = l[3].trim_end().into()).await, 5);
     }
 
     #[tokio::test]
@@ -743,14 +1293,192 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn appends_fail_closed_when_the_file_cannot_be_written() {
+    async fn appends_fail_closed_while_the_file_cannot_be_written_and_every_one_retries() {
         let log = AuditLog::open(Sink::File("/dev/full".into())).await.unwrap();
-        assert!(matches!(log.append(record(1)).await, Err(Error::Write { .. })));
+        let err = log.append(record(1)).await.unwrap_err();
+        assert!(matches!(&err, Error::Write { source } if source.raw_os_error() == Some(28)), "{err:?}");
         assert!(log.write_failures() > 0);
         assert!(log.is_failing());
-        assert!(matches!(log.append(record(2)).await, Err(Error::Poisoned)));
+        // Not poisoned: tried again, and still failing (ENOSPC again, not a stored verdict).
+        let err = log.append(record(2)).await.unwrap_err();
+        assert!(matches!(&err, Error::Write { source } if source.raw_os_error() == Some(28)), "{err:?}");
         assert_eq!(log.write_failures(), 2);
-        assert!(matches!(log.close().await, Err(Error::Poisoned)));
+        assert!(log.is_failing());
+        assert!(matches!(log.close().await, Err(Error::Write { .. })));
+    }
+
+    /// The log's records, parsed.
+    fn records(path: &Path) -> Vec<serde_json::Value> {
+        lines(path).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_refuses_the_batch_leaves_nothing_of_it_and_the_next_append_records_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+        log.append(record(1)).await.unwrap();
+        let before = std::fs::read_to_string(&path).unwrap();
+        log.fail_syncs(true).await;
+        for i in 2..=4 {
+            assert!(matches!(log.append(record(i)).await, Err(Error::Write { .. })));
+            assert!(log.is_failing());
+            // Written to the file, then cut off again: no record of a refused append stays.
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+        }
+        log.fail_syncs(false).await;
+        let appended = log.append(record(5)).await.unwrap();
+        assert!(!log.is_failing());
+        assert_eq!(appended.seq, 3, "record 1, the gap, record 5");
+        log.close().await.unwrap();
+        let records = records(&path);
+        let gap = &records[1];
+        assert_eq!((gap["outcome"].as_str(), gap["request_id"].as_str()), (Some("gap"), Some(GAP_ID)));
+        assert_eq!(gap["refused"], 3);
+        assert!(gap["error"].as_str().unwrap().contains("fsync failed"), "{gap}");
+        assert!(gap["failing_since"].as_str().unwrap().ends_with('Z'), "{gap}");
+        assert!(gap.get("requested_identity").is_none());
+        assert_eq!(records[2]["request_id"], "req-5");
+        let report = verify_file(&path).unwrap();
+        assert_eq!((report.records, report.gaps, report.refused), (3, 1, 3));
+        assert_eq!(report.last_hash, Some(appended.hash));
+    }
+
+    #[tokio::test]
+    async fn without_appends_the_writer_retries_on_its_own_and_records_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+        log.fail_syncs(true).await;
+        assert!(log.append(record(1)).await.is_err());
+        assert!(log.append(record(2)).await.is_err());
+        log.fail_syncs(false).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while log.is_failing() {
+            assert!(std::time::Instant::now() < deadline, "no recovery without an append");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Recorded by the retry itself, before any append.
+        let report = verify_file(&path).unwrap();
+        assert_eq!((report.records, report.gaps, report.refused), (1, 1, 2));
+        assert_eq!(log.append(record(3)).await.unwrap().seq, 2);
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_close_while_failing_records_the_gap_if_the_sink_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+        log.fail_syncs(true).await;
+        assert!(log.append(record(1)).await.is_err());
+        log.fail_syncs(false).await;
+        log.close().await.unwrap();
+        let report = verify_file(&path).unwrap();
+        assert_eq!((report.records, report.gaps, report.refused), (1, 1, 1));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_file_renamed_away_is_followed_by_a_new_one_that_names_its_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+        log.append(record(1)).await.unwrap();
+        let last = log.append(record(2)).await.unwrap();
+        let rotated = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        let appended = log.append(record(3)).await.unwrap();
+        assert_eq!(appended.seq, 2, "a new chain: the continuation, then record 3");
+        assert!(!log.is_failing());
+        log.close().await.unwrap();
+        let old = verify_file(&rotated).unwrap();
+        assert_eq!((old.records, old.last_hash.as_deref()), (2, Some(last.hash.as_str())));
+        let new = verify_file(&path).unwrap();
+        assert_eq!((new.records, new.gaps), (2, 0));
+        let joined = Continuation {
+            seq: 1,
+            previous_file: "renamed".into(),
+            previous_seq: 2,
+            previous_hash: last.hash.clone(),
+        };
+        assert_eq!(new.continues, Some(joined));
+        let records = records(&path);
+        assert_eq!(
+            (records[0]["outcome"].as_str(), records[0]["request_id"].as_str()),
+            (Some("continued"), Some(CONTINUED_ID))
+        );
+        assert_eq!(records[1]["request_id"], "req-3");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_removed_file_is_recreated_and_a_path_that_cannot_be_opened_fails_closed_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+        let first = log.append(record(1)).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        log.append(record(2)).await.unwrap();
+        let report = verify_file(&path).unwrap();
+        assert_eq!(
+            report.continues.as_ref().map(|c| (c.previous_file.as_str(), c.previous_seq)),
+            Some(("removed", 1))
+        );
+        assert_eq!(report.continues.unwrap().previous_hash, first.hash);
+
+        // Removed again, and a directory in its place: nothing can be recorded.
+        let last = verify_file(&path).unwrap().last_hash.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        for i in 3..=4 {
+            assert!(matches!(log.append(record(i)).await, Err(Error::Write { .. })));
+            assert!(log.is_failing());
+        }
+        std::fs::remove_dir(&path).unwrap();
+        let appended = log.append(record(5)).await.unwrap();
+        assert!(!log.is_failing());
+        assert_eq!(appended.seq, 3, "continuation, gap, record 5");
+        log.close().await.unwrap();
+        let report = verify_file(&path).unwrap();
+        assert_eq!((report.records, report.gaps, report.refused), (3, 1, 2));
+        let continues = report.continues.unwrap();
+        assert_eq!((continues.previous_file.as_str(), continues.previous_seq), ("removed", 2));
+        assert_eq!(continues.previous_hash, last);
+    }
+
+    #[tokio::test]
+    async fn open_cuts_off_an_interrupted_write_and_records_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_with(dir.path(), 2).await;
+        let good = std::fs::read_to_string(&path).unwrap();
+        let third = {
+            let more = tempfile::tempdir().unwrap();
+            lines(&log_with(more.path(), 3).await).pop().unwrap()
+        };
+        // Cut mid-record, and cut just before the newline.
+        for fragment in [&third[..40], third.trim_end()] {
+            std::fs::write(&path, format!("{good}{fragment}")).unwrap();
+            assert_eq!(verify_file(&path).unwrap().incomplete_tail, Some(fragment.len() as u64));
+            let log = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+            // Recorded at once, before any append.
+            let records = records(&path);
+            assert_eq!(records.len(), 3);
+            assert_eq!(
+                (records[2]["outcome"].as_str(), records[2]["torn_bytes"].as_u64()),
+                (Some("gap"), Some(fragment.len() as u64))
+            );
+            assert_eq!(log.append(record(3)).await.unwrap().seq, 4);
+            log.close().await.unwrap();
+            let report = verify_file(&path).unwrap();
+            assert_eq!((report.records, report.gaps, report.torn, report.incomplete_tail), (4, 1, 1, None));
+            std::fs::write(&path, &good).unwrap();
+        }
     }
 
     #[tokio::test]
@@ -758,10 +1486,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = log_with(dir.path(), 2).await;
         let good = std::fs::read_to_string(&path).unwrap();
-        for tail in ["{\"seq\":3", "not a record\n", "\n"] {
-            std::fs::write(&path, format!("{good}{tail}")).unwrap();
+        let edited_last = {
+            let mut lines = lines(&path);
+            let last = lines.pop().unwrap();
+            format!("{}{}", lines.concat(), last.trim_end().replace("\"denied\"", "\"issued\""))
+        };
+        for bad in [format!("{good}not a record\n"), format!("{good}\n"), edited_last] {
+            std::fs::write(&path, &bad).unwrap();
             let err = AuditLog::open(Sink::File(path.clone())).await.err();
-            assert!(matches!(err, Some(Error::TailCorrupt { .. })), "{tail:?}: {err:?}");
+            assert!(matches!(err, Some(Error::TailCorrupt { .. })), "{bad:?}: {err:?}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), bad, "left as it was");
         }
         std::fs::write(&path, good.replace("\"denied\"", "\"issued\"")).unwrap();
         assert!(matches!(AuditLog::open(Sink::File(path)).await, Err(Error::TailCorrupt { .. })));

@@ -13,8 +13,18 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "meshca", version, about = "A trust-anchor certificate authority for service meshes")]
 pub struct Cli {
+    /// Log lines on standard error: text, or json (one JSON object a line, fields at the top level).
+    #[arg(long, global = true, env = "MESHCA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +41,11 @@ pub enum Command {
     Agent(AgentArgs),
     /// Check, on this host, everything the agent needs: name resolution, reachability, TLS, clock, credentials, token.
     Doctor(DoctorArgs),
+    /// Bootstrap tokens: a first certificate for a host without Kubernetes.
+    BootstrapToken {
+        #[command(subcommand)]
+        command: BootstrapTokenCommand,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -39,8 +54,63 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BootstrapTokenCommand {
+    /// Mint a signed, single-use (by default), short-lived token for one identity, with the server's issuer key (stdout: the token alone).
+    Create(BootstrapTokenCreateArgs),
+}
+
+/// `meshca bootstrap-token create`: the token's terms, and where the server's
+/// issuer is (the same settings, defaults and `MESHCA_*` variables as `serve`).
+#[derive(Debug, Args)]
+pub struct BootstrapTokenCreateArgs {
+    /// The identity the token is for: SA.NS.serviceaccount.identity.CPNS.TD.
+    #[arg(long, value_name = "NAME")]
+    pub identity: String,
+    /// How long the token may be presented, more than 0 and at most 24h.
+    #[arg(long, default_value = "1h", value_name = "DURATION")]
+    pub ttl: String,
+    /// How many certificates the token may get, 1 to 100.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub uses: u32,
+    /// The server's TOML configuration file (its trust domain, namespace and issuer are used).
+    #[arg(long, env = "MESHCA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The server runs with --dev: its issuer is in --data-dir.
+    #[arg(long, env = "MESHCA_DEV")]
+    pub dev: bool,
+    /// Dev mode state directory [default: ./meshca-dev].
+    #[arg(long, env = "MESHCA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Trust domain [default: cluster.local].
+    #[arg(long, env = "MESHCA_TRUST_DOMAIN", value_name = "D")]
+    pub trust_domain: Option<String>,
+    /// Control-plane namespace [default: meshca-system].
+    #[arg(long, env = "MESHCA_CONTROL_PLANE_NAMESPACE", value_name = "NS")]
+    pub control_plane_namespace: Option<String>,
+    /// PEM bundle of trust anchors the issuer chains to [required unless --dev].
+    #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: Option<PathBuf>,
+    /// The server's issuer directory: tls.crt + tls.key (or crt.pem + key.pem) [required unless --dev].
+    #[arg(long, env = "MESHCA_ISSUER_DIR", value_name = "DIR")]
+    pub issuer_dir: Option<PathBuf>,
+    /// The server accepts issuers Windows Server 2016 cannot verify.
+    #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS")]
+    pub allow_non_windows_algorithms: bool,
+}
+
+/// Where used bootstrap tokens are recorded (`--bootstrap-replay-store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootstrapReplayStore {
+    /// A local file (--bootstrap-replay-file): one replica only.
+    File,
+    /// A Lease per use in the control-plane namespace: shared by every replica.
+    Kubernetes,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check a hash-chained audit log; exit 0 only when intact.
+    /// Check a hash-chained audit log; exit 0 only when intact (recorded gaps, a continuation from a rotated file and an incomplete final line are reported, not failures).
     Verify {
         /// The audit log (JSON lines).
         file: PathBuf,
@@ -192,12 +262,30 @@ pub struct ServeArgs {
     /// Certify requests in flight beyond which callers get ResourceExhausted [default: 8192].
     #[arg(long, env = "MESHCA_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
+    /// Certify requests checking and signing at once; the rest wait their turn [default: the number of cores].
+    #[arg(long, env = "MESHCA_SIGNING_WORKERS", value_name = "N")]
+    pub signing_workers: Option<usize>,
+    /// Requests per second one identity may make (P-256 equivalents: a P-384 CSR costs 5), or "off" [default: 100].
+    #[arg(long, env = "MESHCA_RATE_LIMIT_PER_IDENTITY", value_name = "RATE")]
+    pub rate_limit_per_identity: Option<String>,
+    /// Requests one identity may make at once after a quiet period [default: 10 x the rate].
+    #[arg(long, env = "MESHCA_RATE_LIMIT_PER_IDENTITY_BURST", value_name = "N")]
+    pub rate_limit_per_identity_burst: Option<f64>,
+    /// Requests per second one peer address may make (P-256 equivalents), or "off" [default: off].
+    #[arg(long, env = "MESHCA_RATE_LIMIT_PER_PEER", value_name = "RATE")]
+    pub rate_limit_per_peer: Option<String>,
+    /// Requests one peer address may make at once after a quiet period [default: 10 x the rate].
+    #[arg(long, env = "MESHCA_RATE_LIMIT_PER_PEER_BURST", value_name = "N")]
+    pub rate_limit_per_peer_burst: Option<f64>,
     /// Serve gRPC without TLS (only where a sidecar terminates TLS).
     #[arg(long, env = "MESHCA_PLAINTEXT")]
     pub plaintext: bool,
     /// How often the issuer directory and trust anchors are re-read for changes, besides file notifications [default: 30s].
     #[arg(long, env = "MESHCA_RELOAD_INTERVAL", value_name = "DURATION")]
     pub reload_interval: Option<String>,
+    /// How long the token validation backend (tokenreview: the Kubernetes API server) may fail every call before /ready answers 503 [default: 60s].
+    #[arg(long, env = "MESHCA_READY_API_UNREACHABLE_THRESHOLD", value_name = "DURATION")]
+    pub ready_api_unreachable_threshold: Option<String>,
     /// Record issuances and denials as Kubernetes Events on the service account: --events, --events=true or --events=false [default: true with tokenreview or jwks discovery, which have a Kubernetes client].
     #[arg(
         long,
@@ -223,6 +311,26 @@ pub struct ServeArgs {
     /// Accept an issuer chain with keys or signatures Windows Server 2016 cannot verify (Ed25519, RSA-PSS, ...); without it such an issuer is refused at start and on reload.
     #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS")]
     pub allow_non_windows_algorithms: bool,
+    /// Accept bootstrap tokens (`meshca bootstrap-token create`) for hosts without Kubernetes: --bootstrap-tokens or --bootstrap-tokens=BOOL [default: true with --dev, false otherwise].
+    #[arg(
+        long,
+        env = "MESHCA_BOOTSTRAP_TOKENS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub bootstrap_tokens: Option<bool>,
+    /// Where used bootstrap tokens are recorded [default: kubernetes when the token validation has a Kubernetes client, file otherwise].
+    #[arg(long, env = "MESHCA_BOOTSTRAP_REPLAY_STORE", value_enum, value_name = "STORE")]
+    pub bootstrap_replay_store: Option<BootstrapReplayStore>,
+    /// The file store's path [default: DATA_DIR/bootstrap-used.jsonl in dev; required otherwise].
+    #[arg(long, env = "MESHCA_BOOTSTRAP_REPLAY_FILE", value_name = "FILE")]
+    pub bootstrap_replay_file: Option<PathBuf>,
+    /// Accept an issuer key file every user of the host can read (unix mode o+r); without it such a key is refused at start and on reload (fix: chmod 600).
+    #[arg(long, env = "MESHCA_ALLOW_WORLD_READABLE_ISSUER_KEY")]
+    pub allow_world_readable_issuer_key: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,8 +1,8 @@
 //! Acting on each subcommand: the layer between the parsed command line and the
 //! library. Each command returns a [`Failure`] that knows its exit code: 2 for a
 //! usage or configuration error, 1 for anything else. Results go to stdout only
-//! where scripts read them (`dev-token`, `init --kubernetes`); everything else goes
-//! to stderr.
+//! where scripts read them (`dev-token`, `bootstrap-token create`, `init
+//! --kubernetes`); everything else goes to stderr.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -244,6 +244,76 @@ pub fn dev_token(args: DevTokenArgs) -> Result<String, Failure> {
     signer.sign(&claims).map_err(Failure::other)
 }
 
+/// `meshca bootstrap-token create`: the token alone on stdout (it is a credential:
+/// nothing else ever shows it), what it allows on stderr.
+pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Result<String, Failure> {
+    use crate::auth::bootstrap::{BootstrapSigner, MAX_TTL, MAX_USES};
+    use crate::ca::issuer::issuer_files;
+    let ttl = humantime::parse_duration(&args.ttl)
+        .map_err(|e| Failure::usage(format!("--ttl {:?}: {e}", args.ttl)))?;
+    if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
+        return Err(Failure::usage("--ttl must be at least 1s and at most 24h"));
+    }
+    if args.uses == 0 || args.uses > MAX_USES {
+        return Err(Failure::usage(format!("--uses must be from 1 to {MAX_USES}")));
+    }
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::usage(format!("--config {}: {e}", path.display())))?;
+            Config::parse_file(&text).map_err(Failure::usage)?
+        }
+        None => FileConfig::default(),
+    };
+    // The server's own settings and defaults decide names and the issuer's place.
+    let serve = ServeArgs {
+        dev: args.dev,
+        data_dir: args.data_dir,
+        trust_domain: args.trust_domain,
+        control_plane_namespace: args.control_plane_namespace,
+        trust_anchors: args.trust_anchors,
+        issuer_dir: args.issuer_dir,
+        allow_non_windows_algorithms: args.allow_non_windows_algorithms,
+        ..Default::default()
+    };
+    let config = Config::resolve(serve, file).map_err(Failure::usage)?;
+    let identity = args.identity.trim();
+    if config.naming.parse(identity).is_none() {
+        let (ns, td) = (config.naming.control_plane_namespace(), config.naming.trust_domain());
+        return Err(Failure::usage(format!(
+            "--identity {identity:?} is not an identity of trust domain {td} and control-plane namespace {ns}; \
+             use SA.NS.serviceaccount.identity.{ns}.{td}"
+        )));
+    }
+    let now = SystemClock.now();
+    let hint = if config.dev.is_some() { " (start `meshca serve --dev` once first)" } else { "" };
+    let snapshot = crate::ca::store::Snapshot::load_with(
+        &config.trust_anchors,
+        &config.issuer_dir,
+        now,
+        config.reload.issuer_algorithms,
+    )
+    .map_err(|e| Failure::usage(format!("{e}{hint}")))?;
+    let key = crate::ca::material::read_pkcs8_key(&issuer_files(&config.issuer_dir).1)
+        .map_err(|e| Failure::usage(format!("{e}{hint}")))?;
+    let signer =
+        BootstrapSigner::new(&key, &snapshot.issuer, config.naming.clone()).map_err(Failure::other)?;
+    let (token, claims) = signer.create(identity, ttl, args.uses, now).map_err(Failure::other)?;
+    if args.config.is_some() && config.bootstrap.is_none() {
+        eprintln!("warning: this configuration does not enable --bootstrap-tokens: the server refuses the token until it does");
+    }
+    eprintln!(
+        "bootstrap token {id} for {identity}: {uses} certificate(s) until {exp}.\n\
+         It is signed by the issuer {kid}: rotating the issuer makes it worthless. Give it to the host over a \
+         private channel; once the host has its certificate it renews with it and needs no token.",
+        id = claims.token_id,
+        uses = claims.uses,
+        exp = humantime::format_rfc3339_seconds(claims.expires_at),
+        kid = signer.kid(),
+    );
+    Ok(token.expose().to_owned())
+}
+
 fn key_type(arg: LeafKeyArg) -> KeyType {
     match arg {
         LeafKeyArg::P256 => KeyType::P256,
@@ -401,7 +471,28 @@ pub async fn doctor(args: crate::cli::DoctorArgs) -> Result<(), Failure> {
 pub fn audit_verify(file: &Path) -> Result<(), Failure> {
     match crate::audit::verify_file(file) {
         Ok(report) => {
-            eprintln!("{}: intact, {} records", file.display(), report.records);
+            let name = file.display();
+            eprintln!("{name}: intact, {} records", report.records);
+            if report.gaps > 0 {
+                eprintln!(
+                    "{name}: {} gap(s) recorded: {} decision(s) refused unrecorded while the audit sink failed, \
+                     {} interrupted write(s) cut off at start; no certificate was returned for any of them",
+                    report.gaps, report.refused, report.torn
+                );
+            }
+            if let Some(c) = &report.continues {
+                eprintln!(
+                    "{name}: record {} continues a previous file ({}) that ends at seq {}, hash {}",
+                    c.seq, c.previous_file, c.previous_seq, c.previous_hash
+                );
+            }
+            if let Some(bytes) = report.incomplete_tail {
+                eprintln!(
+                    "{name}: the final line is incomplete ({bytes} bytes, not counted): an interrupted write, \
+                     never acknowledged, so no certificate was returned for it; `meshca serve` cuts it off \
+                     and records a gap at its next start"
+                );
+            }
             Ok(())
         }
         Err(crate::audit::VerifyError::Io(e)) => {

@@ -16,8 +16,10 @@ pub use crate::auth::pods::Settings as PodSettings;
 use crate::ca::issuer::Algorithms as IssuerAlgorithms;
 use crate::ca::profile::Lifetimes;
 pub use crate::ca::reload::Settings as ReloadSettings;
-use crate::cli::{ServeArgs, TokenValidation};
+use crate::cli::{BootstrapReplayStore, ServeArgs, TokenValidation};
 use crate::identity::{check_label, Naming};
+pub use crate::server::admission::Settings as AdmissionSettings;
+use crate::server::admission::{self, Rate};
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -67,11 +69,21 @@ pub struct FileConfig {
     pub token_cache_failure_ttl: Option<String>,
     pub audit_log: Option<String>,
     pub max_in_flight: Option<usize>,
+    pub signing_workers: Option<usize>,
+    pub rate_limit_per_identity: Option<String>,
+    pub rate_limit_per_identity_burst: Option<f64>,
+    pub rate_limit_per_peer: Option<String>,
+    pub rate_limit_per_peer_burst: Option<f64>,
     pub plaintext: Option<bool>,
     pub reload_interval: Option<String>,
+    pub ready_api_unreachable_threshold: Option<String>,
     pub events: Option<bool>,
     pub audit_node_os: Option<bool>,
     pub allow_non_windows_algorithms: Option<bool>,
+    pub bootstrap_tokens: Option<bool>,
+    pub bootstrap_replay_store: Option<BootstrapReplayStore>,
+    pub bootstrap_replay_file: Option<PathBuf>,
+    pub allow_world_readable_issuer_key: Option<bool>,
 }
 
 /// The dev-mode issuer name tokens from `meshca dev-token` carry.
@@ -156,6 +168,9 @@ impl DevPaths {
     pub fn audit_log(&self) -> PathBuf {
         self.data_dir.join("audit.jsonl")
     }
+    pub fn bootstrap_replay_file(&self) -> PathBuf {
+        self.data_dir.join("bootstrap-used.jsonl")
+    }
 }
 
 /// Everything `serve` needs, checked.
@@ -173,15 +188,62 @@ pub struct Config {
     pub token: TokenConfig,
     /// "-" for stdout, else a path.
     pub audit_log: String,
-    /// Certify requests in flight beyond which callers get `ResourceExhausted`.
-    pub max_in_flight: usize,
+    /// In-flight bound, signing workers and rate limits (`server::admission`).
+    pub admission: AdmissionSettings,
     pub plaintext: bool,
     /// When the issuer and trust anchors are re-checked (`ca::reload`).
     pub reload: ReloadSettings,
+    /// How long the token validation backend may fail every call before `/ready` fails.
+    pub ready_api_unreachable_threshold: Duration,
     /// Emit Kubernetes Events for issuances and denials (needs [`TokenConfig::kubernetes`]).
     pub events: bool,
     /// Record the caller's node OS in audit records (needs [`TokenConfig::kubernetes`]).
     pub node_os: bool,
+    /// Accept bootstrap tokens (`auth::bootstrap`), and where their uses are recorded.
+    pub bootstrap: Option<BootstrapConfig>,
+}
+
+/// `--bootstrap-tokens`: how bootstrap tokens are checked and their uses recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapConfig {
+    pub replay: ReplayConfig,
+    /// Clock skew tolerated on `exp` and `iat` (`--token-leeway`).
+    pub leeway: Duration,
+}
+
+/// Where the uses of bootstrap tokens are recorded (`auth::replay`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayConfig {
+    /// A local file: one replica only.
+    File(PathBuf),
+    /// A Lease per use in the control-plane namespace. `None`: `KUBECONFIG`,
+    /// `~/.kube/config`, or the in-cluster service account.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+/// A rate limit from its two settings: a positive number of requests per second
+/// (or "off") and an optional burst, 10 × the rate by default.
+fn rate(
+    setting: &'static str,
+    value: Option<String>,
+    burst: Option<f64>,
+    default: Option<Rate>,
+) -> Result<Option<Rate>, Error> {
+    let per_second = match value.as_deref().map(str::trim) {
+        None => return Ok(default.map(|d| Rate { burst: burst.unwrap_or(d.burst), ..d })),
+        Some("off") | Some("0") => return Ok(None),
+        Some(v) => v.trim_end_matches("/s").parse::<f64>().ok().filter(|r| r.is_finite() && *r > 0.0).ok_or(
+            Error::Invalid {
+                setting,
+                reason: format!("{v:?} is not a positive number of requests per second or \"off\""),
+            },
+        )?,
+    };
+    let burst = burst.unwrap_or(per_second * 10.0);
+    if !(burst.is_finite() && burst >= 1.0) {
+        return Err(Error::Invalid { setting, reason: "the burst must be at least 1".into() });
+    }
+    Ok(Some(Rate { per_second, burst }))
 }
 
 fn duration(setting: &'static str, value: Option<String>, default: Duration) -> Result<Duration, Error> {
@@ -293,6 +355,7 @@ impl Config {
         let leeway =
             duration("token-leeway", args.token_leeway.or(file.token_leeway), Duration::from_secs(60))?;
         let kubeconfig = args.kubeconfig.or(file.kubeconfig);
+        let bootstrap_kubeconfig = kubeconfig.clone();
         let confirm_pod = args.jwks_confirm_pod.or(file.jwks_confirm_pod).unwrap_or(false);
         if confirm_pod && mode != TokenValidation::Jwks {
             return Err(Error::Invalid {
@@ -477,6 +540,26 @@ impl Config {
         if max_in_flight == 0 {
             return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() });
         }
+        let workers = args.signing_workers.or(file.signing_workers).unwrap_or_else(admission::cores);
+        if workers == 0 || workers > 1024 {
+            return Err(Error::Invalid {
+                setting: "signing-workers",
+                reason: "must be from 1 to 1024".into(),
+            });
+        }
+        let per_identity = rate(
+            "rate-limit-per-identity",
+            args.rate_limit_per_identity.or(file.rate_limit_per_identity),
+            args.rate_limit_per_identity_burst.or(file.rate_limit_per_identity_burst),
+            Some(admission::DEFAULT_PER_IDENTITY),
+        )?;
+        let per_peer = rate(
+            "rate-limit-per-peer",
+            args.rate_limit_per_peer.or(file.rate_limit_per_peer),
+            args.rate_limit_per_peer_burst.or(file.rate_limit_per_peer_burst),
+            None,
+        )?;
+        let admission = AdmissionSettings { max_in_flight, workers, per_peer, per_identity };
 
         let reload_interval = duration(
             "reload-interval",
@@ -489,6 +572,26 @@ impl Config {
                 reason: "must be at least 1s and at most 1h".into(),
             });
         }
+
+        let ready_api_unreachable_threshold = duration(
+            "ready-api-unreachable-threshold",
+            args.ready_api_unreachable_threshold.or(file.ready_api_unreachable_threshold),
+            crate::server::admin::DEFAULT_API_UNREACHABLE_THRESHOLD,
+        )?;
+        if ready_api_unreachable_threshold < Duration::from_secs(1) {
+            return Err(Error::Invalid {
+                setting: "ready-api-unreachable-threshold",
+                reason: "must be at least 1s".into(),
+            });
+        }
+
+        let bootstrap = bootstrap(
+            args.bootstrap_tokens.or(file.bootstrap_tokens).unwrap_or(dev_paths.is_some()),
+            args.bootstrap_replay_store.or(file.bootstrap_replay_store),
+            args.bootstrap_replay_file.or(file.bootstrap_replay_file),
+            (dev_paths.as_ref(), &token, bootstrap_kubeconfig),
+            leeway,
+        )?;
 
         let issuer_algorithms =
             if args.allow_non_windows_algorithms || file.allow_non_windows_algorithms.unwrap_or(false) {
@@ -508,13 +611,67 @@ impl Config {
             lifetimes,
             token,
             audit_log,
-            max_in_flight,
+            admission,
             plaintext: args.plaintext || file.plaintext.unwrap_or(false),
-            reload: ReloadSettings { interval: reload_interval, notifications: true, issuer_algorithms },
+            reload: ReloadSettings {
+                interval: reload_interval,
+                notifications: true,
+                issuer_algorithms,
+                allow_world_readable_issuer_key: args.allow_world_readable_issuer_key
+                    || file.allow_world_readable_issuer_key.unwrap_or(false),
+            },
+            ready_api_unreachable_threshold,
             events,
             node_os,
+            bootstrap,
         })
     }
+}
+
+/// The bootstrap token settings: off, or on with a replay store: Kubernetes
+/// Leases by default when the token validation has a Kubernetes client, else a
+/// file (in the dev data directory unless given).
+fn bootstrap(
+    on: bool,
+    store: Option<BootstrapReplayStore>,
+    path: Option<PathBuf>,
+    (dev, token, kubeconfig): (Option<&DevPaths>, &TokenConfig, Option<PathBuf>),
+    leeway: Duration,
+) -> Result<Option<BootstrapConfig>, Error> {
+    if !on {
+        let setting = match (store, &path) {
+            (Some(_), _) => "bootstrap-replay-store",
+            (None, Some(_)) => "bootstrap-replay-file",
+            (None, None) => return Ok(None),
+        };
+        return Err(Error::Invalid { setting, reason: "only used with --bootstrap-tokens".into() });
+    }
+    let store = store.unwrap_or(if token.kubernetes().is_some() {
+        BootstrapReplayStore::Kubernetes
+    } else {
+        BootstrapReplayStore::File
+    });
+    let replay = match (store, path) {
+        (BootstrapReplayStore::Kubernetes, Some(_)) => {
+            return Err(Error::Invalid {
+                setting: "bootstrap-replay-file",
+                reason: "only used with --bootstrap-replay-store file".into(),
+            })
+        }
+        (BootstrapReplayStore::Kubernetes, None) => ReplayConfig::Kubernetes { kubeconfig },
+        (BootstrapReplayStore::File, Some(path)) => ReplayConfig::File(path),
+        (BootstrapReplayStore::File, None) => match dev {
+            Some(dev) => ReplayConfig::File(dev.bootstrap_replay_file()),
+            None => {
+                return Err(Error::Missing {
+                    setting: "bootstrap-replay-file",
+                    when: "with --bootstrap-tokens and the file replay store outside --dev \
+                           (one replica only; several share --bootstrap-replay-store kubernetes)",
+                })
+            }
+        },
+    };
+    Ok(Some(BootstrapConfig { replay, leeway }))
 }
 
 #[cfg(test)]
@@ -553,6 +710,24 @@ mod tests {
     }
 
     #[test]
+    fn ready_api_unreachable_threshold_defaults_to_60s_comes_from_flag_over_file_and_is_at_least_1s() {
+        let dev = |args| ServeArgs { dev: true, ..args };
+        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        assert_eq!(c.ready_api_unreachable_threshold, Duration::from_secs(60));
+        let file = || Config::parse_file("ready-api-unreachable-threshold = \"2m\"\n").unwrap();
+        let c = Config::resolve(dev(ServeArgs::default()), file()).unwrap();
+        assert_eq!(c.ready_api_unreachable_threshold, Duration::from_secs(120));
+        let args = ServeArgs { ready_api_unreachable_threshold: Some("90s".into()), ..Default::default() };
+        let c = Config::resolve(dev(args), file()).unwrap();
+        assert_eq!(c.ready_api_unreachable_threshold, Duration::from_secs(90));
+        for bad in ["0s", "500ms", "soon"] {
+            let args = ServeArgs { ready_api_unreachable_threshold: Some(bad.into()), ..Default::default() };
+            let err = Config::resolve(dev(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with("--ready-api-unreachable-threshold:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn non_windows_issuer_algorithms_are_refused_unless_the_flag_or_the_file_allows_them() {
         let dev = |args| ServeArgs { dev: true, ..args };
         let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
@@ -566,6 +741,25 @@ mod tests {
         let file = Config::parse_file("allow-non-windows-algorithms = false\n").unwrap();
         let c = Config::resolve(dev(ServeArgs::default()), file).unwrap();
         assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::WindowsCompatible);
+    }
+
+    #[test]
+    fn world_readable_issuer_keys_are_refused_unless_the_flag_or_the_file_allows_them() {
+        let dev = |args| ServeArgs { dev: true, ..args };
+        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        assert!(!c.reload.allow_world_readable_issuer_key);
+        let args = ServeArgs { allow_world_readable_issuer_key: true, ..Default::default() };
+        assert!(
+            Config::resolve(dev(args), FileConfig::default()).unwrap().reload.allow_world_readable_issuer_key
+        );
+        let file = Config::parse_file("allow-world-readable-issuer-key = true\n").unwrap();
+        assert!(
+            Config::resolve(dev(ServeArgs::default()), file).unwrap().reload.allow_world_readable_issuer_key
+        );
+        let file = Config::parse_file("allow-world-readable-issuer-key = false\n").unwrap();
+        assert!(
+            !Config::resolve(dev(ServeArgs::default()), file).unwrap().reload.allow_world_readable_issuer_key
+        );
     }
 
     #[test]
@@ -839,5 +1033,70 @@ mod tests {
         let dev = ServeArgs { dev: true, events: Some(true), ..Default::default() };
         let err = Config::resolve(dev, FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("--events"), "{err}");
+    }
+
+    #[test]
+    fn bootstrap_tokens_are_on_in_dev_off_otherwise_and_pick_a_replay_store() {
+        let dev =
+            Config::resolve(ServeArgs { dev: true, ..Default::default() }, FileConfig::default()).unwrap();
+        let expected = ReplayConfig::File(PathBuf::from("./meshca-dev/bootstrap-used.jsonl"));
+        assert_eq!(
+            dev.bootstrap,
+            Some(BootstrapConfig { replay: expected, leeway: Duration::from_secs(60) })
+        );
+        let off = ServeArgs { dev: true, bootstrap_tokens: Some(false), ..Default::default() };
+        assert_eq!(Config::resolve(off, FileConfig::default()).unwrap().bootstrap, None);
+
+        // Outside dev: off by default; on, tokenreview's Kubernetes client brings Leases.
+        let c = Config::resolve(outside_dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        assert_eq!(c.bootstrap, None);
+        let on = || ServeArgs {
+            bootstrap_tokens: Some(true),
+            kubeconfig: Some("/k".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(outside_dev(on()), FileConfig::default()).unwrap();
+        let kubernetes = ReplayConfig::Kubernetes { kubeconfig: Some("/k".into()) };
+        assert_eq!(c.bootstrap.map(|b| b.replay), Some(kubernetes));
+        let file = Config::parse_file(
+            "bootstrap-tokens = true\nbootstrap-replay-store = \"file\"\nbootstrap-replay-file = \"/var/lib/meshca/used.jsonl\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(outside_dev(ServeArgs::default()), file).unwrap();
+        assert_eq!(
+            c.bootstrap.map(|b| b.replay),
+            Some(ReplayConfig::File("/var/lib/meshca/used.jsonl".into()))
+        );
+
+        let file_keys = ServeArgs {
+            bootstrap_tokens: Some(true),
+            jwks_file: Some("/j".into()),
+            token_issuer: Some("k8s".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(jwks(file_keys), FileConfig::default()).unwrap_err().to_string();
+        assert!(err.starts_with("--bootstrap-replay-file is required"), "{err}");
+        let cases = [
+            (
+                "bootstrap-replay-store",
+                ServeArgs { bootstrap_replay_store: Some(BootstrapReplayStore::File), ..Default::default() },
+            ),
+            (
+                "bootstrap-replay-file",
+                ServeArgs { bootstrap_replay_file: Some("/f".into()), ..Default::default() },
+            ),
+            (
+                "bootstrap-replay-file",
+                ServeArgs {
+                    bootstrap_replay_store: Some(BootstrapReplayStore::Kubernetes),
+                    bootstrap_replay_file: Some("/f".into()),
+                    ..on()
+                },
+            ),
+        ];
+        for (flag, args) in cases {
+            let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("--{flag}:")), "{flag}: {err}");
+        }
     }
 }

@@ -4,21 +4,27 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshca::cli::{AuditCommand, Cli, Command};
+use meshca::cli::{AuditCommand, BootstrapTokenCommand, Cli, Command, LogFormat};
 use meshca::commands::{self, Failure};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        // One object a line: timestamp, level, target, then the event's fields
+        // (message, request_id, ...) at the top level, for log pipelines.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let result = match cli.command {
         Command::Init(args) => commands::init(args),
         Command::DevToken(args) => commands::dev_token(args).map(|token| println!("{token}")),
+        Command::BootstrapToken { command: BootstrapTokenCommand::Create(args) } => {
+            commands::bootstrap_token_create(args).map(|token| println!("{token}"))
+        }
         Command::Audit { command: AuditCommand::Verify { file } } => commands::audit_verify(&file),
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(commands::serve(*args))),
         Command::Certify(args) => runtime().and_then(|rt| rt.block_on(commands::certify(args))),

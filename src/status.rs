@@ -8,16 +8,20 @@
 //! | status              | when                                                        |
 //! |---------------------|-------------------------------------------------------------|
 //! | `InvalidArgument`   | malformed or oversized request, CSR or token; bad CSR signature |
-//! | `Unauthenticated`   | token invalid, expired, wrong issuer or audience            |
+//! | `Unauthenticated`   | token invalid, expired, wrong issuer or audience; bootstrap token used up |
 //! | `PermissionDenied`  | token valid but for another identity; CSR names something else |
 //! | `FailedPrecondition`| issuer expired or unusable                                  |
 //! | `Unavailable`       | no issuer loaded, audit log failing, token backend unreachable |
-//! | `ResourceExhausted` | over capacity                                               |
+//! | `ResourceExhausted` | over capacity or a rate limit; `grpc-retry-pushback-ms` says when to retry |
 //! | `Internal`          | signing failed (a fault of ours, logged with the request id) |
 
 use tonic::{Code, Status};
 
+use crate::server::admission::Scope;
 use crate::{audit, auth, ca, identity};
+
+/// Metadata on a `ResourceExhausted` status: milliseconds to wait before retrying.
+pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
 
 /// Why the request itself is unusable before any stage looks at it.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +54,12 @@ pub enum Refusal {
         "the audit log cannot be written; no certificate is issued without an audit record; retry later"
     )]
     Audit(#[from] audit::Error),
-    /// Too many requests in flight.
-    #[error("meshca is over capacity; retry with backoff")]
-    Overloaded,
+    /// Too many requests in flight (`server::admission`).
+    #[error("meshca is over capacity; retry in {} ms", retry_after.as_millis())]
+    Overloaded { retry_after: std::time::Duration },
+    /// A rate limit (per peer address or per identity) has no room for this request.
+    #[error("{} rate limit reached; retry in {} ms", scope.as_str(), retry_after.as_millis())]
+    RateLimited { scope: crate::server::admission::Scope, retry_after: std::time::Duration },
 }
 
 impl Refusal {
@@ -77,7 +84,7 @@ impl Refusal {
                 _ => Code::FailedPrecondition,
             },
             Refusal::NoIssuer | Refusal::Audit(_) => Code::Unavailable,
-            Refusal::Overloaded => Code::ResourceExhausted,
+            Refusal::Overloaded { .. } | Refusal::RateLimited { .. } => Code::ResourceExhausted,
         }
     }
 
@@ -91,7 +98,9 @@ impl Refusal {
             Refusal::Ca(e) => e.code(),
             Refusal::NoIssuer => "no_issuer",
             Refusal::Audit(_) => "audit_unavailable",
-            Refusal::Overloaded => "overloaded",
+            Refusal::Overloaded { .. } => "overloaded",
+            Refusal::RateLimited { scope: Scope::Peer, .. } => "rate_limited_peer",
+            Refusal::RateLimited { scope: Scope::Identity, .. } => "rate_limited_identity",
         }
     }
 
@@ -106,7 +115,23 @@ impl Refusal {
         if let Ok(v) = request_id.parse() {
             status.metadata_mut().insert("x-request-id", v);
         }
+        if let Some(wait) = self.retry_after() {
+            // gRPC's retry pushback (proposal A6), honoured by gRPC retry policies.
+            if let Ok(v) = wait.as_millis().to_string().parse() {
+                status.metadata_mut().insert(RETRY_PUSHBACK_HEADER, v);
+            }
+        }
         status
+    }
+
+    /// How long the caller should wait before retrying, when meshca can tell.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Refusal::Overloaded { retry_after } | Refusal::RateLimited { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
     }
 }
 

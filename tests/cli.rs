@@ -466,7 +466,8 @@ fn serve_help_documents_every_flag() {
     let help = String::from_utf8_lossy(&out.stdout);
     let flags = "listen admin-listen trust-domain control-plane-namespace trust-anchors issuer-dir \
         issuance-lifetime clock-skew-allowance token-validation audit-log plaintext config dev data-dir \
-        kubeconfig token-review-timeout token-review-qps token-review-burst token-cache-ttl token-cache-failure-ttl";
+        kubeconfig token-review-timeout token-review-qps token-review-burst token-cache-ttl token-cache-failure-ttl \
+        ready-api-unreachable-threshold log-format";
     for flag in flags.split_whitespace() {
         let env = format!("MESHCA_{}", flag.replace('-', "_").to_uppercase());
         let documented = help.lines().map(str::trim_start).any(|l| {

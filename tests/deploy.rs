@@ -49,6 +49,10 @@ const RBAC_RULES: [(&str, &[&str], &[&str]); 4] = [
     ("", &["pods", "nodes"], &["get"]),
 ];
 const RBAC_URLS: [&str; 2] = ["/.well-known/openid-configuration", "/openid/v1/jwks"];
+/// meshca's Role in its own namespace (bootstrap token uses as Leases), rule by
+/// rule. docs/RUNBOOK.md lists the same set.
+const NAMESPACED_RBAC_RULES: [(&str, &[&str], &[&str]); 1] =
+    [("coordination.k8s.io", &["leases"], &["create", "list", "delete"])];
 
 const MISSING_TOOLS: &str = "run `.ci/run`, which checks for kubectl (v1.27 or later, with kustomize v5) \
      and installs the PyPI package kubernetes-validate";
@@ -239,16 +243,21 @@ fn rule_set(rules: &Value) -> BTreeSet<String> {
 }
 
 fn documented_rules() -> BTreeSet<String> {
+    let mut set = rules_of(&RBAC_RULES);
+    for url in RBAC_URLS {
+        set.insert(format!("{url} get"));
+    }
+    set
+}
+
+fn rules_of(rules: &[(&str, &[&str], &[&str])]) -> BTreeSet<String> {
     let mut set = BTreeSet::new();
-    for (group, resources, verbs) in RBAC_RULES {
+    for &(group, resources, verbs) in rules {
         for resource in resources {
             for verb in verbs {
                 set.insert(format!("{group}/{resource} {verb}"));
             }
         }
-    }
-    for url in RBAC_URLS {
-        set.insert(format!("{url} get"));
     }
     set
 }
@@ -302,6 +311,19 @@ fn check_install(docs: &[Value], install: &Install) -> String {
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
     let subject = serde_json::json!([{"kind": "ServiceAccount", "name": install.service_account, "namespace": install.namespace}]);
     assert_eq!(binding["subjects"], subject, "ClusterRoleBinding subjects");
+    // In its own namespace (checked above): the Role, bound the same way.
+    let role = one(docs, "Role");
+    assert_eq!(
+        rule_set(&role["rules"]),
+        rules_of(&NAMESPACED_RBAC_RULES),
+        "Role rules differ from the documented set"
+    );
+    let binding = one(docs, "RoleBinding");
+    assert_eq!(
+        (&binding["roleRef"]["kind"], &binding["roleRef"]["name"]),
+        (&"Role".into(), &role["metadata"]["name"])
+    );
+    assert_eq!(binding["subjects"], subject, "RoleBinding subjects");
     assert_eq!(one(docs, "ServiceAccount")["metadata"]["name"], install.service_account);
 
     let deployment = one(docs, "Deployment");
@@ -371,6 +393,21 @@ fn check_install(docs: &[Value], install: &Install) -> String {
     };
     let issuer_dir = volume("secret", "secretName", install.issuer_secret);
     let anchors_dir = volume("configMap", "name", install.trust_roots);
+    // The kubelet's default mode (0644) lets every user read the issuer key, and meshca
+    // refuses to start with such a key: the Secret must be mounted owner/group-only.
+    let secret =
+        &volumes.iter().find(|v| v["secret"]["secretName"] == install.issuer_secret).unwrap()["secret"];
+    let modes = std::iter::once(&secret["defaultMode"])
+        .chain(secret["items"].as_array().into_iter().flatten().map(|item| &item["mode"]));
+    for mode in modes.filter(|m| !m.is_null()) {
+        let mode = mode.as_i64().unwrap();
+        assert_eq!(
+            mode & 0o007,
+            0,
+            "issuer Secret mounted with mode {mode:o}: every user could read the key"
+        );
+    }
+    assert!(secret["defaultMode"].is_i64(), "the issuer Secret volume must set defaultMode (e.g. 0440)");
 
     // Arguments: `serve`, then --flag=value with flags serve knows.
     let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| str_of(a, "arg")).collect();
@@ -526,14 +563,19 @@ fn prometheus_rules_alert_on_metrics_that_meshca_exports() {
         assert!(r["labels"]["severity"].is_string(), "{} has no severity", r["alert"]);
         assert!(r["annotations"]["summary"].is_string(), "{} has no summary", r["alert"]);
     }
-    // Every metric named must be one meshca exports (its name appears in the source).
+    // Every metric named must be one meshca exports (its name appears in the source;
+    // a counter is registered without the `_total` that prometheus-client appends).
     let source = source_text(&repo().join("src"));
     for expr in exprs.values() {
         for metric in expr
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .filter(|w| w.starts_with("meshca_"))
         {
-            assert!(source.contains(&format!("\"{metric}")), "{metric} is not exported by meshca");
+            let counter = metric.strip_suffix("_total").map(|stem| format!("\"{stem}\""));
+            assert!(
+                source.contains(&format!("\"{metric}")) || counter.is_some_and(|c| source.contains(&c)),
+                "{metric} is not exported by meshca"
+            );
         }
     }
 }
@@ -590,6 +632,10 @@ fn documented_rbac_in_the_runbook_is_the_tested_set() {
         let group = if group.is_empty() { "core (`\"\"`)".to_owned() } else { format!("`{group}`") };
         let row = format!("| {group} | `{}` | `{}` |", resources.join("`, `"), verbs.join("`, `"));
         assert!(runbook.contains(&row), "docs/RUNBOOK.md lacks the RBAC row {row}");
+    }
+    for (group, resources, verbs) in NAMESPACED_RBAC_RULES {
+        let row = format!("| `{group}` | `{}` | `{}` |", resources.join("`, `"), verbs.join("`, `"));
+        assert!(runbook.contains(&row), "docs/RUNBOOK.md lacks the namespaced RBAC row {row}");
     }
     let urls = format!("| non-resource URLs | `{}` | `get` |", RBAC_URLS.join("`, `"));
     assert!(runbook.contains(&urls), "docs/RUNBOOK.md lacks the RBAC row {urls}");

@@ -73,6 +73,14 @@ fn update_secret(dir: &Path, generation: u32, crt: &str, key: &str) {
     std::fs::create_dir(issuer.join(&data)).unwrap();
     std::fs::write(issuer.join(&data).join("tls.crt"), crt).unwrap();
     std::fs::write(issuer.join(&data).join("tls.key"), key).unwrap();
+    // The kubelet writes a Secret's files with the volume's defaultMode (deploy/: 0440).
+    for name in ["tls.crt", "tls.key"] {
+        std::fs::set_permissions(
+            issuer.join(&data).join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o440),
+        )
+        .unwrap();
+    }
     symlink(&data, issuer.join("..data_tmp"));
     std::fs::rename(issuer.join("..data_tmp"), issuer.join("..data")).unwrap();
 }

@@ -537,6 +537,10 @@ fn write_ca(dir: &Path, (anchor, crt, key): &(String, String, String)) {
     std::fs::write(dir.join("trust-anchors.pem"), anchor).unwrap();
     std::fs::write(dir.join("issuer/tls.crt"), crt).unwrap();
     std::fs::write(dir.join("issuer/tls.key"), key).unwrap();
+    // Owner-only, as meshca requires of an issuer key (a new file gets 0644 here).
+    #[cfg(unix)]
+    std::fs::set_permissions(dir.join("issuer/tls.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
 }
 
 fn allowing(algorithms: Algorithms) -> Options {

@@ -30,15 +30,34 @@ pub enum Error {
     /// Could not connect or complete the TLS handshake.
     #[error("cannot reach meshca at {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    /// meshca refused the request.
+    /// meshca refused the request; `retry_after` is its pushback hint
+    /// (`grpc-retry-pushback-ms`, sent with ResourceExhausted).
     #[error("meshca refused the request ({code:?}): {message}")]
-    Refused { code: tonic::Code, message: String },
+    Refused { code: tonic::Code, message: String, retry_after: Option<std::time::Duration> },
     /// The response is unusable: missing leaf, bad chain, wrong identity.
     #[error("the returned certificate is unusable: {0}")]
     BadResponse(String),
     /// Key or CSR generation failed.
     #[error("cannot create the key or CSR: {0}")]
     Key(String),
+}
+
+/// A refusal, with the server's pushback hint when it gave one.
+fn refused(status: tonic::Status) -> Error {
+    let retry_after = (status.metadata().get(crate::status::RETRY_PUSHBACK_HEADER))
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
+    Error::Refused { code: status.code(), message: status.message().to_owned(), retry_after }
+}
+
+impl Error {
+    /// How long the server asked the caller to wait before retrying, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// Key algorithm for the new key.
@@ -201,7 +220,7 @@ pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> 
             certificate_signing_request: csr,
         })
         .await
-        .map_err(|s| Error::Refused { code: s.code(), message: s.message().to_owned() })?;
+        .map_err(refused)?;
     let server_time = server_time(response.metadata());
     let response = response.into_inner();
     if response.leaf_certificate.is_empty() {
@@ -238,11 +257,8 @@ pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> 
 /// Refused by a server without the service (`Unimplemented`); an empty bundle, or
 /// one holding something that is not a usable root, is a bad response.
 pub async fn trust_bundle(channel: Channel) -> Result<TrustAnchors, Error> {
-    let response = TrustBundleClient::new(channel)
-        .get(GetTrustBundleRequest {})
-        .await
-        .map_err(|s| Error::Refused { code: s.code(), message: s.message().to_owned() })?
-        .into_inner();
+    let response =
+        TrustBundleClient::new(channel).get(GetTrustBundleRequest {}).await.map_err(refused)?.into_inner();
     if response.trust_anchors.is_empty() {
         return Err(Error::BadResponse("the trust bundle is empty".into()));
     }

@@ -144,7 +144,10 @@ fn current_identity(out: &std::path::Path) -> Option<(String, String)> {
 ///
 /// Authenticates with the token file; when it is absent, or its token is refused
 /// as unauthenticated, and a certificate is on disk, renews by proof of possession
-/// (mutual TLS with the current certificate, empty token) instead.
+/// (mutual TLS with the current certificate, empty token) instead. A bootstrap
+/// token (`meshca bootstrap-token create`) is for the first certificate: with one
+/// on disk, proof of possession comes first and the token only when that is
+/// refused as unauthenticated (the certificate expired while the host was off).
 pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewed, Error> {
     let anchors = TrustAnchors::load(&settings.trust_anchors)?;
     remove_stale_temporaries(&settings.out);
@@ -164,6 +167,15 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
         client_identity,
     };
     let (creds, channel) = match token {
+        Some(token) if current.is_some() && crate::auth::bootstrap::is_bootstrap_token(&token) => {
+            match certify(request(Vec::new(), current), clock.now()).await {
+                Err(client::Error::Refused { code: tonic::Code::Unauthenticated, .. }) => {
+                    tracing::warn!("the current certificate was refused; trying the bootstrap token");
+                    certify(request(token, None), clock.now()).await?
+                }
+                other => other?,
+            }
+        }
         Some(token) => match certify(request(token, None), clock.now()).await {
             Err(client::Error::Refused { code: tonic::Code::Unauthenticated, .. }) if current.is_some() => {
                 tracing::warn!("token refused; renewing with the current certificate");
@@ -319,6 +331,11 @@ pub async fn run_with_status(
             Err(e) => {
                 status.failed();
                 let delay = schedule::backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, uniform());
+                // The server's pushback (over capacity, rate limited) is a floor, not a cap.
+                let delay = match &e {
+                    Error::Certify(c) => c.retry_after().map_or(delay, |hint| delay.max(hint)),
+                    _ => delay,
+                };
                 attempt = attempt.saturating_add(1);
                 match left {
                     Some(l) => {
@@ -394,7 +411,11 @@ mod tests {
         let (local, leaf, intermediates) = ca_and_leaf(now);
         let (other, _, _) = ca_and_leaf(now);
         // Unreachable or unimplemented: the local anchors.
-        let refused = Err(client::Error::Refused { code: tonic::Code::Unimplemented, message: "no".into() });
+        let refused = Err(client::Error::Refused {
+            code: tonic::Code::Unimplemented,
+            message: "no".into(),
+            retry_after: None,
+        });
         assert_eq!(roots(&ca_bundle(&local, refused, &leaf, &intermediates, now)), roots(&local));
         // A bundle without the root of the certificate just issued: the local anchors.
         assert_eq!(roots(&ca_bundle(&local, Ok(other), &leaf, &intermediates, now)), roots(&local));

@@ -3,9 +3,11 @@
 //! Updated by the agent loop after every round; read by `/ready` and `/metrics`
 //! (see `agent::admin`). Lock-free: a handful of atomics.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::clock::unix_seconds;
 
@@ -64,44 +66,42 @@ impl Status {
         self.seconds_left(now).is_some_and(|s| s > 0)
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition, with the values at `now`.
     pub fn render(&self, now: SystemTime) -> String {
-        let mut out = String::new();
-        let counters = [
-            ("meshca_agent_renewals_total", "Certificates obtained and written.", &self.renewals),
-            (
-                "meshca_agent_failures_total",
-                "Rounds that failed (the files on disk were kept).",
-                &self.failures,
-            ),
-        ];
-        crate::server::metrics::write_counters(&mut out, &counters);
-        let gauges = [
-            (
-                "meshca_agent_certificate_not_after_seconds",
-                "Unix time the certificate on disk expires (0: none yet).",
-                self.not_after.load(Ordering::Acquire) as f64,
-            ),
-            (
-                "meshca_agent_certificate_seconds_left",
-                "Seconds until the certificate on disk expires, at the server's time.",
-                self.seconds_left(now).unwrap_or(0) as f64,
-            ),
-            (
+        crate::server::metrics::render(|r| {
+            let counters = [
+                ("meshca_agent_renewals", "Certificates obtained and written", &self.renewals),
+                ("meshca_agent_failures", "Rounds that failed (the files on disk were kept)", &self.failures),
+            ];
+            for (name, help, value) in counters {
+                r.register(name, help, ConstCounter::new(value.load(Ordering::Relaxed)));
+            }
+            let gauges = [
+                (
+                    "meshca_agent_certificate_not_after_seconds",
+                    "Unix time the certificate on disk expires (0: none yet)",
+                    i64::try_from(self.not_after.load(Ordering::Acquire)).unwrap_or(i64::MAX),
+                ),
+                (
+                    "meshca_agent_certificate_seconds_left",
+                    "Seconds until the certificate on disk expires, at the server's time",
+                    self.seconds_left(now).unwrap_or(0),
+                ),
+                (
+                    "meshca_agent_ready",
+                    "1 when a valid certificate is on disk",
+                    i64::from(self.is_ready(now)),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                r.register(name, help, ConstGauge::new(value));
+            }
+            r.register(
                 "meshca_agent_clock_offset_seconds",
-                "meshca's clock minus this host's, from the last response.",
-                self.offset_millis.load(Ordering::Relaxed) as f64 / 1000.0,
-            ),
-            (
-                "meshca_agent_ready",
-                "1 when a valid certificate is on disk.",
-                f64::from(u8::from(self.is_ready(now))),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        }
-        out
+                "meshca's clock minus this host's, from the last response",
+                ConstGauge::new(self.offset_millis.load(Ordering::Relaxed) as f64 / 1000.0),
+            );
+        })
     }
 }
 

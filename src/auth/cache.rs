@@ -24,17 +24,18 @@
 use super::{AuthFuture, Authenticator, Error, Subject};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use std::collections::HashMap;
-use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::server::metrics::{Counter, LatencyHistogram, Registry, ScrapeGauge};
+
 /// Default bound on cached entries.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
 /// Upper bounds of the inner-call latency histogram, in seconds.
-const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 /// How long answers are kept and how often the inner authenticator may be asked.
 #[derive(Clone, Debug)]
@@ -74,17 +75,28 @@ struct Bucket {
     last: Instant,
 }
 
-#[derive(Default)]
 struct Counters {
-    reviews: AtomicU64,
-    errors: AtomicU64,
-    throttled: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    coalesced: AtomicU64,
-    buckets: [AtomicU64; BUCKETS.len()],
-    duration_count: AtomicU64,
-    duration_sum_micros: AtomicU64,
+    reviews: Counter,
+    errors: Counter,
+    throttled: Counter,
+    hits: Counter,
+    misses: Counter,
+    coalesced: Counter,
+    duration: LatencyHistogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            reviews: Counter::default(),
+            errors: Counter::default(),
+            throttled: Counter::default(),
+            hits: Counter::default(),
+            misses: Counter::default(),
+            coalesced: Counter::default(),
+            duration: LatencyHistogram::new(BUCKETS),
+        }
+    }
 }
 
 /// State shared with the tasks that run inner calls.
@@ -148,16 +160,16 @@ impl CachingAuthenticator {
             let mut entries = lock(&self.shared.entries);
             match entries.map.get(&key) {
                 Some(Slot::Done { outcome, until, ttl }) if fresh(now, *until, *ttl) => {
-                    counters.hits.fetch_add(1, Ordering::Relaxed);
+                    counters.hits.inc();
                     return outcome.clone();
                 }
                 // A closed channel means the task running the call died: start anew.
                 Some(Slot::Pending(rx)) if rx.has_changed().is_ok() => {
-                    counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                    counters.coalesced.inc();
                     rx.clone()
                 }
                 _ => {
-                    counters.misses.fetch_add(1, Ordering::Relaxed);
+                    counters.misses.inc();
                     let (tx, rx) = watch::channel(None);
                     entries.map.insert(key, Slot::Pending(rx.clone()));
                     let shared = self.shared.clone();
@@ -196,7 +208,7 @@ impl Shared {
             bucket.reserve(Instant::now(), &self.settings)
         };
         let Some(wait) = wait else {
-            self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+            self.counters.throttled.inc();
             return Err(Error::Unavailable {
                 reason: format!(
                     "meshca allows {} token reviews a second (burst {}) and none is free within {}; retry with backoff",
@@ -209,12 +221,12 @@ impl Shared {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        self.counters.reviews.fetch_add(1, Ordering::Relaxed);
+        self.counters.reviews.inc();
         let started = Instant::now();
         let outcome = self.inner.authenticate(token, now).await;
-        self.observe(started.elapsed());
+        self.counters.duration.observe(started.elapsed());
         if matches!(outcome, Err(Error::Unavailable { .. })) {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.errors.inc();
         }
         outcome
     }
@@ -248,18 +260,6 @@ impl Shared {
         } else {
             entries.map.insert(key, Slot::Done { outcome: outcome.clone(), until, ttl });
         }
-    }
-
-    fn observe(&self, took: Duration) {
-        let c = &self.counters;
-        for (bound, bucket) in BUCKETS.iter().zip(&c.buckets) {
-            if took.as_secs_f64() <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        c.duration_count.fetch_add(1, Ordering::Relaxed);
-        c.duration_sum_micros
-            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 }
 
@@ -300,40 +300,44 @@ impl Authenticator for CachingAuthenticator {
         self.shared.inner.name()
     }
 
-    fn render_metrics(&self, out: &mut String) {
+    fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.shared.counters;
         let counters = [
-            ("meshca_token_reviews_total", "Calls made to the token review backend.", &c.reviews),
+            ("meshca_token_reviews", "Calls made to the token review backend", &c.reviews),
             (
-                "meshca_token_review_errors_total",
-                "Token reviews that ended without an answer (unreachable, timed out, HTTP error).",
+                "meshca_token_review_errors",
+                "Token reviews that ended without an answer (unreachable, timed out, HTTP error)",
                 &c.errors,
             ),
-            ("meshca_token_review_throttled_total", "Token reviews refused by the rate limit.", &c.throttled),
-            ("meshca_token_cache_hits_total", "Tokens answered from the cache.", &c.hits),
-            ("meshca_token_cache_misses_total", "Tokens that started a review.", &c.misses),
-            (
-                "meshca_token_cache_coalesced_total",
-                "Tokens that joined a review already running.",
-                &c.coalesced,
-            ),
+            ("meshca_token_review_throttled", "Token reviews refused by the rate limit", &c.throttled),
+            ("meshca_token_cache_hits", "Tokens answered from the cache", &c.hits),
+            ("meshca_token_cache_misses", "Tokens that started a review", &c.misses),
+            ("meshca_token_cache_coalesced", "Tokens that joined a review already running", &c.coalesced),
         ];
-        crate::server::metrics::write_counters(out, &counters);
-        let name = "meshca_token_cache_entries";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Entries in the token cache.\n# TYPE {name} gauge\n{name} {}",
-            self.len()
-        );
-        let name = "meshca_token_review_duration_seconds";
-        let _ = writeln!(out, "# HELP {name} Latency of token review calls.\n# TYPE {name} histogram");
-        for (bound, bucket) in BUCKETS.iter().zip(&c.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
-        let count = c.duration_count.load(Ordering::Relaxed);
-        let sum = c.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}");
-        self.shared.inner.render_metrics(out);
+        let shared = self.shared.clone();
+        let entries = move || i64::try_from(lock(&shared.entries).map.len()).unwrap_or(i64::MAX);
+        registry.register(
+            "meshca_token_cache_entries",
+            "Entries in the token cache",
+            ScrapeGauge::new(entries),
+        );
+        registry.register(
+            "meshca_token_review_duration_seconds",
+            "Latency of token review calls",
+            c.duration.clone(),
+        );
+        self.shared.inner.register_metrics(registry);
+    }
+
+    fn unreachable_since(&self) -> Option<SystemTime> {
+        self.shared.inner.unreachable_since()
+    }
+
+    fn probe(&self, now: SystemTime) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        self.shared.inner.probe(now)
     }
 }
 
@@ -341,7 +345,7 @@ impl Authenticator for CachingAuthenticator {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     const T: u64 = 1_700_000_000;
 
@@ -439,8 +443,7 @@ mod tests {
     }
 
     fn metric(cache: &CachingAuthenticator, name: &str) -> u64 {
-        let mut out = String::new();
-        cache.render_metrics(&mut out);
+        let out = crate::server::metrics::render(|r| cache.register_metrics(r));
         let line =
             out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{out}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()

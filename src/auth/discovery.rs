@@ -30,15 +30,17 @@ use super::jwt::{Algorithm, Jwks, JwksAuthenticator, Settings as JwtSettings};
 use super::{AuthFuture, Authenticator, Error, Subject};
 use http_body_util::{BodyExt, Limited};
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
+
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::server::metrics::{Counter, Registry, ScrapeGauge};
 
 /// Default period of the scheduled refresh.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
@@ -367,9 +369,9 @@ pub fn url_fetcher(url: &str, ca_file: Option<&Path>, timeout: Duration) -> Resu
 /// Counters behind the `meshca_jwks_*` metrics.
 #[derive(Default)]
 struct Counters {
-    refreshes: AtomicU64,
-    failures: AtomicU64,
-    throttled: AtomicU64,
+    refreshes: Counter,
+    failures: Counter,
+    throttled: Counter,
 }
 
 /// What started a refresh.
@@ -571,7 +573,7 @@ impl Shared {
                         }
                         let min = self.settings.refresh_min_interval;
                         if state.last_unknown_key.is_some_and(|last| now.duration_since(last) < min) {
-                            self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                            self.counters.throttled.inc();
                             return;
                         }
                         state.last_unknown_key = Some(now);
@@ -595,7 +597,7 @@ impl Shared {
     }
 
     async fn fetch_and_swap(&self, trigger: Trigger) {
-        self.counters.refreshes.fetch_add(1, Ordering::Relaxed);
+        self.counters.refreshes.inc();
         let what = self.fetcher.describe();
         let timeout = self.settings.fetch_timeout;
         let fetched = tokio::time::timeout(timeout, self.fetcher.fetch())
@@ -620,7 +622,7 @@ impl Shared {
                 }
             }
             Err(reason) => {
-                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                self.counters.failures.inc();
                 tracing::warn!(
                     error = %reason,
                     ?trigger,
@@ -641,32 +643,27 @@ impl Authenticator for RotatingJwksAuthenticator {
         "jwks"
     }
 
-    fn render_metrics(&self, out: &mut String) {
+    fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.shared.counters;
         let counters = [
             (
-                "meshca_jwks_refreshes_total",
-                "Key set refreshes started after the first load (unknown key ids and schedule).",
+                "meshca_jwks_refreshes",
+                "Key set refreshes started after the first load (unknown key ids and schedule)",
                 &c.refreshes,
             ),
+            ("meshca_jwks_refresh_failures", "Key set refreshes that failed; the keys held were kept", &c.failures),
             (
-                "meshca_jwks_refresh_failures_total",
-                "Key set refreshes that failed; the keys held were kept.",
-                &c.failures,
-            ),
-            (
-                "meshca_jwks_refresh_throttled_total",
-                "Unknown key ids that did not refresh the keys: one did less than the minimum interval before.",
+                "meshca_jwks_refresh_throttled",
+                "Unknown key ids that did not refresh the keys: one did less than the minimum interval before",
                 &c.throttled,
             ),
         ];
-        crate::server::metrics::write_counters(out, &counters);
-        let name = "meshca_jwks_keys";
-        let keys = self.shared.core.keys().len();
-        let _ = writeln!(
-            out,
-            "# HELP {name} Signing keys in the key set in use.\n# TYPE {name} gauge\n{name} {keys}"
-        );
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        let shared = self.shared.clone();
+        let keys = move || i64::try_from(shared.core.keys().len()).unwrap_or(i64::MAX);
+        registry.register("meshca_jwks_keys", "Signing keys in the key set in use", ScrapeGauge::new(keys));
     }
 }
 
@@ -675,7 +672,7 @@ impl Authenticator for RotatingJwksAuthenticator {
 mod tests {
     use super::*;
     use crate::auth::dev::{DevSigner, TokenClaims};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::UNIX_EPOCH;
 
     const ISS: &str = "https://kubernetes.default.svc.cluster.local";
@@ -776,8 +773,7 @@ mod tests {
     }
 
     fn metric(auth: &RotatingJwksAuthenticator, name: &str) -> u64 {
-        let mut out = String::new();
-        auth.render_metrics(&mut out);
+        let out = crate::server::metrics::render(|r| auth.register_metrics(r));
         let line =
             out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{out}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()

@@ -374,11 +374,11 @@ fn malformed(what: &'static str) -> Error {
     Error::Malformed { what }
 }
 
-fn b64(segment: &[u8], what: &'static str) -> Result<Vec<u8>, Error> {
+pub(crate) fn b64(segment: &[u8], what: &'static str) -> Result<Vec<u8>, Error> {
     URL_SAFE_NO_PAD.decode(segment).map_err(|_| malformed(what))
 }
 
-fn parse_object(bytes: &[u8], what: &'static str) -> Result<Map<String, Value>, Error> {
+pub(crate) fn parse_object(bytes: &[u8], what: &'static str) -> Result<Map<String, Value>, Error> {
     match serde_json::from_slice::<Strict>(bytes) {
         Ok(Strict(Value::Object(map))) => Ok(map),
         _ => Err(malformed(what)),

@@ -8,17 +8,23 @@
 //! and keeps current; [`tokenreview`] asks the Kubernetes API server; [`cache`]
 //! remembers answers so the API server is asked once per token, not once per
 //! request; [`pods`] confirms, in jwks mode, that a token's pod still exists;
-//! [`dev`] holds the key and signer used in development mode.
+//! [`dev`] holds the key and signer used in development mode. [`bootstrap`] checks
+//! the tokens `meshca bootstrap-token create` mints for hosts without Kubernetes,
+//! and [`replay`] records their uses so each is spent once.
 
+pub mod bootstrap;
 pub mod cache;
 pub mod dev;
 pub mod discovery;
 pub mod jwt;
 pub mod peer;
 pub mod pods;
+pub mod replay;
 pub mod tokenreview;
 
 use std::{future::Future, pin::Pin, time::SystemTime};
+
+use crate::server::metrics::Registry;
 
 /// Largest token accepted, in bytes, before whitespace is trimmed.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -35,6 +41,8 @@ pub struct Subject {
 }
 
 pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Subject, Error>> + Send + 'a>>;
+/// What [`Authenticator::commit`] returns.
+pub type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
 
 /// The authentication step. Later implementations (Kubernetes TokenReview, OIDC
 /// discovery) are async, hence the future.
@@ -45,9 +53,42 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate<'a>(&'a self, token: &'a [u8], now: SystemTime) -> AuthFuture<'a>;
     /// Short name for logs and metrics, e.g. "jwks".
     fn name(&self) -> &'static str;
-    /// Appends this authenticator's own Prometheus metrics (text exposition) to
-    /// `out`; those without any write nothing.
-    fn render_metrics(&self, _out: &mut String) {}
+    /// Registers this authenticator's own metrics (and, for a wrapper, its inner
+    /// one's) into the `/metrics` registry; called once at start. Those without
+    /// any register nothing.
+    fn register_metrics(&self, _registry: &mut Registry) {}
+    /// Readiness: since when the remote backend this authenticator depends on (the
+    /// Kubernetes API server, for TokenReview) has failed every call, at the `now`
+    /// of the first such call; `None` while it answers, before any call, or when
+    /// there is no backend. A wrapper returns its inner authenticator's.
+    fn unreachable_since(&self) -> Option<SystemTime> {
+        None
+    }
+    /// Asks the backend once, outside any request, whether it answers again, so an
+    /// unreachable backend is seen to recover without traffic (a replica that is
+    /// not ready gets none); updates [`Self::unreachable_since`]. Nothing to do
+    /// without a backend. A wrapper probes its inner authenticator.
+    fn probe(&self, _now: SystemTime) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::ready(()))
+    }
+    /// The audit record's `auth_method` for `token` (told by its shape, before any
+    /// check): [`Self::name`] unless a wrapper handles some tokens itself
+    /// (`bootstrap` for [`bootstrap`] tokens).
+    fn method(&self, _token: &[u8]) -> &'static str {
+        self.name()
+    }
+    /// An id of `token` for the audit record (a bootstrap token's `jti`), if it has
+    /// one; asked only once [`Self::authenticate`] accepted the token.
+    fn token_id(&self, _token: &[u8]) -> Option<String> {
+        None
+    }
+    /// Spends what `token` allows, once its request has passed every check and is
+    /// about to be signed (never for a dry run): a single-use credential records its
+    /// use here, and an error withholds the certificate. Nothing to do for tokens
+    /// that may be presented again and again.
+    fn commit<'a>(&'a self, _token: &'a [u8], _now: SystemTime) -> CommitFuture<'a> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// The token with surrounding ASCII whitespace trimmed, refused when oversized
@@ -130,6 +171,13 @@ pub enum Error {
     /// Building an authenticator failed (unreadable or invalid key set, no usable keys).
     #[error("authenticator configuration is invalid: {reason}")]
     Config { reason: String },
+    /// A bootstrap token whose every use has been spent (replayed, or shared).
+    #[error("the bootstrap token has already been used as often as it allows; create a new one with `meshca bootstrap-token create`, or renew with the current certificate")]
+    BootstrapTokenUsed,
+    /// A bootstrap token whose key id is not meshca's current issuer: signed before
+    /// an issuer rotation, or by another deployment.
+    #[error("the bootstrap token was not signed by meshca's current issuer (it was rotated since, or the token is from another deployment); create a new one with `meshca bootstrap-token create`")]
+    BootstrapUnknownKey,
     /// Signing a development token failed (times before 1970, random generator failure).
     #[error("cannot sign development token: {reason}")]
     Signing { reason: &'static str },
@@ -158,6 +206,8 @@ impl Error {
             Error::Unavailable { .. } => "backend_unavailable",
             Error::Config { .. } => "config_invalid",
             Error::Signing { .. } => "signing_failed",
+            Error::BootstrapTokenUsed => "bootstrap_token_used",
+            Error::BootstrapUnknownKey => "bootstrap_unknown_key",
         }
     }
 }

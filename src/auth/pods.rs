@@ -40,10 +40,11 @@ use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
+
+use crate::server::metrics::{Counter, Registry};
 
 /// Default longest age of the facts an acceptance is decided on.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
@@ -170,11 +171,11 @@ enum Slot {
 
 #[derive(Debug, Default)]
 struct Counters {
-    lookups: AtomicU64,
-    errors: AtomicU64,
-    hits: AtomicU64,
-    coalesced: AtomicU64,
-    refused: AtomicU64,
+    lookups: Counter,
+    errors: Counter,
+    hits: Counter,
+    coalesced: Counter,
+    refused: Counter,
 }
 
 struct Shared {
@@ -242,7 +243,7 @@ impl PodConfirmingAuthenticator {
         if let (Some(name), Some(uid)) = (&subject.pod_name, &subject.pod_uid) {
             let verdict = self.confirm(&subject.namespace, name, uid, now).await;
             if matches!(verdict, Err(Error::PodNotFound | Error::PodUidMismatch)) {
-                self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.refused.inc();
             }
             verdict?;
         }
@@ -266,14 +267,14 @@ impl PodConfirmingAuthenticator {
                     let verdict = judge(facts.as_ref(), uid, now);
                     let limit = if verdict.is_ok() { s.ttl } else { s.failure_ttl };
                     if age(*at, now).is_some_and(|age| age < limit) {
-                        counters.hits.fetch_add(1, Ordering::Relaxed);
+                        counters.hits.inc();
                         return verdict;
                     }
                     self.start(&mut entries, key, now)
                 }
                 // A closed channel means the task running the GET died: start anew.
                 Some(Slot::Pending(rx)) if rx.has_changed().is_ok() => {
-                    counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                    counters.coalesced.inc();
                     rx.clone()
                 }
                 _ => self.start(&mut entries, key, now),
@@ -314,7 +315,7 @@ impl PodConfirmingAuthenticator {
 impl Shared {
     /// One bounded GET; the answer replaces the pending entry (or drops it).
     async fn fetch(&self, key: &PodKey, now: SystemTime) -> Fetched {
-        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        self.counters.lookups.inc();
         let timeout = self.settings.timeout;
         let fetched = match tokio::time::timeout(timeout, self.source.get(&key.namespace, &key.name)).await {
             Ok(fetched) => fetched,
@@ -332,7 +333,7 @@ impl Shared {
     fn keep(&self, key: &PodKey, fetched: &Fetched, at: SystemTime) {
         let mut entries = lock(&self.entries);
         let Ok(facts) = fetched else {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.errors.inc();
             entries.remove(key);
             return;
         };
@@ -361,29 +362,35 @@ impl Authenticator for PodConfirmingAuthenticator {
         self.inner.name()
     }
 
-    fn render_metrics(&self, out: &mut String) {
+    fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.shared.counters;
         let counters = [
-            ("meshca_pod_lookups_total", "Pod GETs made to confirm token pods.", &c.lookups),
+            ("meshca_pod_lookups", "Pod GETs made to confirm token pods", &c.lookups),
             (
-                "meshca_pod_lookup_errors_total",
-                "Pod GETs that ended without an answer (unreachable, timed out, HTTP error other than 404).",
+                "meshca_pod_lookup_errors",
+                "Pod GETs that ended without an answer (unreachable, timed out, HTTP error other than 404)",
                 &c.errors,
             ),
-            ("meshca_pod_cache_hits_total", "Token pods confirmed or refused from the cache.", &c.hits),
+            ("meshca_pod_cache_hits", "Token pods confirmed or refused from the cache", &c.hits),
+            ("meshca_pod_lookups_coalesced", "Token pods that joined a GET already running", &c.coalesced),
             (
-                "meshca_pod_lookups_coalesced_total",
-                "Token pods that joined a GET already running.",
-                &c.coalesced,
-            ),
-            (
-                "meshca_pod_refusals_total",
-                "Tokens refused because their pod is gone or has another uid.",
+                "meshca_pod_refusals",
+                "Tokens refused because their pod is gone or has another uid",
                 &c.refused,
             ),
         ];
-        crate::server::metrics::write_counters(out, &counters);
-        self.inner.render_metrics(out);
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        self.inner.register_metrics(registry);
+    }
+
+    fn unreachable_since(&self) -> Option<SystemTime> {
+        self.inner.unreachable_since()
+    }
+
+    fn probe(&self, now: SystemTime) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.inner.probe(now)
     }
 }
 
@@ -391,7 +398,7 @@ impl Authenticator for PodConfirmingAuthenticator {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::UNIX_EPOCH;
 
     const T: u64 = 1_700_000_000;
@@ -492,8 +499,7 @@ mod tests {
         assert_eq!((refused.code(), fake.gets()), ("pod_uid_mismatch", 3), "facts 1 s old decide a refusal");
         assert!(auth.authenticate(b"", at(37)).await.is_ok());
         assert_eq!(fake.gets(), 3, "no pod binding, no lookup");
-        let mut metrics = String::new();
-        auth.render_metrics(&mut metrics);
+        let metrics = crate::server::metrics::render(|r| auth.register_metrics(r));
         assert!(metrics.contains("meshca_pod_lookups_total 3\n"), "{metrics}");
         assert!(metrics.contains("meshca_pod_refusals_total 3\n"), "{metrics}");
     }
@@ -553,12 +559,12 @@ mod tests {
         // Every task has joined once all 100 are blocked on the gate; each yield
         // lets every runnable task run, so a few suffice when lookups are shared.
         for _ in 0..1_000 {
-            if auth.shared.counters.coalesced.load(Ordering::SeqCst) == 99 {
+            if auth.shared.counters.coalesced.get() == 99 {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        assert_eq!((auth.shared.counters.coalesced.load(Ordering::SeqCst), fake.gets()), (99, 1));
+        assert_eq!((auth.shared.counters.coalesced.get(), fake.gets()), (99, 1));
         open.send_replace(true);
         let (mut accepted, mut mismatched) = (0, 0);
         while let Some(result) = tasks.join_next().await {

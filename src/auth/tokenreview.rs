@@ -13,11 +13,18 @@
 //! gets an HTTP error is [`Error::Unavailable`], with a reason naming what happened
 //! and never the token. The client does not retry on its own: callers retry, and
 //! [`super::cache`] spares the API server repeated reviews of one token. The
-//! injected `now` is not used: the API server judges time.
+//! API server judges time; the injected `now` only dates, for readiness, the
+//! first call that found it unreachable ([`Authenticator::unreachable_since`]:
+//! every call since failed with [`Error::Unavailable`]). [`Authenticator::probe`]
+//! reviews a placeholder token, which the API server refuses, to learn whether it
+//! answers again.
 
 use super::{AuthFuture, Authenticator, Error, Subject};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::{fmt, path::Path, time::Duration, time::SystemTime};
 
 /// `Subject::issuer` for subjects vouched for by TokenReview: the Kubernetes API
@@ -27,6 +34,9 @@ pub const ISSUER: &str = "kubernetes";
 pub const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
 /// `status.user.extra` key carrying that pod's uid.
 pub const POD_UID_KEY: &str = "authentication.kubernetes.io/pod-uid";
+/// The token [`Authenticator::probe`] has reviewed: not a JWT, so refused by any
+/// API server that answers at all.
+pub const PROBE_TOKEN: &str = "meshca-readiness-probe";
 
 /// What a review asks for and how long it may take.
 #[derive(Clone, Debug)]
@@ -44,6 +54,11 @@ pub struct TokenReviewAuthenticator {
     api: Api<TokenReview>,
     server: String,
     settings: Settings,
+    /// Unix nanoseconds of the `now` of the first call that failed since the API
+    /// server last answered; 0 while it answers (and before any call).
+    failing_since: AtomicU64,
+    /// A probe is running; others do not start one.
+    probing: AtomicBool,
 }
 
 impl fmt::Debug for TokenReviewAuthenticator {
@@ -79,13 +94,37 @@ impl TokenReviewAuthenticator {
         let server = format!("{}:{}", url.host().unwrap_or_default(), url.port_u16().unwrap_or(443));
         let client = kube::Client::try_from(config)
             .map_err(|e| Error::Config { reason: format!("cannot build the Kubernetes client: {e}") })?;
-        Ok(TokenReviewAuthenticator { api: Api::all(client), server, settings })
+        Ok(TokenReviewAuthenticator {
+            api: Api::all(client),
+            server,
+            settings,
+            failing_since: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+        })
     }
 
-    async fn review(&self, token: &[u8]) -> Result<Subject, Error> {
+    async fn review(&self, token: &[u8], now: SystemTime) -> Result<Subject, Error> {
         let token = super::trimmed(token)?;
         let token =
             std::str::from_utf8(token).map_err(|_| Error::Malformed { what: "token is not UTF-8 text" })?;
+        let answer = self.call(token).await;
+        self.contact(!matches!(answer, Err(Error::Unavailable { .. })), now);
+        answer
+    }
+
+    /// Notes whether a call got an answer, for [`Authenticator::unreachable_since`].
+    fn contact(&self, answered: bool, now: SystemTime) {
+        if answered {
+            self.failing_since.store(0, Ordering::Relaxed);
+        } else {
+            let nanos = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let nanos = u64::try_from(nanos).unwrap_or(u64::MAX).max(1);
+            let _ = self.failing_since.compare_exchange(0, nanos, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// One TokenReview call and what its answer vouches for.
+    async fn call(&self, token: &str) -> Result<Subject, Error> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -109,12 +148,43 @@ impl TokenReviewAuthenticator {
 }
 
 impl Authenticator for TokenReviewAuthenticator {
-    fn authenticate<'a>(&'a self, token: &'a [u8], _now: SystemTime) -> AuthFuture<'a> {
-        Box::pin(self.review(token))
+    fn authenticate<'a>(&'a self, token: &'a [u8], now: SystemTime) -> AuthFuture<'a> {
+        Box::pin(self.review(token, now))
     }
 
     fn name(&self) -> &'static str {
         "tokenreview"
+    }
+
+    fn unreachable_since(&self) -> Option<SystemTime> {
+        match self.failing_since.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(nanos)),
+        }
+    }
+
+    fn probe(&self, now: SystemTime) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if self.probing.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            // Cleared however this ends, a dropped future included.
+            struct Probing<'a>(&'a AtomicBool);
+            impl Drop for Probing<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _probing = Probing(&self.probing);
+            match self.review(PROBE_TOKEN.as_bytes(), now).await {
+                Err(Error::Unavailable { reason }) => {
+                    tracing::debug!(%reason, "readiness probe: the Kubernetes API server is still unreachable")
+                }
+                _ => {
+                    tracing::info!(server = %self.server, "the Kubernetes API server answers TokenReviews again")
+                }
+            }
+        })
     }
 }
 
@@ -289,6 +359,27 @@ mod tests {
         assert!(unavailable(&kube::Error::Api(forbidden.boxed()))
             .to_string()
             .contains("system:auth-delegator"));
+    }
+
+    #[tokio::test]
+    async fn the_first_unanswered_call_dates_the_outage_and_calls_that_never_left_do_not() {
+        // A port nothing listens on: every call is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+        let settings = Settings { audiences: audiences(), timeout: Duration::from_secs(2) };
+        let auth = TokenReviewAuthenticator::from_config(config, settings).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(auth.unreachable_since(), None, "no call yet");
+        assert!(matches!(auth.authenticate(b"\xff", t0).await, Err(Error::Malformed { .. })));
+        assert_eq!(auth.unreachable_since(), None, "a token that is not text is never sent");
+        assert!(matches!(auth.authenticate(b"a.b.c", t0).await, Err(Error::Unavailable { .. })));
+        assert_eq!(auth.unreachable_since(), Some(t0));
+        auth.probe(t0 + Duration::from_secs(30)).await;
+        assert_eq!(auth.unreachable_since(), Some(t0), "dated by the first failure");
+        auth.contact(true, t0 + Duration::from_secs(40));
+        assert_eq!(auth.unreachable_since(), None, "an answer ends the outage");
+        auth.probe(t0 + Duration::from_secs(50)).await;
+        assert_eq!(auth.unreachable_since(), Some(t0 + Duration::from_secs(50)));
     }
 
     #[tokio::test]

@@ -442,6 +442,16 @@ fn verification_alg(key: KeyType, frame: &Frame<'_>) -> Result<&'static dyn Veri
     })
 }
 
+/// The key type a request declares, from a structural walk alone (no signature
+/// check): what admission control charges for before the real [`check`]. `None`
+/// when the request is too malformed to say; [`check`] then refuses it.
+pub fn peek_key_type(der: &[u8], policy: &KeyPolicy) -> Option<KeyType> {
+    if der.is_empty() || der.len() > MAX_CSR_LEN {
+        return None;
+    }
+    key_type(&Frame::parse(der).ok()?, policy).ok()
+}
+
 /// Checks a DER PKCS#10 request against the key policy and the caller's
 /// identity; on success returns the key type and the SubjectPublicKeyInfo.
 pub fn check(der: &[u8], expected: &Expected<'_>, policy: &KeyPolicy) -> Result<CheckedCsr, Error> {

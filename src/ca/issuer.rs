@@ -460,6 +460,14 @@ impl Issuer {
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
+
+    /// The issuer key's algorithm and raw public key (an uncompressed EC point, or a
+    /// PKCS#1 RSAPublicKey), to check what it signed besides certificates (bootstrap
+    /// tokens, `auth::bootstrap`).
+    pub fn public_key(&self) -> (&'static SignatureAlgorithm, &[u8]) {
+        let key = self.signer.key();
+        (key.algorithm(), key.public_key_raw())
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //!
 //! Accepts what operators have: certificate chains in PEM; keys as PKCS#8
 //! (`PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`, as openssl and cert-manager write
-//! them, wrapped here into PKCS#8 because ring loads only PKCS#8). Key bytes never
-//! appear in an error.
+//! them, wrapped here into PKCS#8 because ring loads only PKCS#8), with LF or CRLF
+//! line endings and with or without UTF-8 byte-order marks (Windows editors and
+//! PowerShell write one; see [`without_byte_order_marks`]). Key bytes never appear in
+//! an error.
 
 use std::path::Path;
 
@@ -15,7 +17,7 @@ use super::Error;
 /// Reads every certificate in a PEM file, in file order.
 pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let pem = std::fs::read(path).map_err(|source| Error::Read { path: path.into(), source })?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    let certs = CertificateDer::pem_slice_iter(&without_byte_order_marks(&pem))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::BadCertificate { path: path.into(), reason: e.to_string() })?;
     if certs.is_empty() {
@@ -24,11 +26,39 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Er
     Ok(certs)
 }
 
+/// The mode bits (unix) of the file at `path`, read through symlinks: a Kubernetes
+/// Secret volume links `tls.key` to `..data/tls.key`, whose mode is the volume's
+/// `defaultMode`. `None` on platforms without mode bits.
+pub fn file_mode(path: &Path) -> Result<Option<u32>, Error> {
+    let metadata = std::fs::metadata(path).map_err(|source| Error::Read { path: path.into(), source })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        Ok(Some(metadata.permissions().mode() & 0o7777))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = metadata;
+        Ok(None)
+    }
+}
+
+/// Refuses a private key file that every user of the host may read (mode & 0o004).
+/// Owner- and group-readable keys pass (Kubernetes mounts a Secret with `fsGroup` as
+/// group owner). Windows has no mode bits: its ACLs are not inspected here.
+pub fn check_not_world_readable(path: &Path) -> Result<(), Error> {
+    match file_mode(path)? {
+        Some(mode) if mode & 0o004 != 0 => Err(Error::KeyWorldReadable { path: path.into(), mode }),
+        _ => Ok(()),
+    }
+}
+
 /// Reads a private key and returns it as PKCS#8 DER.
 pub fn read_pkcs8_key(path: &Path) -> Result<Vec<u8>, Error> {
     let pem = std::fs::read(path).map_err(|source| Error::Read { path: path.into(), source })?;
     let bad = |reason: &str| Error::BadKey { path: path.into(), reason: reason.into() };
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| bad("no PEM private key found"))?;
+    let key = PrivateKeyDer::from_pem_slice(&without_byte_order_marks(&pem))
+        .map_err(|_| bad("no PEM private key found"))?;
     match key {
         PrivateKeyDer::Pkcs8(k) => Ok(k.secret_pkcs8_der().to_vec()),
         PrivateKeyDer::Sec1(k) => sec1_to_pkcs8(k.secret_sec1_der())
@@ -106,6 +136,32 @@ fn der_read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, &rest[..len], &rest[len..]))
 }
 
+/// UTF-8 byte-order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `pem` without the byte-order marks that begin a line. A BOM before `-----BEGIN`
+/// would make the PEM parser skip that whole section: an error for a one-certificate
+/// file, but a certificate silently missing from a bundle (the first, or the first of
+/// each file concatenated into it). No PEM line holds U+FEFF otherwise.
+fn without_byte_order_marks(pem: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !pem.windows(BOM.len()).any(|w| w == BOM) {
+        return pem.into();
+    }
+    let mut out = Vec::with_capacity(pem.len());
+    let mut rest = pem;
+    let mut line_start = true;
+    while let Some((&b, tail)) = rest.split_first() {
+        if line_start && rest.starts_with(BOM) {
+            rest = &rest[BOM.len()..];
+            continue;
+        }
+        out.push(b);
+        line_start = b == b'\n' || b == b'\r';
+        rest = tail;
+    }
+    out.into()
+}
+
 /// Wraps DER bytes as PEM with the given label, 64 columns per line.
 pub fn to_pem(label: &str, der: &[u8]) -> String {
     use base64::Engine;
@@ -122,6 +178,33 @@ pub fn to_pem(label: &str, der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_readable_by_others_are_refused_through_symlinks_and_owner_or_group_ones_pass() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "k").unwrap();
+        let link = dir.path().join("tls.key");
+        std::os::unix::fs::symlink(&key, &link).unwrap();
+        let modes = [(0o600, false), (0o400, false), (0o640, false), (0o440, false)];
+        let world = [(0o644, true), (0o604, true), (0o666, true), (0o444, true)];
+        for (mode, refused) in modes.into_iter().chain(world) {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            match check_not_world_readable(&link) {
+                Ok(()) => assert!(!refused, "{mode:o} passed"),
+                Err(e) => {
+                    assert!(refused, "{mode:o}: {e}");
+                    let message = e.to_string();
+                    assert!(message.contains(&format!("(mode {mode:04o})")), "{message}");
+                    assert!(message.contains(&format!("chmod 600 {}", link.display())), "{message}");
+                    assert!(message.contains("--allow-world-readable-issuer-key"), "{message}");
+                }
+            }
+        }
+        assert!(matches!(check_not_world_readable(&dir.path().join("absent")), Err(Error::Read { .. })));
+    }
 
     #[test]
     fn sec1_keys_are_wrapped_into_pkcs8_that_ring_loads() {
@@ -151,5 +234,39 @@ mod tests {
         assert_eq!(&tlv[..4], &[0x04, 0x82, 0x01, 0x2c]);
         let (tag, body, rest) = der_read(&tlv).unwrap();
         assert_eq!((tag, body.len(), rest.len()), (0x04, 300, 0));
+    }
+
+    /// Found by fuzzing (fuzz/README.md): a byte-order mark before `-----BEGIN` made the
+    /// parser skip that section, so a bundle saved by a Windows editor, or concatenated
+    /// from such files, silently lost a certificate.
+    #[test]
+    fn byte_order_marks_at_line_starts_hide_no_certificate_and_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certs: Vec<_> = ["a.example", "b.example"]
+            .map(|name| rcgen::CertificateParams::new(vec![name.into()]).unwrap().self_signed(&key).unwrap())
+            .into();
+        let ders: Vec<_> = certs.iter().map(|c| c.der().to_vec()).collect();
+        let (a, b) = (certs[0].pem(), certs[1].pem());
+        let bom = "\u{feff}";
+        for text in [
+            format!("{a}{b}"),
+            format!("{bom}{a}{b}"),
+            format!("{bom}{a}{bom}{b}"),
+            format!("{bom}{a}{b}").replace('\n', "\r\n"),
+            format!("{bom}{bom}{a}{b}"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let read: Vec<_> = read_certificates(&path).unwrap().iter().map(|c| c.to_vec()).collect();
+            assert!(read == ders, "{} of the 2 certificates read from {text:?}", read.len());
+        }
+        // Anywhere else a BOM is still not base64: refused, not skipped.
+        std::fs::write(&path, a.replacen("\nMII", &format!("\nMI{bom}I"), 1)).unwrap();
+        assert!(matches!(read_certificates(&path), Err(Error::BadCertificate { .. })));
+
+        let pem = key.serialize_pem();
+        std::fs::write(&path, format!("{bom}{pem}")).unwrap();
+        assert_eq!(read_pkcs8_key(&path).unwrap(), key.serialize_der());
     }
 }

@@ -46,6 +46,10 @@ pub enum Error {
     /// The issuer key does not belong to the issuer certificate.
     #[error("the issuer key does not match the issuer certificate's public key")]
     KeyMismatch,
+    /// The issuer key file can be read by every user of the host (unix: mode & 0o004),
+    /// and `--allow-world-readable-issuer-key` was not given.
+    #[error("the issuer key {} is readable by every user of this host (mode {mode:04o}); run `chmod 600 {}` (Kubernetes: mount the Secret with defaultMode: 0400 or 0440), or start with --allow-world-readable-issuer-key", path.display(), path.display())]
+    KeyWorldReadable { path: PathBuf, mode: u32 },
     /// The issuer is not valid yet at `now`.
     #[error("the issuer certificate is not valid until {}; check the clock or the issuer", humantime::format_rfc3339_seconds(*not_before))]
     IssuerNotYetValid { not_before: SystemTime, now: SystemTime },

@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 
 use super::issuer::{issuer_files, Algorithms};
+use super::material::check_not_world_readable;
 use super::store::{Snapshot, Store};
 use super::Error;
 use crate::clock::Clock;
@@ -55,11 +56,20 @@ pub struct Settings {
     /// Algorithms the issuer chain may use, at start and on every reload; given to
     /// the reloader when it is built ([`Reloader::with_algorithms`]).
     pub issuer_algorithms: Algorithms,
+    /// Accept an issuer key file every user of the host can read
+    /// (`--allow-world-readable-issuer-key`); given to the reloader when it is built
+    /// ([`Reloader::allow_world_readable_key`]).
+    pub allow_world_readable_issuer_key: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { interval: DEFAULT_INTERVAL, notifications: true, issuer_algorithms: Algorithms::default() }
+        Settings {
+            interval: DEFAULT_INTERVAL,
+            notifications: true,
+            issuer_algorithms: Algorithms::default(),
+            allow_world_readable_issuer_key: false,
+        }
     }
 }
 
@@ -90,6 +100,8 @@ pub struct Reloader {
     clock: Arc<dyn Clock>,
     observer: Arc<dyn Observer>,
     algorithms: Algorithms,
+    /// Whether an issuer key file readable by every user is accepted.
+    allow_world_readable_key: bool,
     /// SHA-256 of the files the current snapshot was loaded from; the lock also
     /// makes checks run one at a time.
     loaded: Mutex<Option<Vec<u8>>>,
@@ -106,7 +118,8 @@ impl std::fmt::Debug for Reloader {
 
 impl Reloader {
     /// A reloader for these locations, accepting only issuers Windows can verify
-    /// ([`Algorithms::WindowsCompatible`]); nothing is read until [`Reloader::load`].
+    /// ([`Algorithms::WindowsCompatible`]) and issuer keys not readable by every user
+    /// of the host; nothing is read until [`Reloader::load`].
     pub fn new(
         trust_anchors: PathBuf,
         issuer_dir: PathBuf,
@@ -114,13 +127,29 @@ impl Reloader {
         clock: Arc<dyn Clock>,
         observer: Arc<dyn Observer>,
     ) -> Self {
-        let algorithms = Algorithms::WindowsCompatible;
-        Reloader { trust_anchors, issuer_dir, store, clock, observer, algorithms, loaded: Mutex::new(None) }
+        Reloader {
+            trust_anchors,
+            issuer_dir,
+            store,
+            clock,
+            observer,
+            algorithms: Algorithms::WindowsCompatible,
+            allow_world_readable_key: false,
+            loaded: Mutex::new(None),
+        }
     }
 
     /// The same reloader, accepting issuer chains that use `algorithms`.
     pub fn with_algorithms(mut self, algorithms: Algorithms) -> Self {
         self.algorithms = algorithms;
+        self
+    }
+
+    /// The same reloader, accepting (`true`) or refusing (`false`, the default) an
+    /// issuer key file every user of the host can read (unix mode & 0o004), at start
+    /// and on every reload. Windows: no mode bits, nothing is checked.
+    pub fn allow_world_readable_key(mut self, allow: bool) -> Self {
+        self.allow_world_readable_key = allow;
         self
     }
 
@@ -181,13 +210,22 @@ impl Reloader {
         }
     }
 
-    /// Reads and checks the files now, as at start.
+    /// Reads and checks the files now, as at start; then, unless allowed, refuses an
+    /// issuer key every user may read (after the contents, so that a broken issuer
+    /// is reported as such first).
     fn load_snapshot(&self) -> Result<Snapshot, Error> {
-        Snapshot::load_with(&self.trust_anchors, &self.issuer_dir, self.clock.now(), self.algorithms)
+        let snapshot =
+            Snapshot::load_with(&self.trust_anchors, &self.issuer_dir, self.clock.now(), self.algorithms)?;
+        if !self.allow_world_readable_key {
+            check_not_world_readable(&issuer_files(&self.issuer_dir).1)?;
+        }
+        Ok(snapshot)
     }
 
     /// SHA-256 over the trust-anchor file, the issuer certificate and the issuer
-    /// key, each read through its symlinks and prefixed with its length.
+    /// key, each read through its symlinks and prefixed with its length; while
+    /// world-readable keys are refused, also over whether the key is, so that a
+    /// `chmod` alone is checked (and refused) like a change of contents.
     fn digest(&self) -> Result<Vec<u8>, Error> {
         let (crt, key) = issuer_files(&self.issuer_dir);
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
@@ -195,6 +233,9 @@ impl Reloader {
             let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.clone(), source })?;
             digest.update(&(bytes.len() as u64).to_be_bytes());
             digest.update(&bytes);
+        }
+        if !self.allow_world_readable_key {
+            digest.update(&[u8::from(check_not_world_readable(&key).is_err())]);
         }
         Ok(digest.finish().as_ref().to_vec())
     }
@@ -341,6 +382,9 @@ mod tests {
         std::fs::create_dir_all(&data).unwrap();
         for (name, contents) in [("trust-anchors.pem", anchor), ("tls.crt", crt), ("tls.key", key)] {
             std::fs::write(data.join(name), contents).unwrap();
+            // As a Secret volume with `defaultMode: 0440` mounts them.
+            std::fs::set_permissions(data.join(name), std::os::unix::fs::PermissionsExt::from_mode(0o440))
+                .unwrap();
             let link = dir.join(name);
             if link.symlink_metadata().is_err() {
                 std::os::unix::fs::symlink(Path::new("..data").join(name), &link).unwrap();

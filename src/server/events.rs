@@ -17,11 +17,10 @@
 //! retried. Deciding what is issued, and writing the audit record, belong to
 //! `grpc`; this module only reports decisions already made.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +31,7 @@ use kube::api::{Api, PostParams};
 use tokio::sync::mpsc;
 
 use crate::audit::{Outcome, Record};
+use crate::server::metrics::{Counter, Registry, ScrapeGauge};
 
 /// Notices waiting to be created, at most; beyond, they are dropped.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -251,9 +251,9 @@ impl EventSink for KubeSink {
 
 #[derive(Debug, Default)]
 struct Counters {
-    sent: AtomicU64,
-    errors: AtomicU64,
-    dropped: AtomicU64,
+    sent: Counter,
+    errors: Counter,
+    dropped: Counter,
 }
 
 /// Hands notices to the background task; cheap to clone. The task ends once every
@@ -301,7 +301,7 @@ impl Emitter {
     /// counted.
     pub fn emit(&self, notice: Notice) {
         if self.tx.try_send(notice).is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.dropped.inc();
         }
     }
 
@@ -310,28 +310,29 @@ impl Emitter {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Appends the `meshca_events_*` metrics (Prometheus text) to `out`.
-    pub fn render_metrics(&self, out: &mut String) {
+    /// Registers the `meshca_events_*` metrics.
+    pub fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.counters;
         let counters = [
-            ("meshca_events_sent_total", "Kubernetes Events created.", &c.sent),
+            ("meshca_events_sent", "Kubernetes Events created", &c.sent),
             (
-                "meshca_event_errors_total",
-                "Kubernetes Events the API server did not create (error, timeout, unreachable).",
+                "meshca_event_errors",
+                "Kubernetes Events the API server did not create (error, timeout, unreachable)",
                 &c.errors,
             ),
-            (
-                "meshca_events_dropped_total",
-                "Kubernetes Events dropped because the queue was full.",
-                &c.dropped,
-            ),
+            ("meshca_events_dropped", "Kubernetes Events dropped because the queue was full", &c.dropped),
         ];
-        crate::server::metrics::write_counters(out, &counters);
-        let name = "meshca_events_queued";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Kubernetes Events waiting to be created.\n# TYPE {name} gauge\n{name} {}",
-            self.queued()
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        // Weak: the registry must not keep the queue (and so its task) alive.
+        let tx = self.tx.downgrade();
+        let queued = move || tx.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity());
+        let queued = move || i64::try_from(queued()).unwrap_or(i64::MAX);
+        registry.register(
+            "meshca_events_queued",
+            "Kubernetes Events waiting to be created",
+            ScrapeGauge::new(queued),
         );
     }
 }
@@ -358,11 +359,11 @@ async fn drain(
         });
         match created {
             Ok(()) => {
-                counters.sent.fetch_add(1, Ordering::Relaxed);
+                counters.sent.inc();
                 failing = false;
             }
             Err(e) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
+                counters.errors.inc();
                 let request_id = &notice.request_id;
                 if !failing {
                     tracing::warn!(%request_id, error = %e, "Kubernetes Event not created (the audit log has the decision)");
@@ -399,6 +400,7 @@ mod tests {
             }),
             auth_method: Some("tokenreview".into()),
             token_issuer: None,
+            bootstrap_token_id: None,
             csr_key_type: None,
             outcome: Outcome::Denied,
             code: None,
@@ -506,8 +508,7 @@ mod tests {
     }
 
     fn metric(emitter: &Emitter, name: &str) -> u64 {
-        let mut out = String::new();
-        emitter.render_metrics(&mut out);
+        let out = crate::server::metrics::render(|r| emitter.register_metrics(r));
         let line =
             out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{out}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use prost::Message;
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog, Outcome, Record, SubjectRecord};
@@ -33,6 +32,7 @@ use crate::clock::Clock;
 use crate::identity::Naming;
 use crate::proto::identity_server::Identity;
 use crate::proto::{CertifyRequest, CertifyResponse};
+use crate::server::admission::{self, Admission, Scope};
 use crate::server::events::{Emitter, Notice};
 use crate::server::metrics::Metrics;
 use crate::server::nodes::NodeOs;
@@ -54,8 +54,8 @@ pub struct Certifier {
     pub lifetimes: Lifetimes,
     pub key_policy: KeyPolicy,
     pub metrics: Arc<Metrics>,
-    /// Bounds requests in flight; beyond it callers get `ResourceExhausted`.
-    pub in_flight: Semaphore,
+    /// In-flight bound, rate limits and signing workers (`admission`).
+    pub admission: Arc<Admission>,
     /// Reports decisions as Kubernetes Events, when on.
     pub events: Option<Emitter>,
     /// Tells the OS of the caller's node for its audit record, when on.
@@ -108,6 +108,7 @@ impl Certifier {
     async fn decide(
         &self,
         req: &CertifyRequest,
+        peer_addr: Option<std::net::IpAddr>,
         peer_certs: Option<&[CertificateDer<'static>]>,
         dry_run: bool,
         now: SystemTime,
@@ -117,6 +118,12 @@ impl Certifier {
         if len > MAX_REQUEST_LEN {
             return Err(RequestError::TooLarge { len, max: MAX_REQUEST_LEN }.into());
         }
+        // What this request will cost the workers, charged against the rate limits.
+        let cost = admission::cost(csr::peek_key_type(&req.certificate_signing_request, &self.key_policy));
+        let mono = tokio::time::Instant::now();
+        self.admission
+            .check_peer(peer_addr, cost, mono)
+            .map_err(|retry_after| Refusal::RateLimited { scope: Scope::Peer, retry_after })?;
         // One snapshot for the whole request: anchors and issuer from the same load.
         let snapshot = self.store.current().ok_or(Refusal::NoIssuer)?;
         let no_token = req.token.iter().all(u8::is_ascii_whitespace);
@@ -134,8 +141,10 @@ impl Certifier {
             }
             _ if no_token => return Err(peer::Error::NoCredentials.into()),
             _ => {
-                record.auth_method = Some(self.authenticator.name().to_owned());
-                self.authenticator.authenticate(&req.token, now).await?
+                record.auth_method = Some(self.authenticator.method(&req.token).to_owned());
+                let subject = self.authenticator.authenticate(&req.token, now).await?;
+                record.bootstrap_token_id = self.authenticator.token_id(&req.token);
+                subject
             }
         };
         record.token_issuer = (subject.issuer != peer::CERTIFICATE_ISSUER).then(|| subject.issuer.clone());
@@ -153,6 +162,11 @@ impl Certifier {
             node_os,
         });
         let identity = self.naming.authorize(&subject, &req.identity)?;
+        self.admission
+            .check_identity(&identity.dns_name, cost, mono)
+            .map_err(|retry_after| Refusal::RateLimited { scope: Scope::Identity, retry_after })?;
+        // The CPU-bound part, on one of the workers (admitted requests queue here).
+        let mut worker = self.admission.worker().await;
         let expected = Expected { dns_name: &identity.dns_name, spiffe_id: &identity.spiffe_id };
         let checked = csr::check(&req.certificate_signing_request, &expected, &self.key_policy)
             .map_err(crate::ca::Error::from)?;
@@ -160,7 +174,19 @@ impl Certifier {
         if dry_run {
             return Ok(CertifyResponse::default());
         }
+        if !no_token {
+            // A single-use token (bootstrap) is spent only now, every check passed.
+            // Spending may wait on the API server: not while holding a worker.
+            if record.bootstrap_token_id.is_some() {
+                drop(worker);
+                self.authenticator.commit(&req.token, now).await?;
+                worker = self.admission.worker().await;
+            } else {
+                self.authenticator.commit(&req.token, now).await?;
+            }
+        }
         let leaf = snapshot.issuer.issue(&identity, &checked, &self.lifetimes, now)?;
+        drop(worker);
         record.outcome = Outcome::Issued;
         record.issued = Some(audit::Issued {
             serial_hex: audit::hex(&leaf.serial),
@@ -176,6 +202,25 @@ impl Certifier {
         })
     }
 
+    /// Counts a decision (`reason`: `None` when issued) and logs its one line, at
+    /// debug: request id (as in the audit record), outcome, reason code, requested
+    /// identity, latency. Never the token or the CSR.
+    fn finished(&self, request_id: &str, identity: &str, reason: Option<&'static str>, started: Instant) {
+        let latency = started.elapsed();
+        match reason {
+            None => self.metrics.record_issued(latency),
+            Some(reason) => self.metrics.record_denied(reason, latency),
+        }
+        tracing::debug!(
+            request_id,
+            outcome = if reason.is_none() { "issued" } else { "denied" },
+            reason = reason.unwrap_or(""),
+            identity = %truncate(identity, MAX_AUDITED_NAME),
+            latency_ms = latency.as_secs_f64() * 1e3,
+            "certify"
+        );
+    }
+
     /// Queues an Event for a recorded decision; never waits.
     fn emit(&self, notice: Option<Notice>) {
         if let (Some(events), Some(notice)) = (&self.events, notice) {
@@ -188,9 +233,11 @@ impl Certifier {
 impl Identity for Arc<Certifier> {
     async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
         let started = Instant::now();
+        let _counted = self.metrics.in_flight();
         let now = self.clock.now();
         let request_id = new_request_id();
-        let peer = request.remote_addr().map(|a| a.to_string());
+        let peer_addr = request.remote_addr();
+        let peer = peer_addr.map(|a| a.to_string());
         let peer_certs = request.peer_certs();
         let dry_run = request.metadata().get(DRY_RUN_HEADER).is_some_and(|v| v == "1");
         let req = request.into_inner();
@@ -202,6 +249,7 @@ impl Identity for Arc<Certifier> {
             subject: None,
             auth_method: None,
             token_issuer: None,
+            bootstrap_token_id: None,
             csr_key_type: None,
             outcome: Outcome::Denied,
             code: None,
@@ -209,11 +257,12 @@ impl Identity for Arc<Certifier> {
             issued: None,
         };
 
-        let decision = match self.in_flight.try_acquire() {
-            Ok(_permit) => {
-                self.decide(&req, peer_certs.as_deref().map(Vec::as_slice), dry_run, now, &mut record).await
+        let decision = match self.admission.enter() {
+            Ok(_in_flight) => {
+                let certs = peer_certs.as_deref().map(Vec::as_slice);
+                self.decide(&req, peer_addr.map(|a| a.ip()), certs, dry_run, now, &mut record).await
             }
-            Err(_) => Err(Refusal::Overloaded),
+            Err(retry_after) => Err(Refusal::Overloaded { retry_after }),
         };
         // The Event for an issuance (`None` for a denial, or with events off).
         let issued = self.events.as_ref().and_then(|_| Notice::issued(&record));
@@ -240,13 +289,13 @@ impl Identity for Arc<Certifier> {
                         (refusal.reason_code(), Err(status))
                     }
                 };
-                self.metrics.record_denied(reason, started.elapsed());
+                self.finished(&request_id, &req.identity, Some(reason), started);
                 answer
             }
             Ok(response) => match self.audit.append(record).await {
                 Ok(_) => {
                     self.emit(issued);
-                    self.metrics.record_issued(started.elapsed());
+                    self.finished(&request_id, &req.identity, None, started);
                     let mut response = Response::new(response);
                     tag(response.metadata_mut(), &request_id, now);
                     Ok(response)
@@ -255,7 +304,7 @@ impl Identity for Arc<Certifier> {
                     tracing::error!(%request_id, error = %e, "audit write failed; certificate withheld");
                     let refusal = Refusal::from(e);
                     self.emit(issued.map(|n| n.withheld(refusal.reason_code(), refusal.to_string())));
-                    self.metrics.record_denied(refusal.reason_code(), started.elapsed());
+                    self.finished(&request_id, &req.identity, Some(refusal.reason_code()), started);
                     let mut status = refusal.status(&request_id);
                     tag(status.metadata_mut(), &request_id, now);
                     Err(status)
@@ -265,8 +314,6 @@ impl Identity for Arc<Certifier> {
                 let code = refusal.code();
                 if code == tonic::Code::Internal {
                     tracing::error!(%request_id, error = %refusal, "certify failed");
-                } else {
-                    tracing::debug!(%request_id, reason = refusal.reason_code(), "certify denied");
                 }
                 record.outcome = Outcome::Denied;
                 record.issued = None;
@@ -279,7 +326,7 @@ impl Identity for Arc<Certifier> {
                     tracing::error!(%request_id, error = %e, "audit write failed for a denial");
                 }
                 self.emit(notice);
-                self.metrics.record_denied(refusal.reason_code(), started.elapsed());
+                self.finished(&request_id, &req.identity, Some(refusal.reason_code()), started);
                 let mut status = refusal.status(&request_id);
                 tag(status.metadata_mut(), &request_id, now);
                 Err(status)

@@ -10,6 +10,7 @@
 //! the lifetime and at once whenever a new snapshot is swapped in.
 //!
 //! - [`grpc`]: the Certify handler (the pipeline).
+//! - [`admission`]: in-flight bound, rate limits, signing workers.
 //! - [`bundle`]: the TrustBundle service (the current trust anchors).
 //! - [`tls`]: serving certificate, its renewal, the TLS acceptor.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
@@ -18,6 +19,7 @@
 //! - [`nodes`]: the OS of the caller's node, for audit records (cached lookups).
 
 pub mod admin;
+pub mod admission;
 pub mod bundle;
 pub mod events;
 pub mod grpc;
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
 use crate::audit::{AuditLog, Sink};
@@ -42,7 +44,7 @@ use crate::auth::Authenticator;
 use crate::ca::csr::KeyPolicy;
 use crate::ca::reload::Reloader;
 use crate::ca::store::{self, Store};
-use crate::clock::{unix_seconds, Clock};
+use crate::clock::Clock;
 use crate::config::{Config, TokenConfig};
 use crate::proto::identity_server::IdentityServer;
 use crate::v1::trust_bundle_server::TrustBundleServer;
@@ -51,6 +53,18 @@ use metrics::Metrics;
 /// Hard cap on a decoded gRPC message; requests between the Certify limit
 /// (64 KiB) and this are decoded only to be refused and audited.
 pub const MAX_DECODED_MESSAGE: usize = 1024 * 1024;
+
+/// HTTP/2 streams one connection may have open at once; more are refused
+/// (`REFUSED_STREAM`), and each refusal counts as a local reset (below).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Streams the client opened and reset before meshca accepted them, per connection,
+/// beyond which it gets `GOAWAY ENHANCE_YOUR_CALM` (the HTTP/2 rapid-reset attack,
+/// CVE-2023-44487). h2's default, set here so it stays.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams meshca reset because of the client's errors (refused streams included),
+/// per connection, beyond which it gets `GOAWAY ENHANCE_YOUR_CALM` (RUSTSEC-2024-0003,
+/// "MadeYouReset"). h2's default, which tonic otherwise replaces with no limit at all.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +147,8 @@ pub struct Handles {
     /// Re-checks the issuer and trust anchors on demand ([`Reloader::check`]).
     pub reloader: Arc<Reloader>,
     pub metrics: Arc<Metrics>,
+    /// The audit log ([`AuditLog::is_failing`]; fault injection in tests).
+    pub audit: AuditLog,
     /// The serving certificate as it changes; `None` with `--plaintext`.
     pub serving: Option<watch::Receiver<Arc<rustls::sign::CertifiedKey>>>,
 }
@@ -158,7 +174,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     handles: Option<oneshot::Sender<Handles>>,
 ) -> Result<(), Error> {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(clock.clone()));
     let store = Arc::new(Store::default());
     let reloader = Arc::new(
         Reloader::new(
@@ -168,15 +184,24 @@ pub async fn run_with(
             clock.clone(),
             metrics.clone(),
         )
-        .with_algorithms(config.reload.issuer_algorithms),
+        .with_algorithms(config.reload.issuer_algorithms)
+        .allow_world_readable_key(config.reload.allow_world_readable_issuer_key),
     );
     metrics.set_snapshot(reloader.load()?.as_ref());
     let authenticator = authenticator(&config.token).await?;
-    metrics.set_authenticator(authenticator.clone());
+    let authenticator = crate::auth::bootstrap::wrap(
+        authenticator,
+        config.bootstrap.as_ref(),
+        &store,
+        &config.naming,
+        &clock,
+    )
+    .await?;
+    metrics.register(|r| authenticator.register_metrics(r));
     let events = match config.token.kubernetes().filter(|_| config.events) {
         Some(kubeconfig) => {
             let emitter = events::Emitter::connect(kubeconfig).await?;
-            metrics.set_events(emitter.clone());
+            metrics.register(|r| emitter.register_metrics(r));
             Some(emitter)
         }
         None => None,
@@ -184,12 +209,23 @@ pub async fn run_with(
     let nodes = match config.token.kubernetes().filter(|_| config.node_os) {
         Some(kubeconfig) => {
             let nodes = Arc::new(nodes::NodeOs::connect(kubeconfig).await?);
-            metrics.set_nodes(nodes.clone());
+            metrics.register(|r| nodes.register_metrics(r));
             Some(nodes)
         }
         None => None,
     };
     let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
+    metrics.register(|r| metrics::register_audit(r, &audit));
+    let admission = Arc::new(admission::Admission::new(config.admission));
+    metrics.register(|r| admission::register_metrics(r, &admission));
+    let readiness = Arc::new(admin::Readiness::new(
+        store.clone(),
+        clock.clone(),
+        audit.clone(),
+        authenticator.clone(),
+        config.ready_api_unreachable_threshold,
+    ));
+    metrics.register(|r| readiness.register_metrics(r));
 
     // One shutdown signal, fanned out to gRPC, admin and the renewer.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -205,8 +241,12 @@ pub async fn run_with(
     let mut beside = tokio::task::JoinSet::new();
     beside.spawn(reloader.clone().run(config.reload, stopped(stop_rx.clone())));
 
-    let admin_task =
-        tokio::spawn(admin::serve(admin_listener, metrics.clone(), audit.clone(), stopped(stop_rx.clone())));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        metrics.clone(),
+        readiness.clone(),
+        stopped(stop_rx.clone()),
+    ));
 
     let certifier = Arc::new(grpc::Certifier {
         naming: config.naming.clone(),
@@ -217,7 +257,7 @@ pub async fn run_with(
         lifetimes: config.lifetimes,
         key_policy: KeyPolicy::default(),
         metrics: metrics.clone(),
-        in_flight: Semaphore::new(config.max_in_flight),
+        admission: admission.clone(),
         events,
         nodes,
     });
@@ -227,19 +267,21 @@ pub async fn run_with(
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .max_concurrent_streams(Some(1024));
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
     let router = builder
         .add_service(service)
         .add_service(TrustBundleServer::new(bundle::Bundles { store: store.clone() }));
     let lend = |serving| {
         if let Some(tx) = handles {
-            let _ = tx.send(Handles { reloader, metrics: metrics.clone(), serving });
+            let _ = tx.send(Handles { reloader, metrics: metrics.clone(), audit: audit.clone(), serving });
         }
     };
 
     let result = if config.plaintext {
         lend(None);
-        metrics.set_ready(true);
+        readiness.set_serving(true);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC (plaintext)");
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone())).await
     } else {
@@ -252,7 +294,7 @@ pub async fn run_with(
             .ok_or(crate::ca::Error::Sign { reason: "no issuer".into() })?;
         let (key, leaf) =
             tls::issue_serving(&snapshot, &identity, &config.lifetimes, clock.now(), &audit).await?;
-        metrics.set_serving_not_after(unix_seconds(leaf.not_after));
+        metrics.set_serving_not_after(leaf.not_after);
         let resolver = tls::Resolver::new(key);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
         lend(Some(resolver.subscribe()));
@@ -267,12 +309,12 @@ pub async fn run_with(
             leaf,
             stop_rx.clone(),
         ));
-        metrics.set_ready(true);
+        readiness.set_serving(true);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC over TLS");
         let incoming = ReceiverStream::new(tls::incoming(listener, acceptor));
         router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())).await
     };
-    metrics.set_ready(false);
+    readiness.set_serving(false);
     // In-flight requests have finished; make sure every record is on disk.
     let closed = audit.close().await;
     match admin_task.await {
@@ -321,7 +363,7 @@ async fn renew_serving(
         match tls::issue_serving(&snapshot, &identity, &lifetimes, clock.now(), &audit).await {
             Ok((key, new_leaf)) => {
                 resolver.replace(key);
-                metrics.set_serving_not_after(unix_seconds(new_leaf.not_after));
+                metrics.set_serving_not_after(new_leaf.not_after);
                 leaf = new_leaf;
                 wait = renewal_wait(&leaf, clock.now());
                 tracing::info!("serving certificate renewed");
@@ -381,8 +423,8 @@ mod tests {
         let resolver = tls::Resolver::new(key);
         let mut changes = resolver.subscribe();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let metrics = Arc::new(Metrics::default());
         let clock_dyn: Arc<dyn Clock> = Arc::new(clock.clone());
+        let metrics = Arc::new(Metrics::new(clock_dyn.clone()));
         tokio::spawn(renew_serving(
             store.subscribe(),
             identity,
@@ -409,7 +451,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), changes.changed()).await.expect("no renewal").unwrap();
         let renewed = changes.borrow_and_update().cert[0].clone();
         assert_ne!(renewed, first);
-        assert!(metrics.render(0).contains("meshca_serving_certificate_not_after_seconds"));
+        assert!(metrics.render().contains("meshca_serving_certificate_not_after_seconds"));
         let _ = stop_tx.send(true);
         audit.close().await.unwrap();
         let records = std::fs::read_to_string(&audit_path).unwrap();

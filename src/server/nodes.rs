@@ -21,13 +21,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use tokio::time::Instant;
+
+use crate::server::metrics::{Counter, Registry};
 
 /// The node label holding the operating system (`linux`, `windows`).
 pub const OS_LABEL: &str = "kubernetes.io/os";
@@ -95,8 +96,8 @@ impl<K: Eq + Hash, V: Clone> Cache<K, V> {
 
 #[derive(Debug, Default)]
 struct Counters {
-    calls: AtomicU64,
-    failures: AtomicU64,
+    calls: Counter,
+    failures: Counter,
 }
 
 /// Finds and caches node operating systems.
@@ -162,7 +163,7 @@ impl NodeOs {
     }
 
     async fn pod(&self, namespace: &str, name: &str) -> PodAnswer {
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        self.counters.calls.inc();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         match api.get(name).await {
             Ok(pod) => {
@@ -180,7 +181,7 @@ impl NodeOs {
     }
 
     async fn node(&self, name: &str) -> Option<String> {
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        self.counters.calls.inc();
         let api: Api<Node> = Api::all(self.client.clone());
         match api.get(name).await {
             Ok(node) => {
@@ -199,28 +200,25 @@ impl NodeOs {
 
     fn failed(&self, reason: &str) {
         // Warn on the first failure only: a missing RBAC rule must show once.
-        if self.counters.failures.fetch_add(1, Ordering::Relaxed) == 0 {
+        if self.counters.failures.inc() == 0 {
             tracing::warn!(reason, "cannot tell the node OS for audit records (they will lack node_os)");
         } else {
             tracing::debug!(reason, "node OS lookup failed");
         }
     }
 
-    /// Appends the `meshca_node_os_*` metrics (Prometheus text) to `out`.
-    pub fn render_metrics(&self, out: &mut String) {
-        let counters = [
-            (
-                "meshca_node_os_lookups_total",
-                "Pod and node GETs made to tell node OSes.",
-                &self.counters.calls,
-            ),
-            (
-                "meshca_node_os_lookup_failures_total",
-                "Pod and node lookups that told no OS (not found, forbidden, unlabelled, unreachable).",
-                &self.counters.failures,
-            ),
-        ];
-        crate::server::metrics::write_counters(out, &counters);
+    /// Registers the `meshca_node_os_*` metrics.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "meshca_node_os_lookups",
+            "Pod and node GETs made to tell node OSes",
+            self.counters.calls.clone(),
+        );
+        registry.register(
+            "meshca_node_os_lookup_failures",
+            "Pod and node lookups that told no OS (not found, forbidden, unlabelled, unreachable)",
+            self.counters.failures.clone(),
+        );
     }
 }
 

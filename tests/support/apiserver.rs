@@ -22,8 +22,15 @@
 //! deletes ([`ApiServer::remove_pod`]) with `GET /api/v1/namespaces/NS/pods/NAME`
 //! and `GET /api/v1/nodes/NAME`.
 //!
+//! It keeps `coordination.k8s.io/v1` Leases like etcd behind the real one would:
+//! `POST /apis/coordination.k8s.io/v1/namespaces/NS/leases` creates one when the
+//! name is free (201 with the stored object) and answers 409 with a `Status` of
+//! reason `AlreadyExists` when it is taken, atomically, so replicas racing for one
+//! name get exactly one 201; `GET` lists them (with a `labelSelector` of `k=v` and
+//! `k` terms) and `DELETE …/leases/NAME` removes one (404 when absent).
+//!
 //! Failure modes switch at run time, separately for reviews, the discovery
-//! endpoints, Events and pod/node GETs: answer 500 or 403, hold answers until released; or stop
+//! endpoints, Events, pod/node GETs and Leases: answer 500 or 403, answer garbage, hold answers until released; or stop
 //! listening (connection refused). It counts what it was asked for.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -55,6 +62,7 @@ const PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 const DISCOVERY: &str = "/.well-known/openid-configuration";
 const JWKS: &str = "/openid/v1/jwks";
 const RSA_KID: &str = "cluster-rsa";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
 
 /// How the server answers a family of requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +75,8 @@ pub enum Mode {
     Forbidden,
     /// Hold every answer until [`ApiServer::release`] (or drop).
     Hold,
+    /// 200 with a body that is not JSON at all (a broken proxy in between).
+    Garbage,
 }
 
 struct State {
@@ -89,6 +99,11 @@ struct State {
     pod_gets: AtomicUsize,
     node_gets: AtomicUsize,
     lookups_mode: watch::Sender<Mode>,
+    /// (namespace, name) → the stored Lease.
+    leases: Mutex<std::collections::BTreeMap<(String, String), Value>>,
+    lease_calls: AtomicUsize,
+    lease_creates: watch::Sender<usize>,
+    leases_mode: watch::Sender<Mode>,
     released: watch::Sender<bool>,
     down: watch::Sender<bool>,
 }
@@ -182,6 +197,10 @@ impl ApiServer {
             pod_gets: AtomicUsize::new(0),
             node_gets: AtomicUsize::new(0),
             lookups_mode: watch::channel(Mode::Answer).0,
+            leases: Mutex::default(),
+            lease_calls: AtomicUsize::new(0),
+            lease_creates: watch::channel(0).0,
+            leases_mode: watch::channel(Mode::Answer).0,
             released: watch::channel(false).0,
             down: watch::channel(false).0,
         });
@@ -239,6 +258,16 @@ impl ApiServer {
         let mut jwks: Value = serde_json::from_str(&self.state.jwks.read().unwrap()).unwrap();
         jwks["keys"].as_array_mut().unwrap().push(key["keys"][0].clone());
         *self.state.jwks.write().unwrap() = jwks.to_string();
+        self.rotated.lock().unwrap().push(Arc::new(signer));
+        kid
+    }
+
+    /// Replaces the whole JWKS with one new ES256 key (the old keys are retired)
+    /// and signs tokens with it from now on.
+    pub fn replace_keys(&self) -> String {
+        let (signer, _) = DevSigner::generate().unwrap();
+        let kid = signer.kid().to_owned();
+        *self.state.jwks.write().unwrap() = signer.jwks_json();
         self.rotated.lock().unwrap().push(Arc::new(signer));
         kid
     }
@@ -309,6 +338,29 @@ impl ApiServer {
             self.state.released.send_replace(false);
         }
         self.state.events_mode.send_replace(mode);
+    }
+
+    /// Answers Lease calls (create, list, delete) from now on like this.
+    pub fn set_leases_mode(&self, mode: Mode) {
+        if mode == Mode::Hold {
+            self.state.released.send_replace(false);
+        }
+        self.state.leases_mode.send_replace(mode);
+    }
+
+    /// The Leases stored now, in name order.
+    pub fn leases(&self) -> Vec<Value> {
+        self.state.leases.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Lease calls so far (authorized, whether answered or failed).
+    pub fn lease_calls(&self) -> usize {
+        self.state.lease_calls.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` Lease creations have arrived (answered, failed or held).
+    pub async fn lease_creates_reach(&self, n: usize) {
+        let _ = self.state.lease_creates.subscribe().wait_for(|creates| *creates >= n).await;
     }
 
     /// Lets held answers go.
@@ -426,6 +478,11 @@ async fn mode_answer(state: &State, mode: Mode) -> Option<Response<Full<Bytes>>>
             let _ = state.released.subscribe().wait_for(|r| *r).await;
             None
         }
+        Mode::Garbage => {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"{\"kind\":\"TokenRev<html>502")));
+            response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            Some(response)
+        }
         Mode::Answer => None,
     }
 }
@@ -449,6 +506,12 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
             }
             return get_object(state, lookup).await;
+        }
+        (method, leases) if leases.starts_with(LEASES) => {
+            if !authorized {
+                return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+            }
+            return lease_call(state, method, req).await;
         }
         (Method::POST, events)
             if events.starts_with("/api/v1/namespaces/") && events.ends_with("/events") =>
@@ -621,6 +684,140 @@ async fn create_event(state: &State, namespace: &str, req: Request<Incoming>) ->
     drop(events);
     state.events_seen.send_replace(seen);
     respond(StatusCode::CREATED, event)
+}
+
+/// `/apis/coordination.k8s.io/v1/namespaces/NS/leases[/NAME]`: create, list, delete.
+async fn lease_call(state: &State, method: Method, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let parts: Vec<&str> = path.trim_start_matches(LEASES).split('/').collect();
+    let (namespace, name) = match parts[..] {
+        [ns, "leases"] => (ns.to_owned(), None),
+        [ns, "leases", name] => (ns.to_owned(), Some(name.to_owned())),
+        _ => return not_found(),
+    };
+    state.lease_calls.fetch_add(1, Ordering::SeqCst);
+    if method == Method::POST {
+        state.lease_creates.send_modify(|n| *n += 1);
+    }
+    let mode = *state.leases_mode.borrow();
+    if let Some(failed) = mode_answer(state, mode).await {
+        return failed;
+    }
+    match (method, name) {
+        (Method::POST, None) => {
+            let Ok(body) = req.into_body().collect().await else {
+                return failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+            };
+            create_lease(state, &namespace, serde_json::from_slice(&body.to_bytes()).unwrap_or_default())
+        }
+        (Method::GET, None) => {
+            let selector = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("labelSelector="))
+                .map(percent_decode)
+                .unwrap_or_default();
+            let leases = state.leases.lock().unwrap();
+            let items: Vec<Value> = leases
+                .iter()
+                .filter(|((ns, _), lease)| {
+                    *ns == namespace && selects(&selector, &lease["metadata"]["labels"])
+                })
+                .map(|(_, lease)| {
+                    // Items of a list carry no apiVersion and kind, as the real server sends them.
+                    let mut item = lease.clone();
+                    item.as_object_mut().unwrap().retain(|k, _| k != "apiVersion" && k != "kind");
+                    item
+                })
+                .collect();
+            let version = leases.len().to_string();
+            respond(
+                StatusCode::OK,
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+                    "metadata": {"resourceVersion": version}, "items": items}),
+            )
+        }
+        (Method::DELETE, Some(name)) => match state.leases.lock().unwrap().remove(&(namespace, name.clone()))
+        {
+            Some(lease) => respond(StatusCode::OK, lease),
+            None => failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("leases.coordination.k8s.io \"{name}\" not found"),
+            ),
+        },
+        _ => failure(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method",
+        ),
+    }
+}
+
+/// Creates a Lease unless its name is taken, checked and stored under one lock.
+fn create_lease(state: &State, namespace: &str, mut lease: Value) -> Response<Full<Bytes>> {
+    if lease["apiVersion"] != "coordination.k8s.io/v1" || lease["kind"] != "Lease" {
+        return failure(StatusCode::BAD_REQUEST, "BadRequest", "not a coordination.k8s.io/v1 Lease");
+    }
+    let name = lease["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let valid_name = !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let labels_ok = lease["metadata"]["labels"]
+        .as_object()
+        .is_none_or(|labels| labels.values().all(|v| v.as_str().is_some_and(|v| v.len() <= 63)));
+    let meta_ns = lease["metadata"]["namespace"].as_str().unwrap_or(namespace);
+    if !valid_name || !labels_ok || meta_ns != namespace {
+        return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "Lease.coordination.k8s.io is invalid");
+    }
+    let mut leases = state.leases.lock().unwrap();
+    let key = (namespace.to_owned(), name.clone());
+    if leases.contains_key(&key) {
+        drop(leases);
+        let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("leases.coordination.k8s.io \"{name}\" already exists"),
+            "reason": "AlreadyExists",
+            "details": {"name": name, "group": "coordination.k8s.io", "kind": "leases"}, "code": 409});
+        return respond(StatusCode::CONFLICT, body);
+    }
+    let version = leases.len() + 1;
+    lease["metadata"]["namespace"] = json!(namespace);
+    lease["metadata"]["uid"] = json!(format!("lease-uid-{version}"));
+    lease["metadata"]["resourceVersion"] = json!(version.to_string());
+    lease["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
+    leases.insert(key, lease.clone());
+    respond(StatusCode::CREATED, lease)
+}
+
+/// Whether `labels` satisfy a selector of comma-separated `k=v` and `k` terms.
+fn selects(selector: &str, labels: &Value) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| match term.split_once('=') {
+        Some((k, v)) => labels[k] == v,
+        None => labels.get(term).is_some(),
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What kube-apiserver says about a token it does not accept (its texts, which

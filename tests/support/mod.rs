@@ -43,6 +43,8 @@ pub struct Options {
     /// Audit log path; default: DIR/audit.jsonl.
     pub audit_log: Option<String>,
     pub max_in_flight: usize,
+    /// Workers and rate limits; default: one worker per core, no rate limits.
+    pub admission: Option<meshca::config::AdmissionSettings>,
     /// Token validation; default: JWKS with the test signer's keys (DIR/jwks.json).
     pub token: Option<TokenConfig>,
     /// Kubernetes Events (only with a token mode that has a Kubernetes client).
@@ -51,6 +53,10 @@ pub struct Options {
     pub node_os: bool,
     /// Issuer and trust-anchor re-checks; default: every 30 s, no notifications.
     pub reload: ReloadSettings,
+    /// `--ready-api-unreachable-threshold`; default 60 s.
+    pub ready_api_unreachable_threshold: Duration,
+    /// `--bootstrap-tokens`; default off. A relative replay file is in the server's directory.
+    pub bootstrap: Option<meshca::config::BootstrapConfig>,
 }
 
 impl Default for Options {
@@ -62,10 +68,13 @@ impl Default for Options {
             plaintext: false,
             audit_log: None,
             max_in_flight: 8192,
+            admission: None,
             token: None,
             events: false,
             node_os: false,
             reload: ReloadSettings { notifications: false, ..ReloadSettings::default() },
+            ready_api_unreachable_threshold: Duration::from_secs(60),
+            bootstrap: None,
         }
     }
 }
@@ -115,11 +124,26 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
             confirm_pod: None,
         }),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
-        max_in_flight: opts.max_in_flight,
+        admission: meshca::config::AdmissionSettings {
+            max_in_flight: opts.max_in_flight,
+            // Tests that hammer one identity must not meet the production per-identity
+            // limit; tests/admission.rs sets limits explicitly.
+            ..opts.admission.unwrap_or(meshca::config::AdmissionSettings {
+                per_identity: None,
+                ..meshca::config::AdmissionSettings::new(8192)
+            })
+        },
         plaintext: opts.plaintext,
         events: opts.events,
         node_os: opts.node_os,
         reload: opts.reload,
+        ready_api_unreachable_threshold: opts.ready_api_unreachable_threshold,
+        bootstrap: opts.bootstrap.clone().map(|mut b| {
+            if let meshca::config::ReplayConfig::File(path) = &mut b.replay {
+                *path = dir.join(&*path);
+            }
+            b
+        }),
     }
 }
 
@@ -226,6 +250,19 @@ impl TestServer {
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         out
+    }
+
+    /// A GET on the admin listener: status code and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
     }
 
     /// The value of an unlabelled sample in `/metrics`.

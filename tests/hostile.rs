@@ -1,0 +1,1326 @@
+//! The hostile-input corpus: requests an attacker would send, through a real Certify
+//! call over TLS, each refused with its status code, no certificate, and exactly one
+//! audit record (outcome `denied`, its reason code) for its request id.
+//!
+//! Cases are built here byte by byte where the point is an encoding no honest library
+//! writes: truncated and trailing DER, duplicate extensions and attributes, names with
+//! NUL bytes, wildcards, IDN, upper-case and trailing-dot variants of the identity, CA
+//! requests, RSA keys with exponent 1 or an even modulus, P-256 points off the curve,
+//! foreign signatures; tokens with duplicate claims, `kid` path traversal, HMAC keys in
+//! the JWKS, nested JWTs, oversized tokens; gRPC messages at the size limits. The
+//! server's JWKS holds, besides the test signer's ES256 key, an RSA key and an HMAC
+//! (`oct`) key, so that algorithm-confusion attempts have something to aim at.
+//!
+//! What has no audit record is tested apart, at the transport: messages beyond the
+//! decoding limit, slow-loris connections (silent, half a ClientHello, TLS without the
+//! HTTP/2 preface), thousands of idle connections, HTTP/2 stream floods, rapid resets
+//! and streams the server must reset (each bounded per connection). Every such test
+//! shows that a well-behaved client is served meanwhile, within a bound.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use meshca::auth::dev::DevSigner;
+use meshca::config::{KeyRefresh, KeySource, TokenConfig};
+use meshca::proto::CertifyRequest;
+use meshca::server::tls::HANDSHAKE_TIMEOUT;
+use meshca::server::{MAX_CONCURRENT_STREAMS, MAX_DECODED_MESSAGE, MAX_LOCAL_ERROR_RESETS};
+use prost::Message;
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, RsaKeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
+use serde_json::json;
+use support::{request_id, Options, TestServer, AUDIENCE, SERVER_NAME, TOKEN_ISSUER};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tonic::Code;
+
+// ---- DER, written by hand ----
+
+fn tlv(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let body = parts.concat();
+    let mut out = vec![tag];
+    if body.len() < 0x80 {
+        out.push(body.len() as u8);
+    } else {
+        let len = body.len().to_be_bytes();
+        let skip = len.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (len.len() - skip) as u8);
+        out.extend(&len[skip..]);
+    }
+    out.extend(body);
+    out
+}
+
+fn seq(parts: &[&[u8]]) -> Vec<u8> {
+    tlv(0x30, parts)
+}
+
+fn set(parts: &[&[u8]]) -> Vec<u8> {
+    tlv(0x31, parts)
+}
+
+fn oid(dotted: &str) -> Vec<u8> {
+    let arcs: Vec<u64> = dotted.split('.').map(|a| a.parse().unwrap()).collect();
+    let mut body = vec![(arcs[0] * 40 + arcs[1]) as u8];
+    for &arc in &arcs[2..] {
+        let mut groups = vec![(arc & 0x7f) as u8];
+        let mut rest = arc >> 7;
+        while rest > 0 {
+            groups.push((rest & 0x7f) as u8 | 0x80);
+            rest >>= 7;
+        }
+        body.extend(groups.iter().rev());
+    }
+    tlv(0x06, &[&body])
+}
+
+fn bits(bytes: &[u8]) -> Vec<u8> {
+    tlv(0x03, &[&[0], bytes])
+}
+
+/// A positive INTEGER from big-endian magnitude bytes.
+fn integer(magnitude: &[u8]) -> Vec<u8> {
+    if magnitude.first().is_some_and(|b| b & 0x80 != 0) {
+        tlv(0x02, &[&[0], magnitude])
+    } else {
+        tlv(0x02, &[magnitude])
+    }
+}
+
+const NULL: &[u8] = &[0x05, 0x00];
+const TRUE: &[u8] = &[0x01, 0x01, 0xff];
+
+/// One TLV at the start of `input`: (whole TLV, contents, rest).
+fn split(input: &[u8]) -> (&[u8], &[u8], &[u8]) {
+    let first = usize::from(input[1]);
+    let (len, header) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        (input[2..2 + n].iter().fold(0, |acc, b| (acc << 8) | usize::from(*b)), 2 + n)
+    };
+    (&input[..header + len], &input[header..header + len], &input[header + len..])
+}
+
+fn utf8(s: &[u8]) -> Vec<u8> {
+    tlv(0x0c, &[s])
+}
+
+/// A Name holding one CommonName of the given encoded string.
+fn cn_name(value: &[u8]) -> Vec<u8> {
+    seq(&[&set(&[&seq(&[&oid("2.5.4.3"), value])])])
+}
+
+fn extension(id: &str, critical: bool, value: &[u8]) -> Vec<u8> {
+    let critical: &[u8] = if critical { TRUE } else { &[] };
+    seq(&[&oid(id), critical, &tlv(0x04, &[value])])
+}
+
+const OID_SAN: &str = "2.5.29.17";
+const OID_BASIC_CONSTRAINTS: &str = "2.5.29.19";
+const OID_EXTENSION_REQUEST: &str = "1.2.840.113549.1.9.14";
+const OID_MS_EXTENSIONS: &str = "1.3.6.1.4.1.311.2.1.14";
+
+fn san(names: &[Vec<u8>]) -> Vec<u8> {
+    let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+    extension(OID_SAN, false, &seq(&refs))
+}
+
+fn dns(name: &[u8]) -> Vec<u8> {
+    tlv(0x82, &[name])
+}
+
+fn uri(name: &[u8]) -> Vec<u8> {
+    tlv(0x86, &[name])
+}
+
+/// An attribute with one value: a SEQUENCE of the given extensions.
+fn extensions_attribute(id: &str, exts: &[Vec<u8>]) -> Vec<u8> {
+    let refs: Vec<&[u8]> = exts.iter().map(Vec::as_slice).collect();
+    seq(&[&oid(id), &set(&[&seq(&refs)])])
+}
+
+fn extension_request(exts: &[Vec<u8>]) -> Vec<u8> {
+    extensions_attribute(OID_EXTENSION_REQUEST, exts)
+}
+
+fn ecdsa_sha256() -> Vec<u8> {
+    seq(&[&oid("1.2.840.10045.4.3.2")])
+}
+
+fn sha256_rsa() -> Vec<u8> {
+    seq(&[&oid("1.2.840.113549.1.1.11"), NULL])
+}
+
+/// A P-256 key (ring) with its SubjectPublicKeyInfo.
+struct P256 {
+    key: EcdsaKeyPair,
+    spki: Vec<u8>,
+}
+
+impl P256 {
+    fn new() -> P256 {
+        let rng = SystemRandom::new();
+        let alg = &signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let spki = ec_spki("1.2.840.10045.3.1.7", key.public_key().as_ref());
+        P256 { key, spki }
+    }
+
+    fn sign(&self, data: &[u8]) -> Vec<u8> {
+        self.key.sign(&SystemRandom::new(), data).unwrap().as_ref().to_vec()
+    }
+}
+
+fn ec_spki(curve: &str, point: &[u8]) -> Vec<u8> {
+    seq(&[&seq(&[&oid("1.2.840.10045.2.1"), &oid(curve)]), &bits(point)])
+}
+
+fn rsa_spki(n: &[u8], e: &[u8]) -> Vec<u8> {
+    seq(&[&seq(&[&oid("1.2.840.113549.1.1.1"), NULL]), &bits(&seq(&[&integer(n), &integer(e)]))])
+}
+
+/// A PKCS#10 request, field by field.
+#[derive(Clone)]
+struct Csr {
+    version: u8,
+    subject: Vec<u8>,
+    spki: Vec<u8>,
+    attributes: Vec<Vec<u8>>,
+}
+
+impl Csr {
+    fn info(&self) -> Vec<u8> {
+        let attrs: Vec<&[u8]> = self.attributes.iter().map(Vec::as_slice).collect();
+        seq(&[&tlv(0x02, &[&[self.version]]), &self.subject, &self.spki, &tlv(0xa0, &attrs)])
+    }
+
+    /// Signed (ECDSA SHA-256) by `key`, whatever key the request carries.
+    fn signed(&self, key: &P256) -> Vec<u8> {
+        let info = self.info();
+        seq(&[&info, &ecdsa_sha256(), &bits(&key.sign(&info))])
+    }
+
+    fn with_signature(&self, alg: &[u8], sig: &[u8]) -> Vec<u8> {
+        seq(&[&self.info(), alg, &bits(sig)])
+    }
+}
+
+// ---- The server under attack ----
+
+/// What the cases are built from: the server, its caller's identity, and keys.
+struct Kit {
+    server: TestServer,
+    _jwks_dir: tempfile::TempDir,
+    signer: DevSigner,
+    hmac_secret: Vec<u8>,
+    rsa: RsaKeyPair,
+    rsa_kid: String,
+    jwks: String,
+    id: String,
+    spiffe: String,
+    key: P256,
+}
+
+const HMAC_KID: &str = "hmac-1";
+
+async fn start() -> Kit {
+    let jwks_dir = tempfile::tempdir().unwrap();
+    let (signer, _) = DevSigner::generate().unwrap();
+    let hmac_secret: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt-rs256.pk8.pem");
+    let pkcs8 = PrivatePkcs8KeyDer::from_pem_file(path).unwrap();
+    let rsa = RsaKeyPair::from_pkcs8(pkcs8.secret_pkcs8_der()).unwrap();
+    let (_, public, _) = split(rsa.public().as_ref());
+    let (_, n, rest) = split(public);
+    let (_, e, _) = split(rest);
+    let strip = |v: &[u8]| v.iter().skip_while(|b| **b == 0).copied().collect::<Vec<u8>>();
+    let rsa_kid = "rsa-1".to_owned();
+    let mut keys: serde_json::Value = serde_json::from_str(&signer.jwks_json()).unwrap();
+    let list = keys["keys"].as_array_mut().unwrap();
+    list.push(json!({"kty": "oct", "kid": HMAC_KID, "alg": "HS256", "use": "sig", "k": URL_SAFE_NO_PAD.encode(&hmac_secret)}));
+    list.push(json!({
+        "kty": "RSA", "kid": rsa_kid, "alg": "RS256", "use": "sig",
+        "n": URL_SAFE_NO_PAD.encode(strip(n)), "e": URL_SAFE_NO_PAD.encode(strip(e)),
+    }));
+    let jwks = keys.to_string();
+    let jwks_path = jwks_dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, &jwks).unwrap();
+    let token = TokenConfig::Jwks {
+        keys: KeySource::File(jwks_path),
+        issuer: Some(TOKEN_ISSUER.into()),
+        audiences: vec![AUDIENCE.into()],
+        leeway: Duration::from_secs(60),
+        refresh: KeyRefresh::default(),
+        confirm_pod: None,
+    };
+    let server = TestServer::start_with(Options { token: Some(token), ..Default::default() }).await;
+    let id = server.identity("default", "web");
+    let spiffe = "spiffe://cluster.local/ns/default/sa/web".to_owned();
+    Kit { server, _jwks_dir: jwks_dir, signer, hmac_secret, rsa, rsa_kid, jwks, id, spiffe, key: P256::new() }
+}
+
+impl Kit {
+    /// The claims of a valid token for default/web, as JSON text (serde_json keeps
+    /// keys sorted, so edits below can rely on the text).
+    fn claims(&self) -> String {
+        let c = self.server.claims("default", "web");
+        let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let (pod, uid) = c.pod.unwrap();
+        json!({
+            "iss": c.issuer, "aud": c.audience, "exp": secs(c.expires_at), "iat": secs(c.issued_at),
+            "nbf": secs(c.issued_at), "sub": "system:serviceaccount:default:web",
+            "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": "web"},
+                              "pod": {"name": pod, "uid": uid}},
+        })
+        .to_string()
+    }
+
+    fn header(&self) -> String {
+        json!({"alg": "ES256", "typ": "JWT", "kid": self.signer.kid()}).to_string()
+    }
+
+    /// ES256-signed by the trusted key, whatever the header and claims say.
+    fn jwt(&self, header: &str, claims: &str) -> Vec<u8> {
+        self.signer.sign_raw(header.as_bytes(), claims.as_bytes()).into_bytes()
+    }
+
+    fn token(&self) -> Vec<u8> {
+        self.jwt(&self.header(), &self.claims())
+    }
+
+    /// HS256 over `header.claims` with `secret`.
+    fn hs256(&self, header: &str, claims: &str, secret: &[u8]) -> Vec<u8> {
+        let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+        let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), msg.as_bytes());
+        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref())).into_bytes()
+    }
+
+    /// RS256 over `header.claims` with the RSA key the JWKS lists.
+    fn rs256(&self, header: &str, claims: &str) -> Vec<u8> {
+        let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+        let mut sig = vec![0; self.rsa.public().modulus_len()];
+        self.rsa.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), msg.as_bytes(), &mut sig).unwrap();
+        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)).into_bytes()
+    }
+
+    /// The request an honest proxy sends: CN and DNS SAN the identity, URI SAN the SPIFFE ID.
+    fn csr(&self) -> Csr {
+        Csr {
+            version: 0,
+            subject: cn_name(&utf8(self.id.as_bytes())),
+            spki: self.key.spki.clone(),
+            attributes: vec![extension_request(&[san(&[
+                dns(self.id.as_bytes()),
+                uri(self.spiffe.as_bytes()),
+            ])])],
+        }
+    }
+
+    /// The honest request with these extensions requested instead.
+    fn csr_with(&self, exts: &[Vec<u8>]) -> Vec<u8> {
+        Csr { attributes: vec![extension_request(exts)], ..self.csr() }.signed(&self.key)
+    }
+
+    /// The honest request naming these DNS SANs (and nothing else, CN included).
+    fn csr_naming(&self, names: &[&[u8]]) -> Vec<u8> {
+        let names: Vec<Vec<u8>> = names.iter().map(|n| dns(n)).collect();
+        Csr { subject: seq(&[]), attributes: vec![extension_request(&[san(&names)])], ..self.csr() }
+            .signed(&self.key)
+    }
+
+    fn request(&self, token: Vec<u8>, csr: Vec<u8>) -> CertifyRequest {
+        CertifyRequest { identity: self.id.clone(), token, certificate_signing_request: csr }
+    }
+
+    fn for_identity(&self, identity: &str) -> CertifyRequest {
+        CertifyRequest {
+            identity: identity.to_owned(),
+            token: self.token(),
+            certificate_signing_request: self.csr().signed(&self.key),
+        }
+    }
+}
+
+/// `req` with its identity padded with `a`s so that it encodes to exactly `len` bytes.
+fn encoded_to(mut req: CertifyRequest, len: usize) -> CertifyRequest {
+    req.identity.clear();
+    let base = req.encoded_len();
+    let mut pad = len.saturating_sub(base + 6);
+    loop {
+        req.identity = "a".repeat(pad);
+        match req.encoded_len() {
+            n if n == len => return req,
+            n if n < len => pad += len - n,
+            _ => pad -= 1,
+        }
+    }
+}
+
+// ---- The corpus ----
+
+/// A request that must be refused, with the status and audit reason code it must get.
+struct Case {
+    name: &'static str,
+    request: CertifyRequest,
+    code: Code,
+    reason: &'static str,
+}
+
+fn corpus(k: &Kit) -> Vec<Case> {
+    use Code::{InvalidArgument as Invalid, PermissionDenied as Denied, Unauthenticated as Unauth};
+    let good = k.csr().signed(&k.key);
+    // Cases that change one thing of a good request: the CSR, the token, the identity.
+    let csr = |name, der, code, reason| Case { name, request: k.request(k.token(), der), code, reason };
+    let token =
+        |name, token, code, reason| Case { name, request: k.request(token, good.clone()), code, reason };
+    let identity =
+        |name, identity: &str, code, reason| Case { name, request: k.for_identity(identity), code, reason };
+    let message = |name, request, code, reason| Case { name, request, code, reason };
+
+    let id = k.id.as_bytes();
+    let fixture =
+        |name: &str| std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    // The good request's pieces: CertificationRequest ::= SEQUENCE { info, algorithm, signature }.
+    let (_, outer, _) = split(&good);
+    let (info, _, after_info) = split(outer);
+    let (sig_alg, _, sig_bits) = split(after_info);
+    let (_, sig_contents, _) = split(sig_bits);
+    let (outer_hi, outer_lo) = ((outer.len() >> 8) as u8, outer.len() as u8);
+    let mut noise = 0x2545_f491_4f6c_dd1du64;
+    let random: Vec<u8> = (0..600)
+        .map(|_| {
+            noise ^= noise << 13;
+            noise ^= noise >> 7;
+            noise ^= noise << 17;
+            noise as u8
+        })
+        .collect();
+    let no_attributes = seq(&[&tlv(0x02, &[&[0]]), &cn_name(&utf8(id)), &k.key.spki]);
+    // Requests naming only this CN; requesting only these extensions; adding this attribute.
+    let cn_only = |cn: Vec<u8>| Csr { subject: cn_name(&cn), attributes: vec![], ..k.csr() }.signed(&k.key);
+    let requesting = |exts: &[Vec<u8>]| k.csr_with(exts);
+    let adding = |attribute: Vec<u8>| {
+        let mut csr = k.csr();
+        csr.attributes.push(attribute);
+        csr.signed(&k.key)
+    };
+
+    let san_id = san(&[dns(id)]);
+    let admin = k.server.identity("kube-system", "admin");
+    let with_nul = [id, b"\0.evil.example"].concat();
+    let wildcard = "*.default.serviceaccount.identity.meshca-system.cluster.local";
+    let upper = k.id.to_ascii_uppercase();
+    let dotted = format!("{}.", k.id);
+    let idn = k.id.replacen("web", "wéb", 1);
+    let puny = k.id.replacen("web", "xn--wb-9ia", 1);
+    let bmp: Vec<u8> = k.id.encode_utf16().flat_map(u16::to_be_bytes).collect();
+    let long = format!("{}.{}", "a".repeat(10_000), k.id);
+    let many_ids: Vec<&[u8]> = std::iter::repeat_n(id, 10_000).collect();
+    let many_short: Vec<&[u8]> = std::iter::repeat_n(&b"a"[..], 10_000).collect();
+    let db = k.server.identity("default", "db");
+    let then_other: Vec<&[u8]> = std::iter::repeat_n(id, 150).chain([db.as_bytes()]).collect();
+    let upn = tlv(0xa0, &[&oid("1.3.6.1.4.1.311.20.2.3"), &tlv(0xa0, &[&utf8(b"admin@corp")])]);
+    let email_subject = seq(&[&set(&[&seq(&[&oid("1.2.840.113549.1.9.1"), &tlv(0x16, &[b"a@b.c"])])])]);
+    let bc = |body: &[u8]| extension(OID_BASIC_CONSTRAINTS, true, &seq(&[body]));
+
+    // Keys: RSA ones are refused before their (bogus) signature is looked at; EC
+    // points are refused by the structure check or by ring when it verifies.
+    let modulus = |bytes: usize, last: u8| [vec![0xc5; bytes - 1], vec![last]].concat();
+    let rsa = |n: Vec<u8>, e: &[u8]| {
+        Csr { spki: rsa_spki(&n, e), ..k.csr() }.with_signature(&sha256_rsa(), &[0x42; 256])
+    };
+    let p256 = "1.2.840.10045.3.1.7";
+    let point = |x: u8, y: u8| [&[4u8][..], &[x; 32], &[y; 32]].concat();
+    let ec = |spki: Vec<u8>| Csr { spki, ..k.csr() }.signed(&k.key);
+    let mut y_flipped = k.key.spki.clone();
+    *y_flipped.last_mut().unwrap() ^= 1;
+    let explicit_curve =
+        seq(&[&seq(&[&oid("1.2.840.10045.2.1"), &seq(&[&tlv(0x02, &[&[1]])])]), &bits(&point(1, 1))]);
+    let dsa = seq(&[&seq(&[&oid("1.2.840.10040.4.1")]), &bits(&tlv(0x02, &[&[5; 128]]))]);
+    let ed25519 = {
+        let rng = SystemRandom::new();
+        let ed = Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&rng).unwrap().as_ref()).unwrap();
+        let csr =
+            Csr { spki: seq(&[&seq(&[&oid("1.3.101.112")]), &bits(ed.public_key().as_ref())]), ..k.csr() };
+        csr.with_signature(&seq(&[&oid("1.3.101.112")]), ed.sign(&csr.info()).as_ref())
+    };
+    let zero_signature = seq(&[&tlv(0x02, &[&[0]]), &tlv(0x02, &[&[0]])]);
+    let own_signature = k.key.sign(&k.csr().info());
+    let signed_as = |alg: Vec<u8>| k.csr().with_signature(&alg, &own_signature);
+
+    // Tokens: the claims of a good one, as JSON text, edited.
+    let claims = k.claims();
+    let rest = &claims[1..];
+    let kid = |kid: &str| json!({"alg": "ES256", "kid": kid}).to_string();
+    let attacker = DevSigner::generate().unwrap().0;
+    let attacker_jwk =
+        serde_json::from_str::<serde_json::Value>(&attacker.jwks_json()).unwrap()["keys"][0].clone();
+    let embedded = json!({"alg": "ES256", "kid": k.signer.kid(), "jwk": attacker_jwk, "jku": "https://evil.example/jwks"});
+    let inner = String::from_utf8(k.token()).unwrap();
+    let mut nul_token = k.token();
+    nul_token.insert(10, 0);
+    let none =
+        format!("{}.{}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"nOnE"}"#), URL_SAFE_NO_PAD.encode(&claims));
+    let limit = meshca::server::grpc::MAX_REQUEST_LEN;
+
+    vec![
+        // -- CSR: malformed and truncated DER --
+        csr("csr: empty", vec![], Invalid, "csr_empty"),
+        csr("csr: one byte (0x30)", vec![0x30], Invalid, "csr_malformed"),
+        csr("csr: truncated by one byte", good[..good.len() - 1].to_vec(), Invalid, "csr_malformed"),
+        csr("csr: truncated to half", good[..good.len() / 2].to_vec(), Invalid, "csr_malformed"),
+        csr(
+            "csr: truncated inside the signature header",
+            [&good[..good.len() - sig_bits.len()], &sig_bits[..2]].concat(),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr("csr: trailing NUL byte", [&good[..], &[0]].concat(), Invalid, "csr_malformed"),
+        csr("csr: two requests back to back", [&good[..], &good[..]].concat(), Invalid, "csr_malformed"),
+        csr("csr: trailing garbage inside the outer SEQUENCE", seq(&[outer, NULL]), Invalid, "csr_malformed"),
+        csr(
+            "csr: non-minimal outer length",
+            [&[0x30, 0x83, 0, outer_hi, outer_lo][..], outer].concat(),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: BER indefinite length",
+            [&[0x30, 0x80][..], outer, &[0, 0]].concat(),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: outer length claims 4 GiB",
+            [&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff][..], outer].concat(),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: PEM instead of DER",
+            meshca::ca::material::to_pem("CERTIFICATE REQUEST", &good).into_bytes(),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr("csr: version 2", Csr { version: 1, ..k.csr() }.signed(&k.key), Invalid, "csr_malformed"),
+        csr("csr: 600 random bytes", random, Invalid, "csr_malformed"),
+        csr(
+            "csr: a certificate instead of a request",
+            k.server.anchors.certificates()[0].to_vec(),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr("csr: 16 KiB + 1 of zeros", vec![0; 16 * 1024 + 1], Invalid, "csr_too_large"),
+        csr(
+            "csr: signature BIT STRING with unused bits",
+            seq(&[info, sig_alg, &tlv(0x03, &[&[3], &sig_contents[1..]])]),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: attributes [0] missing",
+            seq(&[&no_attributes, &ecdsa_sha256(), &bits(&k.key.sign(&no_attributes))]),
+            Invalid,
+            "csr_malformed",
+        ),
+        // -- CSR: extensions and attributes --
+        csr(
+            "csr: duplicate SAN extension",
+            requesting(&[san_id.clone(), san_id.clone()]),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: duplicate extensionRequest attribute",
+            adding(extension_request(std::slice::from_ref(&san_id))),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: unknown critical extension",
+            requesting(&[extension("1.3.6.1.4.1.99999.1", true, NULL)]),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: SAN extension with trailing garbage",
+            requesting(&[extension(OID_SAN, false, &[&seq(&[&dns(id)])[..], NULL].concat())]),
+            Invalid,
+            "csr_malformed",
+        ),
+        csr(
+            "csr: another identity hidden in the Microsoft extension attribute",
+            adding(extensions_attribute(OID_MS_EXTENSIONS, &[san(&[dns(admin.as_bytes())])])),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        // -- CSR: names --
+        csr("csr: DNS SAN with a NUL byte", k.csr_naming(&[&with_nul]), Denied, "csr_name_not_allowed"),
+        csr(
+            "csr: DNS SAN of the identity plus NUL",
+            k.csr_naming(&[&[id, b"\0"].concat()]),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr("csr: CN with a NUL byte", cn_only(utf8(&with_nul)), Denied, "csr_name_not_allowed"),
+        csr(
+            "csr: URI SAN of the SPIFFE ID plus NUL",
+            requesting(&[san(&[uri(&[k.spiffe.as_bytes(), b"\0"].concat())])]),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr("csr: wildcard DNS SAN *.", k.csr_naming(&[wildcard.as_bytes()]), Denied, "csr_name_not_allowed"),
+        csr("csr: DNS SAN *", k.csr_naming(&[b"*"]), Denied, "csr_name_not_allowed"),
+        csr("csr: wildcard CN", cn_only(utf8(wildcard.as_bytes())), Denied, "csr_name_not_allowed"),
+        csr("csr: upper-case DNS SAN", k.csr_naming(&[upper.as_bytes()]), Denied, "csr_name_not_allowed"),
+        csr("csr: upper-case CN", cn_only(utf8(upper.as_bytes())), Denied, "csr_name_not_allowed"),
+        csr("csr: trailing-dot DNS SAN", k.csr_naming(&[dotted.as_bytes()]), Denied, "csr_name_not_allowed"),
+        csr("csr: trailing-dot CN", cn_only(utf8(dotted.as_bytes())), Denied, "csr_name_not_allowed"),
+        csr("csr: IDN (UTF-8) DNS SAN", k.csr_naming(&[idn.as_bytes()]), Denied, "csr_name_not_allowed"),
+        csr("csr: punycode DNS SAN", k.csr_naming(&[puny.as_bytes()]), Denied, "csr_name_not_allowed"),
+        csr("csr: CN as BMPString", cn_only(tlv(0x1e, &[&bmp])), Denied, "csr_name_not_allowed"),
+        csr(
+            "csr: DNS SAN of 10,000 characters",
+            k.csr_naming(&[long.as_bytes()]),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr("csr: CN of 10,000 characters", cn_only(utf8(long.as_bytes())), Denied, "csr_name_not_allowed"),
+        csr(
+            "csr: 10,000 SAN entries, each the identity",
+            k.csr_naming(&many_ids),
+            Invalid,
+            "request_too_large",
+        ),
+        csr("csr: 10,000 one-letter SAN entries", k.csr_naming(&many_short), Invalid, "csr_too_large"),
+        csr(
+            "csr: 150 SANs of the identity, then another",
+            k.csr_naming(&then_other),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr(
+            "csr: IP SAN",
+            requesting(&[san(&[dns(id), tlv(0x87, &[&[127, 0, 0, 1]])])]),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr(
+            "csr: email SAN",
+            requesting(&[san(&[tlv(0x81, &[b"web@example.com"])])]),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr("csr: otherName SAN (UPN)", requesting(&[san(&[upn])]), Denied, "csr_name_not_allowed"),
+        csr(
+            "csr: URI SAN of another SPIFFE ID",
+            requesting(&[san(&[uri(b"spiffe://cluster.local/ns/kube-system/sa/admin")])]),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr(
+            "csr: directoryName SAN",
+            requesting(&[san(&[tlv(0xa4, &[&cn_name(&utf8(id))])])]),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        csr(
+            "csr: emailAddress in the subject",
+            Csr { subject: email_subject, ..k.csr() }.signed(&k.key),
+            Denied,
+            "csr_name_not_allowed",
+        ),
+        // -- CSR: CA rights --
+        csr("csr: CA:TRUE", requesting(&[san_id.clone(), bc(TRUE)]), Denied, "csr_ca_requested"),
+        csr(
+            "csr: CA:TRUE with pathLen 0",
+            requesting(&[bc(&[TRUE, &tlv(0x02, &[&[0]])].concat())]),
+            Denied,
+            "csr_ca_requested",
+        ),
+        csr(
+            "csr: pathLen without CA:TRUE",
+            requesting(&[bc(&tlv(0x02, &[&[5]]))]),
+            Denied,
+            "csr_ca_requested",
+        ),
+        csr(
+            "csr: CA:TRUE hidden in the Microsoft extension attribute",
+            adding(extensions_attribute(OID_MS_EXTENSIONS, &[bc(TRUE)])),
+            Denied,
+            "csr_ca_requested",
+        ),
+        // -- CSR: keys --
+        csr("csr: RSA 1024", fixture("rsa1024.csr.der"), Invalid, "csr_weak_key"),
+        csr("csr: RSA exponent 1", rsa(modulus(256, 0x01), &[1]), Invalid, "csr_invalid_key"),
+        csr("csr: RSA even modulus", rsa(modulus(256, 0x02), &[1, 0, 1]), Invalid, "csr_invalid_key"),
+        csr("csr: RSA even exponent", rsa(modulus(256, 0x01), &[1, 0, 0]), Invalid, "csr_invalid_key"),
+        csr("csr: RSA 4104-bit modulus", rsa(modulus(513, 0x01), &[1, 0, 1]), Invalid, "csr_key_too_large"),
+        csr(
+            "csr: P-256 point (1,1), off the curve",
+            ec(ec_spki(p256, &point(1, 1))),
+            Invalid,
+            "csr_bad_signature",
+        ),
+        csr("csr: P-256 point (0,0)", ec(ec_spki(p256, &point(0, 0))), Invalid, "csr_bad_signature"),
+        csr("csr: P-256 point with y flipped, off the curve", ec(y_flipped), Invalid, "csr_bad_signature"),
+        csr(
+            "csr: P-256 point in compressed form",
+            ec(ec_spki(p256, &[&[2u8][..], &[7; 32]].concat())),
+            Invalid,
+            "csr_invalid_key",
+        ),
+        csr(
+            "csr: P-256 point at infinity (one zero byte)",
+            ec(ec_spki(p256, &[0])),
+            Invalid,
+            "csr_invalid_key",
+        ),
+        csr("csr: P-521 key", fixture("p521.csr.der"), Invalid, "csr_unsupported_key"),
+        csr("csr: Ed25519 key", ed25519, Invalid, "csr_unsupported_key"),
+        csr("csr: EC key with explicit curve parameters", ec(explicit_curve), Invalid, "csr_unsupported_key"),
+        csr("csr: DSA key", ec(dsa), Invalid, "csr_unsupported_key"),
+        csr("csr: signed by a different key", k.csr().signed(&P256::new()), Invalid, "csr_bad_signature"),
+        csr(
+            "csr: signature of zeros",
+            k.csr().with_signature(&ecdsa_sha256(), &zero_signature),
+            Invalid,
+            "csr_bad_signature",
+        ),
+        csr(
+            "csr: the key's signature over something else",
+            seq(&[info, sig_alg, &bits(&k.key.sign(b"another request"))]),
+            Invalid,
+            "csr_bad_signature",
+        ),
+        csr(
+            "csr: RSA-PSS signature algorithm on an EC key",
+            signed_as(seq(&[&oid("1.2.840.113549.1.1.10"), &seq(&[])])),
+            Invalid,
+            "csr_unsupported_signature_algorithm",
+        ),
+        csr(
+            "csr: RSA signature algorithm on an EC key",
+            signed_as(sha256_rsa()),
+            Invalid,
+            "csr_unsupported_signature_algorithm",
+        ),
+        csr(
+            "csr: ECDSA with SHA-1",
+            signed_as(seq(&[&oid("1.2.840.10045.4.1")])),
+            Invalid,
+            "csr_unsupported_signature_algorithm",
+        ),
+        csr(
+            "csr: ECDSA SHA-256 with NULL parameters",
+            signed_as(seq(&[&oid("1.2.840.10045.4.3.2"), NULL])),
+            Invalid,
+            "csr_unsupported_signature_algorithm",
+        ),
+        // -- The requested identity --
+        identity("identity: upper case", &upper, Invalid, "identity_malformed"),
+        identity("identity: trailing dot", &dotted, Invalid, "identity_malformed"),
+        identity("identity: IDN (UTF-8)", &idn, Invalid, "identity_malformed"),
+        identity("identity: punycode look-alike", &puny, Denied, "identity_mismatch"),
+        identity("identity: wildcard *.", wildcard, Invalid, "identity_malformed"),
+        identity("identity: NUL byte", &format!("{}\0", k.id), Invalid, "identity_malformed"),
+        identity("identity: leading space", &format!(" {}", k.id), Invalid, "identity_malformed"),
+        identity(
+            "identity: 300 characters",
+            &format!("{}{}", "a.".repeat(120), k.id),
+            Invalid,
+            "identity_malformed",
+        ),
+        identity("identity: 60 KiB", &"a".repeat(60 * 1024), Invalid, "identity_malformed"),
+        identity("identity: another service account's", &admin, Denied, "identity_mismatch"),
+        // -- Tokens --
+        token(
+            "token: duplicate sub claim",
+            k.jwt(&k.header(), &format!(r#"{{"sub":"system:serviceaccount:kube-system:admin",{rest}"#)),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: duplicate sub claim, one escaped (s\\u0075b)",
+            k.jwt(&k.header(), &format!(r#"{{"s\u0075b":"system:serviceaccount:kube-system:admin",{rest}"#)),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: duplicate exp claim",
+            k.jwt(&k.header(), &format!(r#"{{"exp":99999999999,{rest}"#)),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: duplicate namespace inside kubernetes.io",
+            k.jwt(
+                &k.header(),
+                &claims.replace(
+                    r#""namespace":"default""#,
+                    r#""namespace":"kube-system","namespace":"default""#,
+                ),
+            ),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: duplicate alg in the header",
+            k.jwt(r#"{"alg":"HS256","alg":"ES256"}"#, &claims),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: sub disagreeing with kubernetes.io",
+            k.jwt(
+                &k.header(),
+                &claims.replace("serviceaccount:default:web", "serviceaccount:kube-system:admin"),
+            ),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: kid path traversal ../../etc/passwd",
+            k.jwt(&kid("../../../../../../etc/passwd"), &claims),
+            Unauth,
+            "unknown_key",
+        ),
+        token("token: kid /dev/zero", k.jwt(&kid("/dev/zero"), &claims), Unauth, "unknown_key"),
+        token(
+            "token: kid file:// URL",
+            k.jwt(&kid("file:///var/run/secrets/kubernetes.io/serviceaccount/token"), &claims),
+            Unauth,
+            "unknown_key",
+        ),
+        token("token: kid with a NUL byte", k.jwt(&kid("x\0y"), &claims), Unauth, "unknown_key"),
+        token("token: kid of 8 KiB", k.jwt(&kid(&"k".repeat(8 * 1024)), &claims), Unauth, "unknown_key"),
+        token(
+            "token: HS256 with the JWKS's own HMAC key",
+            k.hs256(&json!({"alg": "HS256", "kid": HMAC_KID}).to_string(), &claims, &k.hmac_secret),
+            Unauth,
+            "unsupported_algorithm",
+        ),
+        token(
+            "token: HS256 keyed with the published JWKS (key confusion)",
+            k.hs256(&json!({"alg": "HS256", "kid": k.signer.kid()}).to_string(), &claims, k.jwks.as_bytes()),
+            Unauth,
+            "unsupported_algorithm",
+        ),
+        token(
+            "token: ES256 naming the HMAC key's kid",
+            k.jwt(&kid(HMAC_KID), &claims),
+            Unauth,
+            "unknown_key",
+        ),
+        token(
+            "token: RS256 signed by the RSA key, naming the EC key's kid",
+            k.rs256(&json!({"alg": "RS256", "kid": k.signer.kid()}).to_string(), &claims),
+            Unauth,
+            "unknown_key",
+        ),
+        token(
+            "token: ES256 naming the RSA key's kid",
+            k.jwt(&kid(&k.rsa_kid), &claims),
+            Unauth,
+            "unknown_key",
+        ),
+        token(
+            "token: ES256 header over an RS256 signature",
+            k.rs256(&kid(k.signer.kid()), &claims),
+            Unauth,
+            "bad_signature",
+        ),
+        token("token: alg nOnE", none.into_bytes(), Unauth, "unsupported_algorithm"),
+        token(
+            "token: attacker's key embedded as jwk and jku headers",
+            attacker.sign_raw(embedded.to_string().as_bytes(), claims.as_bytes()).into_bytes(),
+            Unauth,
+            "bad_signature",
+        ),
+        token(
+            "token: nested JWT (cty JWT)",
+            k.jwt(&json!({"alg": "ES256", "cty": "JWT", "kid": k.signer.kid()}).to_string(), &inner),
+            Unauth,
+            "token_malformed",
+        ),
+        token("token: a JWT as the payload of a JWT", k.jwt(&k.header(), &inner), Unauth, "token_malformed"),
+        token(
+            "token: five segments (JWE shape)",
+            [&k.token()[..], b".e30.e30"].concat(),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: crit header",
+            k.jwt(&json!({"alg": "ES256", "crit": ["b64"], "b64": false}).to_string(), &claims),
+            Unauth,
+            "token_malformed",
+        ),
+        token("token: NUL byte inside", nul_token, Unauth, "token_malformed"),
+        token(
+            "token: exp 1e300",
+            k.jwt(&k.header(), &format!(r#"{{"exp":1e300,{}"#, rest.replacen(r#""exp":"#, r#""x-exp":"#, 1))),
+            Unauth,
+            "token_malformed",
+        ),
+        token(
+            "token: signed by an unknown key under the trusted kid",
+            attacker.sign_raw(k.header().as_bytes(), claims.as_bytes()).into_bytes(),
+            Unauth,
+            "bad_signature",
+        ),
+        token("token: 60 KiB", vec![b'a'; 60 * 1024], Invalid, "token_too_large"),
+        token(
+            "token: 1 MiB less 2 KiB",
+            vec![b'a'; MAX_DECODED_MESSAGE - 2048],
+            Invalid,
+            "request_too_large",
+        ),
+        // -- gRPC message sizes (beyond the decoding limit: the transport test below) --
+        message(
+            "message: exactly 64 KiB",
+            encoded_to(k.request(k.token(), good.clone()), limit),
+            Invalid,
+            "identity_malformed",
+        ),
+        message(
+            "message: 64 KiB + 1",
+            encoded_to(k.request(k.token(), good.clone()), limit + 1),
+            Invalid,
+            "request_too_large",
+        ),
+        message(
+            "message: exactly the 1 MiB decoding limit",
+            encoded_to(k.request(k.token(), good.clone()), MAX_DECODED_MESSAGE),
+            Invalid,
+            "request_too_large",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hostile_request_is_refused_with_its_code_no_certificate_and_one_audit_record() {
+    let kit = start().await;
+    let server = &kit.server;
+    let mut client = server.client().await;
+
+    // The builders above make acceptable requests when nothing is wrong with them.
+    let baseline = kit.request(kit.token(), kit.csr().signed(&kit.key));
+    let issued = client.certify(baseline).await.expect("the baseline request is issued").into_inner();
+    assert!(!issued.leaf_certificate.is_empty());
+
+    let cases = corpus(&kit);
+    assert!(cases.len() >= 60, "{} cases", cases.len());
+    let mut names = std::collections::HashSet::new();
+    let mut failures = Vec::new();
+    let mut table = String::new();
+    for case in cases {
+        assert!(names.insert(case.name), "duplicate case name {}", case.name);
+        let before = server.audit_records().len();
+        let status = match client.certify(case.request).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                failures.push(format!(
+                    "{}: answered OK (leaf of {} bytes, {} intermediates)",
+                    case.name,
+                    resp.leaf_certificate.len(),
+                    resp.intermediate_certificates.len()
+                ));
+                continue;
+            }
+            Err(status) => status,
+        };
+        let id = request_id(status.metadata());
+        let records = server.audit_records();
+        let mine: Vec<_> = records.iter().filter(|r| r["request_id"] == id.as_str()).collect();
+        let reason = mine.first().and_then(|r| r["reason"].as_str()).unwrap_or("(no record)");
+        let reason_code = reason.split(':').next().unwrap_or_default();
+        table.push_str(&format!("{:<62} {:<17} {reason_code}\n", case.name, format!("{:?}", status.code())));
+        let mut wrong = Vec::new();
+        if status.code() != case.code {
+            wrong.push(format!("code {:?} (expected {:?}): {}", status.code(), case.code, status.message()));
+        }
+        if mine.len() != 1 || records.len() != before + 1 {
+            wrong.push(format!(
+                "{} records for the request, {} new in all",
+                mine.len(),
+                records.len() - before
+            ));
+        }
+        if let Some(record) = mine.first() {
+            if record["outcome"] != "denied" {
+                wrong.push(format!("outcome {}", record["outcome"]));
+            }
+            if record["code"] != meshca::status::code_name(case.code) {
+                wrong.push(format!("audited code {}", record["code"]));
+            }
+            if reason_code != case.reason {
+                wrong.push(format!("reason {reason:?} (expected {})", case.reason));
+            }
+            if record.get("serial").is_some() || record.get("fingerprint_sha256").is_some() {
+                wrong.push("the record names a certificate".into());
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("{}: {}", case.name, wrong.join("; ")));
+        }
+    }
+    println!("{table}");
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        names.len(),
+        failures.join("\n")
+    );
+    let issued = server.audit_records().iter().filter(|r| r["outcome"] == "issued").count();
+    assert_eq!(issued, 2, "only the serving certificate and the baseline were issued");
+    meshca::audit::verify_file(&server.audit_path).unwrap();
+}
+
+// ---- The transport ----
+
+/// A good client gets a certificate within `bound`, on a new connection.
+async fn assert_served(server: &TestServer, bound: Duration, while_: &str) {
+    let started = Instant::now();
+    let certified = timeout(bound, async {
+        let (_key, req) = server.request("default", "web");
+        server.client().await.certify(req).await
+    })
+    .await;
+    match certified {
+        Ok(Ok(resp)) => assert!(!resp.into_inner().leaf_certificate.is_empty()),
+        Ok(Err(status)) => panic!("{while_}: a good client was refused: {status:?}"),
+        Err(_) => panic!("{while_}: a good client was not served within {bound:?}"),
+    }
+    eprintln!("{while_}: a good client was served in {:?}", started.elapsed());
+}
+
+/// Reads until the server closes the connection (end of stream or an error).
+async fn closed<S: tokio::io::AsyncRead + Unpin>(mut stream: S) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// Waits, at most until `deadline`, for the server to close every one of `streams`;
+/// returns how many it closed.
+async fn closed_by<S: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    streams: Vec<S>,
+    deadline: Instant,
+) -> usize {
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|s| tokio::spawn(async move { tokio::time::timeout_at(deadline, closed(s)).await.is_ok() }))
+        .collect();
+    let mut count = 0;
+    for t in tasks {
+        count += usize::from(t.await.unwrap());
+    }
+    count
+}
+
+fn tls_config(server: &TestServer) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for anchor in server.anchors.certificates() {
+        roots.add(anchor.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+async fn tls(
+    server: &TestServer,
+    config: &Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let name = ServerName::try_from(SERVER_NAME.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_beyond_the_decoding_limit_are_refused_by_the_transport_unaudited_and_service_goes_on() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (_key, req) = server.request("default", "web");
+    let before = server.audit_records().len();
+    let over = encoded_to(req.clone(), MAX_DECODED_MESSAGE + 1);
+    let mega_token = CertifyRequest { token: vec![b'a'; 1024 * 1024], ..req.clone() };
+    for (what, request) in [("1 MiB + 1 message", over), ("1 MiB token", mega_token)] {
+        assert!(request.encoded_len() > MAX_DECODED_MESSAGE);
+        let status = client.certify(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{what}: {status:?}");
+        assert!(status.metadata().get("x-request-id").is_none(), "{what}: never reached the handler");
+    }
+    assert_eq!(server.audit_records().len(), before, "no audit record below the handler");
+    // The same channel, then a new one, are still served.
+    assert!(client.certify(req).await.is_ok());
+    assert_served(&server, Duration::from_secs(5), "after oversized messages").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_connections_are_cut_at_the_handshake_deadline_while_a_good_client_is_served() {
+    let server = TestServer::start().await;
+    let config = tls_config(&server);
+    let opened = Instant::now();
+    let mut silent = Vec::new();
+    let mut half_hello = Vec::new();
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        // A TLS record header announcing a ClientHello, and then nothing.
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+        half_hello.push(s);
+    }
+    let mut no_preface = Vec::new();
+    let mut half_preface = Vec::new();
+    for _ in 0..50 {
+        no_preface.push(tls(&server, &config).await);
+        let mut s = tls(&server, &config).await;
+        s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        s.flush().await.unwrap();
+        half_preface.push(s);
+    }
+    assert_served(&server, Duration::from_secs(5), "300 slow-loris connections held open").await;
+    // Each is cut HANDSHAKE_TIMEOUT after its accept; all were opened after `opened`.
+    let deadline = opened.elapsed() + HANDSHAKE_TIMEOUT + Duration::from_secs(5);
+    let deadline = opened + deadline;
+    assert_eq!(closed_by(silent, deadline).await, 100, "silent TCP connections closed");
+    assert_eq!(closed_by(half_hello, deadline).await, 100, "half ClientHellos closed");
+    assert_eq!(closed_by(no_preface, deadline).await, 50, "TLS without the HTTP/2 preface closed");
+    assert_eq!(closed_by(half_preface, deadline).await, 50, "half an HTTP/2 preface closed");
+    assert!(opened.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1), "closed before the deadline");
+    assert_served(&server, Duration::from_secs(5), "after the slow-loris connections").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_idle_connections_do_not_keep_a_good_client_out_and_are_closed() {
+    const IDLE: usize = 2000;
+    let server = TestServer::start().await;
+    let opened = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let connected = opened.elapsed();
+    assert_served(&server, Duration::from_secs(5), &format!("{IDLE} idle connections")).await;
+    let deadline = opened + connected + HANDSHAKE_TIMEOUT + Duration::from_secs(10);
+    assert_eq!(closed_by(idle, deadline).await, IDLE, "idle connections closed after the handshake timeout");
+}
+
+// ---- HTTP/2, frame by frame ----
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const REFUSED_STREAM: u32 = 0x7;
+const CANCEL: u32 = 0x8;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    [&len[1..], &[kind, flags], &stream.to_be_bytes(), payload].concat()
+}
+
+/// A Certify request's header block: HPACK literals without indexing, no Huffman.
+fn certify_headers(extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", "/io.linkerd.proxy.identity.Identity/Certify"),
+        (":authority", SERVER_NAME),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    for (name, value) in fields.iter().chain(extra) {
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+    block
+}
+
+/// What the server sent on a raw HTTP/2 connection, until it closed it.
+#[derive(Debug, Default)]
+struct Seen {
+    max_concurrent_streams: Option<u32>,
+    resets: std::collections::BTreeMap<u32, usize>,
+    goaway: Option<(u32, u32)>,
+    closed: bool,
+}
+
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0; len];
+    r.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], stream, payload))
+}
+
+/// An HTTP/2 connection past the settings exchange, its frames read by a task
+/// (so the server is never blocked writing to us) until the server closes it.
+struct RawH2 {
+    writer: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+    reader: tokio::task::JoinHandle<Seen>,
+}
+
+async fn raw_h2(server: &TestServer) -> RawH2 {
+    let mut stream = tls(server, &tls_config(server)).await;
+    stream.write_all(&[PREFACE, &frame(SETTINGS, 0, 0, &[])].concat()).await.unwrap();
+    let mut seen = Seen::default();
+    loop {
+        let (kind, flags, _, payload) = read_frame(&mut stream).await.expect("the server's SETTINGS");
+        if kind == SETTINGS && flags & ACK == 0 {
+            for setting in payload.chunks(6) {
+                if u16::from_be_bytes([setting[0], setting[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS {
+                    seen.max_concurrent_streams =
+                        Some(u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]));
+                }
+            }
+            break;
+        }
+    }
+    stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
+    let (mut read, writer) = tokio::io::split(stream);
+    let reader = tokio::spawn(async move {
+        while let Some((kind, _, _, payload)) = read_frame(&mut read).await {
+            match kind {
+                RST_STREAM => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    *seen.resets.entry(code).or_default() += 1;
+                }
+                GOAWAY => {
+                    let last = u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff;
+                    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                    seen.goaway = Some((last, code));
+                }
+                _ => {}
+            }
+        }
+        seen.closed = true;
+        seen
+    });
+    RawH2 { writer, reader }
+}
+
+impl RawH2 {
+    /// Writes frames in batches; stops quietly once the server has closed the connection.
+    async fn send(&mut self, frames: impl Iterator<Item = Vec<u8>>) -> usize {
+        let mut sent = 0;
+        let mut batch = Vec::new();
+        for f in frames {
+            batch.extend(f);
+            sent += 1;
+            if batch.len() > 16 * 1024 {
+                if self.writer.write_all(&batch).await.is_err() {
+                    return sent;
+                }
+                batch.clear();
+            }
+        }
+        let _ = self.writer.write_all(&batch).await;
+        let _ = self.writer.flush().await;
+        sent
+    }
+
+    /// What the server sent, once it has closed the connection (at most `bound` from now).
+    async fn outcome(self, bound: Duration) -> Seen {
+        timeout(bound, self.reader).await.expect("the server did not close the connection").unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flood_is_refused_beyond_the_stream_limit_and_then_cut_off() {
+    let server = TestServer::start().await;
+    let mut h2 = raw_h2(&server).await;
+    let limit = MAX_CONCURRENT_STREAMS as usize;
+    let block = certify_headers(&[]);
+    // Streams opened and never finished (no END_STREAM, no message): the limit's worth,
+    // then as many again and more, which must be refused.
+    let streams = limit + MAX_LOCAL_ERROR_RESETS + 100;
+    h2.send((0..streams as u32).map(|i| frame(HEADERS, END_HEADERS, 2 * i + 1, &block))).await;
+    assert_served(&server, Duration::from_secs(5), "a stream flood on another connection").await;
+    let seen = h2.outcome(Duration::from_secs(20)).await;
+    eprintln!("stream flood: the server sent {seen:?}");
+    assert_eq!(seen.max_concurrent_streams, Some(MAX_CONCURRENT_STREAMS), "{seen:?}");
+    let refused = seen.resets.get(&REFUSED_STREAM).copied().unwrap_or(0);
+    assert!(refused > 0 && refused <= MAX_LOCAL_ERROR_RESETS, "{seen:?}");
+    assert_eq!(seen.goaway.map(|g| g.1), Some(ENHANCE_YOUR_CALM), "{seen:?}");
+    assert_served(&server, Duration::from_secs(5), "after the stream flood").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_resets_are_cut_off_with_enhance_your_calm() {
+    let server = TestServer::start().await;
+    let mut h2 = raw_h2(&server).await;
+    let block = certify_headers(&[]);
+    // CVE-2023-44487: open a stream and cancel it at once, over and over.
+    let pairs = (0..20_000u32).flat_map(|i| {
+        let id = 2 * i + 1;
+        [frame(HEADERS, END_HEADERS, id, &block), frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes())]
+    });
+    h2.send(pairs).await;
+    assert_served(&server, Duration::from_secs(5), "a rapid-reset flood on another connection").await;
+    let seen = h2.outcome(Duration::from_secs(20)).await;
+    eprintln!("rapid resets: the server sent {seen:?}");
+    assert_eq!(seen.goaway.map(|g| g.1), Some(ENHANCE_YOUR_CALM), "{seen:?}");
+    assert_served(&server, Duration::from_secs(5), "after the rapid-reset flood").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_the_server_must_reset_are_bounded_per_connection() {
+    let server = TestServer::start().await;
+    let mut h2 = raw_h2(&server).await;
+    // A malformed request (a connection-specific header, forbidden in HTTP/2) is a
+    // stream error: the server resets the stream itself, and the stream never counts
+    // against the concurrency limit. Without a bound on such resets a client could
+    // keep the server resetting forever ("MadeYouReset"); with it, it is cut off.
+    let block = certify_headers(&[("connection", "keep-alive")]);
+    let streams = MAX_LOCAL_ERROR_RESETS as u32 + 200;
+    h2.send((0..streams).map(|i| frame(HEADERS, END_HEADERS, 2 * i + 1, &block))).await;
+    assert_served(&server, Duration::from_secs(5), "a reset-provoking flood on another connection").await;
+    let seen = h2.outcome(Duration::from_secs(20)).await;
+    eprintln!("reset-provoking flood: the server sent {seen:?}");
+    let resets: usize = seen.resets.values().sum();
+    assert!(resets <= MAX_LOCAL_ERROR_RESETS, "{seen:?}");
+    assert_eq!(seen.goaway.map(|g| g.1), Some(ENHANCE_YOUR_CALM), "{seen:?}");
+    assert_served(&server, Duration::from_secs(5), "after the reset-provoking flood").await;
+}
+
+#[test]
+fn the_limits_the_corpus_is_built_around_are_the_servers() {
+    // Guards the constants the corpus relies on against silent drift.
+    assert_eq!(meshca::server::grpc::MAX_REQUEST_LEN, 64 * 1024);
+    assert_eq!(MAX_DECODED_MESSAGE, 1024 * 1024);
+    assert_eq!(meshca::ca::csr::MAX_CSR_LEN, 16 * 1024);
+    assert_eq!(meshca::auth::MAX_TOKEN_LEN, 16 * 1024);
+    assert!(HANDSHAKE_TIMEOUT <= Duration::from_secs(10), "the transport tests wait this long");
+}
