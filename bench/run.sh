@@ -64,6 +64,9 @@ cargo build --release --bins >&2
 MESHCA=target/release/meshca
 LOAD=target/release/meshca-load
 
+# CPU seconds (utime + stime) of a process so far (USER_HZ 100).
+proc_cpu() { awk '{ sub(/.*\) /, ""); print ($12 + $13) / 100 }' "/proc/$1/stat"; }
+
 # Share of all cores busy over one second (from /proc/stat).
 busy_percent() {
   local a b
@@ -211,14 +214,17 @@ if command -v cfssl >/dev/null && command -v hey >/dev/null; then
   done
   for level in $LEVELS; do
     log "cfssl load: $level concurrent requests, ${DURATION}s"
+    cf_cpu_before="$(proc_cpu "$SERVER_PID")"
     HEY="$(hey -z "${DURATION}s" -c "$level" -m POST -T application/json -D "$DATA/cfssl-body.json" \
       "http://127.0.0.1:$CF_PORT/api/v1/cfssl/sign" 2>&1)"
+    cf_cpu="$(awk -v a="$cf_cpu_before" -v b="$(proc_cpu "$SERVER_PID")" 'BEGIN { print b - a }')"
     cf_rate="$(awk '/Requests\/sec/ { print $2 }' <<<"$HEY")"
     cf_p50="$(awk '/ 50% in/ { print $3 * 1000 }' <<<"$HEY")"
     cf_p99="$(awk '/ 99% in/ { print $3 * 1000 }' <<<"$HEY")"
     cf_ok="$(awk '/\[200\]/ { print $2 }' <<<"$HEY")"
     mesh_rate="$(grep -F "\"concurrency\":$level," "$DATA/results.jsonl" | tail -1 | sed -n 's/.*"certs_per_s":\([^,}]*\).*/\1/p')"
     CFSSL_ROWS+="| $level | $(num '%.0f' "$cf_rate") | $(num '%.2f' "$cf_p50") | $(num '%.2f' "$cf_p99") | ${cf_ok:-0}"
+    CFSSL_ROWS+=" | $(awk -v c="$cf_cpu" -v n="${cf_ok:-0}" 'BEGIN { if (n > 0) printf "%.3f", 1000 * c / n; else print "n/a" }')"
     CFSSL_ROWS+=" | $(awk -v m="$mesh_rate" -v c="$cf_rate" 'BEGIN { if (c > 0 && m != "") printf "%.2f", m / c; else print "n/a" }') |"$'\n'
   done
   kill -TERM "$SERVER_PID" 2>/dev/null || true
@@ -262,8 +268,8 @@ if [ -n "$CFSSL_ROWS" ]; then
 
 Peer in the same run: cfssl serve (HTTP, no TLS, no authentication, no audit), same P-256 issuer, loaded by hey
 
-| concurrency | cfssl certs/s | p50 ms | p99 ms | 200 responses | meshca / cfssl |
-|---|---:|---:|---:|---:|---:|
+| concurrency | cfssl certs/s | p50 ms | p99 ms | 200 responses | cfssl CPU s / 1k certs | meshca / cfssl |
+|---|---:|---:|---:|---:|---:|---:|
 ${CFSSL_ROWS}
 EOF
 fi
