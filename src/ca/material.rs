@@ -236,9 +236,9 @@ mod tests {
         assert_eq!((tag, body.len(), rest.len()), (0x04, 300, 0));
     }
 
-    /// Found by fuzzing (fuzz/README.md): a byte-order mark before `-----BEGIN` made the
-    /// parser skip that section, so a bundle saved by a Windows editor, or concatenated
-    /// from such files, silently lost a certificate.
+    /// Found with the `pem` fuzz target (fuzz/README.md): a byte-order mark before
+    /// `-----BEGIN` made the parser skip that section, so a bundle saved by a Windows
+    /// editor, or concatenated from such files, silently lost a certificate.
     #[test]
     fn byte_order_marks_at_line_starts_hide_no_certificate_and_no_key() {
         let dir = tempfile::tempdir().unwrap();
