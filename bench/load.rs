@@ -17,7 +17,7 @@
 //! CSR) start within `--spread` seconds and ask once each, retrying after the
 //! server's `grpc-retry-pushback-ms` (plus jitter) when refused with
 //! ResourceExhausted; it reports when the last was served, the retries, and the
-//! server's largest queue (scraped from `--admin-addr`).
+//! most requests the server ever had in flight (scraped from `--admin-addr`).
 //!
 //! `--crypto-bound` mode needs no server: on one OS thread per core it runs the
 //! cryptographic core of Certify in-process — CSR check (parse + signature
@@ -638,7 +638,7 @@ fn herd(args: &Args) -> Result<()> {
     for f in proxies.iter().filter_map(|p| p.failure.clone()) {
         *failures.entry(f).or_default() += 1;
     }
-    let max_queue = args.admin_addr.as_deref().and_then(|a| scrape(a, "meshca_admission_queue_max"));
+    let max_queue = args.admin_addr.as_deref().and_then(|a| scrape(a, "meshca_admission_in_flight_max"));
     if args.json {
         let out = json!({
             "mode": "herd", "proxies": n, "spread_s": args.spread, "connections": connections,
@@ -655,7 +655,7 @@ fn herd(args: &Args) -> Result<()> {
         }
         println!("  retries {retries} (at most {max_retries} for one proxy)");
         if let Some(q) = max_queue {
-            println!("  largest queue at the server: {q:.0}");
+            println!("  most requests in flight at the server: {q:.0}");
         }
     }
     if failed > 0 {

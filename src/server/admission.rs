@@ -112,6 +112,8 @@ pub struct Admission {
     workers: Semaphore,
     per_peer: Option<Limiter<IpAddr>>,
     per_identity: Option<Limiter<String>>,
+    /// The most requests ever in flight at once.
+    max_in_flight: AtomicUsize,
     /// Requests waiting for a worker now, and the most ever.
     waiting: AtomicUsize,
     max_waiting: AtomicUsize,
@@ -156,6 +158,12 @@ pub fn register_metrics(registry: &mut Registry, admission: &Arc<Admission>) {
         "The most Certify requests ever waiting for a signing worker at once",
         ScrapeGauge::new(move || i64::try_from(a.max_queue_depth()).unwrap_or(i64::MAX)),
     );
+    let a = admission.clone();
+    registry.register(
+        "meshca_admission_in_flight_max",
+        "The most Certify requests ever in flight at once (admitted, not yet answered)",
+        ScrapeGauge::new(move || i64::try_from(a.max_in_flight()).unwrap_or(i64::MAX)),
+    );
     let workers = i64::try_from(admission.settings.workers).unwrap_or(i64::MAX);
     registry.register(
         "meshca_admission_workers",
@@ -193,6 +201,7 @@ impl Admission {
             per_peer: settings.per_peer.map(Limiter::new),
             per_identity: settings.per_identity.map(Limiter::new),
             settings,
+            max_in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             max_waiting: AtomicUsize::new(0),
             service_ns: AtomicU64::new(0),
@@ -209,7 +218,10 @@ impl Admission {
     /// Gate 1: a place in flight, or `Err(retry hint)` when all are taken.
     pub fn enter(&self) -> Result<InFlight<'_>, Duration> {
         match self.in_flight.try_acquire() {
-            Ok(permit) => Ok(InFlight(permit)),
+            Ok(permit) => {
+                self.max_in_flight.fetch_max(self.in_flight(), Ordering::Relaxed);
+                Ok(InFlight(permit))
+            }
             Err(_) => {
                 self.overloaded.fetch_add(1, Ordering::Relaxed);
                 Err(self.overloaded_hint())
@@ -275,6 +287,11 @@ impl Admission {
     /// The most requests ever waiting for a worker at once.
     pub fn max_queue_depth(&self) -> usize {
         self.max_waiting.load(Ordering::Relaxed)
+    }
+
+    /// The most requests ever in flight at once: the deepest the herd queued.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::Relaxed)
     }
 
     /// Requests in flight now.
@@ -384,6 +401,7 @@ mod tests {
         let hint = a.enter().err().unwrap();
         assert!((MIN_RETRY..=MAX_RETRY).contains(&hint), "{hint:?}");
         assert_eq!(a.in_flight(), 2);
+        assert_eq!(a.max_in_flight(), 2);
         drop(first);
         assert!(a.enter().is_ok());
         assert_eq!(a.refusals(), (1, 0, 0));
