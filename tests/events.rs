@@ -26,15 +26,7 @@ struct Cluster {
 }
 
 fn tokenreview(api: &ApiServer) -> TokenConfig {
-    TokenConfig::TokenReview {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        audiences: vec![AUDIENCE.into()],
-        timeout: Duration::from_secs(2),
-        qps: 100,
-        burst: 200,
-        cache_ttl: Duration::from_secs(300),
-        cache_failure_ttl: Duration::from_secs(10),
-    }
+    api.tokenreview_config()
 }
 
 async fn cluster_with(token: impl FnOnce(&ApiServer) -> TokenConfig, events: bool) -> Cluster {

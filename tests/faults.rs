@@ -623,15 +623,7 @@ struct Cluster {
 
 async fn tokenreview_cluster() -> Cluster {
     let api = ApiServer::start().await;
-    let token = TokenConfig::TokenReview {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        audiences: vec![AUDIENCE.into()],
-        timeout: Duration::from_secs(2),
-        qps: 100,
-        burst: 200,
-        cache_ttl: Duration::from_secs(300),
-        cache_failure_ttl: Duration::from_secs(10),
-    };
+    let token = api.tokenreview_config();
     let server = TestServer::start_with(Options { token: Some(token), ..Default::default() }).await;
     Cluster { api, server }
 }

@@ -8,11 +8,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use meshca::config::TokenConfig;
 use meshca::proto::CertifyRequest;
 use serde_json::Value;
 use support::apiserver::{ApiServer, Mode};
-use support::{request_id, Options, TestServer, AUDIENCE};
+use support::{request_id, Options, TestServer};
 
 const UID: &str = "0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c";
 
@@ -23,15 +22,7 @@ struct Cluster {
 
 async fn cluster(node_os: bool) -> Cluster {
     let api = ApiServer::start().await;
-    let token = TokenConfig::TokenReview {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        audiences: vec![AUDIENCE.into()],
-        timeout: Duration::from_secs(2),
-        qps: 100,
-        burst: 200,
-        cache_ttl: Duration::from_secs(300),
-        cache_failure_ttl: Duration::from_secs(10),
-    };
+    let token = api.tokenreview_config();
     let options = Options { token: Some(token), node_os, ..Default::default() };
     let server = TestServer::start_with(options).await;
     Cluster { api, server }

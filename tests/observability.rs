@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use meshca::ca::hierarchy::HierarchyLifetimes;
 use meshca::clock::{unix_seconds, Clock};
-use meshca::config::TokenConfig;
 use meshca::proto::CertifyRequest;
 use support::apiserver::{ApiServer, Mode};
-use support::{request_id, Options, TestServer, AUDIENCE};
+use support::{request_id, Options, TestServer};
 use tonic::Code;
 
 /// Every sample of a Prometheus text page: `name{labels}` → value.
@@ -146,15 +145,7 @@ async fn ready_fails_while_the_audit_sink_is_failing() {
 /// meshca in tokenreview mode against the test API server, threshold 60 s.
 async fn cluster() -> (ApiServer, TestServer) {
     let api = ApiServer::start().await;
-    let token = TokenConfig::TokenReview {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        audiences: vec![AUDIENCE.into()],
-        timeout: Duration::from_secs(2),
-        qps: 100,
-        burst: 200,
-        cache_ttl: Duration::from_secs(300),
-        cache_failure_ttl: Duration::from_secs(10),
-    };
+    let token = api.tokenreview_config();
     let opts = Options { token: Some(token), ..Default::default() };
     (api, TestServer::start_with(opts).await)
 }

@@ -15,7 +15,7 @@ use meshca::auth::dev::{DevSigner, TokenClaims};
 use meshca::config::TokenConfig;
 use meshca::proto::CertifyRequest;
 use support::apiserver::{ApiServer, Mode};
-use support::{chain, request_id, Options, TestServer, AUDIENCE};
+use support::{chain, request_id, Options, TestServer};
 use tonic::Code;
 
 /// meshca in tokenreview mode, pointed at a test API server.
@@ -30,15 +30,10 @@ async fn cluster() -> Cluster {
 
 async fn cluster_with_timeout(timeout: Duration) -> Cluster {
     let api = ApiServer::start().await;
-    let token = TokenConfig::TokenReview {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        audiences: vec![AUDIENCE.into()],
-        timeout,
-        qps: 100,
-        burst: 200,
-        cache_ttl: Duration::from_secs(300),
-        cache_failure_ttl: Duration::from_secs(10),
-    };
+    let mut token = api.tokenreview_config();
+    if let TokenConfig::TokenReview { timeout: t, .. } = &mut token {
+        *t = timeout;
+    }
     let server = TestServer::start_with(Options { token: Some(token), ..Default::default() }).await;
     Cluster { api, server }
 }

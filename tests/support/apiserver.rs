@@ -234,6 +234,20 @@ impl ApiServer {
         ISSUER
     }
 
+    /// meshca's tokenreview mode against this server: the test audience, 2 s
+    /// timeout, 100 qps (burst 200), cache 5 min (refusals 10 s).
+    pub fn tokenreview_config(&self) -> meshca::config::TokenConfig {
+        meshca::config::TokenConfig::TokenReview {
+            kubeconfig: Some(self.kubeconfig.clone()),
+            audiences: vec![super::AUDIENCE.into()],
+            timeout: Duration::from_secs(2),
+            qps: 100,
+            burst: 200,
+            cache_ttl: Duration::from_secs(300),
+            cache_failure_ttl: Duration::from_secs(10),
+        }
+    }
+
     /// The PEM CA certificate its TLS certificate chains to.
     pub fn ca_file(&self) -> PathBuf {
         self._dir.path().join("ca.pem")
