@@ -239,7 +239,7 @@ impl ApiServer {
     pub fn tokenreview_config(&self) -> meshca::config::TokenConfig {
         meshca::config::TokenConfig::TokenReview {
             kubeconfig: Some(self.kubeconfig.clone()),
-            audiences: vec![super::AUDIENCE.into()],
+            audiences: vec![meshca::config::DEFAULT_AUDIENCE.into()],
             timeout: Duration::from_secs(2),
             qps: 100,
             burst: 200,
