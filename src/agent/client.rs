@@ -266,3 +266,24 @@ pub async fn trust_bundle(channel: Channel) -> Result<TrustAnchors, Error> {
     TrustAnchors::from_certs(certs, std::path::Path::new("the trust bundle"))
         .map_err(|e| Error::BadResponse(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_refusal_carries_the_servers_pushback_hint_when_it_sent_one() {
+        let mut status = tonic::Status::resource_exhausted("over capacity");
+        status.metadata_mut().insert(crate::status::RETRY_PUSHBACK_HEADER, "250".parse().unwrap());
+        let e = refused(status);
+        assert_eq!(e.retry_after(), Some(std::time::Duration::from_millis(250)));
+        assert!(matches!(e, Error::Refused { code: tonic::Code::ResourceExhausted, .. }));
+
+        assert_eq!(refused(tonic::Status::unauthenticated("no")).retry_after(), None);
+        let mut garbled = tonic::Status::resource_exhausted("over capacity");
+        garbled.metadata_mut().insert(crate::status::RETRY_PUSHBACK_HEADER, "soon".parse().unwrap());
+        assert_eq!(refused(garbled).retry_after(), None);
+    }
+}
