@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use meshca::agent::client::{self, KeyType};
 use meshca::audit::{sha256_hex, verify_file, AuditLog};
@@ -46,7 +46,7 @@ use meshca::identity::Naming;
 use meshca::proto::identity_client::IdentityClient;
 use meshca::proto::{CertifyRequest, CertifyResponse};
 use support::apiserver::{ApiServer, Mode};
-use support::{chain, request_id, Options, TestServer, AUDIENCE, SERVER_NAME};
+use support::{chain, issuer_under_anchor, request_id, Options, TestServer, AUDIENCE, SERVER_NAME};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -588,29 +588,6 @@ async fn an_unreadable_key_keeps_the_loaded_issuer_and_its_expiry_refuses_until_
     let (leaf, intermediates) = chain(&resp);
     assert_ne!(intermediates[0].as_ref(), &old_issuer[..]);
     server.anchors.verify(&leaf, &intermediates, server.clock.now(), None).unwrap();
-}
-
-/// A new issuer signed by the anchor in DIR, valid for 30 days from `now`: (certificate PEM, key PEM).
-fn issuer_under_anchor(dir: &Path, now: SystemTime) -> (String, String) {
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
-    let anchor_key = rcgen::KeyPair::from_pem(&read("trust-anchor.key")).unwrap();
-    let anchor = rcgen::Issuer::from_ca_cert_pem(&read("trust-anchors.pem"), anchor_key).unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    let mut name = rcgen::DistinguishedName::new();
-    name.push(rcgen::DnType::CommonName, "identity.meshca-system.cluster.local");
-    params.distinguished_name = name;
-    params.not_before = (now - Duration::from_secs(60)).into();
-    params.not_after = (now + Duration::from_secs(30 * 86_400)).into();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = params.signed_by(&key, &anchor).unwrap();
-    (cert.pem(), key.serialize_pem())
 }
 
 // ---------------------------------------------------------------------------

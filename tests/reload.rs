@@ -33,7 +33,7 @@ use meshca::v1::trust_bundle_client::TrustBundleClient;
 use meshca::v1::GetTrustBundleRequest;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use support::{chain, csr, request_id, Options, TestServer, SERVER_NAME};
+use support::{chain, csr, issuer_under_anchor, request_id, Options, TestServer, SERVER_NAME};
 use tonic::Code;
 
 fn read(dir: &Path, name: &str) -> String {
@@ -90,29 +90,6 @@ fn write_anchors(dir: &Path, roots: &[&str]) {
     let tmp = dir.join(".trust-anchors.pem.tmp");
     std::fs::write(&tmp, roots.concat()).unwrap();
     std::fs::rename(tmp, dir.join("trust-anchors.pem")).unwrap();
-}
-
-/// A new issuer signed by the anchor in DIR (trust-anchors.pem, trust-anchor.key),
-/// valid for 30 days: (certificate PEM, key PEM).
-fn issuer_under_anchor(dir: &Path, now: SystemTime) -> (String, String) {
-    let anchor_key = rcgen::KeyPair::from_pem(&read(dir, "trust-anchor.key")).unwrap();
-    let anchor = rcgen::Issuer::from_ca_cert_pem(&read(dir, "trust-anchors.pem"), anchor_key).unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    let mut name = rcgen::DistinguishedName::new();
-    name.push(rcgen::DnType::CommonName, "identity.meshca-system.cluster.local");
-    params.distinguished_name = name;
-    params.not_before = (now - Duration::from_secs(60)).into();
-    params.not_after = (now + Duration::from_secs(30 * 86_400)).into();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = params.signed_by(&key, &anchor).unwrap();
-    (cert.pem(), key.serialize_pem())
 }
 
 fn anchors(roots: &[CertificateDer<'static>]) -> TrustAnchors {

@@ -374,3 +374,27 @@ pub fn chain(
         resp.intermediate_certificates.iter().map(|c| c.clone().into()).collect(),
     )
 }
+
+/// A new issuer signed by the anchor in DIR (trust-anchors.pem, trust-anchor.key),
+/// valid for 30 days from `now`: (certificate PEM, key PEM).
+pub fn issuer_under_anchor(dir: &std::path::Path, now: SystemTime) -> (String, String) {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let anchor_key = rcgen::KeyPair::from_pem(&read("trust-anchor.key")).unwrap();
+    let anchor = rcgen::Issuer::from_ca_cert_pem(&read("trust-anchors.pem"), anchor_key).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, "identity.meshca-system.cluster.local");
+    params.distinguished_name = name;
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + Duration::from_secs(30 * 86_400)).into();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = params.signed_by(&key, &anchor).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
