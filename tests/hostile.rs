@@ -35,67 +35,18 @@ use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, RsaKeyPa
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
 use serde_json::json;
+use support::der::{
+    bits, bmp, cn_name, dns, ec_spki, ecdsa_sha256, extension, extension_request, extensions_attribute,
+    integer, oid, rdn, rsa_spki, san, seq, sha256_rsa, tlv, uri, utf8, NULL, OID_BASIC_CONSTRAINTS,
+    OID_ECDSA_SHA256, OID_EC_PUBLIC_KEY, OID_EMAIL, OID_MS_EXTENSION_REQUEST, OID_P256, OID_SAN, TRUE,
+};
 use support::{request_id, Options, TestServer, AUDIENCE, SERVER_NAME, TOKEN_ISSUER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tonic::Code;
 
-// ---- DER, written by hand ----
-
-fn tlv(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let body = parts.concat();
-    let mut out = vec![tag];
-    if body.len() < 0x80 {
-        out.push(body.len() as u8);
-    } else {
-        let len = body.len().to_be_bytes();
-        let skip = len.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (len.len() - skip) as u8);
-        out.extend(&len[skip..]);
-    }
-    out.extend(body);
-    out
-}
-
-fn seq(parts: &[&[u8]]) -> Vec<u8> {
-    tlv(0x30, parts)
-}
-
-fn set(parts: &[&[u8]]) -> Vec<u8> {
-    tlv(0x31, parts)
-}
-
-fn oid(dotted: &str) -> Vec<u8> {
-    let arcs: Vec<u64> = dotted.split('.').map(|a| a.parse().unwrap()).collect();
-    let mut body = vec![(arcs[0] * 40 + arcs[1]) as u8];
-    for &arc in &arcs[2..] {
-        let mut groups = vec![(arc & 0x7f) as u8];
-        let mut rest = arc >> 7;
-        while rest > 0 {
-            groups.push((rest & 0x7f) as u8 | 0x80);
-            rest >>= 7;
-        }
-        body.extend(groups.iter().rev());
-    }
-    tlv(0x06, &[&body])
-}
-
-fn bits(bytes: &[u8]) -> Vec<u8> {
-    tlv(0x03, &[&[0], bytes])
-}
-
-/// A positive INTEGER from big-endian magnitude bytes.
-fn integer(magnitude: &[u8]) -> Vec<u8> {
-    if magnitude.first().is_some_and(|b| b & 0x80 != 0) {
-        tlv(0x02, &[&[0], magnitude])
-    } else {
-        tlv(0x02, &[magnitude])
-    }
-}
-
-const NULL: &[u8] = &[0x05, 0x00];
-const TRUE: &[u8] = &[0x01, 0x01, 0xff];
+// ---- DER, written by hand (the builders are in support::der) ----
 
 /// One TLV at the start of `input`: (whole TLV, contents, rest).
 fn split(input: &[u8]) -> (&[u8], &[u8], &[u8]) {
@@ -107,56 +58,6 @@ fn split(input: &[u8]) -> (&[u8], &[u8], &[u8]) {
         (input[2..2 + n].iter().fold(0, |acc, b| (acc << 8) | usize::from(*b)), 2 + n)
     };
     (&input[..header + len], &input[header..header + len], &input[header + len..])
-}
-
-fn utf8(s: &[u8]) -> Vec<u8> {
-    tlv(0x0c, &[s])
-}
-
-/// A Name holding one CommonName of the given encoded string.
-fn cn_name(value: &[u8]) -> Vec<u8> {
-    seq(&[&set(&[&seq(&[&oid("2.5.4.3"), value])])])
-}
-
-fn extension(id: &str, critical: bool, value: &[u8]) -> Vec<u8> {
-    let critical: &[u8] = if critical { TRUE } else { &[] };
-    seq(&[&oid(id), critical, &tlv(0x04, &[value])])
-}
-
-const OID_SAN: &str = "2.5.29.17";
-const OID_BASIC_CONSTRAINTS: &str = "2.5.29.19";
-const OID_EXTENSION_REQUEST: &str = "1.2.840.113549.1.9.14";
-const OID_MS_EXTENSIONS: &str = "1.3.6.1.4.1.311.2.1.14";
-
-fn san(names: &[Vec<u8>]) -> Vec<u8> {
-    let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
-    extension(OID_SAN, false, &seq(&refs))
-}
-
-fn dns(name: &[u8]) -> Vec<u8> {
-    tlv(0x82, &[name])
-}
-
-fn uri(name: &[u8]) -> Vec<u8> {
-    tlv(0x86, &[name])
-}
-
-/// An attribute with one value: a SEQUENCE of the given extensions.
-fn extensions_attribute(id: &str, exts: &[Vec<u8>]) -> Vec<u8> {
-    let refs: Vec<&[u8]> = exts.iter().map(Vec::as_slice).collect();
-    seq(&[&oid(id), &set(&[&seq(&refs)])])
-}
-
-fn extension_request(exts: &[Vec<u8>]) -> Vec<u8> {
-    extensions_attribute(OID_EXTENSION_REQUEST, exts)
-}
-
-fn ecdsa_sha256() -> Vec<u8> {
-    seq(&[&oid("1.2.840.10045.4.3.2")])
-}
-
-fn sha256_rsa() -> Vec<u8> {
-    seq(&[&oid("1.2.840.113549.1.1.11"), NULL])
 }
 
 /// A P-256 key (ring) with its SubjectPublicKeyInfo.
@@ -171,21 +72,13 @@ impl P256 {
         let alg = &signature::ECDSA_P256_SHA256_ASN1_SIGNING;
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
         let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
-        let spki = ec_spki("1.2.840.10045.3.1.7", key.public_key().as_ref());
+        let spki = ec_spki(OID_P256, key.public_key().as_ref());
         P256 { key, spki }
     }
 
     fn sign(&self, data: &[u8]) -> Vec<u8> {
         self.key.sign(&SystemRandom::new(), data).unwrap().as_ref().to_vec()
     }
-}
-
-fn ec_spki(curve: &str, point: &[u8]) -> Vec<u8> {
-    seq(&[&seq(&[&oid("1.2.840.10045.2.1"), &oid(curve)]), &bits(point)])
-}
-
-fn rsa_spki(n: &[u8], e: &[u8]) -> Vec<u8> {
-    seq(&[&seq(&[&oid("1.2.840.113549.1.1.1"), NULL]), &bits(&seq(&[&integer(n), &integer(e)]))])
 }
 
 /// A PKCS#10 request, field by field.
@@ -422,29 +315,28 @@ fn corpus(k: &Kit) -> Vec<Case> {
     let dotted = format!("{}.", k.id);
     let idn = k.id.replacen("web", "wéb", 1);
     let puny = k.id.replacen("web", "xn--wb-9ia", 1);
-    let bmp: Vec<u8> = k.id.encode_utf16().flat_map(u16::to_be_bytes).collect();
     let long = format!("{}.{}", "a".repeat(10_000), k.id);
     let many_ids: Vec<&[u8]> = std::iter::repeat_n(id, 10_000).collect();
     let many_short: Vec<&[u8]> = std::iter::repeat_n(&b"a"[..], 10_000).collect();
     let db = k.server.identity("default", "db");
     let then_other: Vec<&[u8]> = std::iter::repeat_n(id, 150).chain([db.as_bytes()]).collect();
     let upn = tlv(0xa0, &[&oid("1.3.6.1.4.1.311.20.2.3"), &tlv(0xa0, &[&utf8(b"admin@corp")])]);
-    let email_subject = seq(&[&set(&[&seq(&[&oid("1.2.840.113549.1.9.1"), &tlv(0x16, &[b"a@b.c"])])])]);
+    let email_subject = seq(&[&rdn(OID_EMAIL, &tlv(0x16, &[b"a@b.c"]))]);
     let bc = |body: &[u8]| extension(OID_BASIC_CONSTRAINTS, true, &seq(&[body]));
 
     // Keys: RSA ones are refused before their (bogus) signature is looked at; EC
     // points are refused by the structure check or by ring when it verifies.
     let modulus = |bytes: usize, last: u8| [vec![0xc5; bytes - 1], vec![last]].concat();
     let rsa = |n: Vec<u8>, e: &[u8]| {
-        Csr { spki: rsa_spki(&n, e), ..k.csr() }.with_signature(&sha256_rsa(), &[0x42; 256])
+        Csr { spki: rsa_spki(&seq(&[&integer(&n), &integer(e)])), ..k.csr() }
+            .with_signature(&sha256_rsa(), &[0x42; 256])
     };
-    let p256 = "1.2.840.10045.3.1.7";
     let point = |x: u8, y: u8| [&[4u8][..], &[x; 32], &[y; 32]].concat();
     let ec = |spki: Vec<u8>| Csr { spki, ..k.csr() }.signed(&k.key);
     let mut y_flipped = k.key.spki.clone();
     *y_flipped.last_mut().unwrap() ^= 1;
     let explicit_curve =
-        seq(&[&seq(&[&oid("1.2.840.10045.2.1"), &seq(&[&tlv(0x02, &[&[1]])])]), &bits(&point(1, 1))]);
+        seq(&[&seq(&[&oid(OID_EC_PUBLIC_KEY), &seq(&[&tlv(0x02, &[&[1]])])]), &bits(&point(1, 1))]);
     let dsa = seq(&[&seq(&[&oid("1.2.840.10040.4.1")]), &bits(&tlv(0x02, &[&[5; 128]]))]);
     let ed25519 = {
         let rng = SystemRandom::new();
@@ -559,7 +451,7 @@ fn corpus(k: &Kit) -> Vec<Case> {
         ),
         csr(
             "csr: another identity hidden in the Microsoft extension attribute",
-            adding(extensions_attribute(OID_MS_EXTENSIONS, &[san(&[dns(admin.as_bytes())])])),
+            adding(extensions_attribute(OID_MS_EXTENSION_REQUEST, &[san(&[dns(admin.as_bytes())])])),
             Denied,
             "csr_name_not_allowed",
         ),
@@ -587,7 +479,7 @@ fn corpus(k: &Kit) -> Vec<Case> {
         csr("csr: trailing-dot CN", cn_only(utf8(dotted.as_bytes())), Denied, "csr_name_not_allowed"),
         csr("csr: IDN (UTF-8) DNS SAN", k.csr_naming(&[idn.as_bytes()]), Denied, "csr_name_not_allowed"),
         csr("csr: punycode DNS SAN", k.csr_naming(&[puny.as_bytes()]), Denied, "csr_name_not_allowed"),
-        csr("csr: CN as BMPString", cn_only(tlv(0x1e, &[&bmp])), Denied, "csr_name_not_allowed"),
+        csr("csr: CN as BMPString", cn_only(bmp(&k.id)), Denied, "csr_name_not_allowed"),
         csr(
             "csr: DNS SAN of 10,000 characters",
             k.csr_naming(&[long.as_bytes()]),
@@ -655,7 +547,7 @@ fn corpus(k: &Kit) -> Vec<Case> {
         ),
         csr(
             "csr: CA:TRUE hidden in the Microsoft extension attribute",
-            adding(extensions_attribute(OID_MS_EXTENSIONS, &[bc(TRUE)])),
+            adding(extensions_attribute(OID_MS_EXTENSION_REQUEST, &[bc(TRUE)])),
             Denied,
             "csr_ca_requested",
         ),
@@ -667,21 +559,21 @@ fn corpus(k: &Kit) -> Vec<Case> {
         csr("csr: RSA 4104-bit modulus", rsa(modulus(513, 0x01), &[1, 0, 1]), Invalid, "csr_key_too_large"),
         csr(
             "csr: P-256 point (1,1), off the curve",
-            ec(ec_spki(p256, &point(1, 1))),
+            ec(ec_spki(OID_P256, &point(1, 1))),
             Invalid,
             "csr_bad_signature",
         ),
-        csr("csr: P-256 point (0,0)", ec(ec_spki(p256, &point(0, 0))), Invalid, "csr_bad_signature"),
+        csr("csr: P-256 point (0,0)", ec(ec_spki(OID_P256, &point(0, 0))), Invalid, "csr_bad_signature"),
         csr("csr: P-256 point with y flipped, off the curve", ec(y_flipped), Invalid, "csr_bad_signature"),
         csr(
             "csr: P-256 point in compressed form",
-            ec(ec_spki(p256, &[&[2u8][..], &[7; 32]].concat())),
+            ec(ec_spki(OID_P256, &[&[2u8][..], &[7; 32]].concat())),
             Invalid,
             "csr_invalid_key",
         ),
         csr(
             "csr: P-256 point at infinity (one zero byte)",
-            ec(ec_spki(p256, &[0])),
+            ec(ec_spki(OID_P256, &[0])),
             Invalid,
             "csr_invalid_key",
         ),
@@ -722,7 +614,7 @@ fn corpus(k: &Kit) -> Vec<Case> {
         ),
         csr(
             "csr: ECDSA SHA-256 with NULL parameters",
-            signed_as(seq(&[&oid("1.2.840.10045.4.3.2"), NULL])),
+            signed_as(seq(&[&oid(OID_ECDSA_SHA256), NULL])),
             Invalid,
             "csr_unsupported_signature_algorithm",
         ),

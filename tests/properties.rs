@@ -15,6 +15,8 @@
 //! Case counts are chosen so that the file runs in a few seconds in a debug build.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -352,41 +354,6 @@ static KEY: LazyLock<EcdsaKeyPair> = LazyLock::new(|| {
     EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap()
 });
 
-mod der {
-    pub fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        match body.len() {
-            n if n < 0x80 => out.push(n as u8),
-            n if n < 0x100 => out.extend([0x81, n as u8]),
-            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
-        }
-        out.extend_from_slice(body);
-        out
-    }
-    pub fn seq(parts: &[&[u8]]) -> Vec<u8> {
-        tlv(0x30, &parts.concat())
-    }
-    pub fn set(parts: &[&[u8]]) -> Vec<u8> {
-        tlv(0x31, &parts.concat())
-    }
-    pub fn oid(bytes: &[u8]) -> Vec<u8> {
-        tlv(0x06, bytes)
-    }
-    pub fn bits(bytes: &[u8]) -> Vec<u8> {
-        tlv(0x03, &[&[0u8][..], bytes].concat())
-    }
-    pub const CN: &[u8] = &[0x55, 0x04, 0x03];
-    pub const O: &[u8] = &[0x55, 0x04, 0x0a];
-    pub const EMAIL: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01];
-    pub const EXTENSION_REQUEST: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x0e];
-    pub const MS_EXTENSION_REQUEST: &[u8] = &[0x2b, 0x06, 0x01, 0x04, 0x01, 0x82, 0x37, 0x02, 0x01, 0x0e];
-    pub const SAN: &[u8] = &[0x55, 0x1d, 0x11];
-    pub const BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
-    pub const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    pub const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    pub const ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
-}
-
 /// The identity a request is judged against, and a neighbour's.
 struct Names<'a> {
     dns: &'a str,
@@ -551,11 +518,14 @@ impl Request {
 
     /// The DER request, its names rendered for `n`, signed with [`KEY`].
     fn der(&self, n: &Names<'_>) -> Vec<u8> {
-        use der::*;
-        let rdn = |attr: &[u8], tag: u8, value: &[u8]| set(&[&seq(&[&oid(attr), &tlv(tag, value)])]);
+        use support::der::{
+            bits, ec_spki, ecdsa_sha256, extension, extensions_attribute, int, rdn, san, seq, tlv,
+            OID_BASIC_CONSTRAINTS, OID_CN, OID_EMAIL, OID_EXTENSION_REQUEST, OID_MS_EXTENSION_REQUEST, OID_O,
+            OID_P256, TRUE,
+        };
         let mut rdns = Vec::new();
         if let Some(o) = &self.organization {
-            rdns.push(rdn(O, 0x0c, o.as_bytes()));
+            rdns.push(rdn(OID_O, &tlv(0x0c, &[o.as_bytes()])));
         }
         for (tag, value) in &self.cns {
             let value = value.render(n);
@@ -563,33 +533,28 @@ impl Request {
                 0x1e => value.encode_utf16().flat_map(u16::to_be_bytes).collect(),
                 _ => value.into_bytes(),
             };
-            rdns.push(rdn(CN, *tag, &bytes));
+            rdns.push(rdn(OID_CN, &tlv(*tag, &[&bytes])));
         }
         if self.email_in_subject {
-            rdns.push(rdn(EMAIL, 0x16, b"web@example.com"));
+            rdns.push(rdn(OID_EMAIL, &tlv(0x16, &[b"web@example.com"])));
         }
         let general_name = |s: &San| match s {
-            San::Dns(v) => tlv(0x82, v.render(n).as_bytes()),
-            San::Uri(v) => tlv(0x86, v.render(n).as_bytes()),
-            San::Email => tlv(0x81, b"web@example.com"),
-            San::Ip => tlv(0x87, &[10, 0, 0, 1]),
-        };
-        let extension = |id: &[u8], critical: bool, value: &[u8]| {
-            let critical = if critical { vec![0x01, 0x01, 0xff] } else { Vec::new() };
-            seq(&[&oid(id), &critical, &tlv(0x04, value)])
+            San::Dns(v) => support::der::dns(v.render(n).as_bytes()),
+            San::Uri(v) => support::der::uri(v.render(n).as_bytes()),
+            San::Email => tlv(0x81, &[b"web@example.com"]),
+            San::Ip => tlv(0x87, &[&[10, 0, 0, 1]]),
         };
         let extensions = |sans: &[San], ca: bool| {
             let mut exts = Vec::new();
             if !sans.is_empty() {
                 let names: Vec<Vec<u8>> = sans.iter().map(general_name).collect();
-                exts.push(extension(SAN, false, &tlv(0x30, &names.concat())));
+                exts.push(san(&names));
             }
             if ca {
-                exts.push(extension(BASIC_CONSTRAINTS, true, &seq(&[&[0x01, 0x01, 0xff]])));
+                exts.push(extension(OID_BASIC_CONSTRAINTS, true, &seq(&[TRUE])));
             }
             exts
         };
-        let attribute = |id: &[u8], exts: Vec<Vec<u8>>| seq(&[&oid(id), &set(&[&tlv(0x30, &exts.concat())])]);
         let half = self.sans.len() / 2;
         let (pkcs9, microsoft) = match self.placement {
             Placement::Pkcs9 => (extensions(&self.sans, self.asks_for_ca), Vec::new()),
@@ -600,16 +565,15 @@ impl Request {
         };
         let mut attributes = Vec::new();
         if !pkcs9.is_empty() {
-            attributes.push(attribute(EXTENSION_REQUEST, pkcs9));
+            attributes.push(extensions_attribute(OID_EXTENSION_REQUEST, &pkcs9));
         }
         if !microsoft.is_empty() {
-            attributes.push(attribute(MS_EXTENSION_REQUEST, microsoft));
+            attributes.push(extensions_attribute(OID_MS_EXTENSION_REQUEST, &microsoft));
         }
-        let spki = seq(&[&seq(&[&oid(EC_PUBLIC_KEY), &oid(P256)]), &bits(KEY.public_key().as_ref())]);
-        let info =
-            seq(&[&[0x02, 0x01, 0x00], &tlv(0x30, &rdns.concat()), &spki, &tlv(0xa0, &attributes.concat())]);
+        let spki = ec_spki(OID_P256, KEY.public_key().as_ref());
+        let info = seq(&[&int(0), &seq(&[&rdns.concat()]), &spki, &tlv(0xa0, &[&attributes.concat()])]);
         let sig = KEY.sign(&ring::rand::SystemRandom::new(), &info).unwrap();
-        seq(&[&info, &seq(&[&oid(ECDSA_SHA256)]), &bits(sig.as_ref())])
+        seq(&[&info, &ecdsa_sha256(), &bits(sig.as_ref())])
     }
 }
 

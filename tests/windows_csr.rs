@@ -35,80 +35,15 @@ use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivatePkcs8KeyDer;
+use support::der::{
+    attribute, bits, bmp, cn_name, dns, ec_spki, extension, int, oid, rsa_spki, san, seq, sorted, tlv, NULL,
+    OID_BASIC_CONSTRAINTS, OID_EXTENSION_REQUEST, OID_MS_EXTENSION_REQUEST, OID_P256, TRUE,
+};
 use support::{chain, request_id, TestServer};
 use tonic::Code;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
-
-// ---- A small DER writer ----
-
-fn tlv(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let content = parts.concat();
-    let mut out = vec![tag];
-    match content.len() {
-        n if n < 0x80 => out.push(n as u8),
-        n if n < 0x100 => out.extend([0x81, n as u8]),
-        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
-    }
-    out.extend(content);
-    out
-}
-
-fn seq(parts: &[&[u8]]) -> Vec<u8> {
-    tlv(0x30, parts)
-}
-
-/// The elements of a DER SET OF, sorted by their encoding.
-fn sorted(parts: &[&[u8]]) -> Vec<u8> {
-    let mut parts = parts.to_vec();
-    parts.sort();
-    parts.concat()
-}
-
-fn set_of(parts: &[&[u8]]) -> Vec<u8> {
-    tlv(0x31, &[&sorted(parts)])
-}
-
-fn oid(dotted: &str) -> Vec<u8> {
-    let arcs: Vec<u64> = dotted.split('.').map(|a| a.parse().unwrap()).collect();
-    let mut body = vec![(arcs[0] * 40 + arcs[1]) as u8];
-    for &arc in &arcs[2..] {
-        let mut groups = vec![(arc & 0x7f) as u8];
-        let mut rest = arc >> 7;
-        while rest > 0 {
-            groups.push((rest & 0x7f) as u8 | 0x80);
-            rest >>= 7;
-        }
-        body.extend(groups.iter().rev());
-    }
-    tlv(0x06, &[&body])
-}
-
-fn int(v: u8) -> Vec<u8> {
-    assert!(v < 0x80);
-    tlv(0x02, &[&[v]])
-}
-
-fn bmp(s: &str) -> Vec<u8> {
-    let units: Vec<u8> = s.encode_utf16().flat_map(u16::to_be_bytes).collect();
-    tlv(0x1e, &[&units])
-}
-
-fn bits(bytes: &[u8]) -> Vec<u8> {
-    tlv(0x03, &[&[0], bytes])
-}
-
-const NULL: &[u8] = &[0x05, 0x00];
-
-fn extension(id: &str, critical: bool, value: &[u8]) -> Vec<u8> {
-    let critical: &[u8] = if critical { &[0x01, 0x01, 0xff] } else { &[] };
-    seq(&[&oid(id), critical, &tlv(0x04, &[value])])
-}
-
-fn attribute(id: &str, value: &[u8]) -> Vec<u8> {
-    seq(&[&oid(id), &set_of(&[value])])
-}
 
 // ---- Keys and signatures ----
 
@@ -141,12 +76,12 @@ impl Key {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap().as_ref().to_vec();
         let public = EcdsaKeyPair::from_pkcs8(alg, &pkcs8, &rng).unwrap().public_key().as_ref().to_vec();
-        let spki = seq(&[&seq(&[&oid("1.2.840.10045.2.1"), &oid(curve)]), &bits(&public)]);
+        let spki = ec_spki(curve, &public);
         Key { label, pkcs8, spki }
     }
 
     fn p256() -> Key {
-        Key::ec("p256", &signature::ECDSA_P256_SHA256_ASN1_SIGNING, "1.2.840.10045.3.1.7")
+        Key::ec("p256", &signature::ECDSA_P256_SHA256_ASN1_SIGNING, OID_P256)
     }
 
     fn p384() -> Key {
@@ -157,7 +92,7 @@ impl Key {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rsa2048.pk8.pem");
         let pkcs8 = PrivatePkcs8KeyDer::from_pem_file(path).unwrap().secret_pkcs8_der().to_vec();
         let public = RsaKeyPair::from_pkcs8(&pkcs8).unwrap().public().as_ref().to_vec();
-        let spki = seq(&[&seq(&[&oid("1.2.840.113549.1.1.1"), NULL]), &bits(&public)]);
+        let spki = rsa_spki(&public);
         Key { label: "rsa2048", pkcs8, spki }
     }
 
@@ -246,7 +181,6 @@ const EMAIL_PROTECTION: &str = "1.3.6.1.5.5.7.3.4";
 const TEMPLATE_NAME: &str = "1.3.6.1.4.1.311.20.2";
 const TEMPLATE_INFO: &str = "1.3.6.1.4.1.311.21.7";
 const APPLICATION_POLICIES: &str = "1.3.6.1.4.1.311.21.10";
-const MS_EXTENSION_REQUEST: &str = "1.3.6.1.4.1.311.2.1.14";
 /// SKI certreq would not compute: the leaf must carry meshca's own.
 const REQUESTED_SKI: [u8; 20] = [0x5a; 20];
 
@@ -287,7 +221,7 @@ impl Request<'_> {
 }
 
 fn name(subject: Subject<'_>) -> Vec<u8> {
-    let cn = |tag: u8, s: &str| seq(&[&set_of(&[&seq(&[&oid("2.5.4.3"), &tlv(tag, &[s.as_bytes()])])])]);
+    let cn = |tag: u8, s: &str| cn_name(&tlv(tag, &[s.as_bytes()]));
     match subject {
         Subject::Printable(s) => cn(0x13, s),
         Subject::Utf8(s) => cn(0x0c, s),
@@ -311,16 +245,15 @@ fn extensions(req: &Request<'_>, san_dns: &[&str]) -> Vec<u8> {
         extension("2.5.29.15", true, &tlv(0x03, &[&[0x04, 0xf0]])),
         extension("2.5.29.14", false, &tlv(0x04, &[&REQUESTED_SKI])),
     ];
-    let mut names: Vec<Vec<u8>> = san_dns.iter().map(|n| tlv(0x82, &[n.as_bytes()])).collect();
+    let mut names: Vec<Vec<u8>> = san_dns.iter().map(|n| dns(n.as_bytes())).collect();
     if let Some(ip) = req.san_ip {
         names.push(tlv(0x87, &[&ip]));
     }
     if !names.is_empty() {
-        let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
-        exts.push(extension("2.5.29.17", false, &seq(&names)));
+        exts.push(san(&names));
     }
     if req.ca {
-        exts.push(extension("2.5.29.19", true, &seq(&[&[0x01, 0x01, 0xff]])));
+        exts.push(extension(OID_BASIC_CONSTRAINTS, true, &seq(&[TRUE])));
     }
     let exts: Vec<&[u8]> = exts.iter().map(Vec::as_slice).collect();
     seq(&exts)
@@ -343,11 +276,11 @@ fn certreq(key: &Key, req: &Request<'_>) -> Vec<u8> {
         attribute("1.3.6.1.4.1.311.13.2.3", &tlv(0x16, &[b"10.0.14393.2"])),
         attribute("1.3.6.1.4.1.311.21.20", &client_info),
         attribute("1.3.6.1.4.1.311.13.2.2", &seq(&[&int(key_spec), &bmp(csp), &bits(&[])])),
-        attribute("1.2.840.113549.1.9.14", &extensions(req, &req.san_dns)),
+        attribute(OID_EXTENSION_REQUEST, &extensions(req, &req.san_dns)),
     ];
     if let Some(dns) = req.legacy_attribute {
         attributes.push(attribute(
-            MS_EXTENSION_REQUEST,
+            OID_MS_EXTENSION_REQUEST,
             &extensions(&Request { ca: false, ..req.clone() }, &[dns]),
         ));
     }

@@ -103,20 +103,9 @@ pub fn scratch_dir() -> PathBuf {
 
 /// DER encoding helpers (definite lengths, single-byte tags).
 pub mod der {
-    pub fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let len = body.len();
-        if len < 0x80 {
-            out.push(len as u8);
-        } else {
-            let bytes = len.to_be_bytes();
-            let skip = bytes.iter().take_while(|b| **b == 0).count();
-            out.push(0x80 | (bytes.len() - skip) as u8);
-            out.extend_from_slice(&bytes[skip..]);
-        }
-        out.extend_from_slice(body);
-        out
-    }
+    /// One TLV: meshca's own encoder.
+    pub use meshca::ca::material::der as tlv;
+
     pub fn seq(parts: &[&[u8]]) -> Vec<u8> {
         tlv(0x30, &parts.concat())
     }

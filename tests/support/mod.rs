@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod apiserver;
+pub mod der;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
