@@ -60,8 +60,16 @@ pub enum BootstrapTokenCommand {
 }
 
 /// `meshca bootstrap-token create`: the token's terms, and where the server's
-/// issuer is (the same settings, defaults and `MESHCA_*` variables as `serve`).
+/// issuer is ([`IssuerArgs`]: the same flags, defaults and `MESHCA_*` variables as
+/// `serve`; the help of five of them is reworded for this command).
 #[derive(Debug, Args)]
+#[command(
+    mut_arg("config", |a| a.help("The server's TOML configuration file (its trust domain, namespace and issuer are used)")),
+    mut_arg("dev", |a| a.help("The server runs with --dev: its issuer is in --data-dir")),
+    mut_arg("trust_anchors", |a| a.help("PEM bundle of trust anchors the issuer chains to [required unless --dev]")),
+    mut_arg("issuer_dir", |a| a.help("The server's issuer directory: tls.crt + tls.key (or crt.pem + key.pem) [required unless --dev]")),
+    mut_arg("allow_non_windows_algorithms", |a| a.help("The server accepts issuers Windows Server 2016 cannot verify")),
+)]
 pub struct BootstrapTokenCreateArgs {
     /// The identity the token is for: SA.NS.serviceaccount.identity.CPNS.TD.
     #[arg(long, value_name = "NAME")]
@@ -72,10 +80,19 @@ pub struct BootstrapTokenCreateArgs {
     /// How many certificates the token may get, 1 to 100.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub uses: u32,
-    /// The server's TOML configuration file (its trust domain, namespace and issuer are used).
+    #[command(flatten)]
+    pub issuer: IssuerArgs,
+}
+
+/// Where the server's CA is and what it names: the flags `serve` and `bootstrap-token
+/// create` share, so that both read the same settings (flags, `MESHCA_*` variables,
+/// the `--config` file) the same way.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Args)]
+pub struct IssuerArgs {
+    /// TOML file with any of these settings (same names as the flags).
     #[arg(long, env = "MESHCA_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The server runs with --dev: its issuer is in --data-dir.
+    /// Embedded default: create (or reuse) a CA, issuer and dev token key in --data-dir and serve on loopback.
     #[arg(long, env = "MESHCA_DEV")]
     pub dev: bool,
     /// Dev mode state directory [default: ./meshca-dev].
@@ -87,13 +104,13 @@ pub struct BootstrapTokenCreateArgs {
     /// Control-plane namespace [default: meshca-system].
     #[arg(long, env = "MESHCA_CONTROL_PLANE_NAMESPACE", value_name = "NS")]
     pub control_plane_namespace: Option<String>,
-    /// PEM bundle of trust anchors the issuer chains to [required unless --dev].
+    /// PEM bundle of trust anchors [required unless --dev].
     #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE")]
     pub trust_anchors: Option<PathBuf>,
-    /// The server's issuer directory: tls.crt + tls.key (or crt.pem + key.pem) [required unless --dev].
+    /// Issuer directory: tls.crt + tls.key (or crt.pem + key.pem) [required unless --dev].
     #[arg(long, env = "MESHCA_ISSUER_DIR", value_name = "DIR")]
     pub issuer_dir: Option<PathBuf>,
-    /// The server accepts issuers Windows Server 2016 cannot verify.
+    /// Accept an issuer chain with keys or signatures Windows Server 2016 cannot verify (Ed25519, RSA-PSS, ...); without it such an issuer is refused at start and on reload.
     #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS")]
     pub allow_non_windows_algorithms: bool,
 }
@@ -164,36 +181,18 @@ pub enum TokenValidation {
 
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
-    /// TOML file with any of these settings (same names as the flags).
-    #[arg(long, env = "MESHCA_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Embedded default: create (or reuse) a CA, issuer and dev token key in --data-dir and serve on loopback.
-    #[arg(long, env = "MESHCA_DEV")]
-    pub dev: bool,
-    /// Dev mode state directory [default: ./meshca-dev].
-    #[arg(long, env = "MESHCA_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Where the CA is and what it names (shared with `bootstrap-token create`).
+    #[command(flatten)]
+    pub issuer: IssuerArgs,
     /// gRPC listen address [default: 127.0.0.1:8080 in dev, 0.0.0.0:8080 otherwise].
     #[arg(long, env = "MESHCA_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
     /// Admin HTTP listen address for /live, /ready, /metrics [default: 127.0.0.1:9990 in dev, 0.0.0.0:9990 otherwise].
     #[arg(long, env = "MESHCA_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Trust domain [default: cluster.local].
-    #[arg(long, env = "MESHCA_TRUST_DOMAIN", value_name = "D")]
-    pub trust_domain: Option<String>,
-    /// Control-plane namespace [default: meshca-system].
-    #[arg(long, env = "MESHCA_CONTROL_PLANE_NAMESPACE", value_name = "NS")]
-    pub control_plane_namespace: Option<String>,
     /// meshca's own service account, named in its serving certificate [default: meshca].
     #[arg(long, env = "MESHCA_SERVICE_ACCOUNT", value_name = "SA")]
     pub service_account: Option<String>,
-    /// PEM bundle of trust anchors [required unless --dev].
-    #[arg(long, env = "MESHCA_TRUST_ANCHORS", value_name = "FILE")]
-    pub trust_anchors: Option<PathBuf>,
-    /// Issuer directory: tls.crt + tls.key (or crt.pem + key.pem) [required unless --dev].
-    #[arg(long, env = "MESHCA_ISSUER_DIR", value_name = "DIR")]
-    pub issuer_dir: Option<PathBuf>,
     /// Lifetime of issued leaves, e.g. 24h, 90s [default: 24h].
     #[arg(long, env = "MESHCA_ISSUANCE_LIFETIME", value_name = "DURATION")]
     pub issuance_lifetime: Option<String>,
@@ -308,9 +307,6 @@ pub struct ServeArgs {
         action = clap::ArgAction::Set
     )]
     pub audit_node_os: Option<bool>,
-    /// Accept an issuer chain with keys or signatures Windows Server 2016 cannot verify (Ed25519, RSA-PSS, ...); without it such an issuer is refused at start and on reload.
-    #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS")]
-    pub allow_non_windows_algorithms: bool,
     /// Accept bootstrap tokens (`meshca bootstrap-token create`) for hosts without Kubernetes: --bootstrap-tokens or --bootstrap-tokens=BOOL [default: true with --dev, false otherwise].
     #[arg(
         long,
@@ -488,5 +484,34 @@ mod tests {
         assert_eq!(serve(&["--audit-node-os"]).unwrap().audit_node_os, Some(true));
         assert!(serve(&["--events", "false"]).is_err(), "a value needs the equals sign");
         assert!(serve(&["--events=maybe"]).is_err());
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Also fails when a `mut_arg` of `bootstrap-token create` names no flag of it.
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn bootstrap_token_create_reads_the_issuer_flags_as_serve_does() {
+        let flags = [
+            "--config=c.toml",
+            "--dev",
+            "--data-dir=d",
+            "--trust-domain=t.example",
+            "--control-plane-namespace=cp",
+            "--trust-anchors=a.pem",
+            "--issuer-dir=i",
+            "--allow-non-windows-algorithms",
+        ];
+        let create = ["meshca", "bootstrap-token", "create", "--identity", "x"];
+        let cli = Cli::try_parse_from(create.iter().chain(&flags)).unwrap();
+        let Command::BootstrapToken { command: BootstrapTokenCommand::Create(create) } = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        let serve = serve(&flags).unwrap().issuer;
+        assert_eq!(create.issuer, serve);
+        assert_eq!(serve.trust_domain.as_deref(), Some("t.example"));
+        assert!(serve.dev && serve.allow_non_windows_algorithms);
     }
 }

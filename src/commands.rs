@@ -16,7 +16,7 @@ use crate::auth::dev::{DevSigner, TokenClaims};
 use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use crate::ca::issuer::TrustAnchors;
 use crate::cli::{
-    AgentArgs, AgentFile, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, LeafKeyArg, ServeArgs,
+    AgentArgs, AgentFile, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, IssuerArgs, LeafKeyArg, ServeArgs,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, FileConfig, DEV_TOKEN_ISSUER};
@@ -135,14 +135,8 @@ fn kubernetes_objects(namespace: &str, h: &hierarchy::Hierarchy) -> String {
 
 /// `meshca serve`: resolves the configuration, binds, and runs until SIGTERM/Ctrl-C.
 pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let file = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Failure::usage(format!("--config {}: {e}", path.display())))?;
-            Config::parse_file(&text).map_err(Failure::usage)?
-        }
-        None => FileConfig::default(),
-    };
+    survive_file_size_limit()?;
+    let file = config_file(&args.issuer)?;
     let config = Config::resolve(args, file).map_err(Failure::usage)?;
     let shutdown = shutdown_signal()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -162,6 +156,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         print_dev_instructions(&config, prepared.created_ca, addrs);
     }
     crate::server::run(config, clock, listener, admin, shutdown).await.map_err(Failure::other)
+}
+
+/// The server's `--config` file, parsed (empty without one).
+fn config_file(args: &IssuerArgs) -> Result<FileConfig, Failure> {
+    let Some(path) = &args.config else { return Ok(FileConfig::default()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("--config {}: {e}", path.display())))?;
+    Config::parse_file(&text).map_err(Failure::usage)
 }
 
 fn print_dev_instructions(config: &Config, created: bool, (listen, admin): (SocketAddr, SocketAddr)) {
@@ -208,6 +210,46 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 's
             tracing::info!("shutting down: finishing in-flight requests");
         })
     }
+}
+
+/// SIGXFSZ: 25 on Linux (but MIPS), macOS and the BSDs.
+#[cfg(unix)]
+const SIGXFSZ: i32 = if cfg!(any(
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_os = "solaris",
+    target_os = "illumos",
+    target_os = "nto"
+)) {
+    31
+} else if cfg!(target_os = "haiku") {
+    29
+} else {
+    25
+};
+
+/// Makes a write past a file size limit (`RLIMIT_FSIZE`: `ulimit -f`, systemd
+/// `LimitFSIZE=`) fail with EFBIG instead of killing the process: by default
+/// SIGXFSZ terminates it, mid-request. With a handler registered (Unix only;
+/// the signal is not ignored, so programs the process starts get the default
+/// action back), the write fails and its writer handles the error like a full
+/// disk: the audit log refuses issuance and recovers (`crate::audit`), the agent
+/// retries the round. The task drains the signals for the life of the runtime.
+fn survive_file_size_limit() -> Result<(), Failure> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut xfsz = signal(SignalKind::from_raw(SIGXFSZ))
+            .map_err(|e| Failure::other(format!("cannot handle SIGXFSZ: {e}")))?;
+        tokio::spawn(async move {
+            while xfsz.recv().await.is_some() {
+                tracing::debug!("SIGXFSZ: a write went past the file size limit and fails with EFBIG");
+            }
+        });
+    }
+    Ok(())
 }
 
 /// `meshca dev-token`: prints the token alone on stdout.
@@ -257,26 +299,11 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
     if args.uses == 0 || args.uses > MAX_USES {
         return Err(Failure::usage(format!("--uses must be from 1 to {MAX_USES}")));
     }
-    let file = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Failure::usage(format!("--config {}: {e}", path.display())))?;
-            Config::parse_file(&text).map_err(Failure::usage)?
-        }
-        None => FileConfig::default(),
-    };
+    let file = config_file(&args.issuer)?;
+    let from_file = args.issuer.config.is_some();
     // The server's own settings and defaults decide names and the issuer's place.
-    let serve = ServeArgs {
-        dev: args.dev,
-        data_dir: args.data_dir,
-        trust_domain: args.trust_domain,
-        control_plane_namespace: args.control_plane_namespace,
-        trust_anchors: args.trust_anchors,
-        issuer_dir: args.issuer_dir,
-        allow_non_windows_algorithms: args.allow_non_windows_algorithms,
-        ..Default::default()
-    };
-    let config = Config::resolve(serve, file).map_err(Failure::usage)?;
+    let config = Config::resolve(ServeArgs { issuer: args.issuer, ..Default::default() }, file)
+        .map_err(Failure::usage)?;
     let identity = args.identity.trim();
     if config.naming.parse(identity).is_none() {
         let (ns, td) = (config.naming.control_plane_namespace(), config.naming.trust_domain());
@@ -299,7 +326,7 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
     let signer =
         BootstrapSigner::new(&key, &snapshot.issuer, config.naming.clone()).map_err(Failure::other)?;
     let (token, claims) = signer.create(identity, ttl, args.uses, now).map_err(Failure::other)?;
-    if args.config.is_some() && config.bootstrap.is_none() {
+    if from_file && config.bootstrap.is_none() {
         eprintln!("warning: this configuration does not enable --bootstrap-tokens: the server refuses the token until it does");
     }
     eprintln!(
@@ -376,12 +403,14 @@ fn round_failure(e: agent_run::Error) -> Failure {
 
 /// `meshca certify`: one certificate, verified, written to `--out`.
 pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
+    survive_file_size_limit()?;
     let file = agent_file(args.config.as_deref())?;
     certify_round(&agent_settings(args, &file, Policy::default())?).await
 }
 
 /// `meshca agent`: keeps `--out` fresh until SIGTERM/Ctrl-C (or once with `--once`).
 pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
+    survive_file_size_limit()?;
     let file = agent_file(args.request.config.as_deref())?;
     let offset_warning =
         args.clock_offset_warning.or(file.clock_offset_warning.clone()).unwrap_or_else(|| "30s".into());

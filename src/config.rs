@@ -270,16 +270,19 @@ impl Config {
 
     /// Merges flags (and environment) over the file over the defaults, and checks the result.
     pub fn resolve(args: ServeArgs, file: FileConfig) -> Result<Config, Error> {
-        let dev = args.dev || file.dev.unwrap_or(false);
-        let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./meshca-dev"));
+        let dev = args.issuer.dev || file.dev.unwrap_or(false);
+        let data_dir =
+            args.issuer.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./meshca-dev"));
         let dev_paths = dev.then_some(DevPaths { data_dir });
         let (listen_default, admin_default) =
             if dev { ("127.0.0.1:8080", "127.0.0.1:9990") } else { ("0.0.0.0:8080", "0.0.0.0:9990") };
         let listen = address("listen", args.listen.or(file.listen), listen_default)?;
         let admin_listen = address("admin-listen", args.admin_listen.or(file.admin_listen), admin_default)?;
 
-        let trust_domain = args.trust_domain.or(file.trust_domain).unwrap_or_else(|| "cluster.local".into());
+        let trust_domain =
+            args.issuer.trust_domain.or(file.trust_domain).unwrap_or_else(|| "cluster.local".into());
         let cpns = args
+            .issuer
             .control_plane_namespace
             .or(file.control_plane_namespace)
             .unwrap_or_else(|| "meshca-system".into());
@@ -300,15 +303,15 @@ impl Config {
 
         let (trust_anchors, issuer_dir) = match &dev_paths {
             Some(p) => (
-                args.trust_anchors.or(file.trust_anchors).unwrap_or_else(|| p.trust_anchors()),
-                args.issuer_dir.or(file.issuer_dir).unwrap_or_else(|| p.issuer_dir()),
+                args.issuer.trust_anchors.or(file.trust_anchors).unwrap_or_else(|| p.trust_anchors()),
+                args.issuer.issuer_dir.or(file.issuer_dir).unwrap_or_else(|| p.issuer_dir()),
             ),
             None => (
-                args.trust_anchors.or(file.trust_anchors).ok_or(Error::Missing {
+                args.issuer.trust_anchors.or(file.trust_anchors).ok_or(Error::Missing {
                     setting: "trust-anchors",
                     when: "(or use --dev for the embedded default)",
                 })?,
-                args.issuer_dir.or(file.issuer_dir).ok_or(Error::Missing {
+                args.issuer.issuer_dir.or(file.issuer_dir).ok_or(Error::Missing {
                     setting: "issuer-dir",
                     when: "(or use --dev for the embedded default)",
                 })?,
@@ -593,12 +596,13 @@ impl Config {
             leeway,
         )?;
 
-        let issuer_algorithms =
-            if args.allow_non_windows_algorithms || file.allow_non_windows_algorithms.unwrap_or(false) {
-                IssuerAlgorithms::Any
-            } else {
-                IssuerAlgorithms::WindowsCompatible
-            };
+        let issuer_algorithms = if args.issuer.allow_non_windows_algorithms
+            || file.allow_non_windows_algorithms.unwrap_or(false)
+        {
+            IssuerAlgorithms::Any
+        } else {
+            IssuerAlgorithms::WindowsCompatible
+        };
 
         Ok(Config {
             dev: dev_paths,
@@ -677,10 +681,17 @@ fn bootstrap(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::IssuerArgs;
+
+    /// `args` with `--dev`.
+    fn in_dev(mut args: ServeArgs) -> ServeArgs {
+        args.issuer.dev = true;
+        args
+    }
 
     #[test]
     fn dev_mode_defaults_to_loopback_and_data_dir_paths() {
-        let args = ServeArgs { dev: true, ..Default::default() };
+        let args = in_dev(ServeArgs::default());
         let c = Config::resolve(args, FileConfig::default()).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9990");
@@ -691,74 +702,82 @@ mod tests {
 
     #[test]
     fn reload_interval_defaults_to_30s_comes_from_flag_over_file_and_is_bounded() {
-        let dev = |args| ServeArgs { dev: true, ..args };
-        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         assert_eq!(
             c.reload,
             ReloadSettings { interval: Duration::from_secs(30), ..ReloadSettings::default() }
         );
         let file = || Config::parse_file("reload-interval = \"2m\"\n").unwrap();
-        let c = Config::resolve(dev(ServeArgs::default()), file()).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), file()).unwrap();
         assert_eq!(c.reload.interval, Duration::from_secs(120));
         let args = ServeArgs { reload_interval: Some("5s".into()), ..Default::default() };
-        assert_eq!(Config::resolve(dev(args), file()).unwrap().reload.interval, Duration::from_secs(5));
+        assert_eq!(Config::resolve(in_dev(args), file()).unwrap().reload.interval, Duration::from_secs(5));
         for bad in ["0s", "500ms", "2h", "soon"] {
             let args = ServeArgs { reload_interval: Some(bad.into()), ..Default::default() };
-            let err = Config::resolve(dev(args), FileConfig::default()).unwrap_err();
+            let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--reload-interval:"), "{bad}: {err}");
         }
     }
 
     #[test]
     fn ready_api_unreachable_threshold_defaults_to_60s_comes_from_flag_over_file_and_is_at_least_1s() {
-        let dev = |args| ServeArgs { dev: true, ..args };
-        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         assert_eq!(c.ready_api_unreachable_threshold, Duration::from_secs(60));
         let file = || Config::parse_file("ready-api-unreachable-threshold = \"2m\"\n").unwrap();
-        let c = Config::resolve(dev(ServeArgs::default()), file()).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), file()).unwrap();
         assert_eq!(c.ready_api_unreachable_threshold, Duration::from_secs(120));
         let args = ServeArgs { ready_api_unreachable_threshold: Some("90s".into()), ..Default::default() };
-        let c = Config::resolve(dev(args), file()).unwrap();
+        let c = Config::resolve(in_dev(args), file()).unwrap();
         assert_eq!(c.ready_api_unreachable_threshold, Duration::from_secs(90));
         for bad in ["0s", "500ms", "soon"] {
             let args = ServeArgs { ready_api_unreachable_threshold: Some(bad.into()), ..Default::default() };
-            let err = Config::resolve(dev(args), FileConfig::default()).unwrap_err();
+            let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--ready-api-unreachable-threshold:"), "{bad}: {err}");
         }
     }
 
     #[test]
     fn non_windows_issuer_algorithms_are_refused_unless_the_flag_or_the_file_allows_them() {
-        let dev = |args| ServeArgs { dev: true, ..args };
-        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::WindowsCompatible);
-        let args = ServeArgs { allow_non_windows_algorithms: true, ..Default::default() };
-        let c = Config::resolve(dev(args), FileConfig::default()).unwrap();
+        let args = ServeArgs {
+            issuer: IssuerArgs { allow_non_windows_algorithms: true, ..Default::default() },
+            ..Default::default()
+        };
+        let c = Config::resolve(in_dev(args), FileConfig::default()).unwrap();
         assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::Any);
         let file = Config::parse_file("allow-non-windows-algorithms = true\n").unwrap();
-        let c = Config::resolve(dev(ServeArgs::default()), file).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), file).unwrap();
         assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::Any);
         let file = Config::parse_file("allow-non-windows-algorithms = false\n").unwrap();
-        let c = Config::resolve(dev(ServeArgs::default()), file).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), file).unwrap();
         assert_eq!(c.reload.issuer_algorithms, IssuerAlgorithms::WindowsCompatible);
     }
 
     #[test]
     fn world_readable_issuer_keys_are_refused_unless_the_flag_or_the_file_allows_them() {
-        let dev = |args| ServeArgs { dev: true, ..args };
-        let c = Config::resolve(dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         assert!(!c.reload.allow_world_readable_issuer_key);
         let args = ServeArgs { allow_world_readable_issuer_key: true, ..Default::default() };
         assert!(
-            Config::resolve(dev(args), FileConfig::default()).unwrap().reload.allow_world_readable_issuer_key
+            Config::resolve(in_dev(args), FileConfig::default())
+                .unwrap()
+                .reload
+                .allow_world_readable_issuer_key
         );
         let file = Config::parse_file("allow-world-readable-issuer-key = true\n").unwrap();
         assert!(
-            Config::resolve(dev(ServeArgs::default()), file).unwrap().reload.allow_world_readable_issuer_key
+            Config::resolve(in_dev(ServeArgs::default()), file)
+                .unwrap()
+                .reload
+                .allow_world_readable_issuer_key
         );
         let file = Config::parse_file("allow-world-readable-issuer-key = false\n").unwrap();
         assert!(
-            !Config::resolve(dev(ServeArgs::default()), file).unwrap().reload.allow_world_readable_issuer_key
+            !Config::resolve(in_dev(ServeArgs::default()), file)
+                .unwrap()
+                .reload
+                .allow_world_readable_issuer_key
         );
     }
 
@@ -780,17 +799,23 @@ mod tests {
     fn missing_or_bad_settings_name_the_flag() {
         let err = Config::resolve(ServeArgs::default(), FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("--trust-anchors"), "{err}");
-        let args = ServeArgs { dev: true, issuance_lifetime: Some("soon".into()), ..Default::default() };
+        let args = in_dev(ServeArgs { issuance_lifetime: Some("soon".into()), ..Default::default() });
         let err = Config::resolve(args, FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("--issuance-lifetime"), "{err}");
-        let args = ServeArgs { dev: true, trust_domain: Some("Bad_Domain".into()), ..Default::default() };
+        let args = ServeArgs {
+            issuer: IssuerArgs { trust_domain: Some("Bad_Domain".into()), ..Default::default() },
+            ..Default::default()
+        };
+        let args = in_dev(args);
         let err = Config::resolve(args, FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("--trust-domain"), "{err}");
         assert!(Config::parse_file("no-such-key = 1").is_err());
     }
 
-    fn outside_dev(args: ServeArgs) -> ServeArgs {
-        ServeArgs { trust_anchors: Some("/a.pem".into()), issuer_dir: Some("/i".into()), ..args }
+    fn outside_dev(mut args: ServeArgs) -> ServeArgs {
+        args.issuer.trust_anchors = Some("/a.pem".into());
+        args.issuer.issuer_dir = Some("/i".into());
+        args
     }
 
     #[test]
@@ -806,8 +831,7 @@ mod tests {
             cache_failure_ttl: Duration::from_secs(10),
         };
         assert_eq!(c.token, expected);
-        let dev =
-            Config::resolve(ServeArgs { dev: true, ..Default::default() }, FileConfig::default()).unwrap();
+        let dev = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         assert!(
             matches!(dev.token, TokenConfig::Jwks { ref issuer, .. } if issuer.as_deref() == Some(DEV_TOKEN_ISSUER))
         );
@@ -951,12 +975,12 @@ mod tests {
             "the flag wins over the file"
         );
         for mode in [TokenValidation::TokenReview, TokenValidation::Dev] {
-            let args = ServeArgs {
+            let mut args = ServeArgs {
                 token_validation: Some(mode),
                 jwks_confirm_pod: Some(true),
-                dev: mode == TokenValidation::Dev,
                 ..Default::default()
             };
+            args.issuer.dev = mode == TokenValidation::Dev;
             let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--jwks-confirm-pod:"), "{mode:?}: {err}");
         }
@@ -1030,21 +1054,20 @@ mod tests {
             let err = Config::resolve(jwks(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with(&format!("--{flag}")), "{flag}: {err}");
         }
-        let dev = ServeArgs { dev: true, events: Some(true), ..Default::default() };
+        let dev = in_dev(ServeArgs { events: Some(true), ..Default::default() });
         let err = Config::resolve(dev, FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("--events"), "{err}");
     }
 
     #[test]
     fn bootstrap_tokens_are_on_in_dev_off_otherwise_and_pick_a_replay_store() {
-        let dev =
-            Config::resolve(ServeArgs { dev: true, ..Default::default() }, FileConfig::default()).unwrap();
+        let dev = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         let expected = ReplayConfig::File(PathBuf::from("./meshca-dev/bootstrap-used.jsonl"));
         assert_eq!(
             dev.bootstrap,
             Some(BootstrapConfig { replay: expected, leeway: Duration::from_secs(60) })
         );
-        let off = ServeArgs { dev: true, bootstrap_tokens: Some(false), ..Default::default() };
+        let off = in_dev(ServeArgs { bootstrap_tokens: Some(false), ..Default::default() });
         assert_eq!(Config::resolve(off, FileConfig::default()).unwrap().bootstrap, None);
 
         // Outside dev: off by default; on, tokenreview's Kubernetes client brings Leases.

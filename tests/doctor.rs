@@ -14,8 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 use meshca::agent::client::KeyType;
 use meshca::agent::run::{renew_once, Settings};
 use meshca::agent::schedule::Policy;
+use meshca::auth::bootstrap::BootstrapSigner;
+use meshca::ca::material::read_pkcs8_key;
 use meshca::ca::profile::Lifetimes;
+use meshca::ca::store::Snapshot;
 use meshca::clock::{Clock, FakeClock, SystemClock};
+use meshca::config::{BootstrapConfig, ReplayConfig};
 use meshca::doctor::{self, Check, Options, Report, Status};
 use support::{TestServer, SERVER_NAME};
 
@@ -474,6 +478,107 @@ async fn a_token_for_another_service_account_names_the_identity_it_may_request()
         Status::Fail,
         &["PermissionDenied", "--identity db.default.serviceaccount.identity.meshca-system.cluster.local"],
     );
+}
+
+/// A signer with the server's current issuer, as `meshca bootstrap-token create` has.
+fn bootstrap_signer(server: &TestServer) -> BootstrapSigner {
+    let dir = server.dir.path();
+    let snapshot =
+        Snapshot::load(&dir.join("trust-anchors.pem"), &dir.join("issuer"), server.clock.now()).unwrap();
+    let key = read_pkcs8_key(&dir.join("issuer/tls.key")).unwrap();
+    BootstrapSigner::new(&key, &snapshot.issuer, server.naming.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn a_bootstrap_token_is_read_as_one_and_dry_run_without_spending_a_use() {
+    let replay = ReplayConfig::File("bootstrap-used.jsonl".into());
+    let bootstrap = Some(BootstrapConfig { replay, leeway: Duration::from_secs(60) });
+    let server = TestServer::start_with(support::Options { bootstrap, ..support::Options::default() }).await;
+    let issued_before = audit_issued(&server);
+    let signer = bootstrap_signer(&server);
+    let now = server.clock.now();
+    let (token, claims) = signer.create(WEB, Duration::from_secs(3600), 2, now).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("bootstrap.token");
+    std::fs::write(&token_file, format!("{}\n", token.expose())).unwrap();
+    // A host before its first certificate: no --cert-dir yet.
+    let mut options = Options {
+        addr: Some(server.url()),
+        trust_anchors: Some(anchors(&server)),
+        token_file: Some(token_file.clone()),
+        identity: Some(WEB.into()),
+        ..Options::default()
+    };
+
+    let report = diagnose(&options, &server.clock).await;
+    assert_finding(
+        &report,
+        Check::Token,
+        Status::Ok,
+        &[
+            "holds a bootstrap token (not verified here)",
+            &format!("sub \"{WEB}\""),
+            &format!("token id \"{}\"", claims.token_id),
+            &format!("kid \"{}\"", signer.kid()),
+            "good for 2 certificate(s)",
+            "expires ",
+            "s by meshca's clock",
+            &format!("meshca would issue {WEB}"),
+        ],
+    );
+    assert!(!finding(&report, Check::Token).found.contains("does not hold a JWT"));
+    let secret = token.expose();
+    assert!(
+        !report.to_string().contains(secret) && !report.to_json().contains(secret),
+        "the token is printed"
+    );
+    assert_eq!(audit_issued(&server), issued_before, "doctor must not cause an issuance");
+    let spent = std::fs::read_to_string(server.dir.path().join("bootstrap-used.jsonl")).unwrap_or_default();
+    assert!(!spent.contains(&claims.token_id), "a dry run spent a use: {spent}");
+
+    // For another identity than the one requested: said offline, refused by meshca.
+    let db = server.identity("default", "db");
+    options.identity = Some(db.clone());
+    let report = diagnose(&options, &server.clock).await;
+    assert_finding(
+        &report,
+        Check::Token,
+        Status::Fail,
+        &[&format!("it is for \"{WEB}\", not for the identity requested, {db}"), "PermissionDenied"],
+    );
+    options.identity = Some(WEB.into());
+
+    // Expired by meshca's clock: a new one is needed.
+    let (expired, _) = signer.create(WEB, Duration::from_secs(600), 1, now - 2 * TEN_MINUTES * 6).unwrap();
+    std::fs::write(&token_file, expired.expose()).unwrap();
+    let report = diagnose(&options, &server.clock).await;
+    assert_finding(
+        &report,
+        Check::Token,
+        Status::Fail,
+        &[
+            "expired at",
+            "s ago by meshca's clock",
+            "meshca refuses it: Unauthenticated",
+            &format!("meshca bootstrap-token create --identity \"{WEB}\""),
+        ],
+    );
+
+    // With a valid certificate on disk the agent renews with that: the expired
+    // token is a warning, not a failure.
+    let host = healthy_host(&server).await;
+    options.cert_dir = host.options.cert_dir.clone();
+    let report = diagnose(&options, &server.clock).await;
+    assert_finding(
+        &report,
+        Check::Token,
+        Status::Warn,
+        &[
+            "expired at",
+            "the agent renews with it and presents the token only if meshca refuses the certificate",
+        ],
+    );
+    assert!(report.passed(), "{report}");
 }
 
 // The real binary.

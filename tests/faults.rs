@@ -353,8 +353,8 @@ fn assert_gap_recovered(log: &Path, issued: &[String], refused: u64, error: &str
 async fn a_file_size_limit_reached_mid_record_fails_closed_and_recovers_when_lifted() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    // A file size limit kills with SIGXFSZ unless ignored; ignored, writes fail with EFBIG.
-    let mut serve = Serve::start(&[], "trap '' XFSZ; exec \"$@\"", &data, &[]).await;
+    // meshca handles SIGXFSZ itself: past the limit, writes fail with EFBIG.
+    let mut serve = Serve::start(&[], "exec \"$@\"", &data, &[]).await;
     let log = data.join("audit.jsonl");
     let mut client = serve.client().await;
     let mut handed_out = vec![issue_one(&serve, &mut client).await];

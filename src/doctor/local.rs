@@ -6,8 +6,12 @@
 //! readable by its owner only (Unix). The next renewal is estimated with the
 //! agent's own policy (`agent::schedule`, default policy: half the lifetime,
 //! ±10%). The token's claims are read without verifying the signature, and only
-//! the claims are reported: the token itself is never printed. Whether meshca
-//! accepts it is meshca's verdict from the probe.
+//! the claims are reported: the token itself is never printed. A bootstrap token
+//! (`mcbt1.` + JWS, `crate::auth::bootstrap`) is told apart by its prefix: its
+//! identity (`sub`), token id, `kid` (the signing issuer's fingerprint), uses and
+//! expiry are reported, and its expiry matters less while a valid certificate is
+//! in `--cert-dir` (the agent renews with that first). Whether meshca accepts the
+//! token is meshca's verdict from the probe (a dry run spends no bootstrap use).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -18,6 +22,7 @@ use super::probe::Verdict;
 use super::tls::names;
 use super::{human, when, At, Check, Finding, Options, Status};
 use crate::agent::schedule::{self, Policy};
+use crate::auth::bootstrap::{is_bootstrap_token, PREFIX as BOOTSTRAP_PREFIX};
 use crate::ca::issuer::{to_system_time, TrustAnchors};
 use crate::ca::material::{read_certificates, read_pkcs8_key};
 
@@ -44,10 +49,14 @@ impl Notes {
     fn fact(&mut self, fact: impl Into<String>) {
         self.facts.push(fact.into());
     }
+    /// A problem; a fix already given is not repeated.
     fn problem(&mut self, status: Status, fact: impl Into<String>, fix: impl Into<String>) {
         self.status = self.status.max(status);
         self.facts.push(fact.into());
-        self.fixes.push(fix.into());
+        let fix = fix.into();
+        if !self.fixes.contains(&fix) {
+            self.fixes.push(fix);
+        }
     }
     fn finish(self, check: Check) -> Finding {
         let found = self.facts.join(", ");
@@ -287,6 +296,9 @@ pub fn token(
             )
         }
     };
+    if is_bootstrap_token(&bytes) {
+        return bootstrap_token(path, &bytes, options, identity, at, verdict);
+    }
     let claims = match claims(&bytes) {
         Ok(c) => c,
         Err(why) => {
@@ -330,6 +342,37 @@ pub fn token(
         };
         notes.problem(status, format!("aud lacks {DEFAULT_AUDIENCE}"), audience_fix.clone());
     }
+    let fixes = RefusalFixes {
+        unauthenticated: format!(
+            "give the agent a current projected token requested with meshca's audience ({DEFAULT_AUDIENCE} unless meshca's --token-audiences says otherwise)"
+        ),
+        permission_denied: match own_identity(&claims, identity) {
+            Some(own) => format!(
+                "request the identity the token holds (--identity {own}), or give the agent the token of the service account it requests for"
+            ),
+            None => "request the identity of the token's own service account, or give the agent that service account's token".into(),
+        },
+    };
+    meshca_verdict(&mut notes, verdict, identity, fixes);
+    notes.finish(Check::Token)
+}
+
+/// How to fix a refusal of meshca's, for the kind of token presented.
+struct RefusalFixes {
+    /// `Unauthenticated`: the token itself is not accepted.
+    unauthenticated: String,
+    /// `PermissionDenied`: the token is for another identity than the one asked for.
+    permission_denied: String,
+}
+
+/// meshca's verdict on the token (`None`: not asked) into `notes`; a refusal
+/// the notes already explain gets no second fix.
+fn meshca_verdict(
+    notes: &mut Notes,
+    verdict: Option<Result<&Verdict, &String>>,
+    identity: Option<&str>,
+    fixes: RefusalFixes,
+) {
     let explained = notes.status != Status::Ok;
     match (verdict, identity) {
         (None, _) => notes.problem(Status::Warn, "not tried with meshca (no verified connection)", "fix the checks above first"),
@@ -353,24 +396,165 @@ pub fn token(
             if *code == tonic::Code::Unauthenticated && explained {
                 notes.status = Status::Fail;
                 notes.fact(found);
-                return notes.finish(Check::Token);
+                return;
             }
             let fix = match code {
-                tonic::Code::Unauthenticated => format!(
-                    "give the agent a current projected token requested with meshca's audience ({DEFAULT_AUDIENCE} unless meshca's --token-audiences says otherwise)"
-                ),
-                tonic::Code::PermissionDenied => match own_identity(&claims, identity) {
-                    Some(own) => format!(
-                        "request the identity the token holds (--identity {own}), or give the agent the token of the service account it requests for"
-                    ),
-                    None => "request the identity of the token's own service account, or give the agent that service account's token".into(),
-                },
+                tonic::Code::Unauthenticated => fixes.unauthenticated,
+                tonic::Code::PermissionDenied => fixes.permission_denied,
                 tonic::Code::Unavailable => "meshca cannot decide now (token backend or audit log): look up the request id in meshca's log".into(),
                 tonic::Code::FailedPrecondition => "meshca's issuer is unusable: rotate the issuer (docs/RUNBOOK.md)".into(),
                 _ => "look up the request id in meshca's log and audit log".into(),
             };
             notes.problem(Status::Fail, found, fix);
         }
+    }
+}
+
+/// What doctor reads of a bootstrap token; read, not verified.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct BootstrapClaims {
+    /// Header `alg` and `kid` (the signing issuer certificate's SHA-256 fingerprint).
+    alg: Option<String>,
+    kid: Option<String>,
+    /// `sub`: the identity the token is for.
+    identity: Option<String>,
+    /// `jti`: the token id audit records name.
+    token_id: Option<String>,
+    expires: Option<SystemTime>,
+    uses: Option<u64>,
+}
+
+/// Decodes the header and claims of `mcbt1.` + JWS; never echoes the token.
+fn bootstrap_claims(token: &[u8]) -> Result<BootstrapClaims, &'static str> {
+    let token = std::str::from_utf8(token.trim_ascii()).map_err(|_| "not text")?;
+    let jws = token.strip_prefix(BOOTSTRAP_PREFIX).ok_or("no mcbt1. prefix")?;
+    let parts: Vec<&str> = jws.split('.').collect();
+    let [header, payload, _signature] = parts[..] else {
+        return Err("not three dot-separated parts after mcbt1.");
+    };
+    let object = |part: &str, not_base64, not_json| {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).map_err(|_| not_base64)?;
+        match serde_json::from_slice(&bytes) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            _ => Err(not_json),
+        }
+    };
+    let header = object(header, "the header is not base64url", "the header is not a JSON object")?;
+    let claims = object(payload, "the payload is not base64url", "the payload is not a JSON object")?;
+    let text = |map: &serde_json::Map<String, serde_json::Value>, k: &str| {
+        map.get(k).and_then(|v| v.as_str()).map(str::to_owned)
+    };
+    Ok(BootstrapClaims {
+        alg: text(&header, "alg"),
+        kid: text(&header, "kid"),
+        identity: text(&claims, "sub"),
+        token_id: text(&claims, "jti"),
+        expires: claims
+            .get("exp")
+            .and_then(|v| v.as_u64())
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
+        uses: claims.get("uses").and_then(|v| v.as_u64()),
+    })
+}
+
+/// When the leaf in `--cert-dir` expires, if it is valid at `at`: the agent then
+/// renews with it (proof of possession) before it presents a bootstrap token.
+fn valid_certificate_until(options: &Options, at: At) -> Option<SystemTime> {
+    let certs = read_certificates(&options.cert_dir.as_ref()?.join("tls.crt")).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let (not_before, not_after) =
+        (to_system_time(cert.validity().not_before), to_system_time(cert.validity().not_after));
+    (not_before <= at.time && at.time < not_after).then_some(not_after)
+}
+
+/// Check 6 for a bootstrap token (`meshca bootstrap-token create`).
+fn bootstrap_token(
+    path: &Path,
+    bytes: &[u8],
+    options: &Options,
+    identity: Option<&str>,
+    at: At,
+    verdict: Option<Result<&Verdict, &String>>,
+) -> Finding {
+    let file = path.display();
+    let claims = match bootstrap_claims(bytes) {
+        Ok(c) => c,
+        Err(why) => {
+            return Finding::fail(
+                Check::Token,
+                format!("{file} starts like a bootstrap token ({BOOTSTRAP_PREFIX}) but is not one ({why})"),
+                format!("create a new one with `meshca bootstrap-token create` and write its output to {file} unchanged"),
+            )
+        }
+    };
+    let optional = |v: &Option<String>| v.as_deref().map(shown).unwrap_or_else(|| "(none)".into());
+    let mut notes = Notes::new();
+    notes.fact(format!(
+        "{file} holds a bootstrap token (not verified here): sub {}, token id {}, kid {}, alg {}",
+        optional(&claims.identity),
+        optional(&claims.token_id),
+        optional(&claims.kid),
+        optional(&claims.alg),
+    ));
+    let for_whom = claims.identity.as_deref().or(identity).map(shown).unwrap_or_else(|| "NAME".into());
+    let create = format!(
+        "create a new one where meshca's issuer key can be read: `meshca bootstrap-token create --identity \
+         {for_whom}` (with the server's --config or flags), and write it to {file}"
+    );
+    let asked = identity.map(shown).unwrap_or_else(|| for_whom.clone());
+    let fixes = RefusalFixes {
+        unauthenticated: create.clone(),
+        permission_denied: format!(
+            "request the identity the token is for (--identity {for_whom}), or create a token for {asked}"
+        ),
+    };
+    match (claims.identity.as_deref(), identity) {
+        (None, _) => notes.problem(Status::Fail, "no sub: meshca refuses it", create.clone()),
+        (Some(sub), Some(asked)) if asked != sub => notes.problem(
+            Status::Fail,
+            format!("it is for {}, not for the identity requested, {asked}", shown(sub)),
+            fixes.permission_denied.clone(),
+        ),
+        _ => {}
+    }
+    match claims.uses {
+        Some(n) => notes.fact(format!(
+            "good for {n} certificate(s) (how many are spent only meshca knows; a dry run spends none)"
+        )),
+        None => notes.problem(Status::Fail, "no uses: meshca refuses it", create.clone()),
+    }
+    match claims.expires {
+        None => notes.problem(Status::Fail, "no exp: meshca refuses it", create.clone()),
+        Some(exp) if exp <= at.time => notes.problem(
+            Status::Fail,
+            format!("expired at {} ({} s ago by {})", when(exp), seconds_until(at.time, exp), at.whose()),
+            create.clone(),
+        ),
+        Some(exp) => notes.fact(format!(
+            "expires {} (in {} s by {})",
+            when(exp),
+            seconds_until(exp, at.time),
+            at.whose()
+        )),
+    }
+    meshca_verdict(&mut notes, verdict, identity, fixes);
+    if let Some(until) = valid_certificate_until(options, at) {
+        // The token is the agent's fallback only: what is wrong with it can wait,
+        // unlike a refusal that renewing with the certificate would meet as well.
+        let about_the_token = match verdict {
+            Some(Ok(Verdict::Refused { code, .. })) => {
+                matches!(code, tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+            }
+            _ => true,
+        };
+        if about_the_token {
+            notes.status = notes.status.min(Status::Warn);
+        }
+        notes.fact(format!(
+            "the certificate in --cert-dir is valid until {}: the agent renews with it and presents the token \
+             only if meshca refuses the certificate",
+            when(until)
+        ));
     }
     notes.finish(Check::Token)
 }
@@ -407,6 +591,82 @@ mod tests {
         assert_eq!(claims(b"  \n").unwrap_err(), "empty");
         assert_eq!(claims(b"secret-value").unwrap_err(), "not three dot-separated parts");
         assert_eq!(claims(b"a.!!!.c").unwrap_err(), "the payload is not base64url");
+    }
+
+    fn bootstrap(header: &serde_json::Value, claims: &serde_json::Value) -> Vec<u8> {
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let (h, c) = (b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        format!("{BOOTSTRAP_PREFIX}{h}.{c}.{}\n", b64(b"sig")).into_bytes()
+    }
+
+    #[test]
+    fn bootstrap_tokens_are_read_after_their_prefix() {
+        let token = bootstrap(
+            &serde_json::json!({"alg": "ES256", "typ": "meshca-bootstrap+jwt", "kid": "ab12"}),
+            &serde_json::json!({"iss": "meshca-bootstrap", "sub": "web.default.serviceaccount.identity.cp.td",
+                "jti": "0123456789abcdef0123456789abcdef", "iat": 40, "exp": 100, "uses": 3}),
+        );
+        assert!(is_bootstrap_token(&token));
+        assert_eq!(claims(&token).unwrap_err(), "not three dot-separated parts", "no JWT");
+        let read = bootstrap_claims(&token).unwrap();
+        assert_eq!(
+            read,
+            BootstrapClaims {
+                alg: Some("ES256".into()),
+                kid: Some("ab12".into()),
+                identity: Some("web.default.serviceaccount.identity.cp.td".into()),
+                token_id: Some("0123456789abcdef0123456789abcdef".into()),
+                expires: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(100)),
+                uses: Some(3),
+            }
+        );
+        let bare = bootstrap(&serde_json::json!({}), &serde_json::json!({}));
+        assert_eq!(bootstrap_claims(&bare).unwrap(), BootstrapClaims::default());
+    }
+
+    #[test]
+    fn anything_but_a_bootstrap_token_after_the_prefix_is_named_without_echoing_it() {
+        let err = |t: &str| bootstrap_claims(t.as_bytes()).unwrap_err();
+        assert_eq!(err("mcbt1.secret-value"), "not three dot-separated parts after mcbt1.");
+        assert_eq!(err("mcbt1.a.b.c.d"), "not three dot-separated parts after mcbt1.");
+        assert_eq!(err("mcbt1.!!!.e30.c"), "the header is not base64url");
+        assert_eq!(err("mcbt1.WzFd.e30.c"), "the header is not a JSON object");
+        assert_eq!(err("mcbt1.e30.!!!.c"), "the payload is not base64url");
+        assert_eq!(err("mcbt1.e30.bnVsbA.c"), "the payload is not a JSON object");
+    }
+
+    #[test]
+    fn a_bootstrap_token_for_another_identity_or_expired_fails_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let web = "web.default.serviceaccount.identity.meshca-system.cluster.local";
+        let token = bootstrap(
+            &serde_json::json!({"alg": "ES256", "kid": "ab12"}),
+            &serde_json::json!({"sub": web, "jti": "0123456789abcdef0123456789abcdef", "exp": 1000, "uses": 1}),
+        );
+        std::fs::write(&path, &token).unwrap();
+        let options = Options { token_file: Some(path), ..Options::default() };
+        let at = |secs| At { time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs), server: false };
+        let verdict = Verdict::WouldIssue;
+
+        let fine = super::token(&options, Some(web), at(400), Some(Ok(&verdict)));
+        assert_eq!(fine.status, Status::Ok, "{fine}");
+        assert!(fine.found.contains("holds a bootstrap token") && fine.found.contains("in 600 s"), "{fine}");
+        let secret = String::from_utf8(token).unwrap();
+        assert!(!fine.to_string().contains(secret.trim()), "the token is printed: {fine}");
+
+        let db = "db.default.serviceaccount.identity.meshca-system.cluster.local";
+        let other = super::token(&options, Some(db), at(400), None);
+        assert_eq!(other.status, Status::Fail, "{other}");
+        assert!(other.found.contains(&format!("not for the identity requested, {db}")), "{other}");
+
+        let expired = super::token(&options, Some(web), at(1060), None);
+        assert_eq!(expired.status, Status::Fail, "{expired}");
+        assert!(
+            expired.found.contains("expired at 1970-01-01T00:16:40Z (60 s ago by this host's clock)"),
+            "{expired}"
+        );
+        assert!(expired.fix.unwrap().contains("meshca bootstrap-token create --identity"));
     }
 
     #[test]
