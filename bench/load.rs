@@ -22,8 +22,14 @@
 //! `--crypto-bound` mode needs no server: on one OS thread per core it runs the
 //! cryptographic core of Certify in-process — CSR check (parse + signature
 //! verification) and leaf signing with a freshly generated hierarchy — over the same
-//! kind of pool, and prints operations/s. A second figure adds the token (ES256 JWT)
-//! verification the server also performs per call.
+//! kind of pool, and prints operations/s. A second figure adds the token
+//! verification the server also performs per call (ES256 with a fresh dev key, or
+//! the algorithm of --token-key checked against --jwks-file).
+//!
+//! Tokens are shaped like Kubernetes projected service-account tokens. By default
+//! they are ES256, signed with the dev server's key; `--token-key` takes another
+//! PKCS#8 key: an RSA one gives RS256 tokens, as a Kubernetes API server issues
+//! them (bench/run.sh does that, with the server in jwks mode).
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -69,6 +75,17 @@ struct Args {
     /// HTTP/2 connections the calls are spread over [default: min(concurrency, 8)].
     #[arg(long)]
     connections: Option<usize>,
+    /// PKCS#8 PEM key that signs the pool's tokens: an RSA key makes RS256 tokens
+    /// (what a Kubernetes API server issues), a P-256 key ES256 ones
+    /// [default: DATA_DIR/dev-token.key, the dev server's ES256 key].
+    #[arg(long, value_name = "FILE")]
+    token_key: Option<PathBuf>,
+    /// `iss` of the pool's tokens [default: the dev issuer, meshca-dev].
+    #[arg(long, value_name = "ISSUER")]
+    token_issuer: Option<String>,
+    /// --crypto-bound with --token-key: the JWKS holding its public half.
+    #[arg(long, value_name = "FILE")]
+    jwks_file: Option<PathBuf>,
     /// Distinct token + CSR pairs prepared before the clock starts.
     #[arg(long, default_value_t = 10_000)]
     pool: usize,
@@ -99,6 +116,10 @@ struct Args {
     /// Herd mode: the proxies' start times are spread uniformly over this many seconds.
     #[arg(long, default_value_t = 1.0)]
     spread: f64,
+    /// Writes every measured call as `END_US LATENCY_US TASK` (END: µs after the
+    /// window opened) to this file, for plotting the latency distribution over time.
+    #[arg(long, value_name = "FILE")]
+    latency_log: Option<PathBuf>,
     /// Herd mode: the server's admin address, to read its largest queue depth.
     #[arg(long, value_name = "HOST:PORT")]
     admin_addr: Option<String>,
@@ -115,8 +136,70 @@ fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Builds `n` items on all cores; tokens are signed by `signer` (empty without one).
-fn prepare_pool(n: usize, signer: Option<&DevSigner>, token_ttl: Duration) -> Result<Vec<Item>> {
+/// Signs the pool's tokens, shaped like Kubernetes projected service-account tokens.
+enum TokenSigner {
+    /// ES256 with the dev server's key (or any P-256 key).
+    Es256(DevSigner),
+    /// RS256, as kube-apiserver signs with an RSA service-account key.
+    Rs256 { key: ring::signature::RsaKeyPair, kid: String, rng: ring::rand::SystemRandom },
+}
+
+impl TokenSigner {
+    /// Loads a PKCS#8 PEM key: RSA gives RS256, P-256 ES256.
+    fn load(path: &std::path::Path) -> Result<TokenSigner> {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem)
+            .map_err(|e| format!("{}: not a PKCS#8 PRIVATE KEY PEM ({e})", path.display()))?;
+        match ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()) {
+            Ok(key) => {
+                use base64::Engine;
+                let digest = ring::digest::digest(&ring::digest::SHA256, key.public().as_ref());
+                let kid = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+                Ok(TokenSigner::Rs256 { key, kid, rng: ring::rand::SystemRandom::new() })
+            }
+            Err(_) => Ok(TokenSigner::Es256(DevSigner::from_pkcs8(der.secret_pkcs8_der())?)),
+        }
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self {
+            TokenSigner::Es256(_) => Algorithm::ES256,
+            TokenSigner::Rs256 { .. } => Algorithm::RS256,
+        }
+    }
+
+    fn sign(&self, claims: &TokenClaims) -> Result<String> {
+        use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine};
+        match self {
+            TokenSigner::Es256(signer) => Ok(signer.sign(claims)?),
+            TokenSigner::Rs256 { key, kid, rng } => {
+                let header = json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+                let body = claims.to_json()?;
+                let msg = format!(
+                    "{}.{}",
+                    URL_SAFE_NO_PAD.encode(header.to_string()),
+                    URL_SAFE_NO_PAD.encode(body.to_string())
+                );
+                let mut sig = vec![0; key.public().modulus_len()];
+                key.sign(&ring::signature::RSA_PKCS1_SHA256, rng, msg.as_bytes(), &mut sig)
+                    .map_err(|_| "RSA signing failed")?;
+                Ok(format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)))
+            }
+        }
+    }
+}
+
+/// The token signer and `iss` from --token-key and --token-issuer (defaults: the
+/// dev server's key in --data-dir and the dev issuer).
+fn token_signer(args: &Args) -> Result<(TokenSigner, String)> {
+    let path = args.token_key.clone().unwrap_or_else(|| args.data_dir.join("dev-token.key"));
+    let issuer = args.token_issuer.clone().unwrap_or_else(|| DEV_TOKEN_ISSUER.into());
+    Ok((TokenSigner::load(&path)?, issuer))
+}
+
+/// Builds `n` items on all cores; tokens are signed by `signer` for `issuer`
+/// (empty without a signer).
+fn prepare_pool(n: usize, signer: Option<(&TokenSigner, &str)>, token_ttl: Duration) -> Result<Vec<Item>> {
     let naming = Naming::new("cluster.local", "meshca-system")?;
     let now = SystemClock.now();
     let chunk = n.div_ceil(cores()).max(1);
@@ -133,9 +216,9 @@ fn prepare_pool(n: usize, signer: Option<&DevSigner>, token_ttl: Duration) -> Re
                             let identity = naming.identity("bench", &sa)?;
                             let (_key, csr) = client::make_csr(&identity.dns_name, KeyType::P256)?;
                             let token = match signer {
-                                Some(signer) => signer
+                                Some((signer, issuer)) => signer
                                     .sign(&TokenClaims {
-                                        issuer: DEV_TOKEN_ISSUER.into(),
+                                        issuer: issuer.into(),
                                         audience: vec![DEFAULT_AUDIENCE.into()],
                                         namespace: "bench".into(),
                                         service_account: sa,
@@ -204,6 +287,8 @@ fn quantile_ms(sorted: &[u32], q: f64) -> f64 {
 #[derive(Default)]
 struct TaskStats {
     latencies_us: Vec<u32>,
+    /// When each of `latencies_us` completed, µs after the window opened.
+    ends_us: Vec<u32>,
     /// Errors by gRPC code (0..=16); index 17: empty leaf in an OK response.
     errors: [u64; 18],
 }
@@ -251,6 +336,9 @@ async fn drive(
             Ok(response) if !response.get_ref().leaf_certificate.is_empty() => {
                 let us = end.duration_since(start).as_micros();
                 stats.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                stats
+                    .ends_us
+                    .push(u32::try_from(end.duration_since(measure_from).as_micros()).unwrap_or(u32::MAX));
             }
             Ok(_) => stats.errors[17] += 1,
             Err(status) => stats.errors[(status.code() as usize).min(16)] += 1,
@@ -268,15 +356,13 @@ fn load(args: &Args) -> Result<()> {
     // Each task's interval between calls, so that all of them together make --rate.
     let pace = args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r));
     let connections = args.connections.unwrap_or(args.concurrency.min(8)).clamp(1, args.concurrency);
-    let key_path = args.data_dir.join("dev-token.key");
-    let pem = std::fs::read_to_string(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
-    let signer = DevSigner::from_pem(&pem)?;
+    let (signer, issuer) = token_signer(args)?;
     let anchors_path = args.trust_anchors.clone().unwrap_or_else(|| args.data_dir.join("trust-anchors.pem"));
     let anchors = TrustAnchors::load(&anchors_path)?;
     let ttl = Duration::from_secs_f64(args.warmup + args.duration) + Duration::from_secs(3600);
 
     let prep = Instant::now();
-    let pool = std::sync::Arc::new(prepare_pool(args.pool, Some(&signer), ttl)?);
+    let pool = std::sync::Arc::new(prepare_pool(args.pool, Some((&signer, &issuer)), ttl)?);
     let prep_s = prep.elapsed().as_secs_f64();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -319,6 +405,16 @@ fn load(args: &Args) -> Result<()> {
 
     let mut latencies: Vec<u32> = Vec::with_capacity(stats.iter().map(|s| s.latencies_us.len()).sum());
     let mut errors = [0u64; 18];
+    if let Some(path) = &args.latency_log {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (task, s) in stats.iter().enumerate() {
+            for (end, us) in s.ends_us.iter().zip(&s.latencies_us) {
+                writeln!(out, "{end} {us} {task}")?;
+            }
+        }
+        out.flush()?;
+    }
     for s in stats {
         latencies.extend_from_slice(&s.latencies_us);
         for (total, n) in errors.iter_mut().zip(s.errors) {
@@ -432,16 +528,29 @@ fn crypto_bound(args: &Args) -> Result<()> {
         nowhere,
         nowhere,
     )?;
-    let (signer, _) = DevSigner::generate()?;
+    // The token: --token-key with the JWKS in --jwks-file, or a fresh dev (ES256) key.
+    let (signer, token_issuer, jwks) = match (&args.token_key, &args.jwks_file) {
+        (Some(_), Some(jwks)) => {
+            let (signer, issuer) = token_signer(args)?;
+            let jwks = std::fs::read(jwks).map_err(|e| format!("{}: {e}", jwks.display()))?;
+            (signer, issuer, Jwks::from_json(&jwks)?)
+        }
+        (None, None) => {
+            let (dev, _) = DevSigner::generate()?;
+            let jwks = Jwks::from_json(dev.jwks_json().as_bytes())?;
+            (TokenSigner::Es256(dev), DEV_TOKEN_ISSUER.to_owned(), jwks)
+        }
+        _ => return Err("--crypto-bound takes --token-key and --jwks-file together".into()),
+    };
     let settings = Settings {
-        issuer: DEV_TOKEN_ISSUER.into(),
+        issuer: token_issuer.clone(),
         audiences: vec![DEFAULT_AUDIENCE.into()],
         leeway: Duration::from_secs(60),
-        algorithms: vec![Algorithm::ES256],
+        algorithms: vec![signer.algorithm()],
     };
-    let auth = JwksAuthenticator::new(settings, Jwks::from_json(signer.jwks_json().as_bytes())?);
+    let auth = JwksAuthenticator::new(settings, jwks);
     let ttl = Duration::from_secs_f64(2.0 * (args.warmup + args.duration)) + Duration::from_secs(3600);
-    let pool = prepare_pool(args.pool.max(1), Some(&signer), ttl)?;
+    let pool = prepare_pool(args.pool.max(1), Some((&signer, &token_issuer)), ttl)?;
     let (policy, lifetimes) = (KeyPolicy::default(), Lifetimes::default());
 
     let check_and_sign = |id: &Identity, csr_der: &[u8]| -> Result<()> {
@@ -589,11 +698,10 @@ fn herd(args: &Args) -> Result<()> {
         return Err("--herd must be positive and --spread >= 0".into());
     }
     let connections = args.connections.unwrap_or(n.min(1000)).clamp(1, n);
-    let pem = std::fs::read_to_string(args.data_dir.join("dev-token.key"))?;
-    let signer = DevSigner::from_pem(&pem)?;
+    let (signer, issuer) = token_signer(args)?;
     let anchors_path = args.trust_anchors.clone().unwrap_or_else(|| args.data_dir.join("trust-anchors.pem"));
     let anchors = TrustAnchors::load(&anchors_path)?;
-    let pool = std::sync::Arc::new(prepare_pool(n, Some(&signer), Duration::from_secs(3600))?);
+    let pool = std::sync::Arc::new(prepare_pool(n, Some((&signer, &issuer)), Duration::from_secs(3600))?);
     let rng = ring::rand::SystemRandom::new();
     let mut random = vec![0u8; n * 16];
     ring::rand::SecureRandom::fill(&rng, &mut random).map_err(|_| "random generator failed")?;

@@ -4,7 +4,10 @@
 #   bench/run.sh [DURATION_SECS]      (default 10; each level also gets a 2 s warm-up)
 #
 # Builds the release binaries, starts `meshca serve --dev` on loopback with a fresh
-# data directory (audit log in it), measures start-to-ready time and idle RSS, runs
+# data directory (audit log in it) and `jwks` token validation: the tokens are
+# RS256 service-account tokens signed by a fresh RSA-2048 key, as a Kubernetes API
+# server issues them (MESHCA_BENCH_TOKENS=es256: the dev server's own ES256 tokens
+# instead). It measures start-to-ready time and idle RSS, runs
 # `meshca-load --crypto-bound` (in-process CSR check + leaf sign on all cores), then
 # `meshca-load` at 16, 64 and 1024 concurrent streams against the server, stops the
 # server with SIGTERM, verifies the audit log's hash chain, and prints a markdown
@@ -17,7 +20,7 @@
 # the cores (default 10) during its window; otherwise it is repeated, up to three
 # times, and if the machine stays busy the script refuses to report (exit 3).
 #
-# Environment: MESHCA_BENCH_PORT (gRPC, default 18080), MESHCA_BENCH_ADMIN_PORT
+# Environment: MESHCA_BENCH_TOKENS (rs256 | es256, default rs256), MESHCA_BENCH_PORT (gRPC, default 18080), MESHCA_BENCH_ADMIN_PORT
 # (default 19990), MESHCA_BENCH_LEVELS (default "16 64 1024"),
 # MESHCA_BENCH_KEEP=1 keeps the data directory.
 set -euo pipefail
@@ -28,12 +31,21 @@ ADMIN_PORT="${MESHCA_BENCH_ADMIN_PORT:-19990}"
 LEVELS="${MESHCA_BENCH_LEVELS:-16 64 1024}"
 HERD="${MESHCA_BENCH_HERD:-10000}"
 MAX_OTHER="${MESHCA_BENCH_MAX_OTHER:-10}"
+TOKENS="${MESHCA_BENCH_TOKENS:-rs256}"
 
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 case "$DURATION" in
   '' | *[!0-9]*) echo "usage: bench/run.sh [DURATION_SECS]" >&2; exit 2 ;;
 esac
-command -v curl >/dev/null || { echo "bench/run.sh needs curl" >&2; exit 2; }
+case "$TOKENS" in
+  rs256 | es256) ;;
+  *) echo "MESHCA_BENCH_TOKENS must be rs256 or es256" >&2; exit 2 ;;
+esac
+for tool in curl openssl python3; do
+  command -v "$tool" >/dev/null || { echo "bench/run.sh needs $tool" >&2; exit 2; }
+done
 
 DATA="$(mktemp -d "${TMPDIR:-/tmp}/meshca-bench.XXXXXX")"
 SERVER_PID=""
@@ -87,8 +99,34 @@ if [ "$BUSY" -gt 10 ]; then
   log "warning: something else is using the CPU; results will be lower and noisier"
 fi
 
-log "crypto bound (${DURATION}s per figure, no server running)"
-CRYPTO="$("$LOAD" --crypto-bound --duration "$DURATION" --json)"
+# The token issuer. rs256: a service-account key like kube-apiserver's (RSA-2048,
+# kid = base64url SHA-256 of its RSAPublicKey DER) and its JWKS; meshca verifies
+# with --token-validation jwks --jwks-file. es256: the dev key meshca creates.
+SERVE_TOKEN_ARGS=()
+LOAD_TOKEN_ARGS=()
+BOUND_TOKEN_ARGS=()
+if [ "$TOKENS" = rs256 ]; then
+  SA_ISSUER="https://kubernetes.default.svc.cluster.local"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$DATA/sa.key" 2>/dev/null
+  openssl rsa -in "$DATA/sa.key" -noout -modulus 2>/dev/null >"$DATA/sa.modulus"
+  openssl rsa -in "$DATA/sa.key" -RSAPublicKey_out -outform DER -out "$DATA/sa.pub.der" 2>/dev/null
+  python3 - "$DATA" <<'PY'
+import base64, hashlib, json, sys
+d = sys.argv[1]
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+n = bytes.fromhex(open(f"{d}/sa.modulus").read().strip().split("=", 1)[1])
+kid = b64(hashlib.sha256(open(f"{d}/sa.pub.der", "rb").read()).digest())
+key = {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid, "n": b64(n), "e": "AQAB"}
+json.dump({"keys": [key]}, open(f"{d}/sa-jwks.json", "w"))
+PY
+  SERVE_TOKEN_ARGS=(--token-validation jwks --jwks-file "$DATA/sa-jwks.json" --token-issuer "$SA_ISSUER")
+  LOAD_TOKEN_ARGS=(--token-key "$DATA/sa.key" --token-issuer "$SA_ISSUER")
+  BOUND_TOKEN_ARGS=("${LOAD_TOKEN_ARGS[@]}" --jwks-file "$DATA/sa-jwks.json")
+fi
+TOKEN_LABEL="$(tr '[:lower:]' '[:upper:]' <<<"$TOKENS")"
+
+log "crypto bound (${DURATION}s per figure, no server running; $TOKEN_LABEL tokens)"
+CRYPTO="$("$LOAD" --crypto-bound --duration "$DURATION" "${BOUND_TOKEN_ARGS[@]}" --json)"
 BOUND="$(field "$CRYPTO" ops_per_s)"
 BOUND_TOKEN="$(field "$CRYPTO" with_token_ops_per_s)"
 
@@ -98,24 +136,12 @@ if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" 2>/dev/null; then
 fi
 # Starts meshca on $DATA and sets SERVER_PID and READY_MS (start to /ready 200).
 start_meshca() {
-  local start ready=""
+  local start
   start="$(now_ms)"
-  "$MESHCA" serve --dev --data-dir "$DATA" \
+  "$MESHCA" serve --dev --data-dir "$DATA" "${SERVE_TOKEN_ARGS[@]}" \
     --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" 2>>"$DATA/server.log" &
   SERVER_PID=$!
-  for _ in $(seq 1 1000); do
-    if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" 2>/dev/null; then
-      ready=1
-      break
-    fi
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.005
-  done
-  if [ -z "$ready" ]; then
-    echo "meshca did not become ready; its log:" >&2
-    cat "$DATA/server.log" >&2
-    exit 1
-  fi
+  wait_ready "$ADMIN_PORT" "$SERVER_PID" "$DATA/server.log" 0.005 || exit 1
   READY_MS=$(($(now_ms) - start))
 }
 
@@ -138,7 +164,7 @@ for level in $LEVELS; do
   for attempt in 1 2 3; do
     log "load: $level concurrent streams, ${DURATION}s (attempt $attempt)"
     OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --concurrency "$level" \
-      --duration "$DURATION" --server-pid "$SERVER_PID" --json)"
+      "${LOAD_TOKEN_ARGS[@]}" --duration "$DURATION" --server-pid "$SERVER_PID" --json)"
     other="$(field "$OUT" other_load_pct)"
     if awk -v o="$other" -v m="$MAX_OTHER" 'BEGIN { exit !(o != "null" && o <= m) }'; then
       break
@@ -176,7 +202,7 @@ for spread in 1 10; do
   wait "$SERVER_PID" || true
   start_meshca
   log "herd: $HERD proxies within ${spread}s"
-  OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --herd "$HERD" --spread "$spread" \
+  OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --herd "$HERD" --spread "$spread" "${LOAD_TOKEN_ARGS[@]}" \
     --admin-addr "127.0.0.1:$ADMIN_PORT" --json)" || true
   echo "$OUT" >>"$DATA/results.jsonl"
   HERD_ROWS+="| $HERD within ${spread} s | $(num '%.2f' "$(field "$OUT" all_served_s)")"
@@ -252,7 +278,7 @@ fi
 
 cat <<EOF
 
-meshca Certify benchmark, $(date -u +%F): $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)) shared by client and server (${BUSY}% busy before the run), ${DURATION}s per level after a 2 s warm-up, pool of 10,000 distinct P-256 CSRs and ES256 tokens
+meshca Certify benchmark, $(date -u +%F): $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)) shared by client and server (${BUSY}% busy before the run), ${DURATION}s per level after a 2 s warm-up, pool of 10,000 distinct P-256 CSRs and $TOKEN_LABEL tokens (jwks validation)
 
 | level | certs/s | p50 ms | p99 ms | p999 ms | errors | server CPU s / 1k certs | client CPU s / 1k | server RSS / peak MiB | vs crypto bound | vs bound with token | other load % |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|

@@ -38,6 +38,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 ARG="${1:-30m}"
 case "$ARG" in
   *[!0-9smh]* | '' | [smh]*) echo "usage: bench/soak.sh [DURATION: 30m, 90s, 1h or seconds]" >&2; exit 2 ;;
@@ -150,20 +152,7 @@ log "starting meshca serve --dev in $DATA"
   --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" 2>"$DATA/server.log" &
 SERVER_PID=$!
 PIDS+=("$SERVER_PID")
-ready=""
-for _ in $(seq 1 1000); do
-  if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/ready" 2>/dev/null; then
-    ready=1
-    break
-  fi
-  kill -0 "$SERVER_PID" 2>/dev/null || break
-  sleep 0.01
-done
-if [ -z "$ready" ]; then
-  echo "meshca did not become ready; its log:" >&2
-  cat "$DATA/server.log" >&2
-  exit 1
-fi
+wait_ready "$ADMIN_PORT" "$SERVER_PID" "$DATA/server.log" || exit 1
 
 # --- Rate -------------------------------------------------------------------
 if [ -n "${MESHCA_SOAK_RATE:-}" ]; then

@@ -261,7 +261,7 @@ pub struct ServeArgs {
     /// Certify requests in flight beyond which callers get ResourceExhausted [default: 8192].
     #[arg(long, env = "MESHCA_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
-    /// Certify requests checking and signing at once; the rest wait their turn [default: the number of cores].
+    /// Threads that check CSRs and sign; admitted Certify requests queue for them in arrival order [default: the number of cores].
     #[arg(long, env = "MESHCA_SIGNING_WORKERS", value_name = "N")]
     pub signing_workers: Option<usize>,
     /// Requests per second one identity may make (P-256 equivalents: a P-384 CSR costs 5), or "off" [default: 100].

@@ -57,6 +57,9 @@ pub enum Refusal {
     /// Too many requests in flight (`server::admission`).
     #[error("meshca is over capacity; retry in {} ms", retry_after.as_millis())]
     Overloaded { retry_after: std::time::Duration },
+    /// A signing worker lost the request (it panicked, or the server is stopping).
+    #[error("{0}; retry")]
+    Workers(crate::server::workers::Error),
     /// A rate limit (per peer address or per identity) has no room for this request.
     #[error("{} rate limit reached; retry in {} ms", scope.as_str(), retry_after.as_millis())]
     RateLimited { scope: crate::server::admission::Scope, retry_after: std::time::Duration },
@@ -84,6 +87,7 @@ impl Refusal {
                 _ => Code::FailedPrecondition,
             },
             Refusal::NoIssuer | Refusal::Audit(_) => Code::Unavailable,
+            Refusal::Workers(_) => Code::Internal,
             Refusal::Overloaded { .. } | Refusal::RateLimited { .. } => Code::ResourceExhausted,
         }
     }
@@ -98,6 +102,7 @@ impl Refusal {
             Refusal::Ca(e) => e.code(),
             Refusal::NoIssuer => "no_issuer",
             Refusal::Audit(_) => "audit_unavailable",
+            Refusal::Workers(_) => "worker_lost",
             Refusal::Overloaded { .. } => "overloaded",
             Refusal::RateLimited { scope: Scope::Peer, .. } => "rate_limited_peer",
             Refusal::RateLimited { scope: Scope::Identity, .. } => "rate_limited_identity",

@@ -45,6 +45,32 @@ pub struct TokenClaims {
     pub expires_at: SystemTime,
 }
 
+impl TokenClaims {
+    /// The JWT claims set, as the API server writes it into a projected token
+    /// (`iss`, `aud`, `exp`, `iat`, `nbf`, `sub`, `kubernetes.io`).
+    pub fn to_json(&self) -> Result<Value, Error> {
+        let secs = |t: SystemTime| {
+            (t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()))
+                .map_err(|_| Error::Signing { reason: "token times must be after 1970" })
+        };
+        let (iat, exp) = (secs(self.issued_at)?, secs(self.expires_at)?);
+        if exp <= iat {
+            return Err(Error::Signing { reason: "token expiry must be after its issue time" });
+        }
+        let mut k8s = Map::new();
+        k8s.insert("namespace".into(), json!(self.namespace));
+        k8s.insert("serviceaccount".into(), json!({"name": self.service_account}));
+        if let Some((name, uid)) = &self.pod {
+            k8s.insert("pod".into(), json!({"name": name, "uid": uid}));
+        }
+        Ok(json!({
+            "iss": self.issuer, "aud": self.audience, "exp": exp, "iat": iat, "nbf": iat,
+            "sub": format!("system:serviceaccount:{}:{}", self.namespace, self.service_account),
+            "kubernetes.io": Value::Object(k8s),
+        }))
+    }
+}
+
 impl DevSigner {
     /// A fresh key, with its PKCS#8 DER for storing.
     pub fn generate() -> Result<(DevSigner, Vec<u8>), Error> {
@@ -102,26 +128,8 @@ impl DevSigner {
 
     /// Signs a Kubernetes-style projected token.
     pub fn sign(&self, claims: &TokenClaims) -> Result<String, Error> {
-        let secs = |t: SystemTime| {
-            (t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()))
-                .map_err(|_| Error::Signing { reason: "token times must be after 1970" })
-        };
-        let (iat, exp) = (secs(claims.issued_at)?, secs(claims.expires_at)?);
-        if exp <= iat {
-            return Err(Error::Signing { reason: "token expiry must be after its issue time" });
-        }
-        let mut k8s = Map::new();
-        k8s.insert("namespace".into(), json!(claims.namespace));
-        k8s.insert("serviceaccount".into(), json!({"name": claims.service_account}));
-        if let Some((name, uid)) = &claims.pod {
-            k8s.insert("pod".into(), json!({"name": name, "uid": uid}));
-        }
         let header = json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
-        let body = json!({
-            "iss": claims.issuer, "aud": claims.audience, "exp": exp, "iat": iat, "nbf": iat,
-            "sub": format!("system:serviceaccount:{}:{}", claims.namespace, claims.service_account),
-            "kubernetes.io": Value::Object(k8s),
-        });
+        let body = claims.to_json()?;
         self.try_sign_raw(header.to_string().as_bytes(), body.to_string().as_bytes())
     }
 

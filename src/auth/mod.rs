@@ -82,10 +82,11 @@ pub trait Authenticator: Send + Sync + 'static {
     fn token_id(&self, _token: &[u8]) -> Option<String> {
         None
     }
-    /// Spends what `token` allows, once its request has passed every check and is
-    /// about to be signed (never for a dry run): a single-use credential records its
-    /// use here, and an error withholds the certificate. Nothing to do for tokens
-    /// that may be presented again and again.
+    /// Spends what `token` allows, once its request has passed every check (never
+    /// for a dry run); the leaf may already be signed, but it leaves only if this
+    /// succeeds: a single-use credential records its use here, and an error
+    /// withholds the certificate. Nothing to do for tokens that may be presented
+    /// again and again.
     fn commit<'a>(&'a self, _token: &'a [u8], _now: SystemTime) -> CommitFuture<'a> {
         Box::pin(std::future::ready(Ok(())))
     }

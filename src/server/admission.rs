@@ -12,10 +12,12 @@
 //!    [`cost`] of its CSR's key type, in P-256 requests: a P-384 signature check
 //!    costs several P-256 ones. A limited request is refused with
 //!    `ResourceExhausted` and the time until its bucket holds enough.
-//! 3. **Workers**: the CPU-bound part (CSR signature check and signing) runs
-//!    under one of `--signing-workers` permits (default: the cores), handed out
+//! 3. **Workers**: the CPU-bound part (CSR signature check and signing) runs on
+//!    one of `--signing-workers` threads (default: the cores; [`workers`]),
 //!    first come, first served; admitted requests wait here. That wait is the
 //!    queue whose depth `/metrics` reports.
+//!
+//! [`workers`]: crate::server::workers
 //!
 //! Buckets refill in monotonic time (`tokio::time::Instant`, so tests can pause
 //! it); the wall clock the rest of the request uses may jump without effect here.
@@ -32,6 +34,7 @@ use tokio::time::Instant;
 
 use crate::ca::csr::KeyType;
 use crate::server::metrics::{Registry, ScrapeCounter, ScrapeGauge};
+use crate::server::workers::{self, Workers};
 
 /// Buckets kept per limiter before idle (full) ones are swept.
 const MAX_BUCKETS: usize = 100_000;
@@ -109,16 +112,13 @@ impl Scope {
 pub struct Admission {
     settings: Settings,
     in_flight: Semaphore,
-    workers: Semaphore,
+    workers: Workers,
     per_peer: Option<Limiter<IpAddr>>,
     per_identity: Option<Limiter<String>>,
     /// The most requests ever in flight at once.
     max_in_flight: AtomicUsize,
-    /// Requests waiting for a worker now, and the most ever.
-    waiting: AtomicUsize,
-    max_waiting: AtomicUsize,
-    /// Moving average of one worker section, nanoseconds (retry hints).
-    service_ns: AtomicU64,
+    /// Moving average of one worker job, nanoseconds (retry hints).
+    service_ns: Arc<AtomicU64>,
     limited_peer: AtomicU64,
     limited_identity: AtomicU64,
     overloaded: AtomicU64,
@@ -127,21 +127,13 @@ pub struct Admission {
 /// A request's place among those in flight; dropping it frees the place.
 pub struct InFlight<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
 
-/// A worker; dropping it hands the worker to the next waiting request.
-pub struct Worker<'a> {
-    _permit: SemaphorePermit<'a>,
-    admission: &'a Admission,
-    since: std::time::Instant,
-}
-
-impl Drop for Worker<'_> {
-    fn drop(&mut self) {
-        let took = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        // EWMA with weight 1/16; races between workers only blur the average.
-        let old = self.admission.service_ns.load(Ordering::Relaxed);
-        let new = if old == 0 { took } else { old - old / 16 + took / 16 };
-        self.admission.service_ns.store(new, Ordering::Relaxed);
-    }
+/// Folds one job's duration into the moving average (EWMA, weight 1/16; races
+/// between workers only blur it).
+fn record_service(average: &AtomicU64, took: Duration) {
+    let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    let old = average.load(Ordering::Relaxed);
+    let new = if old == 0 { took } else { old - old / 16 + took / 16 };
+    average.store(new, Ordering::Relaxed);
 }
 
 /// Registers the admission metrics of `admission`, read at scrape time.
@@ -194,21 +186,23 @@ pub fn register_metrics(registry: &mut Registry, admission: &Arc<Admission>) {
 }
 
 impl Admission {
-    pub fn new(settings: Settings) -> Admission {
-        Admission {
+    /// The gates, with the signing worker threads started.
+    pub fn new(settings: Settings) -> std::io::Result<Admission> {
+        let service_ns = Arc::new(AtomicU64::new(0));
+        let average = service_ns.clone();
+        let workers = Workers::start(settings.workers, move |took| record_service(&average, took))?;
+        Ok(Admission {
             in_flight: Semaphore::new(settings.max_in_flight),
-            workers: Semaphore::new(settings.workers.max(1)),
+            workers,
             per_peer: settings.per_peer.map(Limiter::new),
             per_identity: settings.per_identity.map(Limiter::new),
             settings,
             max_in_flight: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            max_waiting: AtomicUsize::new(0),
-            service_ns: AtomicU64::new(0),
+            service_ns,
             limited_peer: AtomicU64::new(0),
             limited_identity: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
-        }
+        })
     }
 
     pub fn settings(&self) -> &Settings {
@@ -257,36 +251,23 @@ impl Admission {
         }
     }
 
-    /// Gate 3: waits for a worker, first come first served.
-    pub async fn worker(&self) -> Worker<'_> {
-        /// Counts a waiter out even when its request is dropped (caller gone) mid-wait.
-        struct Waiting<'a>(&'a AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let waiting = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        self.max_waiting.fetch_max(waiting, Ordering::Relaxed);
-        let counted = Waiting(&self.waiting);
-        let permit = self.workers.acquire().await;
-        drop(counted);
-        // The semaphore is never closed, so acquiring cannot fail.
-        let permit = match permit {
-            Ok(permit) => permit,
-            Err(_) => unreachable!("the worker semaphore is never closed"),
-        };
-        Worker { _permit: permit, admission: self, since: std::time::Instant::now() }
+    /// Gate 3: runs `job` on a signing worker, first come first served.
+    pub async fn run<T, F>(&self, job: F) -> Result<T, workers::Error>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.workers.run(job).await
     }
 
     /// Requests waiting for a worker now.
     pub fn queue_depth(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        self.workers.waiting()
     }
 
     /// The most requests ever waiting for a worker at once.
     pub fn max_queue_depth(&self) -> usize {
-        self.max_waiting.load(Ordering::Relaxed)
+        self.workers.max_waiting()
     }
 
     /// The most requests ever in flight at once: the deepest the herd queued.
@@ -390,7 +371,7 @@ mod tests {
     use super::*;
 
     fn admission(max_in_flight: usize, per_identity: Option<Rate>, per_peer: Option<Rate>) -> Admission {
-        Admission::new(Settings { max_in_flight, workers: 1, per_peer, per_identity })
+        Admission::new(Settings { max_in_flight, workers: 1, per_peer, per_identity }).unwrap()
     }
 
     #[test]
@@ -462,41 +443,36 @@ mod tests {
         assert!(len <= MAX_BUCKETS, "{len}");
     }
 
-    #[tokio::test]
-    async fn workers_are_bounded_and_waiters_are_counted() {
-        let a = admission(10, None, None);
-        let first = a.worker().await;
-        let waiting = a.worker();
-        tokio::pin!(waiting);
-        // Not ready while the only worker is taken.
-        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
-        assert_eq!(a.queue_depth(), 1);
-        drop(first);
-        let _second = waiting.await;
-        assert_eq!(a.queue_depth(), 0);
-        assert_eq!(a.max_queue_depth(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_waiter_dropped_before_its_turn_leaves_the_queue() {
-        let a = admission(10, None, None);
-        let _first = a.worker().await;
-        {
-            let waiting = a.worker();
-            tokio::pin!(waiting);
-            assert!(futures_poll_once(waiting.as_mut()).await.is_none());
-            assert_eq!(a.queue_depth(), 1);
+    // Multi-thread: the test thread blocks on std channels while tasks run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_run_on_the_signing_workers_and_their_queue_is_reported() {
+        let a = std::sync::Arc::new(admission(10, None, None));
+        // Hold the only worker, so the next job waits in the queue.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.run(move || {
+                    started_tx.send(()).unwrap();
+                    held.recv().unwrap();
+                })
+                .await
+            }
+        });
+        started.recv().unwrap();
+        let queued = tokio::spawn({
+            let a = a.clone();
+            async move { a.run(|| std::thread::current().name().map(str::to_owned)).await }
+        });
+        while a.queue_depth() < 1 {
+            tokio::task::yield_now().await;
         }
+        assert_eq!((a.queue_depth(), a.max_queue_depth()), (1, 1));
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        let name = queued.await.unwrap().unwrap().unwrap();
+        assert!(name.starts_with("meshca-sign-"), "{name}");
         assert_eq!(a.queue_depth(), 0);
-    }
-
-    /// Polls a future once.
-    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
-        let mut f = f;
-        std::future::poll_fn(|cx| match std::pin::Pin::new(&mut f).poll(cx) {
-            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
-            std::task::Poll::Pending => std::task::Poll::Ready(None),
-        })
-        .await
     }
 }

@@ -62,6 +62,31 @@ pub struct Certifier {
     pub nodes: Option<Arc<NodeOs>>,
 }
 
+/// What a signing worker needs for one request: owned, as it runs on another thread.
+struct Job {
+    csr: Vec<u8>,
+    identity: crate::identity::Identity,
+    snapshot: Arc<crate::ca::store::Snapshot>,
+    policy: KeyPolicy,
+    lifetimes: Lifetimes,
+    now: SystemTime,
+    /// False for a dry run: check only.
+    sign: bool,
+}
+
+impl Job {
+    /// Checks the CSR against the identity and, unless a dry run, signs the leaf.
+    fn run(self) -> Result<(csr::KeyType, Option<crate::ca::issuer::Leaf>), Refusal> {
+        let expected = Expected { dns_name: &self.identity.dns_name, spiffe_id: &self.identity.spiffe_id };
+        let checked = csr::check(&self.csr, &expected, &self.policy).map_err(crate::ca::Error::from)?;
+        let leaf = match self.sign {
+            true => Some(self.snapshot.issuer.issue(&self.identity, &checked, &self.lifetimes, self.now)?),
+            false => None,
+        };
+        Ok((checked.key_type, leaf))
+    }
+}
+
 /// Response header carrying the server's wall-clock time at the request, in Unix
 /// milliseconds, so clients can estimate their clock offset.
 pub const SERVER_TIME_HEADER: &str = "x-meshca-time";
@@ -165,28 +190,29 @@ impl Certifier {
         self.admission
             .check_identity(&identity.dns_name, cost, mono)
             .map_err(|retry_after| Refusal::RateLimited { scope: Scope::Identity, retry_after })?;
-        // The CPU-bound part, on one of the workers (admitted requests queue here).
-        let mut worker = self.admission.worker().await;
-        let expected = Expected { dns_name: &identity.dns_name, spiffe_id: &identity.spiffe_id };
-        let checked = csr::check(&req.certificate_signing_request, &expected, &self.key_policy)
-            .map_err(crate::ca::Error::from)?;
-        record.csr_key_type = Some(checked.key_type.label());
-        if dry_run {
-            return Ok(CertifyResponse::default());
-        }
+        // The CPU-bound part runs on a signing worker, in arrival order (admitted
+        // requests queue there): the CSR check, and unless this is a dry run, the
+        // leaf signature.
+        let job = Job {
+            csr: req.certificate_signing_request.clone(),
+            identity: identity.clone(),
+            snapshot: snapshot.clone(),
+            policy: self.key_policy.clone(),
+            lifetimes: self.lifetimes,
+            now,
+            sign: !dry_run,
+        };
+        let (key_type, leaf) = self.admission.run(move || job.run()).await.map_err(Refusal::Workers)??;
+        record.csr_key_type = Some(key_type.label());
+        let Some(leaf) = leaf else {
+            return Ok(CertifyResponse::default()); // dry run: checked, nothing signed
+        };
         if !no_token {
-            // A single-use token (bootstrap) is spent only now, every check passed.
-            // Spending may wait on the API server: not while holding a worker.
-            if record.bootstrap_token_id.is_some() {
-                drop(worker);
-                self.authenticator.commit(&req.token, now).await?;
-                worker = self.admission.worker().await;
-            } else {
-                self.authenticator.commit(&req.token, now).await?;
-            }
+            // A single-use token (bootstrap) is spent only now, every check passed;
+            // the leaf leaves only if that succeeds. Spending may wait on the API
+            // server, so it happens here, not on a worker.
+            self.authenticator.commit(&req.token, now).await?;
         }
-        let leaf = snapshot.issuer.issue(&identity, &checked, &self.lifetimes, now)?;
-        drop(worker);
         record.outcome = Outcome::Issued;
         record.issued = Some(audit::Issued {
             serial_hex: audit::hex(&leaf.serial),

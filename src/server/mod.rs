@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod nodes;
 pub mod tls;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -88,6 +89,8 @@ pub enum Error {
     Events(#[from] events::Error),
     #[error("{0}")]
     Nodes(#[from] nodes::Error),
+    #[error("cannot start the signing workers: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Builds the authenticator the configuration asks for. TokenReview and JWKS
@@ -216,7 +219,7 @@ pub async fn run_with(
     };
     let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
     metrics.register(|r| metrics::register_audit(r, &audit));
-    let admission = Arc::new(admission::Admission::new(config.admission));
+    let admission = Arc::new(admission::Admission::new(config.admission).map_err(Error::Workers)?);
     metrics.register(|r| admission::register_metrics(r, &admission));
     let readiness = Arc::new(admin::Readiness::new(
         store.clone(),
