@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use meshca::agent::run::{self, Settings, Timer};
 use meshca::agent::schedule::Policy;
 use meshca::clock::{Clock, FakeClock};
-use support::{Options, TestServer, SERVER_NAME};
+use support::{http_get, Options, TestServer, SERVER_NAME};
 use tokio::sync::{mpsc, oneshot};
 
 /// Hands every requested wait to the test, which moves time and then lets it end.
@@ -226,17 +226,6 @@ async fn agent_without_a_token_renews_with_its_current_certificate() {
         .map(|r| r["auth_method"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(methods, ["jwks", "certificate"]);
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    (out.split_whitespace().nth(1).unwrap().parse().unwrap(), out)
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use meshca::ca::hierarchy::HierarchyLifetimes;
 use meshca::ca::profile::Lifetimes;
 use meshca::clock::Clock;
 use meshca::proto::CertifyRequest;
-use support::{chain, csr, csr_with_key, request_id, rsa_key, Options, TestServer};
+use support::{chain, csr, csr_with_key, http_get, request_id, rsa_key, Options, TestServer};
 use tonic::Code;
 use x509_parser::prelude::*;
 
@@ -454,18 +454,6 @@ async fn linkerd_proxies_trailing_newline_tokens_are_accepted() {
     req.token.extend_from_slice(b"\n");
     let resp = server.client().await.certify(req).await.unwrap().into_inner();
     assert!(!resp.leaf_certificate.is_empty());
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, out)
 }
 
 #[tokio::test]

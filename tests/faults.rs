@@ -26,62 +26,27 @@
 mod support;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshca::agent::client::{self, KeyType};
 use meshca::audit::{sha256_hex, verify_file, AuditLog};
-use meshca::auth::dev::{DevSigner, TokenClaims};
 use meshca::ca::hierarchy::HierarchyLifetimes;
-use meshca::ca::issuer::TrustAnchors;
 use meshca::ca::reload::Outcome;
-use meshca::clock::{Clock, SystemClock};
-use meshca::config::{KeyRefresh, KeySource, TokenConfig, DEFAULT_AUDIENCE, DEV_TOKEN_ISSUER};
-use meshca::identity::Naming;
+use meshca::clock::Clock;
+use meshca::config::{KeyRefresh, KeySource, TokenConfig};
 use meshca::proto::identity_client::IdentityClient;
 use meshca::proto::{CertifyRequest, CertifyResponse};
 use support::apiserver::{ApiServer, Mode};
-use support::{chain, issuer_under_anchor, request_id, Options, TestServer, AUDIENCE, SERVER_NAME};
+use support::process::{ServeBin, BIN, PATIENCE};
+use support::{chain, http_get, issuer_under_anchor, request_id, wait_ready, Options, TestServer, AUDIENCE};
 use tonic::transport::Channel;
 use tonic::Code;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshca");
-/// Bound on waits that only a broken implementation would reach.
-const PATIENCE: Duration = Duration::from_secs(60);
-
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// `GET path` on an admin listener: status code and body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
-}
-
-/// Polls `/ready` until it answers `code`; returns the body.
-async fn wait_ready(admin: SocketAddr, code: u16) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (got, body) = get(admin, "/ready").await;
-        if got == code {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "/ready still answers {got} {body:?}, not {code}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// `meshca audit verify FILE`: exit code and stderr.
 fn audit_verify(path: &Path) -> (Option<i32>, String) {
@@ -133,146 +98,8 @@ fn audit_of(server: &TestServer) -> AuditLog {
     server.handles.as_ref().expect("the server did not start").audit.clone()
 }
 
-/// A running `meshca serve --dev` (through `sh -c WRAPPER`, which ends in
-/// `exec "$@"`); its stderr is read line by line; SIGKILLed on drop.
-struct Serve {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-    data: PathBuf,
-    grpc: String,
-    admin: SocketAddr,
-}
-
-impl Serve {
-    /// Starts it (`prefix` runs the wrapper shell, e.g. `unshare -m`) and waits for `/ready`.
-    async fn start(prefix: &[&str], wrapper: &str, data: &Path, extra: &[&str]) -> Serve {
-        let mut argv: Vec<&str> = prefix.to_vec();
-        argv.extend(["sh", "-c", wrapper, "sh", BIN, "serve", "--dev", "--data-dir"]);
-        argv.push(data.to_str().unwrap());
-        argv.extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
-        argv.extend(extra);
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..]).env("NO_COLOR", "1").stdin(Stdio::null()).stdout(Stdio::null());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("MESHCA_") {
-                cmd.env_remove(name);
-            }
-        }
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let pipe = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut serve = Serve {
-            child,
-            lines,
-            seen: Vec::new(),
-            data: data.to_owned(),
-            grpc: String::new(),
-            admin: "127.0.0.1:0".parse().unwrap(),
-        };
-        let first = serve.wait_for("meshca dev mode:");
-        let after = |from: &str, to: &str| {
-            let rest = &first[first.find(from).unwrap() + from.len()..];
-            rest[..rest.find(to).unwrap_or(rest.len())].to_owned()
-        };
-        serve.grpc = after("gRPC on ", ",");
-        serve.admin = after("admin on http://", "\n").trim().parse().unwrap();
-        wait_ready(serve.admin, 200).await;
-        serve
-    }
-
-    /// Reads stderr until a line contains `needle`.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no line with {needle:?} ({e:?}); stderr:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// SIGTERM; the process must exit 0. (Async: the runtime must keep serving
-    /// the test's client connections, which a graceful shutdown waits for.)
-    async fn stop(&mut self) {
-        assert!(Command::new("kill").args(["-TERM", &self.pid()]).status().unwrap().success());
-        let status = self.wait_exit().await;
-        let rest: Vec<String> = self.lines.try_iter().collect();
-        self.seen.extend(rest);
-        assert!(status.success(), "meshca exited with {status}:\n{}", self.seen.join("\n"));
-    }
-
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let rest: Vec<String> = self.lines.try_iter().collect();
-                self.seen.extend(rest);
-                panic!("meshca did not exit; stderr:\n{}", self.seen.join("\n"));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// A Certify client verifying the server against the data directory's anchors.
-    async fn client(&self) -> IdentityClient<Channel> {
-        let anchors = TrustAnchors::load(&self.data.join("trust-anchors.pem")).unwrap();
-        IdentityClient::new(client::connect(&self.grpc, &anchors, SERVER_NAME).await.unwrap())
-    }
-
-    /// A request for `sa` in `default` with a dev token and a fresh P-256 key.
-    fn request(&self, sa: &str) -> CertifyRequest {
-        let pem = std::fs::read_to_string(self.data.join("dev-token.key")).unwrap();
-        let signer = DevSigner::from_pem(&pem).unwrap();
-        let identity = dev_naming().identity("default", sa).unwrap().dns_name;
-        let (_key, csr) = client::make_csr(&identity, KeyType::P256).unwrap();
-        let now = SystemClock.now();
-        let claims = TokenClaims {
-            issuer: DEV_TOKEN_ISSUER.into(),
-            audience: vec![DEFAULT_AUDIENCE.into()],
-            namespace: "default".into(),
-            service_account: sa.into(),
-            pod: None,
-            issued_at: now,
-            expires_at: now + Duration::from_secs(3600),
-        };
-        let token = signer.sign(&claims).unwrap().into_bytes();
-        CertifyRequest { identity, token, certificate_signing_request: csr }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dev_naming() -> Naming {
-    Naming::new("cluster.local", "meshca-system").unwrap()
-}
-
 /// One certificate for `web`; its fingerprint.
-async fn issue_one(serve: &Serve, client: &mut IdentityClient<Channel>) -> String {
+async fn issue_one(serve: &ServeBin, client: &mut IdentityClient<Channel>) -> String {
     let resp = client.certify(serve.request("web")).await.unwrap().into_inner();
     sha256_hex(&resp.leaf_certificate)
 }
@@ -280,7 +107,7 @@ async fn issue_one(serve: &Serve, client: &mut IdentityClient<Channel>) -> Strin
 /// Certify until one is refused (at most `max` tries): the fingerprints issued
 /// before, and the refusal.
 async fn issue_until_refused(
-    serve: &Serve,
+    serve: &ServeBin,
     client: &mut IdentityClient<Channel>,
     max: usize,
 ) -> (Vec<String>, tonic::Status) {
@@ -303,7 +130,7 @@ async fn an_fsync_error_refuses_issuance_turns_unready_and_recovery_records_the_
     let audit = audit_of(&server);
     let mut client = server.client().await;
     let before = issued(&server, &mut client).await;
-    assert_eq!(get(server.admin, "/ready").await.0, 200);
+    assert_eq!(http_get(server.admin, "/ready").await.0, 200);
 
     // The test double: syncs fail after the write went through (the one fault
     // a real file cannot be made to produce on demand).
@@ -354,15 +181,16 @@ async fn a_file_size_limit_reached_mid_record_fails_closed_and_recovers_when_lif
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     // meshca handles SIGXFSZ itself: past the limit, writes fail with EFBIG.
-    let mut serve = Serve::start(&[], "exec \"$@\"", &data, &[]).await;
+    let mut serve = ServeBin::start(&[], "exec \"$@\"", &data, &[]).await;
     let log = data.join("audit.jsonl");
     let mut client = serve.client().await;
     let mut handed_out = vec![issue_one(&serve, &mut client).await];
     // Room for about one more record: the next write is cut off mid-line.
     let limit = std::fs::metadata(&log).unwrap().len() + 1200;
     let prlimit = |value: &str| {
-        let status =
-            Command::new("prlimit").args(["--pid", &serve.pid(), &format!("--fsize={value}:")]).status();
+        let status = Command::new("prlimit")
+            .args(["--pid", &serve.pid().to_string(), &format!("--fsize={value}:")])
+            .status();
         assert!(status.expect("prlimit (util-linux) is needed for this test").success());
     };
     prlimit(&limit.to_string());
@@ -407,7 +235,7 @@ async fn a_full_tmpfs_fails_closed_and_recovers_when_space_returns() {
     let set_mount = format!("FAULTS_MOUNT={}", mount.path().display());
     let log_arg = mount.path().join("audit.jsonl");
     let log_arg = ["--audit-log", log_arg.to_str().unwrap()];
-    let mut serve = Serve::start(&["env", &set_mount, "unshare", "-m"], wrapper, &data, &log_arg).await;
+    let mut serve = ServeBin::start(&["env", &set_mount, "unshare", "-m"], wrapper, &data, &log_arg).await;
     // The tmpfs exists only in meshca's namespace: reach it through /proc/PID/root.
     let inside = PathBuf::from(format!("/proc/{}/root{}", serve.pid(), mount.path().display()));
     let log = inside.join("audit.jsonl");
@@ -503,7 +331,7 @@ async fn an_audit_file_rotated_underneath_is_followed_and_the_two_files_join() {
         handed_out.push(issued(&server, &mut client).await);
     }
     assert!(!audit_of(&server).is_failing());
-    assert_eq!(get(server.admin, "/ready").await.0, 200);
+    assert_eq!(http_get(server.admin, "/ready").await.0, 200);
 
     let old = verify_file(&rotated).unwrap();
     let new = verify_file(&server.audit_path).unwrap();
@@ -557,7 +385,7 @@ async fn an_unreadable_key_keeps_the_loaded_issuer_and_its_expiry_refuses_until_
     assert!(matches!(outcome, Outcome::Failed(meshca::ca::Error::Read { .. })), "{outcome:?}");
     // The key in memory still signs: nothing to refuse yet.
     issued(&server, &mut client).await;
-    assert_eq!(get(server.admin, "/ready").await.0, 200);
+    assert_eq!(http_get(server.admin, "/ready").await.0, 200);
 
     // The clock jumps forward past the issuer's expiry.
     server.clock.set(start + Duration::from_secs(3 * 3600));
@@ -642,7 +470,7 @@ async fn a_flapping_api_server_refuses_only_what_it_cannot_review_and_readiness_
         c.api.set_mode(Mode::Answer);
         // The failure was not remembered: the same token gets its review now.
         client.certify(c.request_with(&new.token)).await.unwrap();
-        assert_eq!(get(c.server.admin, "/ready").await.0, 200, "a flap shorter than the threshold");
+        assert_eq!(http_get(c.server.admin, "/ready").await.0, 200, "a flap shorter than the threshold");
     }
     assert_eq!(c.api.calls(), 1 + 2 * FLAPS, "one review per new token, plus one per failure");
 }
@@ -709,7 +537,7 @@ async fn jwks_keys_replaced_mid_run_retire_the_old_key_and_garbage_keeps_the_hel
 
     c.api.set_discovery_mode(Mode::Answer);
     client.certify(c.request_with(&third)).await.unwrap();
-    assert_eq!(get(c.server.admin, "/ready").await.0, 200);
+    assert_eq!(http_get(c.server.admin, "/ready").await.0, 200);
 }
 
 // ---------------------------------------------------------------------------
@@ -721,7 +549,7 @@ async fn sigkill_during_a_burst_leaves_a_record_of_every_certificate_handed_out(
     const BEFORE_KILL: usize = 150;
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut serve = Serve::start(&[], "exec \"$@\"", &data, &[]).await;
+    let mut serve = ServeBin::start(&[], "exec \"$@\"", &data, &[]).await;
     let log = data.join("audit.jsonl");
 
     let received: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -755,7 +583,7 @@ async fn sigkill_during_a_burst_leaves_a_record_of_every_certificate_handed_out(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     killed.store(true, Ordering::SeqCst);
-    serve.child.kill().unwrap(); // SIGKILL, mid-burst
+    serve.process.child.kill().unwrap(); // SIGKILL, mid-burst
     serve.wait_exit().await;
     let mut cut_short = 0;
     for client in clients {
@@ -795,7 +623,7 @@ async fn sigkill_during_a_burst_leaves_a_record_of_every_certificate_handed_out(
     assert!(stderr.contains(&format!("the final line is incomplete ({torn_bytes} bytes")), "{stderr}");
 
     // The next start cuts it off, records the gap, and carries on.
-    let mut again = Serve::start(&[], "exec \"$@\"", &data, &[]).await;
+    let mut again = ServeBin::start(&[], "exec \"$@\"", &data, &[]).await;
     let after = verify_file(&log).unwrap();
     assert_eq!((after.incomplete_tail, after.gaps, after.torn), (None, 1, 1), "{after:?}");
     let mut client = again.client().await;

@@ -237,14 +237,12 @@ async fn ready_fails_when_the_api_server_is_unreachable_past_the_threshold_and_r
 #[cfg(unix)]
 mod binary {
     //! `meshca serve --dev --log-format json`, run as a process.
-    use std::io::{BufRead, BufReader};
     use std::path::Path;
-    use std::process::{Child, Command, Stdio};
-    use std::sync::mpsc;
-    use std::time::{Duration, Instant};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
 
-    const BIN: &str = env!("CARGO_BIN_EXE_meshca");
-    const TIMEOUT: Duration = Duration::from_secs(60);
+    use crate::support::process::{Process, BIN, PATIENCE};
+
     const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
     const DB: &str = "db.default.serviceaccount.identity.meshca-system.cluster.local";
 
@@ -265,36 +263,6 @@ mod binary {
         out
     }
 
-    struct Serve {
-        child: Child,
-        lines: mpsc::Receiver<String>,
-        seen: Vec<String>,
-    }
-
-    impl Serve {
-        fn next_line_with(&mut self, needle: &str) -> String {
-            let deadline = Instant::now() + TIMEOUT;
-            loop {
-                match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(line) => {
-                        self.seen.push(line.clone());
-                        if line.contains(needle) {
-                            return line;
-                        }
-                    }
-                    Err(e) => panic!("no line with {needle:?} ({e:?}):\n{}", self.seen.join("\n")),
-                }
-            }
-        }
-    }
-
-    impl Drop for Serve {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
     fn certify(dir: &Path, grpc: &str, token: &Path, identity: &str) -> std::process::Output {
         let anchors = dir.join("trust-anchors.pem");
         let out = dir.with_extension("out");
@@ -312,28 +280,16 @@ mod binary {
     fn json_logs_carry_the_request_ids_of_the_audit_records_and_never_the_token() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
-        let mut child = meshca()
-            .args(["serve", "--dev", "--data-dir", dir.to_str().unwrap()])
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .env("MESHCA_LOG_FORMAT", "json")
-            .env("MESHCA_LOG", "info,meshca=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let pipe = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut serve = Serve { child, lines, seen: Vec::new() };
-        let banner = serve.next_line_with("meshca dev mode:");
+        let mut serve = Process::spawn(
+            meshca()
+                .args(["serve", "--dev", "--data-dir", dir.to_str().unwrap()])
+                .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+                .env("MESHCA_LOG_FORMAT", "json")
+                .env("MESHCA_LOG", "info,meshca=debug"),
+        );
+        let banner = serve.stderr.wait_for("meshca dev mode:", Instant::now() + PATIENCE);
         let grpc = banner.split("gRPC on ").nth(1).unwrap().split(',').next().unwrap().to_owned();
-        serve.next_line_with("serving gRPC over TLS");
+        serve.stderr.wait_for("serving gRPC over TLS", Instant::now() + PATIENCE);
 
         let token = run(meshca().args(["dev-token", "--data-dir", dir.to_str().unwrap()]).args([
             "--namespace",
@@ -355,7 +311,7 @@ mod binary {
         assert_eq!(decisions.len(), 2, "{audit}");
         for record in decisions {
             let id = record["request_id"].as_str().unwrap();
-            let line = serve.next_line_with(&format!("\"request_id\":\"{id}\""));
+            let line = serve.stderr.wait_for(&format!("\"request_id\":\"{id}\""), Instant::now() + PATIENCE);
             let log: serde_json::Value =
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
             assert_eq!(log["level"], "DEBUG", "{line}");
@@ -367,19 +323,17 @@ mod binary {
             assert!(log["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{line}");
             assert!(log["timestamp"].is_string(), "{line}");
         }
-        let _ = Command::new("kill").args(["-TERM", &serve.child.id().to_string()]).status();
+        let _ = serve.signal("TERM");
         // Whatever was logged: JSON a line (the dev-mode banner aside), and no token.
-        let deadline = Instant::now() + TIMEOUT;
-        while let Ok(line) = serve.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            serve.seen.push(line);
-        }
+        serve.stderr.read_to_end(Instant::now() + PATIENCE);
         let payload = token_text.split('.').nth(1).unwrap();
-        for line in &serve.seen {
+        for line in &serve.stderr.seen {
             assert!(!line.contains(payload), "a token reached the log: {line}");
         }
         // The banner is five lines of text for people, on purpose.
-        let banner_at = serve.seen.iter().position(|l| l.contains("meshca dev mode:")).unwrap();
-        let logs = serve.seen.iter().enumerate().filter(|(i, _)| !(banner_at..banner_at + 5).contains(i));
+        let banner_at = serve.stderr.seen.iter().position(|l| l.contains("meshca dev mode:")).unwrap();
+        let logs =
+            serve.stderr.seen.iter().enumerate().filter(|(i, _)| !(banner_at..banner_at + 5).contains(i));
         let mut count = 0;
         for (_, line) in logs {
             let log: serde_json::Value =
@@ -387,6 +341,6 @@ mod binary {
             assert!(log["level"].is_string() && log["message"].is_string(), "{line}");
             count += 1;
         }
-        assert!(count >= 4, "serving, two decisions, shutdown:\n{}", serve.seen.join("\n"));
+        assert!(count >= 4, "serving, two decisions, shutdown:\n{}", serve.stderr.seen.join("\n"));
     }
 }

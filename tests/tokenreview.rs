@@ -219,7 +219,7 @@ async fn a_thousand_sequential_requests_with_one_token_make_one_review() {
         client.certify(request.clone()).await.unwrap();
     }
     assert_eq!(c.api.calls(), 1);
-    let metrics = http_get(c.server.admin, "/metrics").await;
+    let metrics = c.server.metrics().await;
     assert!(metrics.contains("\nmeshca_token_reviews_total 1\n"), "{metrics}");
     assert!(metrics.contains("\nmeshca_token_cache_hits_total 999\n"), "{metrics}");
     assert!(metrics.contains("\nmeshca_token_review_duration_seconds_count 1\n"), "{metrics}");
@@ -288,15 +288,4 @@ fn serve_without_a_reachable_cluster_configuration_exits_1_naming_kubeconfig() {
         let line = stderr.lines().find(|l| l.starts_with("meshca:")).unwrap_or_default();
         assert!(line.contains("--kubeconfig"), "{extra:?}: {stderr}");
     }
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

@@ -18,17 +18,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(target_os = "linux")]
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use meshca::ca::issuer::TrustAnchors;
 use meshca::clock::{Clock, SystemClock};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use support::process::Process;
 
 /// The Linux binary: the server and `dev-token`.
 const BIN: &str = env!("CARGO_BIN_EXE_meshca");
@@ -97,73 +99,6 @@ fn program(names: &[&str], absolute: &str) -> PathBuf {
 /// Windows' name for a Linux path: Wine maps `/` to drive `Z:`.
 fn windows_path(path: &Path) -> String {
     format!("Z:{}", path.to_str().expect("utf-8 path").replace('/', "\\"))
-}
-
-/// A child process whose stderr is read line by line; killed on drop.
-struct Process {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Process {
-    fn spawn(cmd: &mut Command) -> Process {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let pipe = child.stderr.take().expect("stderr pipe");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Process { child, lines, seen: Vec::new() }
-    }
-
-    /// Reads stderr until a line contains `needle`; fails at `deadline`.
-    fn wait_for(&mut self, needle: &str, deadline: Instant) -> String {
-        loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no line with {needle:?} ({e:?}); stderr so far:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// Sends `signal` (`kill -s`), then waits for stderr to close and the process to exit.
-    fn stop(&mut self, signal: &str) -> ExitStatus {
-        let sent = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status();
-        assert!(sent.expect("run kill").success(), "kill -s {signal} failed");
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => self.seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("no exit after SIG{signal}:\n{}", self.seen.join("\n"))
-                }
-            }
-        }
-        self.child.wait().expect("wait")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs to completion with output captured; fails after [`COMMAND_TIMEOUT`].
@@ -282,7 +217,7 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
             "--clock-skew-allowance",
             "0s",
         ]));
-    let first = server.wait_for("meshca dev mode:", Instant::now() + COMMAND_TIMEOUT);
+    let first = server.stderr.wait_for("meshca dev mode:", Instant::now() + COMMAND_TIMEOUT);
     let grpc =
         first.split("gRPC on ").nth(1).and_then(|s| s.split(',').next()).expect("gRPC address").to_owned();
     let token = assert_success(
@@ -325,7 +260,7 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
     let mut fingerprints = BTreeSet::new();
     let mut last_round: Option<SystemTime> = None;
     while seen.len() < 3 {
-        let line = agent.wait_for("certificate renewed", deadline);
+        let line = agent.stderr.wait_for("certificate renewed", deadline);
         // The agent's own timestamp, which starts the line.
         let at = line.split_whitespace().next().and_then(|t| humantime::parse_rfc3339_weak(t).ok());
         let at = at.unwrap_or_else(|| panic!("no timestamp in {line:?}"));
@@ -358,10 +293,10 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
     assert_eq!(names, ["ca.crt", "tls.crt", "tls.key"].map(Into::into).into(), "temporary files left behind");
 
     // Ctrl-C ends the agent cleanly.
-    let status = agent.stop("INT");
-    assert!(status.success(), "agent exit after Ctrl-C: {status}\n{}", agent.seen.join("\n"));
-    let errors: Vec<&String> = agent.seen.iter().filter(|l| l.contains(" ERROR ")).collect();
-    assert!(errors.is_empty(), "the agent logged errors:\n{}", agent.seen.join("\n"));
+    let status = agent.stop("INT", COMMAND_TIMEOUT);
+    assert!(status.success(), "agent exit after Ctrl-C: {status}\n{}", agent.stderr.seen.join("\n"));
+    let errors: Vec<&String> = agent.stderr.seen.iter().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "the agent logged errors:\n{}", agent.stderr.seen.join("\n"));
 
     // `meshca doctor` from the Windows build: name, port, TLS and clock are fine
     // (Wine shares this host's clock); the 10 s certificate on disk may have expired.
@@ -386,7 +321,7 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
     }
 
     // The audit log holds exactly these three issuances and no refusal.
-    assert!(server.stop("TERM").success(), "serve exit:\n{}", server.seen.join("\n"));
+    assert!(server.stop("TERM", COMMAND_TIMEOUT).success(), "serve exit:\n{}", server.stderr.seen.join("\n"));
     let records = issued_for(&data.join("audit.jsonl"), WEB);
     assert!(records.iter().all(|r| r["outcome"] == "issued"), "{records:?}");
     let audited: BTreeSet<String> =

@@ -192,23 +192,8 @@ impl RequestedNames {
     }
 }
 
-/// Reads one TLV leniently: (tag, contents, rest).
-pub fn read_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        rest = &rest[n..];
-        len
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
+/// Reads one TLV: (tag, contents, rest).
+pub use meshca::ca::material::der_read as read_tlv;
 
 /// The names `der` asks for, or `None` when x509-parser cannot read it as a CSR.
 pub fn requested_names(der: &[u8]) -> Option<RequestedNames> {
@@ -326,6 +311,7 @@ pub mod certify {
                     per_peer: None,
                     per_identity: None,
                 })
+                .expect("the signing worker thread starts")
                 .into(),
                 events: None,
                 nodes: None,

@@ -115,8 +115,9 @@ pub fn der(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Reads one DER TLV: (tag, contents, rest). Definite lengths up to 4 bytes only.
-fn der_read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+/// Reads one DER TLV: (tag, contents, rest). Definite lengths up to 4 bytes only;
+/// `None` for anything else or when the input is shorter than the length says.
+pub fn der_read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, mut rest) = rest.split_first()?;
     let len = if first < 0x80 {

@@ -5,10 +5,15 @@
 //! once; time moves only when a test moves the [`FakeClock`]. File notifications
 //! are off by default: a test that changes the CA files decides when meshca looks
 //! (`server.reloader().check()`).
+//!
+//! Admin listeners (this server's, a real binary's, an agent's) are read with
+//! [`http_get`] and [`wait_ready`]; the real binary as a child process is in
+//! [`process`].
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod apiserver;
 pub mod der;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -255,15 +260,7 @@ impl TestServer {
 
     /// A GET on the admin listener: status code and body.
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        (status, body)
+        http_get(self.admin, path).await
     }
 
     /// The value of an unlabelled sample in `/metrics`.
@@ -334,6 +331,34 @@ impl Drop for TestServer {
         if let Some(task) = &self.task {
             task.abort();
         }
+    }
+}
+
+/// `GET path` on an admin listener (meshca's or the agent's), over raw HTTP/1.1:
+/// status code (0 when the answer has none) and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// Polls `/ready` on an admin listener, in real time, until it answers `code`;
+/// returns the body. Panics after [`process::PATIENCE`].
+pub async fn wait_ready(admin: SocketAddr, code: u16) -> String {
+    let deadline = std::time::Instant::now() + process::PATIENCE;
+    loop {
+        let (got, body) = http_get(admin, "/ready").await;
+        if got == code {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "/ready still answers {got} {body:?}, not {code}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

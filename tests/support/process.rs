@@ -1,0 +1,230 @@
+//! The real `meshca` binary as a child process, for the tests that need what only
+//! a process has (signals, resource limits, namespaces, its own log output, another
+//! platform's build). This module owns reading a child's stderr line by line
+//! ([`StderrLines`]: a thread and a channel, every line kept for panic messages), a
+//! child killed on drop ([`Process`]), and `meshca serve --dev` started through a
+//! `sh -c` wrapper with its addresses taken from the dev-mode banner and `/ready`
+//! awaited ([`ServeBin`]). Talking to an admin listener is [`super::http_get`].
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use meshca::agent::client::{self, KeyType};
+use meshca::auth::dev::{DevSigner, TokenClaims};
+use meshca::ca::issuer::TrustAnchors;
+use meshca::clock::{Clock, SystemClock};
+use meshca::config::{DEFAULT_AUDIENCE, DEV_TOKEN_ISSUER};
+use meshca::identity::Naming;
+use meshca::proto::identity_client::IdentityClient;
+use meshca::proto::CertifyRequest;
+use tonic::transport::Channel;
+
+use super::{wait_ready, SERVER_NAME};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_meshca");
+/// Bound on waits that only a broken implementation would reach.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A child's stderr, read line by line on a thread; every line read is kept in
+/// `seen`.
+pub struct StderrLines {
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl StderrLines {
+    /// Takes the child's piped stderr and reads it on a thread of its own.
+    pub fn of(child: &mut Child) -> StderrLines {
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        StderrLines { lines, seen: Vec::new() }
+    }
+
+    /// Reads until a line contains `needle` and returns that line; panics with
+    /// everything seen when `deadline` passes or stderr closes first.
+    pub fn wait_for(&mut self, needle: &str, deadline: Instant) -> String {
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no line with {needle:?} ({e:?}); stderr so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Reads until stderr closes: false when `deadline` came first.
+    pub fn read_to_end(&mut self, deadline: Instant) -> bool {
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => return true,
+                Err(RecvTimeoutError::Timeout) => return false,
+            }
+        }
+    }
+
+    /// Everything read so far and whatever has arrived since, one line each.
+    pub fn text(&mut self) -> String {
+        let rest: Vec<String> = self.lines.try_iter().collect();
+        self.seen.extend(rest);
+        self.seen.join("\n")
+    }
+}
+
+/// A child process whose stderr is read line by line; killed on drop.
+pub struct Process {
+    pub child: Child,
+    pub stderr: StderrLines,
+}
+
+impl Process {
+    /// Spawns `cmd` with stdin and stdout null and stderr read by [`StderrLines`].
+    pub fn spawn(cmd: &mut Command) -> Process {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stderr = StderrLines::of(&mut child);
+        Process { child, stderr }
+    }
+
+    /// Sends `signal` (`kill -s SIGNAL PID`); whether `kill` succeeded.
+    pub fn signal(&self, signal: &str) -> bool {
+        let sent = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status();
+        sent.expect("run kill").success()
+    }
+
+    /// Sends `signal`, then waits for stderr to close and the process to exit;
+    /// panics after `timeout`.
+    pub fn stop(&mut self, signal: &str, timeout: Duration) -> ExitStatus {
+        assert!(self.signal(signal), "kill -s {signal} failed");
+        if !self.stderr.read_to_end(Instant::now() + timeout) {
+            panic!("no exit after SIG{signal}:\n{}", self.stderr.seen.join("\n"));
+        }
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `meshca serve --dev` on loopback ports, started through
+/// `sh -c WRAPPER`; SIGKILLed on drop.
+pub struct ServeBin {
+    pub process: Process,
+    /// The `--data-dir`: the dev CA, `dev-token.key`, `audit.jsonl`.
+    pub data: PathBuf,
+    /// The gRPC URL from the banner (`https://127.0.0.1:PORT`).
+    pub grpc: String,
+    pub admin: SocketAddr,
+}
+
+impl ServeBin {
+    /// Runs `PREFIX... sh -c WRAPPER sh BIN serve --dev --data-dir DATA
+    /// --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 EXTRA...`, without the
+    /// caller's `MESHCA_*` settings and with `NO_COLOR`: `wrapper` must end in
+    /// `exec "$@"` (e.g. `ulimit -f 32 && exec "$@"`); `prefix` runs the wrapper
+    /// shell (e.g. `unshare -m`, or nothing). Reads the addresses from the dev-mode
+    /// banner and waits for `/ready` to answer 200.
+    pub async fn start(prefix: &[&str], wrapper: &str, data: &Path, extra: &[&str]) -> ServeBin {
+        let mut argv: Vec<&str> = prefix.to_vec();
+        argv.extend(["sh", "-c", wrapper, "sh", BIN, "serve", "--dev", "--data-dir"]);
+        argv.push(data.to_str().unwrap());
+        argv.extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+        argv.extend(extra);
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]).env("NO_COLOR", "1");
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("MESHCA_") {
+                cmd.env_remove(name);
+            }
+        }
+        let mut process = Process::spawn(&mut cmd);
+        let first = process.stderr.wait_for("meshca dev mode:", Instant::now() + PATIENCE);
+        let after = |from: &str, to: &str| {
+            let rest = &first[first.find(from).unwrap() + from.len()..];
+            rest[..rest.find(to).unwrap_or(rest.len())].to_owned()
+        };
+        let grpc = after("gRPC on ", ",");
+        let admin = after("admin on http://", "\n").trim().parse().unwrap();
+        wait_ready(admin, 200).await;
+        ServeBin { process, data: data.to_owned(), grpc, admin }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// SIGTERM; the process must exit 0. (Async: the runtime must keep serving
+    /// the test's client connections, which a graceful shutdown waits for.)
+    pub async fn stop(&mut self) {
+        assert!(self.process.signal("TERM"), "kill -s TERM failed");
+        let status = self.wait_exit().await;
+        assert!(status.success(), "meshca exited with {status}:\n{}", self.process.stderr.text());
+    }
+
+    /// Waits for the process to exit; panics after [`PATIENCE`].
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.process.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "meshca did not exit; stderr:\n{}",
+                self.process.stderr.text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A Certify client verifying the server against the data directory's anchors.
+    pub async fn client(&self) -> IdentityClient<Channel> {
+        let anchors = TrustAnchors::load(&self.data.join("trust-anchors.pem")).unwrap();
+        IdentityClient::new(client::connect(&self.grpc, &anchors, SERVER_NAME).await.unwrap())
+    }
+
+    /// A request for `sa` in `default` with a dev token and a fresh P-256 key.
+    pub fn request(&self, sa: &str) -> CertifyRequest {
+        let pem = std::fs::read_to_string(self.data.join("dev-token.key")).unwrap();
+        let signer = DevSigner::from_pem(&pem).unwrap();
+        let naming = Naming::new("cluster.local", "meshca-system").unwrap();
+        let identity = naming.identity("default", sa).unwrap().dns_name;
+        let (_key, csr) = client::make_csr(&identity, KeyType::P256).unwrap();
+        let now = SystemClock.now();
+        let claims = TokenClaims {
+            issuer: DEV_TOKEN_ISSUER.into(),
+            audience: vec![DEFAULT_AUDIENCE.into()],
+            namespace: "default".into(),
+            service_account: sa.into(),
+            pod: None,
+            issued_at: now,
+            expires_at: now + Duration::from_secs(3600),
+        };
+        let token = signer.sign(&claims).unwrap().into_bytes();
+        CertifyRequest { identity, token, certificate_signing_request: csr }
+    }
+}
