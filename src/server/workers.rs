@@ -7,10 +7,10 @@
 //! are not first come, first served (tokio runs the most recently woken task
 //! first), so some requests overtake others many times and the latency tail
 //! spreads. Here admitted requests wait in one FIFO queue, the runtime threads only
-//! move bytes, and a request's wait is the work queued before it. Measured with
-//! bench/run.sh at 64 streams: p99 down from 12.4–13.1 ms to 9.4–10.1 ms, at 10–15%
-//! more certificates per second (less work stolen back and forth between runtime
-//! threads).
+//! move bytes, and a request's wait is the work queued before it. Measured at 64
+//! streams on two cores (interleaved runs against the permit-based build, RS256
+//! tokens): p99 13.05–14.02 ms → 8.95–9.93 ms, 10,098–11,451 → 12,135–13,213
+//! certificates/s.
 //!
 //! A job whose caller went away before its turn (client disconnected) is skipped.
 //! A job that panics takes nothing down: its caller gets [`Error::Lost`] and the
