@@ -130,11 +130,6 @@ impl Workers {
     pub fn max_waiting(&self) -> usize {
         self.queue.max_waiting.load(Ordering::Relaxed)
     }
-
-    /// How many worker threads run jobs.
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
 }
 
 impl Drop for Workers {
