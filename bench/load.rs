@@ -30,6 +30,10 @@
 //! they are ES256, signed with the dev server's key; `--token-key` takes another
 //! PKCS#8 key: an RSA one gives RS256 tokens, as a Kubernetes API server issues
 //! them (bench/run.sh does that, with the server in jwks mode).
+//!
+//! `--write-jwks FILE` writes the token key's JWKS (its key id is
+//! base64url(SHA-256(public key DER)), computed only here) and exits: bench/run.sh
+//! serves it to meshca as --jwks-file.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -123,6 +127,11 @@ struct Args {
     /// Herd mode: the server's admin address, to read its largest queue depth.
     #[arg(long, value_name = "HOST:PORT")]
     admin_addr: Option<String>,
+    /// Writes the JWKS of the token key (--token-key, or the dev key in --data-dir)
+    /// to this file, with the `kid` its tokens carry, and exits (bench/run.sh gives
+    /// it to the server as --jwks-file).
+    #[arg(long, value_name = "FILE")]
+    write_jwks: Option<PathBuf>,
 }
 
 /// One prepared call: distinct identity, token and CSR.
@@ -169,21 +178,29 @@ impl TokenSigner {
     }
 
     fn sign(&self, claims: &TokenClaims) -> Result<String> {
-        use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine};
         match self {
             TokenSigner::Es256(signer) => Ok(signer.sign(claims)?),
             TokenSigner::Rs256 { key, kid, rng } => {
-                let header = json!({"alg": "RS256", "typ": "JWT", "kid": kid});
-                let body = claims.to_json()?;
-                let msg = format!(
-                    "{}.{}",
-                    URL_SAFE_NO_PAD.encode(header.to_string()),
-                    URL_SAFE_NO_PAD.encode(body.to_string())
-                );
-                let mut sig = vec![0; key.public().modulus_len()];
-                key.sign(&ring::signature::RSA_PKCS1_SHA256, rng, msg.as_bytes(), &mut sig)
-                    .map_err(|_| "RSA signing failed")?;
-                Ok(format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)))
+                claims.sign_with("RS256", kid, |msg| -> Result<Vec<u8>> {
+                    let mut sig = vec![0; key.public().modulus_len()];
+                    key.sign(&ring::signature::RSA_PKCS1_SHA256, rng, msg, &mut sig)
+                        .map_err(|_| "RSA signing failed")?;
+                    Ok(sig)
+                })
+            }
+        }
+    }
+
+    /// A JWKS holding the public half, with the `kid` the tokens carry.
+    fn jwks_json(&self) -> String {
+        use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine};
+        match self {
+            TokenSigner::Es256(signer) => signer.jwks_json(),
+            TokenSigner::Rs256 { key, kid, .. } => {
+                let public = ring::signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public());
+                let (n, e) = (URL_SAFE_NO_PAD.encode(&public.n), URL_SAFE_NO_PAD.encode(&public.e));
+                json!({"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid, "n": n, "e": e}]})
+                    .to_string()
             }
         }
     }
@@ -195,6 +212,13 @@ fn token_signer(args: &Args) -> Result<(TokenSigner, String)> {
     let path = args.token_key.clone().unwrap_or_else(|| args.data_dir.join("dev-token.key"));
     let issuer = args.token_issuer.clone().unwrap_or_else(|| DEV_TOKEN_ISSUER.into());
     Ok((TokenSigner::load(&path)?, issuer))
+}
+
+/// `--write-jwks FILE`: the token key's JWKS, for the server's --jwks-file.
+fn write_jwks(args: &Args, path: &std::path::Path) -> Result<()> {
+    let (signer, _) = token_signer(args)?;
+    std::fs::write(path, signer.jwks_json()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
 }
 
 /// Builds `n` items on all cores; tokens are signed by `signer` for `issuer`
@@ -216,17 +240,17 @@ fn prepare_pool(n: usize, signer: Option<(&TokenSigner, &str)>, token_ttl: Durat
                             let identity = naming.identity("bench", &sa)?;
                             let (_key, csr) = client::make_csr(&identity.dns_name, KeyType::P256)?;
                             let token = match signer {
-                                Some((signer, issuer)) => signer
-                                    .sign(&TokenClaims {
-                                        issuer: issuer.into(),
-                                        audience: vec![DEFAULT_AUDIENCE.into()],
-                                        namespace: "bench".into(),
-                                        service_account: sa,
-                                        pod: None,
-                                        issued_at: now,
-                                        expires_at: now + token_ttl,
-                                    })?
-                                    .into_bytes(),
+                                Some((signer, issuer)) => {
+                                    let claims = TokenClaims::projected(
+                                        issuer,
+                                        DEFAULT_AUDIENCE,
+                                        "bench",
+                                        sa,
+                                        now,
+                                        token_ttl,
+                                    );
+                                    signer.sign(&claims)?.into_bytes()
+                                }
                                 None => Vec::new(),
                             };
                             Ok(Item { identity, token, csr })
@@ -774,7 +798,9 @@ fn herd(args: &Args) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let result = if args.crypto_bound {
+    let result = if let Some(path) = &args.write_jwks {
+        write_jwks(&args, path)
+    } else if args.crypto_bound {
         crypto_bound(&args)
     } else if args.herd.is_some() {
         herd(&args)

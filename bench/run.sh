@@ -100,25 +100,16 @@ if [ "$BUSY" -gt 10 ]; then
 fi
 
 # The token issuer. rs256: a service-account key like kube-apiserver's (RSA-2048,
-# kid = base64url SHA-256 of its RSAPublicKey DER) and its JWKS; meshca verifies
-# with --token-validation jwks --jwks-file. es256: the dev key meshca creates.
+# kid = base64url SHA-256 of its RSAPublicKey DER) and its JWKS, written by
+# meshca-load (the one place that computes the kid); meshca verifies with
+# --token-validation jwks --jwks-file. es256: the dev key meshca creates.
 SERVE_TOKEN_ARGS=()
 LOAD_TOKEN_ARGS=()
 BOUND_TOKEN_ARGS=()
 if [ "$TOKENS" = rs256 ]; then
   SA_ISSUER="https://kubernetes.default.svc.cluster.local"
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$DATA/sa.key" 2>/dev/null
-  openssl rsa -in "$DATA/sa.key" -noout -modulus 2>/dev/null >"$DATA/sa.modulus"
-  openssl rsa -in "$DATA/sa.key" -RSAPublicKey_out -outform DER -out "$DATA/sa.pub.der" 2>/dev/null
-  python3 - "$DATA" <<'PY'
-import base64, hashlib, json, sys
-d = sys.argv[1]
-b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-n = bytes.fromhex(open(f"{d}/sa.modulus").read().strip().split("=", 1)[1])
-kid = b64(hashlib.sha256(open(f"{d}/sa.pub.der", "rb").read()).digest())
-key = {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid, "n": b64(n), "e": "AQAB"}
-json.dump({"keys": [key]}, open(f"{d}/sa-jwks.json", "w"))
-PY
+  "$LOAD" --write-jwks "$DATA/sa-jwks.json" --token-key "$DATA/sa.key"
   SERVE_TOKEN_ARGS=(--token-validation jwks --jwks-file "$DATA/sa-jwks.json" --token-issuer "$SA_ISSUER")
   LOAD_TOKEN_ARGS=(--token-key "$DATA/sa.key" --token-issuer "$SA_ISSUER")
   BOUND_TOKEN_ARGS=("${LOAD_TOKEN_ARGS[@]}" --jwks-file "$DATA/sa-jwks.json")

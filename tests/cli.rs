@@ -2,15 +2,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshca");
-const TIMEOUT: Duration = Duration::from_secs(60);
+use support::process::{Process, BIN, PATIENCE};
+
 const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
 const DB: &str = "db.default.serviceaccount.identity.meshca-system.cluster.local";
 const LOOPBACK: [&str; 4] = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
@@ -33,11 +34,11 @@ fn output(cmd: &mut Command) -> Output {
     let pid = child.id().to_string();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output()));
-    match rx.recv_timeout(TIMEOUT) {
+    match rx.recv_timeout(PATIENCE) {
         Ok(out) => out.expect("wait for meshca"),
         Err(_) => {
             let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            panic!("{cmd:?} did not finish within {TIMEOUT:?}")
+            panic!("{cmd:?} did not finish within {PATIENCE:?}")
         }
     }
 }
@@ -74,26 +75,14 @@ fn assert_openssl_verifies(args: &[&str]) {
 
 /// A running `meshca serve`, killed on drop; its stderr is read line by line.
 struct Server {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
+    process: Process,
     dir: PathBuf,
     grpc: String,
 }
 
 impl Server {
     fn spawn(cmd: &mut Command) -> Server {
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn serve");
-        let pipe = child.stderr.take().expect("stderr pipe");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Server { child, lines, seen: Vec::new(), dir: PathBuf::new(), grpc: String::new() }
+        Server { process: Process::spawn(cmd), dir: PathBuf::new(), grpc: String::new() }
     }
 
     /// `serve --dev` in `dir` on ephemeral ports; returns once the addresses are known.
@@ -107,7 +96,7 @@ impl Server {
         let mut server = Server::spawn(&mut cmd);
         server.dir = dir.to_path_buf();
         let first = server.wait_for("meshca dev mode:");
-        assert_eq!(server.seen[0], first, "the dev mode line comes first");
+        assert_eq!(server.seen()[0], first, "the dev mode line comes first");
         let between = |from: &str, to: &str| {
             let rest =
                 &first[first.find(from).unwrap_or_else(|| panic!("{from:?} in {first}")) + from.len()..];
@@ -120,43 +109,20 @@ impl Server {
         server
     }
 
-    /// The next stderr line (also kept in `seen`), or why there is none by `deadline`.
-    fn next_line(&mut self, deadline: Instant) -> Result<String, RecvTimeoutError> {
-        let line = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
-        self.seen.push(line.clone());
-        Ok(line)
+    /// Every stderr line read so far.
+    fn seen(&self) -> &[String] {
+        &self.process.stderr.seen
     }
 
     /// Reads stderr until a line contains `needle`; fails after the overall timeout.
     fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match self.next_line(deadline) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no line with {needle:?} ({e:?}); stderr so far:\n{}", self.seen.join("\n")),
-            }
-        }
+        self.process.stderr.wait_for(needle, Instant::now() + PATIENCE)
     }
 
-    /// SIGTERM, then waits for the process to exit.
+    /// SIGTERM, then waits for stderr to close and the process to exit; fails after
+    /// the timeout.
     fn stop(&mut self) -> ExitStatus {
-        let kill = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        assert!(kill.expect("run kill").success(), "kill -TERM failed");
-        self.exit()
-    }
-
-    /// Waits for stderr to close and the process to exit; fails after the timeout.
-    fn exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match self.next_line(deadline) {
-                Ok(_) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!("serve did not exit:\n{}", self.seen.join("\n")),
-            }
-        }
-        self.child.wait().expect("wait for serve")
+        self.process.stop("TERM", PATIENCE)
     }
 
     fn token_file(&self, namespace: &str, service_account: &str) -> PathBuf {
@@ -192,13 +158,6 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn pem_blocks(pem: &str) -> Vec<String> {
     let end = "-----END CERTIFICATE-----";
     pem.split_inclusive(end).filter(|b| b.contains(end)).map(|b| format!("{}\n", b.trim_start())).collect()
@@ -223,9 +182,9 @@ fn readme_quick_start_issues_a_certificate_end_to_end() {
     let data = tmp.path().join("data");
     let mut server = Server::dev(&data);
     assert!(
-        server.seen[0].contains(&format!("created a new CA in {}", data.display())),
+        server.seen()[0].contains(&format!("created a new CA in {}", data.display())),
         "{}",
-        server.seen[0]
+        server.seen()[0]
     );
     let token = server.token_file("default", "web");
     let out = tmp.path().join("out");
@@ -245,7 +204,7 @@ fn readme_quick_start_issues_a_certificate_end_to_end() {
     std::fs::write(&rest, blocks[1..].concat()).unwrap();
     assert_openssl_verifies(&["-CAfile", p(&anchors), "-untrusted", p(&rest), p(&leaf)]);
 
-    assert!(server.stop().success(), "graceful exit:\n{}", server.seen.join("\n"));
+    assert!(server.stop().success(), "graceful exit:\n{}", server.seen().join("\n"));
     let report = audit_verify(&server.audit_log());
     assert_exit(&report, 0, "audit verify");
     assert!(stderr(&report).contains("intact, 2 records"), "{}", stderr(&report));
@@ -262,13 +221,13 @@ fn dev_mode_reuses_its_data_dir_on_restart() {
     let data = tmp.path().join("data");
     let mut first = Server::dev(&data);
     first.wait_for("serving gRPC over TLS");
-    assert!(first.stop().success(), "{}", first.seen.join("\n"));
+    assert!(first.stop().success(), "{}", first.seen().join("\n"));
     let anchors = std::fs::read(data.join("trust-anchors.pem")).unwrap();
 
     let mut second = Server::dev(&data);
-    assert!(second.seen[0].contains("reusing the CA"), "{}", second.seen[0]);
+    assert!(second.seen()[0].contains("reusing the CA"), "{}", second.seen()[0]);
     second.wait_for("serving gRPC over TLS");
-    assert!(second.stop().success(), "{}", second.seen.join("\n"));
+    assert!(second.stop().success(), "{}", second.seen().join("\n"));
     assert_eq!(std::fs::read(data.join("trust-anchors.pem")).unwrap(), anchors, "trust anchors changed");
     let report = audit_verify(&second.audit_log());
     assert_exit(&report, 0, "audit verify across restarts");
@@ -372,7 +331,7 @@ fn init_writes_a_hierarchy_and_refuses_to_overwrite() {
     ]);
     let mut server = Server::spawn(cmd.args(LOOPBACK));
     server.wait_for("serving gRPC over TLS");
-    assert!(server.stop().success(), "{}", server.seen.join("\n"));
+    assert!(server.stop().success(), "{}", server.seen().join("\n"));
 }
 
 #[test]

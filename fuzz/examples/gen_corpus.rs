@@ -209,16 +209,11 @@ fn csr_corpus(out: &mut Out) -> Result<()> {
     Ok(())
 }
 
+/// Issued a minute before [`now`], expiring an hour after it.
 fn claims(ns: &str, sa: &str) -> TokenClaims {
-    TokenClaims {
-        issuer: TOKEN_ISSUER.into(),
-        audience: vec![AUDIENCE.into()],
-        namespace: ns.into(),
-        service_account: sa.into(),
-        pod: Some(("web-5d8f7".into(), "0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c".into())),
-        issued_at: now() - Duration::from_secs(60),
-        expires_at: now() + Duration::from_secs(3600),
-    }
+    let issued_at = now() - Duration::from_secs(60);
+    TokenClaims::projected(TOKEN_ISSUER, AUDIENCE, ns, sa, issued_at, Duration::from_secs(60 + 3600))
+        .with_pod("web-5d8f7", "0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c")
 }
 
 fn claims_json(extra: serde_json::Value) -> String {

@@ -2,6 +2,9 @@
 //! signs with. ES256 only. It owns the P-256 key (PKCS#8 DER or PEM), its key id,
 //! the one-key JWKS that [`super::jwt::Jwks`] loads, and the signing of
 //! Kubernetes-style projected tokens (and of arbitrary header/claims for tests).
+//! The claims ([`TokenClaims::projected`]) and the compact JWS assembly
+//! ([`TokenClaims::sign_with`], [`compact_jws`]) serve other signers too: the
+//! benchmark's RS256 one signs through them with its own algorithm.
 
 use super::Error;
 use base64::{
@@ -11,12 +14,13 @@ use base64::{
 use ring::{
     digest::{digest, SHA256},
     rand::SystemRandom,
-    signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+    signature::{EcdsaKeyPair, KeyPair, Signature, ECDSA_P256_SHA256_FIXED_SIGNING},
 };
 use serde_json::{json, Map, Value};
 use std::{
+    convert::Infallible,
     fmt,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 /// A P-256 key that signs development tokens.
@@ -46,6 +50,47 @@ pub struct TokenClaims {
 }
 
 impl TokenClaims {
+    /// The claims of a projected service-account token for `service_account` in
+    /// `namespace`: `issuer`, the one `audience`, no pod (see [`Self::with_pod`]),
+    /// valid from `issued_at` for `ttl`.
+    pub fn projected(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        namespace: impl Into<String>,
+        service_account: impl Into<String>,
+        issued_at: SystemTime,
+        ttl: Duration,
+    ) -> TokenClaims {
+        TokenClaims {
+            issuer: issuer.into(),
+            audience: vec![audience.into()],
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            pod: None,
+            issued_at,
+            expires_at: issued_at + ttl,
+        }
+    }
+
+    /// The same claims, bound to the pod `name` with `uid`.
+    pub fn with_pod(self, name: impl Into<String>, uid: impl Into<String>) -> TokenClaims {
+        TokenClaims { pod: Some((name.into(), uid.into())), ..self }
+    }
+
+    /// Signs these claims as a JWT with header `{"alg": alg, "typ": "JWT", "kid": kid}`
+    /// and [`Self::to_json`] as its claims set; `sign` computes the signature over the
+    /// signing input (see [`compact_jws`]), so only the algorithm is the caller's.
+    pub fn sign_with<S: AsRef<[u8]>, E: From<Error>>(
+        &self,
+        alg: &str,
+        kid: &str,
+        sign: impl FnOnce(&[u8]) -> Result<S, E>,
+    ) -> Result<String, E> {
+        let header = json!({"alg": alg, "typ": "JWT", "kid": kid});
+        let body = self.to_json()?;
+        compact_jws(header.to_string().as_bytes(), body.to_string().as_bytes(), sign)
+    }
+
     /// The JWT claims set, as the API server writes it into a projected token
     /// (`iss`, `aud`, `exp`, `iat`, `nbf`, `sub`, `kubernetes.io`).
     pub fn to_json(&self) -> Result<Value, Error> {
@@ -128,26 +173,36 @@ impl DevSigner {
 
     /// Signs a Kubernetes-style projected token.
     pub fn sign(&self, claims: &TokenClaims) -> Result<String, Error> {
-        let header = json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
-        let body = claims.to_json()?;
-        self.try_sign_raw(header.to_string().as_bytes(), body.to_string().as_bytes())
+        claims.sign_with("ES256", &self.kid, |msg| self.es256(msg))
     }
 
     /// Signs arbitrary header and claims bytes (for hostile-input tests). Should the
     /// random generator fail, the token carries an empty signature, which no
     /// verifier accepts.
     pub fn sign_raw(&self, header_json: &[u8], claims_json: &[u8]) -> String {
-        self.try_sign_raw(header_json, claims_json).unwrap_or_else(|_| {
-            format!("{}.{}.", URL_SAFE_NO_PAD.encode(header_json), URL_SAFE_NO_PAD.encode(claims_json))
-        })
+        let Ok(token) = compact_jws(header_json, claims_json, |msg| {
+            Ok::<_, Infallible>(self.es256(msg).map(|sig| sig.as_ref().to_vec()).unwrap_or_default())
+        });
+        token
     }
 
-    fn try_sign_raw(&self, header_json: &[u8], claims_json: &[u8]) -> Result<String, Error> {
-        let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header_json), URL_SAFE_NO_PAD.encode(claims_json));
-        let sig = (self.key.sign(&self.rng, msg.as_bytes()))
-            .map_err(|_| Error::Signing { reason: "ECDSA signing failed" })?;
-        Ok(format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+    fn es256(&self, msg: &[u8]) -> Result<Signature, Error> {
+        (self.key.sign(&self.rng, msg)).map_err(|_| Error::Signing { reason: "ECDSA signing failed" })
     }
+}
+
+/// A JWS in compact serialization: `base64url(header).base64url(claims).base64url(signature)`,
+/// where `sign` returns the signature over the signing input (the first two parts and
+/// the dot between them). Every token signed here is assembled by this one function;
+/// callers choose the algorithm.
+pub fn compact_jws<S: AsRef<[u8]>, E>(
+    header_json: &[u8],
+    claims_json: &[u8],
+    sign: impl FnOnce(&[u8]) -> Result<S, E>,
+) -> Result<String, E> {
+    let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header_json), URL_SAFE_NO_PAD.encode(claims_json));
+    let sig = sign(msg.as_bytes())?;
+    Ok(format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)))
 }
 
 /// The DER inside the first `-----BEGIN {label}-----` block of `pem`.
@@ -174,15 +229,7 @@ mod tests {
 
     fn claims() -> TokenClaims {
         let issued_at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        TokenClaims {
-            issuer: "meshca-dev".into(),
-            audience: vec!["meshca".into()],
-            namespace: "web".into(),
-            service_account: "web-sa".into(),
-            pod: None,
-            issued_at,
-            expires_at: issued_at + Duration::from_secs(600),
-        }
+        TokenClaims::projected("meshca-dev", "meshca", "web", "web-sa", issued_at, Duration::from_secs(600))
     }
 
     #[test]
@@ -226,6 +273,29 @@ mod tests {
         let inverted = TokenClaims { expires_at: claims().issued_at, ..claims() };
         assert!(matches!(signer.sign(&inverted), Err(Error::Signing { .. })));
         assert!(signer.sign_raw(b"not json", b"\xff").split('.').nth(2).is_some_and(|s| !s.is_empty()));
+    }
+
+    #[test]
+    fn projected_claims_sign_with_any_algorithm_through_one_assembly() {
+        let claims = claims().with_pod("web-0", "p-uid");
+        assert_eq!((claims.issuer.as_str(), claims.audience.clone()), ("meshca-dev", vec!["meshca".into()]));
+        assert_eq!(claims.expires_at.duration_since(claims.issued_at).unwrap(), Duration::from_secs(600));
+        let body = claims.to_json().unwrap();
+        assert_eq!(body["kubernetes.io"]["pod"], json!({"name": "web-0", "uid": "p-uid"}));
+        let mut signed_input = Vec::new();
+        let token = (claims.sign_with("XS1", "k1", |msg| {
+            signed_input = msg.to_vec();
+            Ok::<_, Error>(*b"sig")
+        }))
+        .unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(signed_input, format!("{}.{}", parts[0], parts[1]).into_bytes());
+        let decode =
+            |part: &str| serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap();
+        assert_eq!(decode(parts[0]), json!({"alg": "XS1", "typ": "JWT", "kid": "k1"}));
+        assert_eq!((decode(parts[1]), parts[2]), (body, URL_SAFE_NO_PAD.encode("sig").as_str()));
+        let failed = claims.sign_with("XS1", "k1", |_| Err::<[u8; 0], _>(Error::Signing { reason: "no" }));
+        assert!(matches!(failed, Err(Error::Signing { reason: "no" })));
     }
 
     #[test]

@@ -279,16 +279,8 @@ impl TestServer {
 
     /// Claims for a valid token for `sa` in `ns`, at the server's clock.
     pub fn claims(&self, ns: &str, sa: &str) -> TokenClaims {
-        let now = self.clock.now();
-        TokenClaims {
-            issuer: TOKEN_ISSUER.into(),
-            audience: vec![AUDIENCE.into()],
-            namespace: ns.into(),
-            service_account: sa.into(),
-            pod: Some(("web-5d8f7".into(), "0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c".into())),
-            issued_at: now,
-            expires_at: now + Duration::from_secs(3600),
-        }
+        TokenClaims::projected(TOKEN_ISSUER, AUDIENCE, ns, sa, self.clock.now(), Duration::from_secs(3600))
+            .with_pod("web-5d8f7", "0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c")
     }
 
     /// A valid token for `sa` in `ns`.
