@@ -142,16 +142,17 @@ fn prepare(api: &ApiServer, naming: &Naming, tokens: usize, reuse: usize) -> Res
     let now = SystemClock.now();
     let mut signed = Vec::with_capacity(tokens);
     for i in 0..tokens {
-        let claims = TokenClaims {
-            issuer: TOKEN_ISSUER.into(),
-            audience: vec![DEFAULT_AUDIENCE.into()],
-            namespace: NAMESPACE.into(),
-            service_account: format!("load-{i}"),
-            pod: Some((format!("load-{i}-pod"), format!("uid-{i}"))),
-            issued_at: now,
-            expires_at: now + Duration::from_secs(3600),
-        };
-        api.add_pod(NAMESPACE, &format!("load-{i}-pod"), &format!("uid-{i}"), "node-a");
+        let (pod, uid) = (format!("load-{i}-pod"), format!("uid-{i}"));
+        let claims = TokenClaims::projected(
+            TOKEN_ISSUER,
+            DEFAULT_AUDIENCE,
+            NAMESPACE,
+            format!("load-{i}"),
+            now,
+            Duration::from_secs(3600),
+        )
+        .with_pod(&pod, &uid);
+        api.add_pod(NAMESPACE, &pod, &uid, "node-a");
         signed.push(Arc::new(api.token(&claims)));
     }
     let identities = (0..tokens)

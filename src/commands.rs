@@ -275,13 +275,15 @@ pub fn dev_token(args: DevTokenArgs) -> Result<String, Failure> {
         (name, crate::audit::hex(&uid))
     });
     let claims = TokenClaims {
-        issuer: DEV_TOKEN_ISSUER.into(),
-        audience: vec![args.audience],
-        namespace: args.namespace,
-        service_account: args.service_account,
         pod,
-        issued_at: now,
-        expires_at: now + ttl,
+        ..TokenClaims::projected(
+            DEV_TOKEN_ISSUER,
+            args.audience,
+            args.namespace,
+            args.service_account,
+            now,
+            ttl,
+        )
     };
     signer.sign(&claims).map_err(Failure::other)
 }

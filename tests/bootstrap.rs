@@ -26,10 +26,10 @@ use meshca::proto::identity_client::IdentityClient;
 use meshca::proto::CertifyRequest;
 use serde_json::{json, Value};
 use support::apiserver::{ApiServer, Mode};
+use support::process::{command, BIN};
 use support::{chain, csr, request_id, Options, TestServer, SERVER_NAME};
 use tonic::Code;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshca");
 const LEEWAY: Duration = Duration::from_secs(60);
 
 /// Bootstrap tokens on, uses recorded in DIR/bootstrap-used.jsonl.
@@ -46,12 +46,7 @@ fn with_lease_store(api: &ApiServer) -> Options {
 
 /// Runs the meshca binary with `args`, no `MESHCA_*` variables from outside.
 async fn meshca(args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MESHCA_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = tokio::process::Command::from(command(BIN));
     cmd.args(args).env("MESHCA_LOG", "warn").output().await.unwrap()
 }
 

@@ -7,45 +7,16 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::process::{Process, BIN, PATIENCE};
+use support::process::{jwks_file, meshca, output, serve_with_jwks, Process, PATIENCE};
 
 const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
 const DB: &str = "db.default.serviceaccount.identity.meshca-system.cluster.local";
 const LOOPBACK: [&str; 4] = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
 
-/// The binary with no `MESHCA_*` settings inherited from the caller's environment.
-fn meshca() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MESHCA_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
-    cmd
-}
-
-/// Runs to completion with stdout and stderr captured; killed and failed after the timeout.
-fn output(cmd: &mut Command) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn meshca");
-    let pid = child.id().to_string();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output()));
-    match rx.recv_timeout(PATIENCE) {
-        Ok(out) => out.expect("wait for meshca"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            panic!("{cmd:?} did not finish within {PATIENCE:?}")
-        }
-    }
-}
-
 fn run(args: &[&str]) -> Output {
-    let mut cmd = meshca();
-    output(cmd.args(args))
+    output(meshca().args(args), PATIENCE)
 }
 
 fn stderr(out: &Output) -> String {
@@ -128,7 +99,8 @@ impl Server {
     fn token_file(&self, namespace: &str, service_account: &str) -> PathBuf {
         let mut cmd = meshca();
         cmd.args(["dev-token", "--data-dir", p(&self.dir)]);
-        let out = output(cmd.args(["--namespace", namespace, "--service-account", service_account]));
+        let out =
+            output(cmd.args(["--namespace", namespace, "--service-account", service_account]), PATIENCE);
         assert_exit(&out, 0, "dev-token");
         let stdout = String::from_utf8(out.stdout).expect("utf-8 token");
         assert_eq!(stdout.lines().count(), 1, "one line on stdout: {stdout:?}");
@@ -150,7 +122,7 @@ impl Server {
             "--trust-anchors",
             p(&self.dir.join("trust-anchors.pem")),
         ]);
-        output(cmd.args(["--token-file", p(token), "--identity", identity, "--out", p(out)]))
+        output(cmd.args(["--token-file", p(token), "--identity", identity, "--out", p(out)]), PATIENCE)
     }
 
     fn audit_log(&self) -> PathBuf {
@@ -288,13 +260,6 @@ fn audit_verify_detects_deleted_edited_and_reordered_records() {
     assert_exit(&audit_verify(&tmp.path().join("no-such.jsonl")), 2, "missing audit log");
 }
 
-fn jwks_file(dir: &Path) -> PathBuf {
-    let (signer, _) = meshca::auth::dev::DevSigner::generate().expect("dev signer");
-    let path = dir.join("jwks.json");
-    std::fs::write(&path, signer.jwks_json()).unwrap();
-    path
-}
-
 fn init(dir: &Path) {
     assert_exit(&run(&["init", "--dir", p(dir)]), 0, "init");
 }
@@ -315,21 +280,12 @@ fn init_writes_a_hierarchy_and_refuses_to_overwrite() {
     assert!(before == snapshot(), "a refused init changed the files");
 
     let ca_args = ["serve", "--trust-anchors", p(&anchors), "--issuer-dir", p(&issuer)];
-    let dev_validation = output(meshca().args(ca_args).args(["--token-validation", "dev"]));
+    let dev_validation = output(meshca().args(ca_args).args(["--token-validation", "dev"]), PATIENCE);
     assert_exit(&dev_validation, 2, "dev token validation without --dev");
     assert!(stderr(&dev_validation).contains("--dev"), "{}", stderr(&dev_validation));
 
     let jwks = jwks_file(tmp.path());
-    let mut cmd = meshca();
-    cmd.args(ca_args).args([
-        "--token-validation",
-        "jwks",
-        "--jwks-file",
-        p(&jwks),
-        "--token-issuer",
-        "https://issuer.example",
-    ]);
-    let mut server = Server::spawn(cmd.args(LOOPBACK));
+    let mut server = Server::spawn(serve_with_jwks(&mut meshca(), &anchors, &issuer, &jwks));
     server.wait_for("serving gRPC over TLS");
     assert!(server.stop().success(), "{}", server.seen().join("\n"));
 }
@@ -342,23 +298,8 @@ fn serve_refuses_an_issuer_that_does_not_chain_to_the_trust_anchors() {
     init(&b);
     let jwks = jwks_file(tmp.path());
     let mut cmd = meshca();
-    cmd.args([
-        "serve",
-        "--trust-anchors",
-        p(&a.join("trust-anchors.pem")),
-        "--issuer-dir",
-        p(&b.join("issuer")),
-    ]);
-    cmd.args([
-        "--token-validation",
-        "jwks",
-        "--jwks-file",
-        p(&jwks),
-        "--token-issuer",
-        "https://issuer.example",
-    ])
-    .args(LOOPBACK);
-    let out = output(&mut cmd);
+    let out =
+        output(serve_with_jwks(&mut cmd, &a.join("trust-anchors.pem"), &b.join("issuer"), &jwks), PATIENCE);
     assert_exit(&out, 1, "serve with a foreign issuer");
     let err = stderr(&out);
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("meshca:")).collect();
@@ -388,7 +329,8 @@ fn usage_errors_exit_2() {
     std::fs::write(&token_file, "a.b.c").unwrap();
     let mut cmd = meshca();
     cmd.args(["certify", "--addr", "https://127.0.0.1:1", "--trust-anchors", p(&missing.join("a.pem"))]);
-    let certify = output(cmd.args(["--token-file", p(&token_file), "--identity", WEB, "--out", p(&missing)]));
+    let certify =
+        output(cmd.args(["--token-file", p(&token_file), "--identity", WEB, "--out", p(&missing)]), PATIENCE);
     assert_exit(&certify, 2, "certify with a missing --trust-anchors file");
     assert_exit(&run(&["no-such-command"]), 2, "unknown subcommand");
 }
@@ -456,23 +398,17 @@ fn agent_once_writes_a_certificate_runs_its_hook_and_exits_0() {
         p(&data.join("trust-anchors.pem")),
     ]);
     cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&out), "--key-type", "rsa2048"]);
-    let run = output(cmd.args(["--on-renew", &hook]));
+    let run = output(cmd.args(["--on-renew", &hook]), PATIENCE);
     assert_exit(&run, 0, "agent --once");
     assert_eq!(mode(&out.join("tls.key")), 0o600);
     let chain = std::fs::read_to_string(out.join("tls.crt")).unwrap();
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), chain, "the hook ran after the files were written");
     let records = audit_records(&server.audit_log());
     assert!(records.iter().any(|r| r["outcome"] == "issued" && r["csr_key_type"] == "rsa2048"));
-    let bad = output(meshca().args(["agent", "--once", "--renew-at", "1.5", "--addr", &server.grpc]).args([
-        "--trust-anchors",
-        p(&data.join("trust-anchors.pem")),
-        "--token-file",
-        p(&token),
-        "--identity",
-        WEB,
-        "--out",
-        p(&out),
-    ]));
+    let mut cmd = meshca();
+    cmd.args(["agent", "--once", "--renew-at", "1.5", "--addr", &server.grpc]);
+    cmd.args(["--trust-anchors", p(&data.join("trust-anchors.pem")), "--token-file", p(&token)]);
+    let bad = output(cmd.args(["--identity", WEB, "--out", p(&out)]), PATIENCE);
     assert_exit(&bad, 2, "agent --renew-at 1.5");
     assert_eq!(server.stop().code(), Some(0));
 }

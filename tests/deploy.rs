@@ -17,6 +17,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is its failure report
 #![cfg(unix)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -24,8 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_meshca");
+use support::process::BIN;
 
 /// The Kubernetes version whose schemas the manifests must satisfy.
 const KUBERNETES_VERSION: &str = "1.31";
@@ -642,13 +643,7 @@ fn documented_rbac_in_the_runbook_is_the_tested_set() {
 }
 
 fn meshca(args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MESHCA_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.args(args).stdin(Stdio::null()).output().unwrap()
+    support::process::command(BIN).args(args).stdin(Stdio::null()).output().unwrap()
 }
 
 fn pem_der(pem: &[u8]) -> Vec<u8> {

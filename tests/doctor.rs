@@ -21,6 +21,7 @@ use meshca::ca::store::Snapshot;
 use meshca::clock::{Clock, FakeClock, SystemClock};
 use meshca::config::{BootstrapConfig, ReplayConfig};
 use meshca::doctor::{self, Check, Options, Report, Status};
+use support::process::{command, BIN};
 use support::{TestServer, SERVER_NAME};
 
 const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
@@ -583,16 +584,9 @@ async fn a_bootstrap_token_is_read_as_one_and_dry_run_without_spending_a_use() {
 
 // The real binary.
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshca");
-
 /// `meshca doctor ARGS` with no `MESHCA_*` settings inherited: (exit code, stdout, stderr).
 async fn doctor_binary(args: &[String]) -> (Option<i32>, String, String) {
-    let mut cmd = tokio::process::Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MESHCA_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = tokio::process::Command::from(command(BIN));
     cmd.arg("doctor").args(args).env("NO_COLOR", "1").kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await

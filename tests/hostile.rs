@@ -20,11 +20,12 @@
 
 mod support;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use meshca::auth::dev::DevSigner;
+use meshca::auth::dev::{compact_jws, DevSigner};
 use meshca::config::{KeyRefresh, KeySource, TokenConfig};
 use meshca::proto::CertifyRequest;
 use meshca::server::tls::HANDSHAKE_TIMEOUT;
@@ -192,17 +193,20 @@ impl Kit {
 
     /// HS256 over `header.claims` with `secret`.
     fn hs256(&self, header: &str, claims: &str, secret: &[u8]) -> Vec<u8> {
-        let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
-        let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), msg.as_bytes());
-        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref())).into_bytes()
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let Ok(token) = compact_jws(header.as_bytes(), claims.as_bytes(), |msg| {
+            Ok::<_, Infallible>(ring::hmac::sign(&key, msg))
+        });
+        token.into_bytes()
     }
 
     /// RS256 over `header.claims` with the RSA key the JWKS lists.
     fn rs256(&self, header: &str, claims: &str) -> Vec<u8> {
-        let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
-        let mut sig = vec![0; self.rsa.public().modulus_len()];
-        self.rsa.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), msg.as_bytes(), &mut sig).unwrap();
-        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)).into_bytes()
+        let token = compact_jws(header.as_bytes(), claims.as_bytes(), |msg| {
+            let mut sig = vec![0; self.rsa.public().modulus_len()];
+            self.rsa.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), msg, &mut sig).map(|()| sig)
+        });
+        token.unwrap().into_bytes()
     }
 
     /// The request an honest proxy sends: CN and DNS SAN the identity, URI SAN the SPIFFE ID.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use meshca::ca::reload::Outcome;
 use meshca::clock::Clock;
 use meshca::config::ReloadSettings;
+use support::process::{jwks_file, serve_with_jwks};
 use support::{chain, Options, TestServer};
 
 fn chmod(path: &Path, mode: u32) {
@@ -182,34 +183,12 @@ fn serve_refuses_a_world_readable_issuer_key_unless_the_flag_the_environment_or_
     assert!(meshca().args(["init", "--dir", p(&ca)]).output().unwrap().status.success());
     let key = key_of(&ca);
     chmod(&key, 0o644);
-    let jwks = tmp.path().join("jwks.json");
-    std::fs::write(&jwks, meshca::auth::dev::DevSigner::generate().unwrap().0.jwks_json()).unwrap();
+    let jwks = jwks_file(tmp.path());
     let audit = tmp.path().join("audit.jsonl");
     let serve = || {
         let mut cmd = meshca();
-        cmd.args([
-            "serve",
-            "--trust-anchors",
-            p(&ca.join("trust-anchors.pem")),
-            "--issuer-dir",
-            p(&ca.join("issuer")),
-        ])
-        .args([
-            "--token-validation",
-            "jwks",
-            "--jwks-file",
-            p(&jwks),
-            "--token-issuer",
-            "https://issuer.example",
-        ])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--audit-log",
-            p(&audit),
-        ]);
+        serve_with_jwks(&mut cmd, &ca.join("trust-anchors.pem"), &ca.join("issuer"), &jwks)
+            .args(["--audit-log", p(&audit)]);
         cmd
     };
     const SERVING: &str = "serving gRPC over TLS";

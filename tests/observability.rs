@@ -241,21 +241,10 @@ mod binary {
     use std::process::{Command, Stdio};
     use std::time::Instant;
 
-    use crate::support::process::{Process, BIN, PATIENCE};
+    use crate::support::process::{meshca, Process, PATIENCE};
 
     const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
     const DB: &str = "db.default.serviceaccount.identity.meshca-system.cluster.local";
-
-    fn meshca() -> Command {
-        let mut cmd = Command::new(BIN);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("MESHCA_") {
-                cmd.env_remove(name);
-            }
-        }
-        cmd.env("NO_COLOR", "1").stdin(Stdio::null());
-        cmd
-    }
 
     fn run(cmd: &mut Command) -> std::process::Output {
         let out = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output().expect("run meshca");

@@ -37,6 +37,7 @@ use meshca::proto::CertifyRequest;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use support::process::{meshca, output, BIN};
 use support::{chain, Options, TestServer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::oid_registry::{
@@ -47,7 +48,6 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshca");
 const CLIENT_AUTH: &str = "1.3.6.1.5.5.7.3.2";
 const SERVER_AUTH: &str = "1.3.6.1.5.5.7.3.1";
 
@@ -594,35 +594,16 @@ async fn a_reload_to_an_ed25519_issuer_is_refused_unless_non_windows_algorithms_
 
 /// `meshca serve` with an Ed25519 issuer, `extra` flags and environment; returns when it exits.
 fn serve_ed25519(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MESHCA_") {
-            cmd.env_remove(name);
-        }
-    }
     let p = |name: &str| dir.join(name).display().to_string();
+    let mut cmd = meshca();
     cmd.arg("serve")
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--trust-anchors", &p("trust-anchors.pem"), "--issuer-dir", &p("issuer")])
         // A JWKS file that is not there: start-up fails right after the issuer is checked.
         .args(["--token-validation", "jwks", "--jwks-file", &p("absent-jwks.json"), "--token-issuer", "test"])
         .args(extra)
-        .envs(env.iter().copied())
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn meshca");
-    let pid = child.id().to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output()));
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(out) => out.expect("wait for meshca"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            panic!("meshca serve {extra:?} did not exit within 60s")
-        }
-    }
+        .envs(env.iter().copied());
+    output(&mut cmd, Duration::from_secs(60))
 }
 
 #[test]

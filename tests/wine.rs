@@ -22,15 +22,14 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshca::ca::issuer::TrustAnchors;
 use meshca::clock::{Clock, SystemClock};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use support::process::Process;
+use support::process::{self, Process};
 
 /// The Linux binary: the server and `dev-token`.
 const BIN: &str = env!("CARGO_BIN_EXE_meshca");
@@ -103,18 +102,7 @@ fn windows_path(path: &Path) -> String {
 
 /// Runs to completion with output captured; fails after [`COMMAND_TIMEOUT`].
 fn output(cmd: &mut Command) -> Output {
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
-    let child = child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id().to_string();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output()));
-    match rx.recv_timeout(COMMAND_TIMEOUT) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}")
-        }
-    }
+    process::output(cmd, COMMAND_TIMEOUT)
 }
 
 fn assert_success(out: &Output, what: &str) -> String {
@@ -140,12 +128,7 @@ impl Wine {
 
     /// `exe ARGS` under Wine, without `MESHCA_*` settings from the caller.
     fn command(&self, exe: &Path) -> Command {
-        let mut cmd = Command::new(&self.loader);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("MESHCA_") {
-                cmd.env_remove(name);
-            }
-        }
+        let mut cmd = process::command(&self.loader);
         cmd.arg(exe)
             .env("WINEPREFIX", &self.prefix)
             // Quiet, headless, and no offer to install Mono or Gecko into the new prefix.

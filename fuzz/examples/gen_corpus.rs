@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use meshca::auth::dev::{DevSigner, TokenClaims};
+use meshca::auth::dev::{compact_jws, DevSigner, TokenClaims};
 use meshca::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use meshca::ca::material::to_pem;
 use meshca::proto::CertifyRequest;
@@ -233,11 +233,12 @@ fn claims_json(extra: serde_json::Value) -> String {
 
 fn rs256(header: &str, claims: &str) -> Result<String> {
     let key = ring::signature::RsaKeyPair::from_pkcs8(&rsa_pkcs8()).map_err(|e| e.to_string())?;
-    let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
-    let mut sig = vec![0; key.public().modulus_len()];
-    key.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), msg.as_bytes(), &mut sig)
-        .map_err(|e| e.to_string())?;
-    Ok(format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)))
+    compact_jws(header.as_bytes(), claims.as_bytes(), |msg| -> Result<Vec<u8>> {
+        let mut sig = vec![0; key.public().modulus_len()];
+        key.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), msg, &mut sig)
+            .map_err(|e| e.to_string())?;
+        Ok(sig)
+    })
 }
 
 fn tokens(signer: &DevSigner) -> Result<Vec<(&'static str, String)>> {
@@ -268,14 +269,10 @@ fn tokens(signer: &DevSigner) -> Result<Vec<(&'static str, String)>> {
             ),
         ),
         ("hs256.jwt", {
-            let msg = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#),
-                URL_SAFE_NO_PAD.encode(claims_json(json!({})))
-            );
-            let tag =
-                ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"secret"), msg.as_bytes());
-            format!("{msg}.{}", URL_SAFE_NO_PAD.encode(tag))
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"secret");
+            compact_jws(br#"{"alg":"HS256"}"#, claims_json(json!({})).as_bytes(), |msg| {
+                Ok::<_, std::convert::Infallible>(ring::hmac::sign(&key, msg))
+            })?
         }),
         ("tampered.jwt", String::from_utf8(tampered)?),
     ])

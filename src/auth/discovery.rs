@@ -692,15 +692,7 @@ mod tests {
     }
 
     fn token(signer: &DevSigner) -> Vec<u8> {
-        let claims = TokenClaims {
-            issuer: ISS.into(),
-            audience: vec!["meshca".into()],
-            namespace: "web".into(),
-            service_account: "web-sa".into(),
-            pod: None,
-            issued_at: now(),
-            expires_at: now() + Duration::from_secs(600),
-        };
+        let claims = TokenClaims::projected(ISS, "meshca", "web", "web-sa", now(), Duration::from_secs(600));
         signer.sign(&claims).unwrap().into_bytes()
     }
 

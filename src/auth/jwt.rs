@@ -442,7 +442,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::auth::dev::{pem_decode, DevSigner, TokenClaims};
+    use crate::auth::dev::{compact_jws, pem_decode, DevSigner, TokenClaims};
     use ring::{rand::SystemRandom, signature::RsaKeyPair};
     use serde_json::json;
 
@@ -505,15 +505,10 @@ mod tests {
     async fn es256_token_from_the_dev_signer_yields_a_subject_with_pod_fields() {
         let (signer, auth) = dev();
         let token = signer
-            .sign(&TokenClaims {
-                issuer: ISS.into(),
-                audience: vec!["meshca".into()],
-                namespace: "web".into(),
-                service_account: "web-sa".into(),
-                pod: Some(("web-0".into(), "p-uid".into())),
-                issued_at: now(),
-                expires_at: now() + Duration::from_secs(600),
-            })
+            .sign(
+                &TokenClaims::projected(ISS, "meshca", "web", "web-sa", now(), Duration::from_secs(600))
+                    .with_pod("web-0", "p-uid"),
+            )
             .unwrap();
         let subject = auth.authenticate(token.as_bytes(), now()).await.unwrap();
         let (namespace, service_account, issuer) = ("web".into(), "web-sa".into(), ISS.into());
@@ -535,11 +530,12 @@ mod tests {
         let es_only = Settings { algorithms: vec![Algorithm::ES256], ..settings() };
         let es_only = JwksAuthenticator::new(es_only, Jwks::from_json(jwks.as_bytes()).unwrap());
         for header in [r#"{"alg":"RS256","kid":"rsa-1"}"#, r#"{"alg":"RS256"}"#] {
-            let msg = format!("{}.{}", enc(header), enc(claims().to_string()));
-            let mut sig = vec![0; key.public().modulus_len()];
-            key.sign(&ring::signature::RSA_PKCS1_SHA256, &SystemRandom::new(), msg.as_bytes(), &mut sig)
-                .unwrap();
-            let token = format!("{msg}.{}", enc(&sig));
+            let token = compact_jws(header.as_bytes(), claims().to_string().as_bytes(), |msg| {
+                let mut sig = vec![0; key.public().modulus_len()];
+                key.sign(&ring::signature::RSA_PKCS1_SHA256, &SystemRandom::new(), msg, &mut sig)
+                    .map(|()| sig)
+            })
+            .unwrap();
             assert_eq!(auth.verify(token.as_bytes(), now()).unwrap().pod_uid.as_deref(), Some("p1"));
             refused!(es_only.verify(token.as_bytes(), now()), Error::UnsupportedAlgorithm);
         }
@@ -575,9 +571,12 @@ mod tests {
         jwks["keys"].as_array_mut().unwrap().push(json!({"kty": "oct", "kid": "h", "k": enc("secret")}));
         let auth = JwksAuthenticator::new(settings(), Jwks::from_json(jwks.to_string().as_bytes()).unwrap());
         assert_eq!(auth.keys().len(), 1);
-        let msg = format!("{}.{}", enc(r#"{"alg":"HS256","kid":"h"}"#), enc(claims().to_string()));
-        let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"secret"), msg.as_bytes());
-        refused!(auth.verify(format!("{msg}.{}", enc(tag)).as_bytes(), now()), Error::UnsupportedAlgorithm);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"secret");
+        let Ok(hs256) =
+            compact_jws(br#"{"alg":"HS256","kid":"h"}"#, claims().to_string().as_bytes(), |msg| {
+                Ok::<_, std::convert::Infallible>(ring::hmac::sign(&key, msg))
+            });
+        refused!(auth.verify(hs256.as_bytes(), now()), Error::UnsupportedAlgorithm);
     }
 
     #[test]

@@ -405,15 +405,13 @@ impl ApiServer {
 
     /// The same claims as [`Self::token`], signed RS256 with the cluster's RSA key.
     pub fn rs256_token(&self, claims: &TokenClaims) -> Vec<u8> {
-        let es256 = self.signer.sign(claims).unwrap();
-        let payload = es256.split('.').nth(1).unwrap();
-        let header =
-            URL_SAFE_NO_PAD.encode(json!({"alg": "RS256", "typ": "JWT", "kid": RSA_KID}).to_string());
-        let msg = format!("{header}.{payload}");
-        let mut sig = vec![0; self.rsa.public().modulus_len()];
-        let rng = ring::rand::SystemRandom::new();
-        self.rsa.sign(&ring::signature::RSA_PKCS1_SHA256, &rng, msg.as_bytes(), &mut sig).unwrap();
-        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)).into_bytes()
+        let token = claims.sign_with("RS256", RSA_KID, |msg| {
+            let mut sig = vec![0; self.rsa.public().modulus_len()];
+            let rng = ring::rand::SystemRandom::new();
+            self.rsa.sign(&ring::signature::RSA_PKCS1_SHA256, &rng, msg, &mut sig).unwrap();
+            Ok::<_, Error>(sig)
+        });
+        token.unwrap().into_bytes()
     }
 
     /// The RSA public key (PKCS#1 DER), as an attacker who read the JWKS has it.

@@ -4,12 +4,17 @@
 //! ([`StderrLines`]: a thread and a channel, every line kept for panic messages), a
 //! child killed on drop ([`Process`]), and `meshca serve --dev` started through a
 //! `sh -c` wrapper with its addresses taken from the dev-mode banner and `/ready`
-//! awaited ([`ServeBin`]). Talking to an admin listener is [`super::http_get`].
+//! awaited ([`ServeBin`]). [`command`] starts a program without the caller's
+//! `MESHCA_*` settings ([`meshca`]: the binary under test, started that way), [`output`] runs one
+//! to completion within a deadline, and [`serve_with_jwks`] gives `meshca serve` a
+//! CA and a JWKS file ([`jwks_file`]). Talking to an admin listener is
+//! [`super::http_get`].
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -29,6 +34,71 @@ use super::{wait_ready, SERVER_NAME};
 pub const BIN: &str = env!("CARGO_BIN_EXE_meshca");
 /// Bound on waits that only a broken implementation would reach.
 pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// `program` with no `MESHCA_*` variables inherited from the caller's environment,
+/// so that only what a test sets configures meshca.
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MESHCA_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// The binary under test ([`command`]), with `NO_COLOR` and stdin from /dev/null.
+pub fn meshca() -> Command {
+    let mut cmd = command(BIN);
+    cmd.env("NO_COLOR", "1").stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` to completion, stdin from /dev/null and stdout and stderr captured;
+/// kills it and panics after `timeout`.
+pub fn output(cmd: &mut Command, timeout: Duration) -> Output {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let child = child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id().to_string();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("{cmd:?} did not finish within {timeout:?}")
+        }
+    }
+}
+
+/// Writes the JWKS of a fresh development key to `dir/jwks.json`.
+pub fn jwks_file(dir: &Path) -> PathBuf {
+    let (signer, _) = DevSigner::generate().expect("dev signer");
+    let path = dir.join("jwks.json");
+    std::fs::write(&path, signer.jwks_json()).unwrap();
+    path
+}
+
+/// Adds `serve` with the trust anchors `anchors` and the issuer in `issuer_dir`
+/// (as `meshca init` writes them), tokens checked against the JWKS file `jwks` for
+/// the issuer `https://issuer.example`, and both listeners on ephemeral loopback
+/// ports.
+pub fn serve_with_jwks<'a>(
+    cmd: &'a mut Command,
+    anchors: &Path,
+    issuer_dir: &Path,
+    jwks: &Path,
+) -> &'a mut Command {
+    cmd.arg("serve")
+        .arg("--trust-anchors")
+        .arg(anchors)
+        .arg("--issuer-dir")
+        .arg(issuer_dir)
+        .args(["--token-validation", "jwks", "--jwks-file"])
+        .arg(jwks)
+        .args(["--token-issuer", "https://issuer.example"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+}
 
 /// A child's stderr, read line by line on a thread; every line read is kept in
 /// `seen`.
@@ -154,13 +224,8 @@ impl ServeBin {
         argv.push(data.to_str().unwrap());
         argv.extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
         argv.extend(extra);
-        let mut cmd = Command::new(argv[0]);
+        let mut cmd = command(argv[0]);
         cmd.args(&argv[1..]).env("NO_COLOR", "1");
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("MESHCA_") {
-                cmd.env_remove(name);
-            }
-        }
         let mut process = Process::spawn(&mut cmd);
         let first = process.stderr.wait_for("meshca dev mode:", Instant::now() + PATIENCE);
         let after = |from: &str, to: &str| {
@@ -215,15 +280,14 @@ impl ServeBin {
         let identity = naming.identity("default", sa).unwrap().dns_name;
         let (_key, csr) = client::make_csr(&identity, KeyType::P256).unwrap();
         let now = SystemClock.now();
-        let claims = TokenClaims {
-            issuer: DEV_TOKEN_ISSUER.into(),
-            audience: vec![DEFAULT_AUDIENCE.into()],
-            namespace: "default".into(),
-            service_account: sa.into(),
-            pod: None,
-            issued_at: now,
-            expires_at: now + Duration::from_secs(3600),
-        };
+        let claims = TokenClaims::projected(
+            DEV_TOKEN_ISSUER,
+            DEFAULT_AUDIENCE,
+            "default",
+            sa,
+            now,
+            Duration::from_secs(3600),
+        );
         let token = signer.sign(&claims).unwrap().into_bytes();
         CertifyRequest { identity, token, certificate_signing_request: csr }
     }
