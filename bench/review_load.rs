@@ -205,6 +205,7 @@ async fn start(
         token,
         audit_log: audit.display().to_string(),
         admission: meshca::config::AdmissionSettings::new(8192),
+        connections: Default::default(),
         plaintext: false,
         reload: ReloadSettings { notifications: false, ..ReloadSettings::default() },
         ready_api_unreachable_threshold: std::time::Duration::from_secs(60),

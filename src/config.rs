@@ -20,6 +20,8 @@ use crate::cli::{BootstrapReplayStore, ServeArgs, TokenValidation};
 use crate::identity::{check_label, Naming};
 pub use crate::server::admission::Settings as AdmissionSettings;
 use crate::server::admission::{self, Rate};
+use crate::server::connections;
+pub use crate::server::connections::Settings as ConnectionSettings;
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,8 @@ pub struct FileConfig {
     pub audit_log: Option<String>,
     pub max_in_flight: Option<usize>,
     pub signing_workers: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connection_age: Option<String>,
     pub rate_limit_per_identity: Option<String>,
     pub rate_limit_per_identity_burst: Option<f64>,
     pub rate_limit_per_peer: Option<String>,
@@ -190,6 +194,8 @@ pub struct Config {
     pub audit_log: String,
     /// In-flight bound, signing workers and rate limits (`server::admission`).
     pub admission: AdmissionSettings,
+    /// Connection limit and age of the gRPC listener (`server::connections`).
+    pub connections: ConnectionSettings,
     pub plaintext: bool,
     /// When the issuer and trust anchors are re-checked (`ca::reload`).
     pub reload: ReloadSettings,
@@ -563,6 +569,24 @@ impl Config {
             None,
         )?;
         let admission = AdmissionSettings { max_in_flight, workers, per_peer, per_identity };
+        let max_connections =
+            args.max_connections.or(file.max_connections).unwrap_or(connections::DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
+        }
+        let max_connection_age = match args.max_connection_age.or(file.max_connection_age) {
+            Some(v) if v.trim() == "off" => None,
+            v => match duration("max-connection-age", v, connections::DEFAULT_MAX_AGE)? {
+                age if age < Duration::from_secs(1) => {
+                    return Err(Error::Invalid {
+                        setting: "max-connection-age",
+                        reason: "must be at least 1s, or \"off\"".into(),
+                    })
+                }
+                age => Some(age),
+            },
+        };
+        let connections = ConnectionSettings { max: max_connections, max_age: max_connection_age };
 
         let reload_interval = duration(
             "reload-interval",
@@ -616,6 +640,7 @@ impl Config {
             token,
             audit_log,
             admission,
+            connections,
             plaintext: args.plaintext || file.plaintext.unwrap_or(false),
             reload: ReloadSettings {
                 interval: reload_interval,
@@ -716,6 +741,30 @@ mod tests {
             let args = ServeArgs { reload_interval: Some(bad.into()), ..Default::default() };
             let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--reload-interval:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn connection_limit_and_age_default_to_4096_and_10m_come_from_flag_over_file_and_are_checked() {
+        let c = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
+        assert_eq!(c.connections, ConnectionSettings { max: 4096, max_age: Some(Duration::from_secs(600)) });
+        let file = || Config::parse_file("max-connections = 100\nmax-connection-age = \"1h\"\n").unwrap();
+        let c = Config::resolve(in_dev(ServeArgs::default()), file()).unwrap();
+        assert_eq!(c.connections, ConnectionSettings { max: 100, max_age: Some(Duration::from_secs(3600)) });
+        let args = ServeArgs {
+            max_connections: Some(7),
+            max_connection_age: Some("off".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(in_dev(args), file()).unwrap();
+        assert_eq!(c.connections, ConnectionSettings { max: 7, max_age: None });
+        let args = ServeArgs { max_connections: Some(0), ..Default::default() };
+        let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("--max-connections:"), "{err}");
+        for bad in ["0s", "500ms", "soon"] {
+            let args = ServeArgs { max_connection_age: Some(bad.into()), ..Default::default() };
+            let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with("--max-connection-age:"), "{bad}: {err}");
         }
     }
 

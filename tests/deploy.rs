@@ -363,7 +363,7 @@ fn check_install(docs: &[Value], install: &Install) -> String {
     assert!(sc.get("privileged").is_none_or(|p| p == false));
     let resources = serde_json::json!({
         "requests": {"cpu": "100m", "memory": "32Mi"},
-        "limits": {"cpu": "2", "memory": "128Mi"},
+        "limits": {"cpu": "2", "memory": "160Mi"},
     });
     assert_eq!(c["resources"], resources);
     for (probe, path) in [("livenessProbe", "/live"), ("readinessProbe", "/ready")] {
@@ -424,6 +424,7 @@ fn check_install(docs: &[Value], install: &Install) -> String {
         ("token-audiences", "identity.l5d.io"),
         ("audit-log", "-"),
         ("max-in-flight", "4096"),
+        ("max-connections", "1024"),
         ("control-plane-namespace", install.namespace),
         ("service-account", install.service_account),
     ];

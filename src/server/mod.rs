@@ -12,6 +12,7 @@
 //! - [`grpc`]: the Certify handler (the pipeline).
 //! - [`admission`]: in-flight bound, rate limits, signing workers.
 //! - [`bundle`]: the TrustBundle service (the current trust anchors).
+//! - [`connections`]: the connection limit and age of the gRPC listener.
 //! - [`tls`]: serving certificate, its renewal, the TLS acceptor.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
 //! - [`metrics`]: the counters behind `/metrics`.
@@ -21,6 +22,7 @@
 pub mod admin;
 pub mod admission;
 pub mod bundle;
+pub mod connections;
 pub mod events;
 pub mod grpc;
 pub mod metrics;
@@ -34,7 +36,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::audit::{AuditLog, Sink};
 use crate::auth::cache::{self, CachingAuthenticator};
@@ -221,6 +223,8 @@ pub async fn run_with(
     metrics.register(|r| metrics::register_audit(r, &audit));
     let admission = Arc::new(admission::Admission::new(config.admission).map_err(Error::Workers)?);
     metrics.register(|r| admission::register_metrics(r, &admission));
+    let connection_limit = connections::Limit::new(config.connections.max);
+    metrics.register(|r| connections::register_metrics(r, &connection_limit));
     let readiness = Arc::new(admin::Readiness::new(
         store.clone(),
         clock.clone(),
@@ -273,6 +277,9 @@ pub async fn run_with(
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+    if let Some(age) = config.connections.max_age {
+        builder = builder.max_connection_age(age);
+    }
     let router = builder
         .add_service(service)
         .add_service(TrustBundleServer::new(bundle::Bundles { store: store.clone() }));
@@ -286,7 +293,9 @@ pub async fn run_with(
         lend(None);
         readiness.set_serving(true);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC (plaintext)");
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone())).await
+        let incoming =
+            ReceiverStream::new(connections::plaintext(listener, connection_limit, tls::HANDSHAKE_TIMEOUT));
+        router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())).await
     } else {
         let identity = config.naming.own_identity(&config.service_account)?;
         // Subscribed before the first issue, so a swap from now on is never missed.
@@ -314,7 +323,7 @@ pub async fn run_with(
         ));
         readiness.set_serving(true);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC over TLS");
-        let incoming = ReceiverStream::new(tls::incoming(listener, acceptor));
+        let incoming = ReceiverStream::new(tls::incoming(listener, acceptor, connection_limit));
         router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())).await
     };
     readiness.set_serving(false);

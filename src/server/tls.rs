@@ -10,23 +10,20 @@
 //! Handshakes run in their own tasks with a timeout, so a client that connects and
 //! says nothing never holds up the accept loop. The same deadline, counted from the
 //! TCP accept, covers the HTTP/2 client preface that must follow the handshake
-//! ([`Accepted`]): hyper waits for it without a timeout of its own, so without this a
-//! client that completes TLS and then goes quiet would hold its connection forever.
+//! (`connections::Held`): hyper waits for it without a timeout of its own, so without
+//! this a client that completes TLS and then goes quiet would hold its connection
+//! forever.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{KeyPair, PublicKeyData};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -36,13 +33,11 @@ use crate::ca::issuer::Leaf;
 use crate::ca::profile::Lifetimes;
 use crate::ca::store::Snapshot;
 use crate::identity::Identity;
+use crate::server::connections::{self, Held, Limit};
 
 /// How long a client may take, from the TCP accept, to complete the TLS handshake
 /// and send the HTTP/2 client preface.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Length of the HTTP/2 client connection preface (RFC 9113, section 3.4).
-const H2_PREFACE_LEN: usize = 24;
 
 /// Why a serving certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -200,112 +195,19 @@ pub fn server_config(resolver: Arc<Resolver>) -> Result<rustls::ServerConfig, Er
     Ok(config)
 }
 
-/// An accepted TLS connection whose first [`H2_PREFACE_LEN`] bytes (the HTTP/2
-/// client preface) must arrive by the handshake deadline: a read still waiting for
-/// them at the deadline fails with `TimedOut`, and the connection is dropped. From
-/// the preface on it is the plain TLS stream, bounded by HTTP/2 keepalive and the
-/// stream limits (`server::run_with`).
-pub struct Accepted {
-    inner: TlsStream<TcpStream>,
-    /// Preface bytes still expected, and the deadline; `None` once they arrived.
-    preface: Option<(usize, Pin<Box<Sleep>>)>,
-}
-
-impl Accepted {
-    fn new(inner: TlsStream<TcpStream>, deadline: Instant) -> Self {
-        Accepted { inner, preface: Some((H2_PREFACE_LEN, Box::pin(tokio::time::sleep_until(deadline)))) }
-    }
-}
-
-impl AsyncRead for Accepted {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let Some((left, deadline)) = &mut this.preface else { return result };
-        match &result {
-            Poll::Ready(Ok(())) => {
-                let read = buf.filled().len() - before;
-                *left = left.saturating_sub(read);
-                // Done when the preface is in, or at end of stream (nothing to wait for).
-                if *left == 0 || read == 0 {
-                    this.preface = None;
-                }
-            }
-            Poll::Ready(Err(_)) => this.preface = None,
-            // Registers the deadline with this task: a quiet client is woken up to fail.
-            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no HTTP/2 client preface within the handshake timeout",
-                )));
-            }
-            Poll::Pending => {}
-        }
-        result
-    }
-}
-
-impl AsyncWrite for Accepted {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
-
-    /// The TLS stream's: peer address and client certificates (`auth::peer`).
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-/// Accepts TCP connections and completes TLS handshakes concurrently; yields the
-/// established streams. Stops when the returned receiver is dropped. From the TCP
-/// accept, a client has [`HANDSHAKE_TIMEOUT`] to finish the handshake and send the
-/// HTTP/2 preface; a client that does not is disconnected.
-pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> mpsc::Receiver<std::io::Result<Accepted>> {
+/// Accepts TCP connections within `limit` and completes TLS handshakes
+/// concurrently; yields the established streams with their slots. Stops when the
+/// returned receiver is dropped. From the TCP accept, a client has
+/// [`HANDSHAKE_TIMEOUT`] to finish the handshake and send the HTTP/2 preface; a
+/// client that does not is disconnected (and its slot freed).
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limit: Limit,
+) -> mpsc::Receiver<std::io::Result<Held<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = tx.closed() => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Per-connection errors (e.g. ECONNABORTED, EMFILE) must not end the loop.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-            };
+        while let Some((tcp, peer, slot)) = connections::accept(&listener, &limit, tx.closed()).await {
             let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
@@ -313,7 +215,7 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> mpsc::Receiver<
             tokio::spawn(async move {
                 match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(Accepted::new(stream, deadline))).await;
+                        let _ = tx.send(Ok(Held::new(stream, slot, deadline))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

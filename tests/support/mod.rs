@@ -51,6 +51,8 @@ pub struct Options {
     pub max_in_flight: usize,
     /// Workers and rate limits; default: one worker per core, no rate limits.
     pub admission: Option<meshca::config::AdmissionSettings>,
+    /// Connection limit and age; default: the server's defaults.
+    pub connections: meshca::config::ConnectionSettings,
     /// Token validation; default: JWKS with the test signer's keys (DIR/jwks.json).
     pub token: Option<TokenConfig>,
     /// Kubernetes Events (only with a token mode that has a Kubernetes client).
@@ -75,6 +77,7 @@ impl Default for Options {
             audit_log: None,
             max_in_flight: 8192,
             admission: None,
+            connections: Default::default(),
             token: None,
             events: false,
             node_os: false,
@@ -139,6 +142,7 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
                 ..meshca::config::AdmissionSettings::new(8192)
             })
         },
+        connections: opts.connections,
         plaintext: opts.plaintext,
         events: opts.events,
         node_os: opts.node_os,

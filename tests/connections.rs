@@ -1,0 +1,116 @@
+//! The connection limit and age through the real server: a connection beyond
+//! `--max-connections` waits, unserved, until an open one closes, then is served;
+//! a connection past `--max-connection-age` is closed by the server (GOAWAY) and
+//! the client's next call simply reconnects. Both are visible on `/metrics`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use meshca::config::ConnectionSettings;
+use support::process::PATIENCE;
+use support::{Options, TestServer};
+
+/// Waits until the server reports `want` open connections.
+async fn open_connections_become(server: &TestServer, want: u64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let open = server.metric("meshca_connections_open").await;
+        if open == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{open} connections open, want {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_beyond_the_limit_waits_until_an_open_one_closes() {
+    let connections = ConnectionSettings { max: 2, ..Default::default() };
+    let server = TestServer::start_with(Options { connections, ..Default::default() }).await;
+    assert_eq!(server.metric("meshca_connections_max").await, 2);
+    let mut first = server.client().await;
+    let mut second = server.client().await;
+    for client in [&mut first, &mut second] {
+        let (_key, req) = server.request("default", "web");
+        assert!(!client.certify(req).await.unwrap().into_inner().leaf_certificate.is_empty());
+    }
+    open_connections_become(&server, 2).await;
+
+    // A third client: its TCP connection lands in the listen backlog, and its TLS
+    // handshake gets no answer while both slots are taken.
+    let (_key, req) = server.request("default", "api");
+    let (url, anchors) = (server.url(), server.anchors.clone());
+    let mut third = tokio::spawn(async move {
+        let channel = meshca::agent::client::connect(&url, &anchors, support::SERVER_NAME).await.unwrap();
+        let mut client = meshca::proto::identity_client::IdentityClient::new(channel);
+        let response = client.certify(req).await;
+        (client, response)
+    });
+    let early = tokio::time::timeout(Duration::from_millis(700), &mut third).await;
+    assert!(early.is_err(), "served beyond the limit: {:?}", early.map(|r| r.map(|(_, response)| response)));
+    assert_eq!(server.metric("meshca_connections_open").await, 2);
+
+    // Closing one lets it in.
+    drop(first);
+    let (_third, response) = tokio::time::timeout(PATIENCE, third).await.expect("still waiting").unwrap();
+    assert!(!response.unwrap().into_inner().leaf_certificate.is_empty());
+    open_connections_become(&server, 2).await;
+    let (_key, req) = server.request("default", "web");
+    assert!(second.certify(req).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_age_is_closed_and_the_next_call_reconnects() {
+    let connections = ConnectionSettings { max_age: Some(Duration::from_millis(300)), ..Default::default() };
+    let server = TestServer::start_with(Options { connections, ..Default::default() }).await;
+    let mut client = server.client().await;
+    let (_key, req) = server.request("default", "web");
+    assert!(client.certify(req).await.is_ok());
+    // Idle past its age: the server sends GOAWAY and closes it.
+    open_connections_become(&server, 0).await;
+    // The same channel connects again for the next call.
+    let (_key, req) = server.request("default", "web");
+    assert!(!client.certify(req).await.unwrap().into_inner().leaf_certificate.is_empty());
+    assert_eq!(server.metric("meshca_connections_open").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_holds_for_plaintext_too() {
+    let connections = ConnectionSettings { max: 1, ..Default::default() };
+    let server = TestServer::start_with(Options { connections, plaintext: true, ..Default::default() }).await;
+    let mut first = server.client().await;
+    let (_key, req) = server.request("default", "web");
+    assert!(first.certify(req).await.is_ok());
+    let (_key, req) = server.request("default", "api");
+    let url = server.url();
+    let anchors = server.anchors.clone();
+    let mut second = tokio::spawn(async move {
+        let channel = meshca::agent::client::connect(&url, &anchors, support::SERVER_NAME).await.unwrap();
+        meshca::proto::identity_client::IdentityClient::new(channel).certify(req).await
+    });
+    let early = tokio::time::timeout(Duration::from_millis(700), &mut second).await;
+    assert!(early.is_err(), "served beyond the limit: {early:?}");
+    drop(first);
+    let response = tokio::time::timeout(PATIENCE, second).await.expect("still waiting").unwrap();
+    assert!(response.is_ok(), "{response:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_loses_its_slot_at_the_handshake_deadline() {
+    use meshca::server::tls::HANDSHAKE_TIMEOUT;
+    let connections = ConnectionSettings { max: 1, ..Default::default() };
+    let server = TestServer::start_with(Options { connections, plaintext: true, ..Default::default() }).await;
+    // Takes the only slot and never sends the HTTP/2 preface.
+    let silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    open_connections_become(&server, 1).await;
+    let opened = tokio::time::Instant::now();
+    let mut client = server.client().await;
+    let (_key, req) = server.request("default", "web");
+    let response = tokio::time::timeout(HANDSHAKE_TIMEOUT + PATIENCE, client.certify(req)).await;
+    assert!(!response.expect("still waiting").unwrap().into_inner().leaf_certificate.is_empty());
+    assert!(opened.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1), "served before the deadline");
+    drop(silent);
+}
