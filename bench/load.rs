@@ -127,6 +127,10 @@ struct Args {
     /// Herd mode: the server's admin address, to read its largest queue depth.
     #[arg(long, value_name = "HOST:PORT")]
     admin_addr: Option<String>,
+    /// Herd mode: every proxy opens its own connection when it starts and closes it
+    /// once served, as proxies in separate pods do (instead of sharing --connections).
+    #[arg(long)]
+    own_connections: bool,
     /// Writes the JWKS of the token key (--token-key, or the dev key in --data-dir)
     /// to this file, with the `kid` its tokens carry, and exits (bench/run.sh gives
     /// it to the server as --jwks-file).
@@ -654,21 +658,47 @@ struct Proxy {
     failure: Option<String>,
 }
 
+/// How a simulated proxy reaches the server.
+#[derive(Clone)]
+enum Route {
+    /// A connection shared with other proxies.
+    Shared(tonic::transport::Channel),
+    /// Its own connection, opened at its start (address, anchors, server name).
+    Own(std::sync::Arc<(String, TrustAnchors, String)>),
+}
+
 /// One proxy: waits for its start, then asks until served, honouring the
 /// server's pushback (plus up to 50% jitter) on ResourceExhausted and backing
-/// off on Unavailable; any other refusal, or 60 s without success, is permanent.
+/// off on Unavailable (a connection that could not be opened counts as that);
+/// any other refusal, or 60 s without success, is permanent.
 async fn proxy(
-    channel: tonic::transport::Channel,
+    route: Route,
     item: &Item,
     herd_start: tokio::time::Instant,
     offset: Duration,
     jitter: [u8; 8],
 ) -> Proxy {
     tokio::time::sleep_until(herd_start + offset).await;
-    let mut client = IdentityClient::new(channel);
     let give_up = herd_start + offset + Duration::from_secs(60);
     let mut retries = 0u32;
     let mut backoff = Duration::from_millis(100);
+    let channel = match route {
+        Route::Shared(channel) => channel,
+        Route::Own(to) => loop {
+            match client::connect(&to.0, &to.1, &to.2).await {
+                Ok(channel) => break channel,
+                Err(e) if tokio::time::Instant::now() + backoff > give_up => {
+                    return Proxy { done_after: None, retries, failure: Some(format!("connect: {e}")) };
+                }
+                Err(_) => {
+                    retries += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        },
+    };
+    let mut client = IdentityClient::new(channel);
     loop {
         let request = CertifyRequest {
             identity: item.identity.dns_name.clone(),
@@ -721,10 +751,14 @@ fn herd(args: &Args) -> Result<()> {
     if n == 0 || args.spread < 0.0 {
         return Err("--herd must be positive and --spread >= 0".into());
     }
-    let connections = args.connections.unwrap_or(n.min(1000)).clamp(1, n);
+    let connections = match args.own_connections {
+        true => n,
+        false => args.connections.unwrap_or(n.min(1000)).clamp(1, n),
+    };
     let (signer, issuer) = token_signer(args)?;
     let anchors_path = args.trust_anchors.clone().unwrap_or_else(|| args.data_dir.join("trust-anchors.pem"));
     let anchors = TrustAnchors::load(&anchors_path)?;
+    let own = std::sync::Arc::new((args.addr.clone(), anchors.clone(), args.server_name.clone()));
     let pool = std::sync::Arc::new(prepare_pool(n, Some((&signer, &issuer)), Duration::from_secs(3600))?);
     let rng = ring::rand::SystemRandom::new();
     let mut random = vec![0u8; n * 16];
@@ -732,9 +766,11 @@ fn herd(args: &Args) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (proxies, elapsed) = runtime.block_on(async {
-        let mut channels = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            channels.push(client::connect(&args.addr, &anchors, &args.server_name).await?);
+        let mut channels = Vec::new();
+        if !args.own_connections {
+            for _ in 0..connections {
+                channels.push(Route::Shared(client::connect(&args.addr, &anchors, &args.server_name).await?));
+            }
         }
         let start = tokio::time::Instant::now() + Duration::from_millis(100);
         let tasks: Vec<_> = (0..n)
@@ -745,8 +781,12 @@ fn herd(args: &Args) -> Result<()> {
                 let offset = Duration::from_secs_f64(args.spread * unit);
                 let mut jitter = [0u8; 8];
                 jitter.copy_from_slice(&bytes[8..16]);
-                let (channel, pool) = (channels[i % connections].clone(), pool.clone());
-                tokio::spawn(async move { proxy(channel, &pool[i], start, offset, jitter).await })
+                let route = match args.own_connections {
+                    true => Route::Own(own.clone()),
+                    false => channels[i % connections].clone(),
+                };
+                let pool = pool.clone();
+                tokio::spawn(async move { proxy(route, &pool[i], start, offset, jitter).await })
             })
             .collect();
         let mut proxies = Vec::with_capacity(n);
@@ -780,7 +820,12 @@ fn herd(args: &Args) -> Result<()> {
         });
         println!("{out}");
     } else {
-        println!("herd: {n} proxies starting within {:.1}s on {connections} connections", args.spread);
+        let on = if args.own_connections {
+            "each on its own connection".to_owned()
+        } else {
+            format!("on {connections} connections")
+        };
+        println!("herd: {n} proxies starting within {:.1}s {on}", args.spread);
         match all_served_s {
             Some(t) => println!("  all served after {t:.2}s"),
             None => println!("  {failed} proxies never served: {failures:?}"),

@@ -144,8 +144,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Some(paths) => Some(crate::dev::prepare(paths, &config.naming, clock.now()).map_err(Failure::other)?),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = crate::server::connections::listen(config.listen)
         .map_err(|e| Failure::other(format!("cannot listen on {}: {e}", config.listen)))?;
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await

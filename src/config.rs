@@ -745,9 +745,9 @@ mod tests {
     }
 
     #[test]
-    fn connection_limit_and_age_default_to_4096_and_10m_come_from_flag_over_file_and_are_checked() {
+    fn connection_limit_and_age_default_to_1024_and_10m_come_from_flag_over_file_and_are_checked() {
         let c = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
-        assert_eq!(c.connections, ConnectionSettings { max: 4096, max_age: Some(Duration::from_secs(600)) });
+        assert_eq!(c.connections, ConnectionSettings { max: 1024, max_age: Some(Duration::from_secs(600)) });
         let file = || Config::parse_file("max-connections = 100\nmax-connection-age = \"1h\"\n").unwrap();
         let c = Config::resolve(in_dev(ServeArgs::default()), file()).unwrap();
         assert_eq!(c.connections, ConnectionSettings { max: 100, max_age: Some(Duration::from_secs(3600)) });

@@ -22,16 +22,33 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use crate::server::metrics::ScrapeGauge;
 
 /// Default `--max-connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default `--max-connection-age`.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+
+/// Connections the kernel may hold, TCP handshake done, for the accept loop (capped
+/// by `net.core.somaxconn`, 4,096 by default on Linux). Beyond it new connections'
+/// SYNs are dropped and retried by the client after 1, 3, 7, 15 s; a deep backlog
+/// keeps a herd waiting for a slot out of that backoff.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with a [`LISTEN_BACKLOG`] backlog (tokio's `bind` asks
+/// for 1,024).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // As tokio's bind: a restarted server can bind while old connections linger.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// `--max-connections` and `--max-connection-age`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +299,15 @@ pub fn plaintext(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_listener_accepts_and_its_port_cannot_be_taken_twice() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        assert_eq!(accepted.unwrap().1, client.unwrap().local_addr().unwrap());
+        assert!(listen(addr).is_err(), "a second listener on {addr}");
+    }
 
     #[tokio::test]
     async fn slots_are_counted_once_open_and_freed_with_their_connection() {
