@@ -663,8 +663,8 @@ struct Proxy {
 enum Route {
     /// A connection shared with other proxies.
     Shared(tonic::transport::Channel),
-    /// Its own connection, opened at its start (address, anchors, server name).
-    Own(std::sync::Arc<(String, TrustAnchors, String)>),
+    /// Its own connection, opened at its start (the endpoint, built once, and its address).
+    Own(std::sync::Arc<(tonic::transport::Endpoint, String)>),
 }
 
 /// One proxy: waits for its start, then asks until served, honouring the
@@ -685,7 +685,7 @@ async fn proxy(
     let channel = match route {
         Route::Shared(channel) => channel,
         Route::Own(to) => loop {
-            match client::connect(&to.0, &to.1, &to.2).await {
+            match client::connect_to(&to.0, &to.1).await {
                 Ok(channel) => break channel,
                 Err(e) if tokio::time::Instant::now() + backoff > give_up => {
                     return Proxy { done_after: None, retries, failure: Some(format!("connect: {e}")) };
@@ -758,7 +758,10 @@ fn herd(args: &Args) -> Result<()> {
     let (signer, issuer) = token_signer(args)?;
     let anchors_path = args.trust_anchors.clone().unwrap_or_else(|| args.data_dir.join("trust-anchors.pem"));
     let anchors = TrustAnchors::load(&anchors_path)?;
-    let own = std::sync::Arc::new((args.addr.clone(), anchors.clone(), args.server_name.clone()));
+    let own = std::sync::Arc::new((
+        client::endpoint(&args.addr, &anchors, &args.server_name, None)?,
+        args.addr.clone(),
+    ));
     let pool = std::sync::Arc::new(prepare_pool(n, Some((&signer, &issuer)), Duration::from_secs(3600))?);
     let rng = ring::rand::SystemRandom::new();
     let mut random = vec![0u8; n * 16];

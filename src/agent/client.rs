@@ -138,6 +138,23 @@ pub async fn connect_as(
     server_name: &str,
     identity: Option<&(String, String)>,
 ) -> Result<Channel, Error> {
+    connect_to(&endpoint(addr, anchors, server_name, identity)?, addr).await
+}
+
+/// Opens a connection to `endpoint` (made by [`endpoint`] for `addr`).
+pub async fn connect_to(endpoint: &Endpoint, addr: &str) -> Result<Channel, Error> {
+    endpoint.connect().await.map_err(|e| Error::Connect { addr: addr.to_owned(), reason: source_chain(&e) })
+}
+
+/// What [`connect_as`] connects with, built once: the address, and for `https://`
+/// the TLS settings (trust anchors, server name, client identity). Callers that
+/// open many connections keep it and call [`connect_to`] for each.
+pub fn endpoint(
+    addr: &str,
+    anchors: &TrustAnchors,
+    server_name: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Endpoint, Error> {
     let bad = |reason: String| Error::Address { addr: addr.to_owned(), reason };
     let mut endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| bad(e.to_string()))?;
     if addr.starts_with("https://") {
@@ -151,7 +168,7 @@ pub async fn connect_as(
     } else if !addr.starts_with("http://") {
         return Err(bad("use https://HOST:PORT (or http:// for a --plaintext server)".into()));
     }
-    endpoint.connect().await.map_err(|e| Error::Connect { addr: addr.to_owned(), reason: source_chain(&e) })
+    Ok(endpoint)
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
