@@ -3,11 +3,12 @@
 //!
 //! An open connection costs the server about 36 KiB (TLS and HTTP/2 buffers,
 //! measured with 250 to 2,000 connections), so a herd in which every proxy holds its
-//! own connection would grow memory without bound. The accept loops take a [`Slot`]
-//! before they accept: at the limit the next connection waits in the kernel's listen
-//! backlog, costing the server nothing, until an open one closes; the slot travels
-//! with the connection ([`Held`]) and is given back when hyper drops it, including
-//! when the TLS handshake fails. The age bound (tonic's `max_connection_age`: a
+//! own connection would grow memory without bound. The accept loops reserve a slot
+//! ([`Limit::reserve`]) before they accept: at the limit the next connection waits in
+//! the kernel's listen backlog ([`listen`]: 4,096 deep), costing the server nothing,
+//! until an open one closes; the slot ([`Slot`]) travels with the connection
+//! ([`Held`]) and is given back when hyper drops it, including when the TLS
+//! handshake fails or the HTTP/2 preface does not come in time. The age bound (tonic's `max_connection_age`: a
 //! GOAWAY after the age; the connection closes once the requests in progress on it
 //! are answered) frees the slots of clients that keep idle connections, and after a
 //! scale-out moves long-lived connections over to the new replicas. (tonic's
