@@ -209,13 +209,16 @@ for herd in 1/shared 10/shared 1/own; do
   wait "$SERVER_PID" || true
   start_meshca
   log "herd: $label"
+  herd_cpu="$(proc_cpu "$SERVER_PID")"
   OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --herd "$HERD" --spread "$spread" "${how[@]}" \
     "${LOAD_TOKEN_ARGS[@]}" --admin-addr "127.0.0.1:$ADMIN_PORT" --json)" || true
   echo "$OUT" >>"$DATA/results.jsonl"
   HERD_ROWS+="| $label | $(num '%.2f' "$(field "$OUT" all_served_s)")"
   HERD_ROWS+=" | $(field "$OUT" served) | $(field "$OUT" failed) | $(field "$OUT" retries)"
   HERD_ROWS+=" | $(field "$OUT" max_retries) | $(num '%.0f' "$(field "$OUT" max_queue)")"
-  HERD_ROWS+=" | $(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SERVER_PID/status") |"$'\n'
+  HERD_ROWS+=" | $(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SERVER_PID/status")"
+  # Server CPU per proxy: the pool is prepared before the herd starts, with the server idle.
+  HERD_ROWS+=" | $(awk -v a="$herd_cpu" -v b="$(proc_cpu "$SERVER_PID")" -v n="$HERD" 'BEGIN { printf "%.0f", (b - a) / n * 1e6 }') |"$'\n'
 done
 
 log "stopping meshca (SIGTERM)"
@@ -297,8 +300,8 @@ audit log: ${AUDIT#"$DATA"/}
 
 Herd: simulated proxies, one request each, retrying after the pushback hint
 
-| herd | all served after s | served | failed | retries | most retries by one proxy | most in flight at the server | server peak RSS MiB |
-|---|---:|---:|---:|---:|---:|---:|---:|
+| herd | all served after s | served | failed | retries | most retries by one proxy | most in flight at the server | server peak RSS MiB | server CPU µs per proxy |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
 ${HERD_ROWS}
 EOF
 if [ -n "$CFSSL_ROWS" ]; then
