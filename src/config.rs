@@ -74,6 +74,7 @@ pub struct FileConfig {
     pub signing_workers: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_connection_age: Option<String>,
+    pub request_timeout: Option<String>,
     pub rate_limit_per_identity: Option<String>,
     pub rate_limit_per_identity_burst: Option<f64>,
     pub rate_limit_per_peer: Option<String>,
@@ -586,7 +587,16 @@ impl Config {
                 age => Some(age),
             },
         };
-        let connections = ConnectionSettings { max: max_connections, max_age: max_connection_age };
+        let request_timeout = duration(
+            "request-timeout",
+            args.request_timeout.or(file.request_timeout),
+            connections::DEFAULT_REQUEST_TIMEOUT,
+        )?;
+        if request_timeout < Duration::from_secs(1) {
+            return Err(Error::Invalid { setting: "request-timeout", reason: "must be at least 1s".into() });
+        }
+        let connections =
+            ConnectionSettings { max: max_connections, max_age: max_connection_age, request_timeout };
 
         let reload_interval = duration(
             "reload-interval",
@@ -745,19 +755,35 @@ mod tests {
     }
 
     #[test]
-    fn connection_limit_and_age_default_to_1024_and_10m_come_from_flag_over_file_and_are_checked() {
+    fn connection_limit_age_and_request_timeout_default_to_1024_10m_30s_come_from_flag_over_file_and_are_checked(
+    ) {
         let c = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
-        assert_eq!(c.connections, ConnectionSettings { max: 1024, max_age: Some(Duration::from_secs(600)) });
-        let file = || Config::parse_file("max-connections = 100\nmax-connection-age = \"1h\"\n").unwrap();
+        let thirty = Duration::from_secs(30);
+        assert_eq!(
+            c.connections,
+            ConnectionSettings {
+                max: 1024,
+                max_age: Some(Duration::from_secs(600)),
+                request_timeout: thirty
+            }
+        );
+        let file = || {
+            let text = "max-connections = 100\nmax-connection-age = \"1h\"\nrequest-timeout = \"5s\"\n";
+            Config::parse_file(text).unwrap()
+        };
         let c = Config::resolve(in_dev(ServeArgs::default()), file()).unwrap();
-        assert_eq!(c.connections, ConnectionSettings { max: 100, max_age: Some(Duration::from_secs(3600)) });
+        let five = Duration::from_secs(5);
+        assert_eq!(
+            c.connections,
+            ConnectionSettings { max: 100, max_age: Some(Duration::from_secs(3600)), request_timeout: five }
+        );
         let args = ServeArgs {
             max_connections: Some(7),
             max_connection_age: Some("off".into()),
             ..Default::default()
         };
         let c = Config::resolve(in_dev(args), file()).unwrap();
-        assert_eq!(c.connections, ConnectionSettings { max: 7, max_age: None });
+        assert_eq!(c.connections, ConnectionSettings { max: 7, max_age: None, request_timeout: five });
         let args = ServeArgs { max_connections: Some(0), ..Default::default() };
         let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("--max-connections:"), "{err}");
@@ -765,6 +791,9 @@ mod tests {
             let args = ServeArgs { max_connection_age: Some(bad.into()), ..Default::default() };
             let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--max-connection-age:"), "{bad}: {err}");
+            let args = ServeArgs { request_timeout: Some(bad.into()), ..Default::default() };
+            let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().starts_with("--request-timeout:"), "{bad}: {err}");
         }
     }
 

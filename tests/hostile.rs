@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use meshca::auth::dev::{compact_jws, DevSigner};
-use meshca::config::{KeyRefresh, KeySource, TokenConfig};
+use meshca::config::{ConnectionSettings, KeyRefresh, KeySource, TokenConfig};
 use meshca::proto::CertifyRequest;
 use meshca::server::tls::HANDSHAKE_TIMEOUT;
 use meshca::server::{MAX_CONCURRENT_STREAMS, MAX_DECODED_MESSAGE, MAX_LOCAL_ERROR_RESETS};
@@ -1028,6 +1028,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const END_HEADERS: u8 = 0x4;
 const ACK: u8 = 0x1;
@@ -1081,10 +1082,14 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<(u8, u
     Some((head[3], head[4], stream, payload))
 }
 
+type RawWriter = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>>>;
+
 /// An HTTP/2 connection past the settings exchange, its frames read by a task
-/// (so the server is never blocked writing to us) until the server closes it.
+/// (so the server is never blocked writing to us) until the server closes it. The
+/// reader answers PINGs, as a live client does (a server closing gracefully waits
+/// for that answer).
 struct RawH2 {
-    writer: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+    writer: RawWriter,
     reader: tokio::task::JoinHandle<Seen>,
 }
 
@@ -1106,9 +1111,14 @@ async fn raw_h2(server: &TestServer) -> RawH2 {
     }
     stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
     let (mut read, writer) = tokio::io::split(stream);
+    let writer: RawWriter = Arc::new(tokio::sync::Mutex::new(writer));
+    let pong = writer.clone();
     let reader = tokio::spawn(async move {
-        while let Some((kind, _, _, payload)) = read_frame(&mut read).await {
+        while let Some((kind, flags, _, payload)) = read_frame(&mut read).await {
             match kind {
+                PING if flags & ACK == 0 => {
+                    let _ = pong.lock().await.write_all(&frame(PING, ACK, 0, &payload)).await;
+                }
                 RST_STREAM => {
                     let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
                     *seen.resets.entry(code).or_default() += 1;
@@ -1136,14 +1146,15 @@ impl RawH2 {
             batch.extend(f);
             sent += 1;
             if batch.len() > 16 * 1024 {
-                if self.writer.write_all(&batch).await.is_err() {
+                if self.writer.lock().await.write_all(&batch).await.is_err() {
                     return sent;
                 }
                 batch.clear();
             }
         }
-        let _ = self.writer.write_all(&batch).await;
-        let _ = self.writer.flush().await;
+        let mut writer = self.writer.lock().await;
+        let _ = writer.write_all(&batch).await;
+        let _ = writer.flush().await;
         sent
     }
 
@@ -1171,6 +1182,31 @@ async fn a_stream_flood_is_refused_beyond_the_stream_limit_and_then_cut_off() {
     assert!(refused > 0 && refused <= MAX_LOCAL_ERROR_RESETS, "{seen:?}");
     assert_eq!(seen.goaway.map(|g| g.1), Some(ENHANCE_YOUR_CALM), "{seen:?}");
     assert_served(&server, Duration::from_secs(5), "after the stream flood").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_request_is_cancelled_at_the_request_timeout_so_an_aged_connection_closes() {
+    let request_timeout = Duration::from_secs(2);
+    let connections = ConnectionSettings {
+        max_age: Some(Duration::from_millis(300)),
+        request_timeout,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(Options { connections, ..Default::default() }).await;
+    let mut h2 = raw_h2(&server).await;
+    let opened = Instant::now();
+    // A request's headers, then nothing: no message, no END_STREAM. Past its age the
+    // connection is asked to close (GOAWAY) but waits for this request, which only
+    // the request timeout ends.
+    h2.send(std::iter::once(frame(HEADERS, END_HEADERS, 1, &certify_headers(&[])))).await;
+    let seen = h2.outcome(request_timeout + Duration::from_secs(20)).await;
+    assert!(seen.goaway.is_some(), "{seen:?}");
+    let held = opened.elapsed();
+    assert!(
+        held >= request_timeout - Duration::from_millis(200),
+        "closed after {held:?}, before the request timeout"
+    );
+    assert_served(&server, Duration::from_secs(5), "after the unfinished request").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,10 @@
 //! handshake fails or the HTTP/2 preface does not come in time. The age bound (tonic's `max_connection_age`: a
 //! GOAWAY after the age; the connection closes once the requests in progress on it
 //! are answered) frees the slots of clients that keep idle connections, and after a
-//! scale-out moves long-lived connections over to the new replicas. (tonic's
+//! scale-out moves long-lived connections over to the new replicas; the request
+//! timeout (`--request-timeout`, tonic's `timeout`) cancels a request that is not
+//! answered in time, such as one whose message never comes, so such a request
+//! cannot keep a connection open past its age either. (tonic's
 //! `max_connection_age_grace` is not used: with it set, tonic sends no GOAWAY at the
 //! age and cuts the connection at age + grace instead.)
 
@@ -33,6 +36,8 @@ use crate::server::metrics::ScrapeGauge;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default `--max-connection-age`.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+/// Default `--request-timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connections the kernel may hold, TCP handshake done, for the accept loop (capped
 /// by `net.core.somaxconn`, 4,096 by default on Linux). Beyond it new connections'
@@ -51,18 +56,27 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// `--max-connections` and `--max-connection-age`.
+/// `--max-connections`, `--max-connection-age` and `--request-timeout`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// Connections open at once (at least 1).
     pub max: usize,
     /// When a connection is asked to close (GOAWAY); `None`: never.
     pub max_age: Option<Duration>,
+    /// How long one request may take, from its headers to its answer (tonic's
+    /// `timeout`); the request is cancelled after it. A connection asked to close
+    /// waits for its requests, so this also bounds how long a client that never
+    /// finishes sending a request keeps its slot past the age.
+    pub request_timeout: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings { max: DEFAULT_MAX_CONNECTIONS, max_age: Some(DEFAULT_MAX_AGE) }
+        Settings {
+            max: DEFAULT_MAX_CONNECTIONS,
+            max_age: Some(DEFAULT_MAX_AGE),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
     }
 }
 

@@ -277,6 +277,7 @@ pub async fn run_with(
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+    builder = builder.timeout(config.connections.request_timeout);
     if let Some(age) = config.connections.max_age {
         builder = builder.max_connection_age(age);
     }
