@@ -270,7 +270,7 @@ pub struct ServeArgs {
     /// Age after which a gRPC connection is asked to close (GOAWAY; it closes once its requests in progress are answered), so idle clients free their slots and connections spread over new replicas, or "off" [default: 10m].
     #[arg(long, env = "MESHCA_MAX_CONNECTION_AGE", value_name = "DURATION")]
     pub max_connection_age: Option<String>,
-    /// How long one gRPC request may take, from its headers to its answer, before it is cancelled; also bounds how long a connection asked to close can be held open by an unfinished request [default: 30s].
+    /// How long one gRPC request may take, from its headers to its answer, before it is cancelled; also bounds how long a connection asked to close can be held open by an unfinished request; with tokenreview, more than twice --token-review-timeout [default: 30s].
     #[arg(long, env = "MESHCA_REQUEST_TIMEOUT", value_name = "DURATION")]
     pub request_timeout: Option<String>,
     /// Requests per second one identity may make (P-256 equivalents: a P-384 CSR costs 5), or "off" [default: 100].

@@ -595,6 +595,18 @@ impl Config {
         if request_timeout < Duration::from_secs(1) {
             return Err(Error::Invalid { setting: "request-timeout", reason: "must be at least 1s".into() });
         }
+        // A TokenReview may wait its timeout for a rate-limit turn, then as long for the answer.
+        if let TokenConfig::TokenReview { timeout, .. } = &token {
+            if request_timeout <= *timeout * 2 {
+                return Err(Error::Invalid {
+                    setting: "request-timeout",
+                    reason: format!(
+                        "must be more than twice --token-review-timeout ({}), which a TokenReview may take",
+                        humantime::format_duration(*timeout)
+                    ),
+                });
+            }
+        }
         let connections =
             ConnectionSettings { max: max_connections, max_age: max_connection_age, request_timeout };
 
@@ -795,6 +807,17 @@ mod tests {
             let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--request-timeout:"), "{bad}: {err}");
         }
+        // Longer than a TokenReview may take: its rate-limit wait and its call.
+        let review = |request: &str, review: &str| ServeArgs {
+            token_validation: Some(TokenValidation::TokenReview),
+            token_review_timeout: Some(review.into()),
+            request_timeout: Some(request.into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(in_dev(review("20s", "10s")), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("twice --token-review-timeout (10s)"), "{err}");
+        let c = Config::resolve(in_dev(review("21s", "10s")), FileConfig::default()).unwrap();
+        assert_eq!(c.connections.request_timeout, Duration::from_secs(21));
     }
 
     #[test]
