@@ -772,7 +772,7 @@ fn herd(args: &Args) -> Result<()> {
         let mut channels = Vec::new();
         if !args.own_connections {
             for _ in 0..connections {
-                channels.push(Route::Shared(client::connect(&args.addr, &anchors, &args.server_name).await?));
+                channels.push(Route::Shared(client::connect_to(&own.0, &own.1).await?));
             }
         }
         let start = tokio::time::Instant::now() + Duration::from_millis(100);
