@@ -1,7 +1,8 @@
 //! The connection limit and age through the real server: a connection beyond
 //! `--max-connections` waits, unserved, until an open one closes, then is served;
 //! a connection past `--max-connection-age` is closed by the server (GOAWAY) and
-//! the client's next call simply reconnects. Both are visible on `/metrics`.
+//! the client's next call simply reconnects. Both are visible on `/metrics`. The
+//! server, not the client, picks the TLS cipher suite.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -120,4 +121,36 @@ async fn a_silent_connection_loses_its_slot_at_the_handshake_deadline() {
     assert!(!response.expect("still waiting").unwrap().into_inner().leaf_certificate.is_empty());
     assert!(opened.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1), "served before the deadline");
     drop(silent);
+}
+
+/// rustls (as in Linkerd's proxy and tonic) lists AES-256-GCM-SHA384 first; the
+/// server answers with AES-128-GCM-SHA256, whose handshake hash runs in hardware,
+/// and still serves a client that offers only AES-256 or only ChaCha20.
+#[tokio::test]
+async fn the_server_chooses_aes_128_gcm_over_the_clients_first_choice_and_serves_any_other() {
+    use rustls::crypto::ring::{cipher_suite, default_provider};
+    use rustls::CipherSuite;
+    let server = &TestServer::start().await;
+    let negotiated = move |suites: Option<Vec<rustls::SupportedCipherSuite>>| {
+        let mut provider = default_provider();
+        if let Some(suites) = suites {
+            provider.cipher_suites = suites;
+        }
+        let config = server.tls_config(provider);
+        async move { server.tls(&config).await.get_ref().1.negotiated_cipher_suite().unwrap().suite() }
+    };
+    assert_eq!(
+        default_provider().cipher_suites[0].suite(),
+        CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "the client prefers AES-256"
+    );
+    assert_eq!(negotiated(None).await, CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert_eq!(
+        negotiated(Some(vec![cipher_suite::TLS13_AES_256_GCM_SHA384])).await,
+        CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    assert_eq!(
+        negotiated(Some(vec![cipher_suite::TLS13_CHACHA20_POLY1305_SHA256])).await,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+    );
 }

@@ -34,7 +34,7 @@ use prost::Message;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, RsaKeyPair};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde_json::json;
 use support::der::{
     bits, bmp, cn_name, dns, ec_spki, ecdsa_sha256, extension, extension_request, extensions_attribute,
@@ -928,30 +928,6 @@ async fn closed_by<S: tokio::io::AsyncRead + Unpin + Send + 'static>(
     count
 }
 
-fn tls_config(server: &TestServer) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for anchor in server.anchors.certificates() {
-        roots.add(anchor.clone()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
-async fn tls(
-    server: &TestServer,
-    config: &Arc<rustls::ClientConfig>,
-) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let name = ServerName::try_from(SERVER_NAME.to_owned()).unwrap();
-    tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_beyond_the_decoding_limit_are_refused_by_the_transport_unaudited_and_service_goes_on() {
     let server = TestServer::start().await;
@@ -975,7 +951,7 @@ async fn messages_beyond_the_decoding_limit_are_refused_by_the_transport_unaudit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_connections_are_cut_at_the_handshake_deadline_while_a_good_client_is_served() {
     let server = TestServer::start().await;
-    let config = tls_config(&server);
+    let config = server.tls_config(rustls::crypto::ring::default_provider());
     let opened = Instant::now();
     let mut silent = Vec::new();
     let mut half_hello = Vec::new();
@@ -989,8 +965,8 @@ async fn slow_loris_connections_are_cut_at_the_handshake_deadline_while_a_good_c
     let mut no_preface = Vec::new();
     let mut half_preface = Vec::new();
     for _ in 0..50 {
-        no_preface.push(tls(&server, &config).await);
-        let mut s = tls(&server, &config).await;
+        no_preface.push(server.tls(&config).await);
+        let mut s = server.tls(&config).await;
         s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
         s.flush().await.unwrap();
         half_preface.push(s);
@@ -1094,7 +1070,7 @@ struct RawH2 {
 }
 
 async fn raw_h2(server: &TestServer) -> RawH2 {
-    let mut stream = tls(server, &tls_config(server)).await;
+    let mut stream = server.tls(&server.tls_config(rustls::crypto::ring::default_provider())).await;
     stream.write_all(&[PREFACE, &frame(SETTINGS, 0, 0, &[])].concat()).await.unwrap();
     let mut seen = Seen::default();
     loop {

@@ -32,7 +32,7 @@ use meshca::proto::CertifyRequest;
 use meshca::v1::trust_bundle_client::TrustBundleClient;
 use meshca::v1::GetTrustBundleRequest;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use support::{chain, csr, issuer_under_anchor, request_id, Options, TestServer, SERVER_NAME};
 use tonic::Code;
 
@@ -117,20 +117,7 @@ async fn bundle(server: &TestServer, trusted: &TrustAnchors) -> Vec<CertificateD
 
 /// The certificate chain meshca presents to a new TLS connection.
 async fn served_chain(server: &TestServer) -> Vec<CertificateDer<'static>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for root in server.anchors.certificates() {
-        roots.add(root.clone()).unwrap();
-    }
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let name = ServerName::try_from(SERVER_NAME).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    let tls = server.tls(&server.tls_config(rustls::crypto::ring::default_provider())).await;
     tls.get_ref().1.peer_certificates().unwrap().to_vec()
 }
 

@@ -240,6 +240,32 @@ impl TestServer {
         IdentityClient::new(channel)
     }
 
+    /// rustls client settings that trust the server's anchors and speak h2, with
+    /// `provider`'s cipher suites in its order.
+    pub fn tls_config(&self, provider: rustls::crypto::CryptoProvider) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for anchor in self.anchors.certificates() {
+            roots.add(anchor.clone()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
+    /// A new TCP connection with the TLS handshake done (no HTTP/2 yet).
+    pub async fn tls(
+        &self,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from(SERVER_NAME.to_owned()).unwrap();
+        tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.unwrap()
+    }
+
     /// The server's reloader, to check the CA files now.
     pub fn reloader(&self) -> &meshca::ca::reload::Reloader {
         &self.handles.as_ref().expect("the server did not start").reloader
