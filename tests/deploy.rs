@@ -189,7 +189,7 @@ fn assert_selects(selector: &Value, pods: &BTreeMap<String, String>, what: &str)
 
 /// The long flags `meshca COMMAND --help` lists.
 fn flags_of(command: &str) -> BTreeSet<String> {
-    let out = Command::new(BIN).args([command, "--help"]).output().unwrap();
+    let out = support::process::meshca().args([command, "--help"]).output().unwrap();
     assert!(out.status.success(), "meshca {command} --help failed");
     let help = String::from_utf8(out.stdout).unwrap();
     let flags: BTreeSet<String> = help

@@ -29,10 +29,8 @@ use meshca::ca::issuer::TrustAnchors;
 use meshca::clock::{Clock, SystemClock};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use support::process::{self, Process};
+use support::process::{self, Process, BIN};
 
-/// The Linux binary: the server and `dev-token`.
-const BIN: &str = env!("CARGO_BIN_EXE_meshca");
 const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
 /// Bound on one Wine command (the first one also creates the Wine prefix).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -190,7 +188,7 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
     // and a leaf is valid for exactly the 10 s asked for.
     let data = tmp.path().join("data");
     let mut server =
-        Process::spawn(Command::new(BIN).args(["serve", "--dev", "--data-dir"]).arg(&data).args([
+        Process::spawn(process::meshca().args(["serve", "--dev", "--data-dir"]).arg(&data).args([
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
@@ -204,7 +202,7 @@ fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
     let grpc =
         first.split("gRPC on ").nth(1).and_then(|s| s.split(',').next()).expect("gRPC address").to_owned();
     let token = assert_success(
-        &output(Command::new(BIN).args(["dev-token", "--data-dir"]).arg(&data).args([
+        &output(process::meshca().args(["dev-token", "--data-dir"]).arg(&data).args([
             "--namespace",
             "default",
             "--service-account",
