@@ -206,6 +206,7 @@ async fn start(
         audit_log: audit.display().to_string(),
         admission: meshca::config::AdmissionSettings::new(8192),
         connections: Default::default(),
+        memory_limit: None,
         plaintext: false,
         reload: ReloadSettings { notifications: false, ..ReloadSettings::default() },
         ready_api_unreachable_threshold: std::time::Duration::from_secs(60),

@@ -258,7 +258,8 @@ pub struct ServeArgs {
     /// Audit log path, or - for stdout [default: DATA_DIR/audit.jsonl in dev, - otherwise].
     #[arg(long, env = "MESHCA_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<String>,
-    /// Certify requests in flight beyond which callers get ResourceExhausted [default: 8192].
+    /// Certify requests in flight beyond which callers get ResourceExhausted
+    /// [default: sized to the cgroup's memory limit, at most 8192].
     #[arg(long, env = "MESHCA_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
     /// Threads that check CSRs and sign; admitted Certify requests queue for them in arrival order [default: the number of cores].

@@ -22,6 +22,7 @@ pub use crate::server::admission::Settings as AdmissionSettings;
 use crate::server::admission::{self, Rate};
 use crate::server::connections;
 pub use crate::server::connections::Settings as ConnectionSettings;
+use crate::server::memory;
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +198,9 @@ pub struct Config {
     pub admission: AdmissionSettings,
     /// Connection limit and age of the gRPC listener (`server::connections`).
     pub connections: ConnectionSettings,
+    /// The cgroup's memory limit in bytes, if any; without `--max-in-flight` the
+    /// in-flight bound is sized to it (`server::memory`).
+    pub memory_limit: Option<u64>,
     pub plaintext: bool,
     /// When the issuer and trust anchors are re-checked (`ca::reload`).
     pub reload: ReloadSettings,
@@ -546,10 +550,19 @@ impl Config {
             });
         }
 
-        let max_in_flight = args.max_in_flight.or(file.max_in_flight).unwrap_or(8192);
-        if max_in_flight == 0 {
-            return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() });
+        let max_connections =
+            args.max_connections.or(file.max_connections).unwrap_or(connections::DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
         }
+        let memory_limit = memory::limit();
+        let max_in_flight = match args.max_in_flight.or(file.max_in_flight) {
+            Some(0) => {
+                return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() })
+            }
+            Some(n) => n,
+            None => memory::max_in_flight_for(memory_limit, max_connections),
+        };
         let workers = args.signing_workers.or(file.signing_workers).unwrap_or_else(admission::cores);
         if workers == 0 || workers > 1024 {
             return Err(Error::Invalid {
@@ -570,11 +583,6 @@ impl Config {
             None,
         )?;
         let admission = AdmissionSettings { max_in_flight, workers, per_peer, per_identity };
-        let max_connections =
-            args.max_connections.or(file.max_connections).unwrap_or(connections::DEFAULT_MAX_CONNECTIONS);
-        if max_connections == 0 {
-            return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
-        }
         let max_connection_age = match args.max_connection_age.or(file.max_connection_age) {
             Some(v) if v.trim() == "off" => None,
             v => match duration("max-connection-age", v, connections::DEFAULT_MAX_AGE)? {
@@ -663,6 +671,7 @@ impl Config {
             audit_log,
             admission,
             connections,
+            memory_limit,
             plaintext: args.plaintext || file.plaintext.unwrap_or(false),
             reload: ReloadSettings {
                 interval: reload_interval,

@@ -156,6 +156,12 @@ pub fn register_metrics(registry: &mut Registry, admission: &Arc<Admission>) {
         "The most Certify requests ever in flight at once (admitted, not yet answered)",
         ScrapeGauge::new(move || i64::try_from(a.max_in_flight()).unwrap_or(i64::MAX)),
     );
+    let limit = i64::try_from(admission.settings.max_in_flight).unwrap_or(i64::MAX);
+    registry.register(
+        "meshca_admission_in_flight_limit",
+        "Certify requests admitted at once at most (--max-in-flight, or sized to the memory limit)",
+        ScrapeGauge::new(move || limit),
+    );
     let workers = i64::try_from(admission.settings.workers).unwrap_or(i64::MAX);
     registry.register(
         "meshca_admission_workers",

@@ -11,6 +11,7 @@
 //!
 //! - [`grpc`]: the Certify handler (the pipeline).
 //! - [`admission`]: in-flight bound, rate limits, signing workers.
+//! - [`memory`]: the in-flight bound's default, from the cgroup's memory limit.
 //! - [`bundle`]: the TrustBundle service (the current trust anchors).
 //! - [`connections`]: the connection limit and age of the gRPC listener.
 //! - [`tls`]: serving certificate, its renewal, the TLS acceptor.
@@ -25,6 +26,7 @@ pub mod bundle;
 pub mod connections;
 pub mod events;
 pub mod grpc;
+pub mod memory;
 pub mod metrics;
 pub mod nodes;
 pub mod tls;
@@ -221,6 +223,13 @@ pub async fn run_with(
     };
     let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
     metrics.register(|r| metrics::register_audit(r, &audit));
+    tracing::info!(
+        max_in_flight = config.admission.max_in_flight,
+        signing_workers = config.admission.workers,
+        max_connections = config.connections.max,
+        memory_limit_mib = config.memory_limit.map(|bytes| bytes >> 20),
+        "admission bounds"
+    );
     let admission = Arc::new(admission::Admission::new(config.admission).map_err(Error::Workers)?);
     metrics.register(|r| admission::register_metrics(r, &admission));
     let connection_limit = connections::Limit::new(config.connections.max);

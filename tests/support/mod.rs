@@ -143,6 +143,7 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
             })
         },
         connections: opts.connections,
+        memory_limit: None,
         plaintext: opts.plaintext,
         events: opts.events,
         node_os: opts.node_os,
