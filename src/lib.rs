@@ -15,6 +15,7 @@
 //! - [`status`]: the one mapping from any stage's error to a gRPC status.
 //!
 //! Beside the path: [`config`] and [`cli`] (settings), [`clock`] (injected time),
+//! [`coalesce`] (HTTP/2 writes held until a flush, for server and client),
 //! [`agent`] (the client side: key, CSR, Certify, verify, write files), [`doctor`]
 //! (what stands between a host and its certificate), [`dev`] (the embedded default)
 //! and [`commands`] (what each subcommand does).
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod ca;
 pub mod cli;
 pub mod clock;
+pub mod coalesce;
 pub mod commands;
 pub mod config;
 pub mod dev;

@@ -15,6 +15,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::ca::issuer::TrustAnchors;
 use crate::ca::material::to_pem;
+use crate::coalesce::Coalesce;
 use crate::proto::identity_client::IdentityClient;
 use crate::proto::CertifyRequest;
 use crate::v1::trust_bundle_client::TrustBundleClient;
@@ -143,7 +144,42 @@ pub async fn connect_as(
 
 /// Opens a connection to `endpoint` (made by [`endpoint`] for `addr`).
 pub async fn connect_to(endpoint: &Endpoint, addr: &str) -> Result<Channel, Error> {
-    endpoint.connect().await.map_err(|e| Error::Connect { addr: addr.to_owned(), reason: source_chain(&e) })
+    endpoint
+        .connect_with_connector(TcpConnector)
+        .await
+        .map_err(|e| Error::Connect { addr: addr.to_owned(), reason: source_chain(&e) })
+}
+
+/// TCP for tonic (which adds TLS on top for `https://`), with Nagle's algorithm
+/// off as tonic's own connector does, and writes held until a flush
+/// ([`crate::coalesce`]): a request's message and the frame that ends it leave in
+/// one write.
+#[derive(Clone, Copy, Debug)]
+struct TcpConnector;
+
+impl tower_service::Service<http::Uri> for TcpConnector {
+    type Response = hyper_util::rt::TokioIo<Coalesce<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let invalid = |what: &str| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what} in {uri}"))
+            };
+            let host = uri.host().ok_or_else(|| invalid("no host"))?;
+            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            // An IPv6 literal keeps its brackets in `host`, as "host:port" needs.
+            let tcp = tokio::net::TcpStream::connect(format!("{host}:{port}")).await?;
+            tcp.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(Coalesce::new(tcp)))
+        })
+    }
 }
 
 /// What [`connect_as`] connects with, built once: the address, and for `https://`

@@ -17,9 +17,9 @@
 //! cannot keep a connection open past its age either. (tonic's
 //! `max_connection_age_grace` is not used: with it set, tonic sends no GOAWAY at the
 //! age and cuts the connection at age + grace instead.) The same wrapper holds the
-//! connection's writes until HTTP/2 has written everything it has ready, so
-//! responses leave in one system call rather than one for the message and one for
-//! the trailers.
+//! connection's writes until HTTP/2 has written everything it has ready
+//! ([`Coalesce`]), so responses leave in one system call rather than one for the
+//! message and one for the trailers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +33,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use crate::coalesce::Coalesce;
 use crate::server::metrics::ScrapeGauge;
 
 /// Default `--max-connections`.
@@ -175,78 +176,23 @@ const H2_PREFACE_LEN: usize = 24;
 /// timeout of its own, so without this a client that connects (and, over TLS,
 /// completes the handshake) and then goes quiet would hold its slot forever. From
 /// the preface on it is the plain stream, bounded by HTTP/2 keepalive, the stream
-/// limits (`server::run_with`) and the connection age.
-///
-/// Writes are held until a flush and passed on together (see `poll_flush`), so a
-/// gRPC response leaves in one TLS record and one system call instead of two.
+/// limits (`server::run_with`) and the connection age. Its writes are held and
+/// passed on together ([`Coalesce`]).
 #[derive(Debug)]
 pub struct Held<S> {
-    inner: S,
+    inner: Coalesce<S>,
     _slot: Slot,
     /// Preface bytes still expected, and the deadline; `None` once they arrived.
     preface: Option<(usize, Pin<Box<Sleep>>)>,
-    /// Bytes written and not yet passed on, how many of them were passed on, and
-    /// whether a flush has yielded once already (see `poll_flush`).
-    out: Vec<u8>,
-    passed: usize,
-    yielded: bool,
 }
-
-/// Writes are passed on at once beyond this many bytes held.
-const HOLD_AT_MOST: usize = 16 * 1024;
-/// The buffer a connection takes when it starts holding bytes (a few responses);
-/// it is given back once they are passed on.
-const HOLD_FIRST: usize = 4 * 1024;
 
 impl<S> Held<S> {
     pub fn new(inner: S, slot: Slot, deadline: Instant) -> Held<S> {
         Held {
-            inner,
+            inner: Coalesce::new(inner),
             _slot: slot,
             preface: Some((H2_PREFACE_LEN, Box::pin(tokio::time::sleep_until(deadline)))),
-            out: Vec::new(),
-            passed: 0,
-            yielded: false,
         }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> Held<S> {
-    /// Passes every held byte on to the stream.
-    fn poll_pass_on(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while self.passed < self.out.len() {
-            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.passed..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            self.passed += n;
-        }
-        // Idle connections keep no buffer.
-        self.out = Vec::new();
-        self.passed = 0;
-        Poll::Ready(Ok(()))
-    }
-
-    /// Holds `bufs`, first passing on what is held if they would not fit.
-    fn poll_hold(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        if !self.out.is_empty() && self.out.len() + len > HOLD_AT_MOST {
-            std::task::ready!(self.poll_pass_on(cx))?;
-        }
-        if len > HOLD_AT_MOST {
-            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        }
-        if self.out.capacity() == 0 {
-            self.out.reserve(HOLD_FIRST);
-        }
-        for buf in bufs {
-            self.out.extend_from_slice(buf);
-        }
-        Poll::Ready(Ok(len))
     }
 }
 
@@ -285,7 +231,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.get_mut().poll_hold(cx, &[std::io::IoSlice::new(buf)])
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -293,36 +239,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.get_mut().poll_hold(cx, bufs)
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.inner.is_write_vectored()
     }
 
-    /// The first flush of held bytes yields once: HTTP/2 (the `h2` crate) flushes a
-    /// response's DATA frame on its own before it encodes the trailers that follow,
-    /// so the trailers, and the frames of other streams answered meanwhile, are
-    /// written first and leave with it in one TLS record and one system call. The
-    /// task is woken like `tokio::task::yield_now`'s: once the runtime thread has
-    /// polled for I/O, without waking another thread.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.out.is_empty() && !this.yielded {
-            this.yielded = true;
-            // Its first poll arranges the wake-up and is Pending; dropping it then is fine.
-            let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
-            return Poll::Pending;
-        }
-        std::task::ready!(this.poll_pass_on(cx))?;
-        this.yielded = false;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_pass_on(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -331,7 +260,7 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 
     /// The stream's: peer address, and over TLS the client certificates (`auth::peer`).
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.inner.get_ref().connect_info()
     }
 }
 
@@ -398,85 +327,6 @@ mod tests {
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         assert_eq!(accepted.unwrap().1, client.unwrap().local_addr().unwrap());
         assert!(listen(addr).is_err(), "a second listener on {addr}");
-    }
-
-    /// A stream that records each write it is given, taking at most `max` bytes
-    /// of each, and its flushes and shutdown.
-    #[derive(Default)]
-    struct Recorder {
-        writes: Vec<Vec<u8>>,
-        max: Option<usize>,
-        flushes: usize,
-        shut: bool,
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-            let n = buf.len().min(self.max.unwrap_or(usize::MAX));
-            self.get_mut().writes.push(buf[..n].to_vec());
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            self.get_mut().flushes += 1;
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            self.get_mut().shut = true;
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    async fn held(recorder: Recorder) -> Held<Recorder> {
-        Held::new(recorder, Limit::new(1).reserve().await.open(), Instant::now())
-    }
-
-    #[tokio::test]
-    async fn writes_are_held_until_a_flush_that_yields_once_then_leave_in_one_write() {
-        use std::future::poll_fn;
-        use tokio::io::AsyncWriteExt;
-        let mut s = held(Recorder::default()).await;
-        s.write_all(b"DATA frame").await.unwrap();
-        let vectored = [std::io::IoSlice::new(b" + "), std::io::IoSlice::new(b"trailers")];
-        assert_eq!(poll_fn(|cx| Pin::new(&mut s).poll_write_vectored(cx, &vectored)).await.unwrap(), 11);
-        assert!(s.inner.writes.is_empty(), "nothing is written before a flush");
-
-        // The first flush yields (and is woken again); the second writes.
-        let mut polls = 0;
-        poll_fn(|cx| {
-            polls += 1;
-            Pin::new(&mut s).poll_flush(cx)
-        })
-        .await
-        .unwrap();
-        assert_eq!(polls, 2);
-        assert_eq!(s.inner.writes, vec![b"DATA frame + trailers".to_vec()]);
-        assert_eq!(s.inner.flushes, 1);
-        assert_eq!(s.out.capacity(), 0, "an idle connection keeps no buffer");
-
-        // Nothing held: a flush is passed on at once.
-        s.flush().await.unwrap();
-        assert_eq!((s.inner.writes.len(), s.inner.flushes), (1, 2));
-    }
-
-    #[tokio::test]
-    async fn large_writes_pass_through_and_partial_writes_still_deliver_everything_in_order() {
-        use tokio::io::AsyncWriteExt;
-        let mut s = held(Recorder { max: Some(1000), ..Recorder::default() }).await;
-        s.write_all(b"small").await.unwrap();
-        let large = vec![7u8; HOLD_AT_MOST + 1];
-        s.write_all(&large).await.unwrap();
-        // What was held went first, whole; then the large write straight to the
-        // stream, which took 1,000 bytes; the rest (now under the bound) is held.
-        assert_eq!(s.inner.writes, vec![b"small".to_vec(), vec![7u8; 1000]]);
-        s.flush().await.unwrap();
-        assert_eq!(s.inner.writes.concat(), [&b"small"[..], &large].concat());
-
-        s.write_all(&[1u8; 2500]).await.unwrap();
-        s.shutdown().await.unwrap();
-        assert!(s.inner.shut);
-        assert_eq!(s.inner.writes.concat()[5 + large.len()..], [1u8; 2500]);
     }
 
     #[tokio::test]
