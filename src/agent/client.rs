@@ -339,4 +339,21 @@ mod tests {
         garbled.metadata_mut().insert(crate::status::RETRY_PUSHBACK_HEADER, "soon".parse().unwrap());
         assert_eq!(refused(garbled).retry_after(), None);
     }
+
+    /// The connector reaches IPv4 and IPv6 literals and names, on the URL's port.
+    #[tokio::test]
+    async fn the_connector_reaches_ipv4_ipv6_and_named_hosts() {
+        use tower_service::Service;
+        for (bind, host) in [("127.0.0.1:0", "127.0.0.1"), ("[::1]:0", "[::1]"), ("127.0.0.1:0", "localhost")]
+        {
+            let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let uri: http::Uri = format!("https://{host}:{port}").parse().unwrap();
+            let (io, accepted) = tokio::join!(TcpConnector.call(uri), listener.accept());
+            let io = io.unwrap_or_else(|e| panic!("{host}: {e}"));
+            assert_eq!(io.inner().get_ref().peer_addr().unwrap(), accepted.unwrap().0.local_addr().unwrap());
+        }
+        let no_host: http::Uri = "/path/only".parse().unwrap();
+        assert!(TcpConnector.call(no_host).await.is_err());
+    }
 }
