@@ -3,7 +3,9 @@
 //! Precedence: flag or environment variable (clap merges those), then the config
 //! file, then the default. Every value is checked here, so `serve` starts only with
 //! a configuration that makes sense; errors name the setting and what to put there.
-//! No I/O: the caller reads the config file and hands over its text.
+//! No I/O beyond what two defaults are sized to (the cores for `--signing-workers`,
+//! the cgroup's memory limit for `--max-in-flight`): the caller reads the config
+//! file and hands over its text.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
