@@ -62,7 +62,7 @@ fn proc_files() -> Option<(String, String)> {
 
 /// The smallest memory limit on the way from this process's memory cgroup up to
 /// the root of its mounted hierarchy, `read` giving a file's contents.
-pub fn limit_from(cgroup: &str, mountinfo: &str, read: impl Fn(&Path) -> Option<String>) -> Option<u64> {
+fn limit_from(cgroup: &str, mountinfo: &str, read: impl Fn(&Path) -> Option<String>) -> Option<u64> {
     let mut files = Vec::new();
     for (point, below, file) in memory_cgroups(cgroup, mountinfo) {
         // The cgroup's own directory, then each parent up to the mount point.
