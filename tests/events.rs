@@ -170,10 +170,7 @@ async fn with_event_creation_blocked_two_thousand_issuances_succeed_promptly_and
     }
     let took = started.elapsed();
     let metrics = c.server.metrics().await;
-    let value = |name: &str| -> u64 {
-        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    };
+    let value = |name: &str| support::sample(&metrics, name);
     let (issued, sent, dropped, errors, queued) = (
         c.server.metric("meshca_certify_total{outcome=\"issued\",reason=\"\"}").await,
         value("meshca_events_sent_total"),

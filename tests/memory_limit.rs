@@ -46,8 +46,7 @@ impl Drop for Cgroup {
 async fn in_flight_limit(serve: &ServeBin) -> u64 {
     let (status, body) = support::http_get(serve.admin, "/metrics").await;
     assert_eq!(status, 200);
-    let line = body.lines().find(|l| l.starts_with("meshca_admission_in_flight_limit ")).expect("the gauge");
-    line.rsplit(' ').next().unwrap().parse().unwrap()
+    support::sample(&body, "meshca_admission_in_flight_limit")
 }
 
 #[tokio::test]

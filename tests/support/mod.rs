@@ -294,13 +294,9 @@ impl TestServer {
         http_get(self.admin, path).await
     }
 
-    /// The value of an unlabelled sample in `/metrics`.
+    /// The value of one sample in `/metrics` ([`sample`]).
     pub async fn metric(&self, name: &str) -> u64 {
-        let text = self.metrics().await;
-        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
-        line.and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        sample(&self.metrics().await, name)
     }
 
     /// The identity of `sa` in `ns`.
@@ -355,6 +351,14 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// The value of the sample `name` (with its labels, if any) in a `/metrics` text.
+pub fn sample(text: &str, name: &str) -> u64 {
+    let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+    line.and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 /// `GET path` on an admin listener (meshca's or the agent's), over raw HTTP/1.1:
