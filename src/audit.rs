@@ -197,6 +197,14 @@ pub enum Error {
     /// The writer has stopped (after `close`, or it is gone).
     #[error("audit log is closed")]
     Closed,
+    /// Another process holds the log's lock file: two writers would interleave
+    /// their chains. `holder` is what that process wrote there (its pid).
+    #[error(
+        "audit log {} is in use by another meshca (pid {holder}, holding {}): two writers would break its chain; \
+         stop that process, or give this one another --audit-log (or --data-dir)",
+        path.display(), lock.display()
+    )]
+    InUse { path: PathBuf, lock: PathBuf, holder: String },
 }
 
 /// Position given to an appended record.
@@ -225,7 +233,10 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens the sink and continues its chain. A file is opened in append
+    /// Opens the sink and continues its chain. A file is first locked (an
+    /// exclusive lock on `PATH.lock`, which holds this process's pid) until the log
+    /// is closed: a second writer, here or in another process, would interleave its
+    /// chain with this one's and is refused with [`Error::InUse`]. A file is opened in append
     /// mode, created with mode 0600 (unix) along with its parent directories;
     /// an existing file's last line (read backwards, never the whole file)
     /// gives the seq and hash to continue from, and an empty file starts at
@@ -418,6 +429,8 @@ enum Marker {
 type Reply = oneshot::Sender<Result<Appended, Error>>;
 
 struct Writer {
+    /// The exclusive lock on `PATH.lock`, held as long as the writer runs (file sinks).
+    _lock: Option<File>,
     out: Out,
     seq: u64,
     prev_hash: String,
@@ -431,16 +444,26 @@ struct Writer {
 
 impl Writer {
     fn open(sink: Sink, failing: Arc<AtomicBool>) -> Result<Writer, Error> {
-        let (out, seq, prev_hash, torn) = match sink {
-            Sink::Stdout => (Out::Stdout, 0, ZERO_HASH.to_string(), None),
+        let (lock, out, seq, prev_hash, torn) = match sink {
+            Sink::Stdout => (None, Out::Stdout, 0, ZERO_HASH.to_string(), None),
             Sink::File(path) => {
+                // Before anything is read or cut: the tail belongs to whoever holds the lock.
+                let lock = lock_file(&path)?;
                 let opened = open_file(&path)?;
                 let out = FileOut { file: opened.file, len: opened.len, path };
-                (Out::File(out), opened.seq, opened.hash, opened.torn)
+                (Some(lock), Out::File(out), opened.seq, opened.hash, opened.torn)
             }
         };
-        let mut writer =
-            Writer { out, seq, prev_hash, failure: None, pending: Vec::new(), failing, fail_syncs: false };
+        let mut writer = Writer {
+            _lock: lock,
+            out,
+            seq,
+            prev_hash,
+            failure: None,
+            pending: Vec::new(),
+            failing,
+            fail_syncs: false,
+        };
         if let Some(bytes) = torn {
             // Recorded before anything else, so a crash now cannot hide the cut;
             // if the sink fails already, like any failure: retried with the next append.
@@ -482,6 +505,9 @@ impl Writer {
                     Some(ref f) => Err(Error::Write { source: io::Error::other(f.error.clone()) }),
                     None => self.out.write_durably(&[], false).map_err(|source| Error::Write { source }),
                 };
+                // The file and its lock go before the answer: once `close` returns,
+                // another writer may open the log.
+                drop(self);
                 let _ = close.send(result);
                 return; // dropping `rx` fails everything still queued with `Closed`
             }
@@ -698,6 +724,51 @@ struct Opened {
     hash: String,
     /// Bytes of an incomplete final line that were cut off.
     torn: Option<u64>,
+}
+
+/// `PATH.lock`, beside the audit log `PATH`.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Takes the exclusive advisory lock (flock on Unix, LockFileEx on Windows) on
+/// `PATH.lock`, creating it, and writes this process's pid there; the lock goes with
+/// the returned handle (or the process). Held by another process: [`Error::InUse`],
+/// naming the pid it wrote.
+fn lock_file(path: &Path) -> Result<File, Error> {
+    let lock = lock_path(path);
+    let open_err = |source| Error::Open { path: lock.clone(), source };
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(open_err)?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        .map_err(open_err)?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)
+                .and_then(|()| file.seek(SeekFrom::Start(0)))
+                .and_then(|_| writeln!(file, "{}", std::process::id()))
+                .map_err(open_err)?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            // Bounded: a pid is a few bytes; anything longer is not ours.
+            let _ = (&file).take(64).read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "unknown".to_owned(),
+                pid => pid.to_owned(),
+            };
+            Err(Error::InUse { path: path.to_path_buf(), lock, holder })
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(open_err(source)),
+    }
 }
 
 /// Opens (or creates) the file and reads the chain state off its last line,
@@ -1220,6 +1291,30 @@ mod tests {
         log.close().await.unwrap();
         assert!(matches!(log.append(record(6)).await, Err(Error::Closed)));
         assert_eq!(verify_file(&path).unwrap().records, 5);
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_is_refused_naming_the_first_until_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let first = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+        let Err(refused) = AuditLog::open(Sink::File(path.clone())).await else {
+            panic!("a second writer is refused")
+        };
+        let message = refused.to_string();
+        let Error::InUse { holder, lock, .. } = refused else { panic!("{message}") };
+        assert_eq!(holder, std::process::id().to_string());
+        assert_eq!(lock, dir.path().join("audit.jsonl.lock"));
+        assert!(
+            message.contains("in use") && message.contains(&holder) && message.contains("--audit-log"),
+            "{message}"
+        );
+        assert_eq!(first.append(record(1)).await.unwrap().seq, 1, "the first writer goes on");
+        first.close().await.unwrap();
+        let second = AuditLog::open(Sink::File(path.clone())).await.unwrap();
+        assert_eq!(second.append(record(2)).await.unwrap().seq, 2);
+        second.close().await.unwrap();
+        assert_eq!(verify_file(&path).unwrap().records, 2);
     }
 
     #[tokio::test]

@@ -35,8 +35,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print a token that a `serve --dev` server accepts (stdout: the token alone).
     DevToken(DevTokenArgs),
-    /// Request one certificate and write it to a directory.
-    Certify(CertifyArgs),
+    /// Request one certificate and write it to a directory (a new key, or --csr FILE made elsewhere).
+    Certify(CertifyCommandArgs),
     /// Keep a certificate fresh in a directory: renew before expiry, with a new key each time.
     Agent(AgentArgs),
     /// Check, on this host, everything the agent needs: name resolution, reachability, TLS, clock, credentials, token.
@@ -93,7 +93,7 @@ pub struct IssuerArgs {
     #[arg(long, env = "MESHCA_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Embedded default: create (or reuse) a CA, issuer and dev token key in --data-dir and serve on loopback.
-    #[arg(long, env = "MESHCA_DEV")]
+    #[arg(long, env = "MESHCA_DEV", value_parser = clap::builder::BoolishValueParser::new())]
     pub dev: bool,
     /// Dev mode state directory [default: ./meshca-dev].
     #[arg(long, env = "MESHCA_DATA_DIR", value_name = "DIR")]
@@ -111,7 +111,7 @@ pub struct IssuerArgs {
     #[arg(long, env = "MESHCA_ISSUER_DIR", value_name = "DIR")]
     pub issuer_dir: Option<PathBuf>,
     /// Accept an issuer chain with keys or signatures Windows Server 2016 cannot verify (Ed25519, RSA-PSS, ...); without it such an issuer is refused at start and on reload.
-    #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS")]
+    #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_non_windows_algorithms: bool,
 }
 
@@ -156,10 +156,10 @@ pub struct InitArgs {
     /// Namespace of the objects --kubernetes prints [default: the control-plane namespace].
     #[arg(long, value_name = "NS", requires = "kubernetes")]
     pub namespace: Option<String>,
-    /// Trust domain named in the CA subjects [default: cluster.local].
+    /// Trust domain named in the CA subjects.
     #[arg(long, env = "MESHCA_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Control-plane namespace named in the CA subjects [default: meshca-system].
+    /// Control-plane namespace named in the CA subjects.
     #[arg(long, env = "MESHCA_CONTROL_PLANE_NAMESPACE", default_value = "meshca-system")]
     pub control_plane_namespace: String,
     /// Key algorithm for anchor and issuer.
@@ -225,7 +225,8 @@ pub struct ServeArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
-        action = clap::ArgAction::Set
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub jwks_confirm_pod: Option<bool>,
     /// Required token `iss` (jwks mode; required with --jwks-file or --jwks-url, else the discovered issuer; dev mode uses "meshca-dev").
@@ -287,7 +288,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHCA_RATE_LIMIT_PER_PEER_BURST", value_name = "N")]
     pub rate_limit_per_peer_burst: Option<f64>,
     /// Serve gRPC without TLS (only where a sidecar terminates TLS).
-    #[arg(long, env = "MESHCA_PLAINTEXT")]
+    #[arg(long, env = "MESHCA_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
     pub plaintext: bool,
     /// How often the issuer directory and trust anchors are re-read for changes, besides file notifications [default: 30s].
     #[arg(long, env = "MESHCA_RELOAD_INTERVAL", value_name = "DURATION")]
@@ -303,7 +304,8 @@ pub struct ServeArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
-        action = clap::ArgAction::Set
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub events: Option<bool>,
     /// Record the OS of the caller's node (its kubernetes.io/os label) in audit records, looking up pods and nodes through the Kubernetes client: --audit-node-os or --audit-node-os=BOOL [default: false].
@@ -314,7 +316,8 @@ pub struct ServeArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
-        action = clap::ArgAction::Set
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub audit_node_os: Option<bool>,
     /// Accept bootstrap tokens (`meshca bootstrap-token create`) for hosts without Kubernetes: --bootstrap-tokens or --bootstrap-tokens=BOOL [default: true with --dev, false otherwise].
@@ -325,7 +328,8 @@ pub struct ServeArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
-        action = clap::ArgAction::Set
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub bootstrap_tokens: Option<bool>,
     /// Where used bootstrap tokens are recorded [default: kubernetes when the token validation has a Kubernetes client, file otherwise].
@@ -335,7 +339,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHCA_BOOTSTRAP_REPLAY_FILE", value_name = "FILE")]
     pub bootstrap_replay_file: Option<PathBuf>,
     /// Accept an issuer key file every user of the host can read (unix mode o+r); without it such a key is refused at start and on reload (fix: chmod 600).
-    #[arg(long, env = "MESHCA_ALLOW_WORLD_READABLE_ISSUER_KEY")]
+    #[arg(long, env = "MESHCA_ALLOW_WORLD_READABLE_ISSUER_KEY", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_world_readable_issuer_key: bool,
 }
 
@@ -353,7 +357,7 @@ pub struct DevTokenArgs {
     /// Token lifetime, e.g. 1h, 10m.
     #[arg(long, default_value = "1h", value_name = "DURATION")]
     pub ttl: String,
-    /// Audience [default: identity.l5d.io].
+    /// Audience the token names.
     #[arg(long, default_value = "identity.l5d.io")]
     pub audience: String,
     /// Bind the token to a pod of this name (a uid is generated).
@@ -389,7 +393,7 @@ pub struct CertifyArgs {
     #[arg(long, env = "MESHCA_IDENTITY", value_name = "NAME", required_unless_present = "config")]
     pub identity: Option<String>,
     /// Output directory for tls.crt, tls.key, ca.crt (created when absent).
-    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    #[arg(long, env = "MESHCA_OUT", value_name = "DIR", required_unless_present = "config")]
     pub out: Option<PathBuf>,
     /// Name expected in meshca's serving certificate [default: meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local].
     #[arg(long, env = "MESHCA_SERVER_NAME", value_name = "NAME")]
@@ -397,6 +401,16 @@ pub struct CertifyArgs {
     /// Key algorithm of the new key [default: p256].
     #[arg(long, env = "MESHCA_KEY_TYPE", value_enum)]
     pub key_type: Option<LeafKeyArg>,
+}
+
+/// `meshca certify`: the request flags, and optionally a CSR made elsewhere.
+#[derive(Debug, Args)]
+pub struct CertifyCommandArgs {
+    #[command(flatten)]
+    pub request: CertifyArgs,
+    /// Send this CSR (PEM or DER, e.g. from `certreq -new`) unchanged instead of making a key; writes tls.crt and ca.crt, no tls.key.
+    #[arg(long, env = "MESHCA_CSR", value_name = "FILE", conflicts_with = "key_type")]
+    pub csr: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -410,7 +424,7 @@ pub struct AgentArgs {
     #[arg(long, env = "MESHCA_JITTER", value_name = "FRACTION")]
     pub jitter: Option<f64>,
     /// Get one certificate and exit (init containers, scheduled tasks).
-    #[arg(long, env = "MESHCA_ONCE")]
+    #[arg(long, env = "MESHCA_ONCE", value_parser = clap::builder::BoolishValueParser::new())]
     pub once: bool,
     /// Shell command run after each renewal (e.g. to make a proxy reload its files).
     #[arg(long, env = "MESHCA_ON_RENEW", value_name = "CMD")]
@@ -444,6 +458,9 @@ pub struct AgentFile {
 /// `meshca doctor`: every input optional; what is missing is reported as not checked.
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
+    /// The agent's TOML file (`agent --config`): its addr, trust-anchors, token-file, identity, out and server-name, under the flags.
+    #[arg(long, env = "MESHCA_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// meshca's address, e.g. https://meshca.meshca-system.svc:8080 (http:// for a --plaintext server).
     #[arg(long, env = "MESHCA_ADDR", value_name = "URL")]
     pub addr: Option<String>,
@@ -457,7 +474,7 @@ pub struct DoctorArgs {
     #[arg(long, env = "MESHCA_IDENTITY", value_name = "NAME")]
     pub identity: Option<String>,
     /// The agent's --out directory (tls.crt, tls.key).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "MESHCA_OUT", value_name = "DIR")]
     pub cert_dir: Option<PathBuf>,
     /// Name expected in meshca's serving certificate [default: meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local].
     #[arg(long, env = "MESHCA_SERVER_NAME", value_name = "NAME")]

@@ -13,7 +13,7 @@
 //! first; the second flush passes everything on in one write. Used by the server's
 //! connections (`server::connections::Held`) and by the agent's client connections
 //! (`agent::client`). Measured at 64 streams: the server's `writev` per certificate
-//! 1.91 → 0.68–0.75, and 2.01 → 1.01 with one connection per stream (README,
+//! 1.91 → 0.68–0.75, and 2.01 → 1.01 with one connection per stream (docs/performance.md,
 //! Performance).
 
 use std::future::Future;

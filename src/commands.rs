@@ -16,11 +16,44 @@ use crate::auth::dev::{DevSigner, TokenClaims};
 use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use crate::ca::issuer::TrustAnchors;
 use crate::cli::{
-    AgentArgs, AgentFile, CaKeyArg, CertifyArgs, DevTokenArgs, InitArgs, IssuerArgs, LeafKeyArg, ServeArgs,
+    AgentArgs, AgentFile, CaKeyArg, CertifyArgs, CertifyCommandArgs, DevTokenArgs, InitArgs, IssuerArgs,
+    LeafKeyArg, ServeArgs,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, FileConfig, DEV_TOKEN_ISSUER};
 use crate::identity::Naming;
+
+/// Whether stderr lines are JSON objects (`--log-format json`).
+static JSON_OUTPUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses how [`say`] and [`report_failure`] write: plain lines, or (for
+/// `--log-format json`) one JSON object a line through the log subscriber.
+pub fn set_json_output(json: bool) {
+    JSON_OUTPUT.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn json_output() -> bool {
+    JSON_OUTPUT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A line for the person at the terminal (stderr), as a log event under `--log-format json`.
+fn say(message: impl std::fmt::Display) {
+    if json_output() {
+        tracing::info!(target: "meshca", "{message}");
+    } else {
+        eprintln!("{message}");
+    }
+}
+
+/// Prints a failed command's one line on stderr: `meshca: MESSAGE`, or a JSON
+/// object with level ERROR and the exit code under `--log-format json`.
+pub fn report_failure(failure: &Failure) {
+    if json_output() {
+        tracing::error!(target: "meshca", exit_code = failure.exit_code(), "{}", failure.message);
+    } else {
+        eprintln!("meshca: {}", failure.message);
+    }
+}
 
 /// A command that failed: the message printed (one line) and the exit code.
 #[derive(Debug)]
@@ -72,11 +105,11 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
         return init_kubernetes(&args.dir, namespace, &h);
     }
     crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
-    eprintln!(
+    say(format_args!(
         "wrote {dir}/trust-anchors.pem, {dir}/issuer/tls.crt and {dir}/issuer/tls.key\n\
          {dir}/trust-anchor.key signs new issuers: keep it offline.",
         dir = args.dir.display()
-    );
+    ));
     Ok(())
 }
 
@@ -98,11 +131,11 @@ fn init_kubernetes(dir: &Path, namespace: &str, h: &hierarchy::Hierarchy) -> Res
         .write_all(kubernetes_objects(namespace, h).as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(|e| Failure::other(format!("cannot write to stdout: {e}")))?;
-    eprintln!(
+    say(format_args!(
         "printed Secret {namespace}/meshca-issuer and ConfigMap {namespace}/meshca-trust-anchors\n\
          wrote {dir}/trust-anchors.pem and {dir}/trust-anchor.key: the key signs new issuers, keep it offline.",
         dir = dir.display()
-    );
+    ));
     Ok(())
 }
 
@@ -138,23 +171,69 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     survive_file_size_limit()?;
     let file = config_file(&args.issuer)?;
     let config = Config::resolve(args, file).map_err(Failure::usage)?;
-    let shutdown = shutdown_signal()?;
+    let shutdown = shutdown_signal("finishing in-flight requests")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let prepared = match &config.dev {
         Some(paths) => Some(crate::dev::prepare(paths, &config.naming, clock.now()).map_err(Failure::other)?),
         None => None,
     };
     let listener = crate::server::connections::listen(config.listen)
-        .map_err(|e| Failure::other(format!("cannot listen on {}: {e}", config.listen)))?;
+        .map_err(|e| listen_failure("--listen", config.listen, &e))?;
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
-        .map_err(|e| Failure::other(format!("cannot listen on {}: {e}", config.admin_listen)))?;
+        .map_err(|e| listen_failure("--admin-listen", config.admin_listen, &e))?;
     if let Some(prepared) = prepared {
         let bound = |l: &tokio::net::TcpListener, fallback| l.local_addr().unwrap_or(fallback);
         let addrs = (bound(&listener, config.listen), bound(&admin, config.admin_listen));
         print_dev_instructions(&config, prepared.created_ca, addrs);
     }
-    crate::server::run(config, clock, listener, admin, shutdown).await.map_err(Failure::other)
+    let (anchors, issuer_dir) = (config.trust_anchors.clone(), config.issuer_dir.clone());
+    crate::server::run(config, clock, listener, admin, shutdown)
+        .await
+        .map_err(|e| start_failure(e, &anchors, &issuer_dir))
+}
+
+/// A listener that could not be bound, naming the flag that chose its address.
+fn listen_failure(flag: &str, addr: SocketAddr, e: &std::io::Error) -> Failure {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            format!(": another process (another meshca?) listens there; stop it or choose another {flag}")
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            format!(": ports below 1024 need privileges; choose another {flag}")
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!(": no interface of this host has that address; fix {flag}")
+        }
+        _ => String::new(),
+    };
+    Failure::other(format!("cannot listen on {addr} ({flag} {addr}): {e}{hint}"))
+}
+
+/// Why `serve` stopped, naming the flag to fix when the CA material is at fault.
+fn start_failure(e: crate::server::Error, anchors: &Path, issuer_dir: &Path) -> Failure {
+    use crate::ca::Error as Ca;
+    use crate::server::Error as Server;
+    let (anchors_flag, issuer_flag) =
+        (format!("--trust-anchors {}", anchors.display()), format!("--issuer-dir {}", issuer_dir.display()));
+    let flag_of =
+        |path: &Path| if path.starts_with(issuer_dir) { issuer_flag.clone() } else { anchors_flag.clone() };
+    match e {
+        Server::Issuer(Ca::Read { path, source }) => {
+            Failure::usage(format!("{}: cannot read {}: {source}", flag_of(&path), path.display()))
+        }
+        Server::Issuer(
+            ref inner @ (Ca::NoCertificate { ref path } | Ca::BadCertificate { ref path, .. } | Ca::BadKey { ref path, .. }),
+        ) => Failure::usage(format!("{}: {inner}", flag_of(path))),
+        Server::Issuer(Ca::Untrusted { reason }) => Failure::usage(format!(
+            "the issuer in {issuer_flag} does not chain to {anchors_flag} ({reason}): it was signed by another CA; \
+             give the trust anchors of the CA that signed it, or an issuer made for these anchors"
+        )),
+        Server::Issuer(inner @ (Ca::NotCa { .. } | Ca::KeyMismatch | Ca::KeyWorldReadable { .. })) => {
+            Failure::usage(format!("{issuer_flag}: {inner}"))
+        }
+        other => Failure::other(other),
+    }
 }
 
 /// The server's `--config` file, parsed (empty without one).
@@ -165,29 +244,62 @@ fn config_file(args: &IssuerArgs) -> Result<FileConfig, Failure> {
     Config::parse_file(&text).map_err(Failure::usage)
 }
 
+/// The dev-mode banner: where meshca listens and two commands that get a
+/// certificate from it as configured (its trust domain, namespace and serving name),
+/// naming this binary as it was started (`target/release/meshca` after `cargo run`).
 fn print_dev_instructions(config: &Config, created: bool, (listen, admin): (SocketAddr, SocketAddr)) {
     let Some(paths) = &config.dev else { return };
-    let dir = paths.data_dir.display();
     let scheme = if config.plaintext { "http" } else { "https" };
-    eprintln!(
-        "meshca dev mode: {} CA in {dir}; gRPC on {scheme}://{}, admin on http://{}\n\
+    let program = program_name();
+    let dir = shell_quote(&paths.data_dir.display().to_string());
+    let identity = match config.naming.identity("default", "web") {
+        Ok(identity) => identity.dns_name,
+        Err(_) => return,
+    };
+    let server_name = match config.naming.own_identity(&config.service_account) {
+        Ok(own) if own.dns_name != crate::doctor::DEFAULT_SERVER_NAME && !config.plaintext => {
+            format!(" --server-name {}", own.dns_name)
+        }
+        _ => String::new(),
+    };
+    say(format_args!(
+        "meshca dev mode: {} CA in {dir}; gRPC on {scheme}://{listen}, admin on http://{admin}\n\
          get a certificate:\n  \
-         meshca dev-token --data-dir {dir} --namespace default --service-account web > /tmp/web.token\n  \
-         meshca certify --addr {scheme}://{} --trust-anchors {dir}/trust-anchors.pem --token-file /tmp/web.token \\\n    \
-         --identity web.default.serviceaccount.identity.{}.{} --out /tmp/web",
+         {program} dev-token --data-dir {dir} --namespace default --service-account web > /tmp/web.token\n  \
+         {program} certify --addr {scheme}://{listen} --trust-anchors {dir}/trust-anchors.pem --token-file /tmp/web.token \\\n    \
+         --identity {identity}{server_name} --out /tmp/web",
         if created { "created a new" } else { "reusing the" },
-        listen,
-        admin,
-        listen,
-        config.naming.control_plane_namespace(),
-        config.naming.trust_domain(),
-    );
+    ));
+}
+
+/// This program as the user started it, for commands printed to be pasted: the
+/// path it was run by (`target/release/meshca`), or `meshca` when it was found on PATH.
+fn program_name() -> String {
+    match std::env::args().next() {
+        Some(arg0) if arg0.contains(std::path::MAIN_SEPARATOR) || arg0.contains('/') => shell_quote(&arg0),
+        _ => "meshca".into(),
+    }
+}
+
+/// `s` as one word for a POSIX shell: unchanged when it holds only characters no
+/// shell treats specially, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | ':' | ',' | '=' | '+'));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Registers SIGTERM and Ctrl-C handlers now (so a signal that arrives during
 /// start-up is not lost to the default action) and returns a future that completes
 /// on either.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, Failure> {
+fn shutdown_signal(
+    what: &'static str,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Failure> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -199,14 +311,14 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 's
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            tracing::info!("shutting down: finishing in-flight requests");
+            tracing::info!("shutting down: {what}");
         })
     }
     #[cfg(not(unix))]
     {
         Ok(async move {
             let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            tracing::info!("shutting down: {what}");
         })
     }
 }
@@ -301,10 +413,19 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
         return Err(Failure::usage(format!("--uses must be from 1 to {MAX_USES}")));
     }
     let file = config_file(&args.issuer)?;
-    let from_file = args.issuer.config.is_some();
+    // What tells whether the server accepts bootstrap tokens: its config file, --dev
+    // (on by default), or MESHCA_BOOTSTRAP_TOKENS in this environment.
+    let bootstrap_tokens = match std::env::var("MESHCA_BOOTSTRAP_TOKENS") {
+        Ok(value) => Some(parse_bool(&value).ok_or_else(|| {
+            Failure::usage(format!("MESHCA_BOOTSTRAP_TOKENS={value:?}: use true or false"))
+        })?),
+        Err(_) => None,
+    };
+    let known = args.issuer.config.is_some() || args.issuer.dev || bootstrap_tokens.is_some();
     // The server's own settings and defaults decide names and the issuer's place.
-    let config = Config::resolve(ServeArgs { issuer: args.issuer, ..Default::default() }, file)
-        .map_err(Failure::usage)?;
+    let config =
+        Config::resolve(ServeArgs { issuer: args.issuer, bootstrap_tokens, ..Default::default() }, file)
+            .map_err(Failure::usage)?;
     let identity = args.identity.trim();
     if config.naming.parse(identity).is_none() {
         let (ns, td) = (config.naming.control_plane_namespace(), config.naming.trust_domain());
@@ -327,10 +448,12 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
     let signer =
         BootstrapSigner::new(&key, &snapshot.issuer, config.naming.clone()).map_err(Failure::other)?;
     let (token, claims) = signer.create(identity, ttl, args.uses, now).map_err(Failure::other)?;
-    if from_file && config.bootstrap.is_none() {
-        eprintln!("warning: this configuration does not enable --bootstrap-tokens: the server refuses the token until it does");
+    if known && config.bootstrap.is_none() {
+        say("warning: this configuration does not enable --bootstrap-tokens: the server refuses the token until it does");
+    } else if !known {
+        say("note: the server must run with --bootstrap-tokens (off unless --dev) to accept this token");
     }
-    eprintln!(
+    say(format_args!(
         "bootstrap token {id} for {identity}: {uses} certificate(s) until {exp}.\n\
          It is signed by the issuer {kid}: rotating the issuer makes it worthless. Give it to the host over a \
          private channel; once the host has its certificate it renews with it and needs no token.",
@@ -338,8 +461,17 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
         uses = claims.uses,
         exp = humantime::format_rfc3339_seconds(claims.expires_at),
         kid = signer.kid(),
-    );
+    ));
     Ok(token.expose().to_owned())
+}
+
+/// A boolean as clap's boolish parser reads one (true/false, 1/0, yes/no, on/off, y/n, t/f).
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" | "y" | "t" => Some(true),
+        "false" | "0" | "no" | "off" | "n" | "f" => Some(false),
+        _ => None,
+    }
 }
 
 fn key_type(arg: LeafKeyArg) -> KeyType {
@@ -393,20 +525,48 @@ fn agent_settings(args: CertifyArgs, file: &AgentFile, policy: Policy) -> Result
     })
 }
 
-fn round_failure(e: agent_run::Error) -> Failure {
+fn round_failure(e: agent_run::Error, settings: &AgentSettings) -> Failure {
+    use agent_run::Error as E;
     match e {
-        agent_run::Error::Certify(client::Error::Address { .. }) | agent_run::Error::Token { .. } => {
+        E::Certify(client::Error::Address { .. }) | E::Token { .. } | E::Csr { .. } | E::OtherKey { .. } => {
             Failure::usage(e)
+        }
+        E::Certify(client::Error::Connect { .. }) | E::Certify(client::Error::Refused { .. }) => {
+            Failure::other(format!("{e}; to check each step: {}", doctor_command(settings)))
         }
         _ => Failure::other(e),
     }
 }
 
-/// `meshca certify`: one certificate, verified, written to `--out`.
-pub async fn certify(args: CertifyArgs) -> Result<(), Failure> {
+/// The `meshca doctor` command line that checks what `settings` would do.
+fn doctor_command(settings: &AgentSettings) -> String {
+    let program = program_name();
+    format!(
+        "{program} doctor --addr {} --trust-anchors {} --token-file {} --identity {}",
+        settings.addr,
+        settings.trust_anchors.display(),
+        settings.token_file.display(),
+        settings.identity
+    )
+}
+
+/// `meshca certify`: one certificate, verified, written to `--out`; with `--csr`,
+/// for a CSR made elsewhere (no `tls.key` is written).
+pub async fn certify(args: CertifyCommandArgs) -> Result<(), Failure> {
     survive_file_size_limit()?;
-    let file = agent_file(args.config.as_deref())?;
-    certify_round(&agent_settings(args, &file, Policy::default())?).await
+    let file = agent_file(args.request.config.as_deref())?;
+    let settings = agent_settings(args.request, &file, Policy::default())?;
+    let Some(csr) = args.csr else { return certify_round(&settings).await };
+    let renewed = agent_run::submit_csr(&settings, &csr, &SystemClock)
+        .await
+        .map_err(|e| round_failure(e, &settings))?;
+    say(format_args!(
+        "wrote {}, ca.crt for {} (valid until {}); the key stays where the CSR was made",
+        settings.out.join("tls.crt").display(),
+        settings.identity,
+        humantime::format_rfc3339_seconds(renewed.not_after)
+    ));
+    Ok(())
 }
 
 /// `meshca agent`: keeps `--out` fresh until SIGTERM/Ctrl-C (or once with `--once`).
@@ -431,7 +591,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     if args.once {
         return certify_round(&settings).await;
     }
-    let shutdown = shutdown_signal()?;
+    let shutdown = shutdown_signal("no more renewals; the certificate files stay as they are")?;
     let status = Arc::new(crate::agent::status::Status::default());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     if let Some(addr) = &admin_listen {
@@ -453,15 +613,17 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// One round (`certify`, `agent --once`), then `--on-renew`: exit 1 when it fails.
 async fn certify_round(settings: &AgentSettings) -> Result<(), Failure> {
-    let renewed = agent_run::renew_once(settings, &SystemClock).await.map_err(round_failure)?;
-    eprintln!(
+    let renewed =
+        agent_run::renew_once(settings, &SystemClock).await.map_err(|e| round_failure(e, settings))?;
+    say(format_args!(
         "wrote {}, tls.key, ca.crt for {} (valid until {})",
         settings.out.join("tls.crt").display(),
         settings.identity,
         humantime::format_rfc3339_seconds(renewed.not_after)
-    );
-    Ok(())
+    ));
+    agent_run::notify(settings).await.map_err(Failure::other)
 }
 
 /// `meshca doctor`: the report on stdout (lines, or JSON with `--json`); exit 1
@@ -472,19 +634,32 @@ pub async fn doctor(args: crate::cli::DoctorArgs) -> Result<(), Failure> {
         Ok(_) => Err(Failure::usage(format!("{flag} must be more than 0"))),
         Err(e) => Err(Failure::usage(format!("{flag} {value:?}: {e}"))),
     };
-    if let Some(addr) = &args.addr {
+    // The agent's own file, under the flags: doctor sees what the agent sees.
+    let file = agent_file(args.config.as_deref())?;
+    let addr = args.addr.or(file.addr);
+    if let Some(addr) = &addr {
         crate::doctor::net::Target::parse(addr).map_err(Failure::usage)?;
     }
     let options = crate::doctor::Options {
         timeout: duration("--timeout", &args.timeout)?,
         skew_allowance: duration("--skew-allowance", &args.skew_allowance)?,
-        server_name: args.server_name.unwrap_or_else(|| crate::doctor::DEFAULT_SERVER_NAME.to_owned()),
-        addr: args.addr,
-        trust_anchors: args.trust_anchors,
-        token_file: args.token_file,
-        identity: args.identity,
-        cert_dir: args.cert_dir,
+        server_name: args
+            .server_name
+            .or(file.server_name)
+            .unwrap_or_else(|| crate::doctor::DEFAULT_SERVER_NAME.to_owned()),
+        addr,
+        trust_anchors: args.trust_anchors.or(file.trust_anchors),
+        token_file: args.token_file.or(file.token_file),
+        identity: args.identity.or(file.identity),
+        cert_dir: args.cert_dir.or(file.out),
     };
+    if options.addr.is_none() && options.cert_dir.is_none() && options.token_file.is_none() {
+        return Err(Failure::usage(
+            "doctor checks what the agent would do: give it the agent's settings, --config FILE (the agent's \
+             TOML), or --addr URL --trust-anchors FILE --token-file FILE --identity NAME [--cert-dir DIR] \
+             (the MESHCA_* variables work too)",
+        ));
+    }
     let report = crate::doctor::run(&options, &SystemClock).await;
     if args.json {
         println!("{}", report.to_json());
@@ -502,26 +677,26 @@ pub fn audit_verify(file: &Path) -> Result<(), Failure> {
     match crate::audit::verify_file(file) {
         Ok(report) => {
             let name = file.display();
-            eprintln!("{name}: intact, {} records", report.records);
+            say(format_args!("{name}: intact, {} records", report.records));
             if report.gaps > 0 {
-                eprintln!(
+                say(format_args!(
                     "{name}: {} gap(s) recorded: {} decision(s) refused unrecorded while the audit sink failed, \
                      {} interrupted write(s) cut off at start; no certificate was returned for any of them",
                     report.gaps, report.refused, report.torn
-                );
+                ));
             }
             if let Some(c) = &report.continues {
-                eprintln!(
+                say(format_args!(
                     "{name}: record {} continues a previous file ({}) that ends at seq {}, hash {}",
                     c.seq, c.previous_file, c.previous_seq, c.previous_hash
-                );
+                ));
             }
             if let Some(bytes) = report.incomplete_tail {
-                eprintln!(
+                say(format_args!(
                     "{name}: the final line is incomplete ({bytes} bytes, not counted): an interrupted write, \
                      never acknowledged, so no certificate was returned for it; `meshca serve` cuts it off \
                      and records a gap at its next start"
-                );
+                ));
             }
             Ok(())
         }

@@ -26,8 +26,11 @@ pub enum Error {
     #[error("the token's {what} is not a DNS-1123 label ({reason}); no identity can be issued for it")]
     SubjectNotRepresentable { what: &'static str, reason: &'static str },
     /// The token is valid but belongs to another identity than the one requested.
-    #[error("the token's service account does not hold the requested identity; request the identity of the token's own service account")]
-    Mismatch,
+    #[error("the token is for {held}, not the identity requested; request {held}")]
+    Mismatch {
+        /// The identity the token's service account holds (the caller's own: no secret).
+        held: String,
+    },
 }
 
 impl Error {
@@ -37,7 +40,7 @@ impl Error {
             Error::InvalidConfig { .. } => "invalid_config",
             Error::RequestedMalformed { .. } => "identity_malformed",
             Error::SubjectNotRepresentable { .. } => "subject_not_representable",
-            Error::Mismatch => "identity_mismatch",
+            Error::Mismatch { .. } => "identity_mismatch",
         }
     }
 }
@@ -162,7 +165,7 @@ impl Naming {
         check_dns_name(requested).map_err(|reason| Error::RequestedMalformed { reason })?;
         let identity = self.identity(&subject.namespace, &subject.service_account)?;
         if identity.dns_name != requested {
-            return Err(Error::Mismatch);
+            return Err(Error::Mismatch { held: identity.dns_name });
         }
         Ok(identity)
     }
@@ -219,7 +222,9 @@ mod tests {
         }
         assert_eq!(
             n.authorize(&s, "db.default.serviceaccount.identity.meshca-system.cluster.local"),
-            Err(Error::Mismatch)
+            Err(Error::Mismatch {
+                held: "web.default.serviceaccount.identity.meshca-system.cluster.local".into()
+            })
         );
         assert_eq!(n.authorize(&s, ""), Err(Error::RequestedMalformed { reason: "empty" }));
     }

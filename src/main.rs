@@ -9,7 +9,9 @@ use meshca::commands::{self, Failure};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+    // Colours only for a terminal that has not asked for none (https://no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(
         tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     );
@@ -19,6 +21,7 @@ fn main() -> ExitCode {
         // (message, request_id, ...) at the top level, for log pipelines.
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    commands::set_json_output(cli.log_format == LogFormat::Json);
     let result = match cli.command {
         Command::Init(args) => commands::init(args),
         Command::DevToken(args) => commands::dev_token(args).map(|token| println!("{token}")),
@@ -34,7 +37,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("meshca: {}", failure.message);
+            commands::report_failure(&failure);
             ExitCode::from(failure.exit_code() as u8)
         }
     }

@@ -22,6 +22,10 @@ use crate::{audit, auth, ca, identity};
 
 /// Metadata on a `ResourceExhausted` status: milliseconds to wait before retrying.
 pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
+/// Metadata on every refusal: its stable reason code ([`Refusal::reason_code`]), as
+/// in the audit record, so that clients (`meshca doctor`) tell refusals apart
+/// without reading their text.
+pub const REASON_HEADER: &str = "x-meshca-reason";
 
 /// Why the request itself is unusable before any stage looks at it.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +124,9 @@ impl Refusal {
         if let Ok(v) = request_id.parse() {
             status.metadata_mut().insert("x-request-id", v);
         }
+        status
+            .metadata_mut()
+            .insert(REASON_HEADER, tonic::metadata::MetadataValue::from_static(self.reason_code()));
         if let Some(wait) = self.retry_after() {
             // gRPC's retry pushback (proposal A6), honoured by gRPC retry policies.
             if let Ok(v) = wait.as_millis().to_string().parse() {

@@ -264,6 +264,15 @@ async fn another_identity_is_refused_and_spends_nothing_nor_does_a_dry_run() {
     issued(&server, request(&server, "web", &token)).await;
     let (status, _) = refused(&server, request(&server, "web", &token)).await;
     assert_eq!(status.code(), Code::Unauthenticated);
+    // Spent, a dry run is refused as the real call is (it once said "would issue").
+    let mut dry = tonic::Request::new(request(&server, "web", &token));
+    dry.metadata_mut().insert("x-meshca-dry-run", "1".parse().unwrap());
+    let status = server.client().await.certify(dry).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    assert_eq!(status.metadata().get("x-meshca-reason").unwrap(), "bootstrap_token_used");
+    let record = server.audit_record(&support::request_id(status.metadata()));
+    assert!(reason(&record).starts_with("bootstrap_token_used"), "{record}");
+    assert!(reason(&record).ends_with("(dry run)"), "{record}");
 }
 
 #[tokio::test]
@@ -339,13 +348,17 @@ async fn rotating_the_issuer_invalidates_unused_tokens_it_signed() {
 }
 
 #[tokio::test]
-async fn with_bootstrap_tokens_off_a_bootstrap_token_is_just_a_malformed_token() {
+async fn with_bootstrap_tokens_off_a_bootstrap_token_is_refused_as_not_enabled() {
     let server = TestServer::start().await;
     let (token, _) = mint(&server, &server.identity("default", "web"), &[]).await;
     let (status, record) = refused(&server, request(&server, "web", &token)).await;
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(reason(&record).starts_with("token_malformed"), "{record}");
-    assert_eq!(record["auth_method"], "jwks");
+    // Said as it is, with the setting that enables them: not "malformed", which
+    // sends the operator minting new tokens that fail the same way.
+    assert!(reason(&record).starts_with("bootstrap_tokens_disabled"), "{record}");
+    assert!(status.message().contains("--bootstrap-tokens"), "{}", status.message());
+    assert_eq!(status.metadata().get("x-meshca-reason").unwrap(), "bootstrap_tokens_disabled");
+    assert_eq!(record["auth_method"], "bootstrap");
     // Kubernetes tokens are unaffected when it is on.
     let on = TestServer::start_with(with_file_store()).await;
     let record = issued(&on, on.request("default", "web").1).await;

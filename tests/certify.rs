@@ -111,7 +111,7 @@ async fn linkerd_layout_with_an_sec1_issuer_key_is_accepted() {
             .arg("-out")
             .arg(issuer.join("key.pem"))
             .output()
-            .expect("openssl is required for this test (.ci/run installs it)");
+            .expect("openssl is required for this test (tests/run.sh installs it)");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         std::fs::rename(issuer.join("tls.crt"), issuer.join("crt.pem")).unwrap();
         std::fs::remove_file(issuer.join("tls.key")).unwrap();

@@ -300,11 +300,11 @@ fn serve_refuses_an_issuer_that_does_not_chain_to_the_trust_anchors() {
     let mut cmd = meshca();
     let out =
         output(serve_with_jwks(&mut cmd, &a.join("trust-anchors.pem"), &b.join("issuer"), &jwks), PATIENCE);
-    assert_exit(&out, 1, "serve with a foreign issuer");
+    assert_exit(&out, 2, "serve with a foreign issuer: a configuration error");
     let err = stderr(&out);
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("meshca:")).collect();
     assert_eq!(errors.len(), 1, "one error line:\n{err}");
-    assert!(errors[0].contains("trust anchors"), "{err}");
+    assert!(errors[0].contains("--trust-anchors") && errors[0].contains("--issuer-dir"), "{err}");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! docs/RUNBOOK.md), the Deployment is hardened, its arguments are flags that
 //! `meshca serve --help` lists and agree with the mounts, ports, probes and service
 //! account, and the Linkerd overlay serves under Linkerd's names. kubectl comes with
-//! the machine; `.ci/run` installs kubernetes-validate. Without either the tests fail
+//! the machine; `tests/run.sh` installs kubernetes-validate. Without either the tests fail
 //! and say so: they never pass by skipping.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is its failure report
 #![cfg(unix)]
@@ -55,7 +55,8 @@ const RBAC_URLS: [&str; 2] = ["/.well-known/openid-configuration", "/openid/v1/j
 const NAMESPACED_RBAC_RULES: [(&str, &[&str], &[&str]); 1] =
     [("coordination.k8s.io", &["leases"], &["create", "list", "delete"])];
 
-const MISSING_TOOLS: &str = "run `.ci/run`, which checks for kubectl (v1.27 or later, with kustomize v5) \
+const MISSING_TOOLS: &str =
+    "run `bash tests/run.sh`, which checks for kubectl (v1.27 or later, with kustomize v5) \
      and installs the PyPI package kubernetes-validate";
 
 /// Reads a YAML stream on stdin, validates each document with kubernetes-validate
@@ -584,8 +585,8 @@ fn prometheus_rules_alert_on_metrics_that_meshca_exports() {
 
 #[test]
 fn verify_pod_certifies_its_own_identity_with_a_token_for_meshcas_audience() {
-    let yaml = std::fs::read_to_string(repo().join("deploy/verify/certify-pod.yaml")).unwrap();
-    let docs = validate(&yaml, "deploy/verify/certify-pod.yaml");
+    // Rendered as a kustomize tree, as the documentation lists it.
+    let docs = validate(&render("verify"), "deploy/verify");
     let pod = one(&docs, "Pod");
     let spec = &pod["spec"];
     let c = &spec["containers"][0];

@@ -92,7 +92,7 @@ async fn healthy_host(server: &TestServer) -> Host {
     Host { dir, options }
 }
 
-/// Runs the doctor and shows its report (the test's output is the README's sample).
+/// Runs the doctor and shows its report (the test's output is the sample in docs/operations.md).
 async fn diagnose(options: &Options, clock: &dyn Clock) -> Report {
     let report = doctor::run(options, clock).await;
     print!("{report}");

@@ -195,7 +195,9 @@ fn serve_refuses_a_world_readable_issuer_key_unless_the_flag_the_environment_or_
 
     match start(serve(), SERVING) {
         Started::Exited(status, stderr) => {
-            assert_eq!(status.code(), Some(1), "{stderr}");
+            // A configuration error: exit 2, naming the flag that chose the key.
+            assert_eq!(status.code(), Some(2), "{stderr}");
+            assert!(stderr.contains("--issuer-dir"), "{stderr}");
             let key = key.display().to_string();
             assert!(stderr.contains(&format!("the issuer key {key} is readable by every user")), "{stderr}");
             assert!(

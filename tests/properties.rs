@@ -193,7 +193,7 @@ proptest! {
         prop_assert_ne!(&variant, name);
         prop_assert_eq!(n.parse(&variant), None);
         let refused = n.authorize(&subject(&ns, &sa), &variant).unwrap_err();
-        prop_assert!(matches!(refused, IdentityError::RequestedMalformed { .. } | IdentityError::Mismatch), "{refused:?}");
+        prop_assert!(matches!(refused, IdentityError::RequestedMalformed { .. } | IdentityError::Mismatch { .. }), "{refused:?}");
     }
 
     #[test]

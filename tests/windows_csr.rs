@@ -22,6 +22,12 @@
 //!
 //! Signatures are made with ring where it can (P-256/SHA-256, P-384/SHA-384, RSA); the
 //! mixed ECDSA pairs (P-256/SHA-384, P-384/SHA-256, SHA-512) are made by `openssl dgst`.
+//!
+//! The same corpus goes through `meshca certify --csr FILE`, the command an
+//! administrator runs with certreq's output: saved as certreq saves it (`NEW
+//! CERTIFICATE REQUEST`, CRLF), with a byte-order mark, with OpenSSL's label, or as
+//! DER; accepted requests yield `tls.crt` and `ca.crt` and no key, refused ones exit 1
+//! with the server's reason, and misuse exits 2 before anything is sent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -34,7 +40,7 @@ use meshca::proto::CertifyRequest;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use support::der::{
     attribute, bits, bmp, cn_name, dns, ec_spki, extension, int, oid, rsa_spki, san, seq, sorted, tlv, NULL,
     OID_BASIC_CONSTRAINTS, OID_EXTENSION_REQUEST, OID_MS_EXTENSION_REQUEST, OID_P256, TRUE,
@@ -143,12 +149,12 @@ impl Key {
     }
 }
 
-/// Runs openssl, failing the test with a pointer to `.ci/run` when it is missing.
+/// Runs openssl, failing the test with a pointer to `tests/run.sh` when it is missing.
 fn openssl(args: &[&str], dir: &std::path::Path) -> Output {
     match Command::new("openssl").args(args).current_dir(dir).stdin(Stdio::null()).output() {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("openssl is not installed; run .ci/run, which installs it")
+            panic!("openssl is not installed; run `bash tests/run.sh`, which installs it")
         }
         Err(e) => panic!("cannot run openssl: {e}"),
     }
@@ -467,4 +473,188 @@ async fn certreq_style_requests_asking_for_more_are_refused_with_their_reason() 
     }
     let issued = server.audit_records().iter().filter(|r| r["outcome"] == "issued").count();
     assert_eq!(issued, 1, "only the serving certificate was issued");
+}
+
+// ---- `meshca certify --csr`: the same corpus through the command line ----
+
+/// How certreq (or another tool) may have saved a request.
+#[derive(Clone, Copy, Debug)]
+enum Saved {
+    /// Binary, as `certreq -new -binary` writes it.
+    Der,
+    /// certreq's default: `NEW CERTIFICATE REQUEST`, CRLF line ends.
+    CertreqPem,
+    /// The same, saved by an editor that adds a UTF-8 byte-order mark.
+    CertreqPemWithBom,
+    /// OpenSSL's label, LF line ends.
+    OpensslPem,
+}
+
+fn saved(csr: &[u8], how: Saved) -> Vec<u8> {
+    let pem = |label: &str, crlf: bool| {
+        let text = to_pem(label, csr);
+        if crlf {
+            text.replace('\n', "\r\n")
+        } else {
+            text
+        }
+    };
+    match how {
+        Saved::Der => csr.to_vec(),
+        Saved::CertreqPem => pem("NEW CERTIFICATE REQUEST", true).into_bytes(),
+        Saved::CertreqPemWithBom => {
+            [b"\xEF\xBB\xBF".as_slice(), pem("NEW CERTIFICATE REQUEST", true).as_bytes()].concat()
+        }
+        Saved::OpensslPem => pem("CERTIFICATE REQUEST", false).into_bytes(),
+    }
+}
+
+/// Runs `meshca certify --csr CSR` against `server` for `web` with extra `args`;
+/// returns its output. Runs off the async workers, which serve the call.
+async fn certify_csr(
+    server: &TestServer,
+    csr: &std::path::Path,
+    out: &std::path::Path,
+    args: &[&str],
+) -> Output {
+    let token = out.with_extension("token");
+    std::fs::write(&token, server.token("default", "web")).unwrap();
+    let mut cmd = support::process::meshca();
+    cmd.arg("certify")
+        .arg("--csr")
+        .arg(csr)
+        .args(["--addr", &server.url(), "--identity", &server.identity("default", "web")])
+        .arg("--trust-anchors")
+        .arg(server.dir.path().join("trust-anchors.pem"))
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--out")
+        .arg(out)
+        .args(args);
+    tokio::task::spawn_blocking(move || support::process::output(&mut cmd, support::process::PATIENCE))
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certify_csr_sends_certreq_files_unchanged_and_writes_the_chain_without_a_key() {
+    let server = TestServer::start().await;
+    let identity = server.identity("default", "web");
+    let tmp = tempfile::tempdir().unwrap();
+    let (p256, p384, rsa) = (Key::p256(), Key::p384(), Key::rsa2048());
+    let cases = [
+        (&rsa, Saved::CertreqPem),
+        (&rsa, Saved::Der),
+        (&p256, Saved::CertreqPemWithBom),
+        (&p256, Saved::OpensslPem),
+        (&p384, Saved::CertreqPem),
+    ];
+    for (i, (key, how)) in cases.into_iter().enumerate() {
+        let what = format!("{} {how:?}", key.label);
+        let csr = certreq(key, &Request { san_dns: vec![&identity], ..Request::plain(&identity) });
+        let path = tmp.path().join(format!("{i}.req"));
+        std::fs::write(&path, saved(&csr, how)).unwrap();
+        let out = tmp.path().join(format!("out{i}"));
+        let run = certify_csr(&server, &path, &out, &[]).await;
+        assert_eq!(run.status.code(), Some(0), "{what}: {}", text(&run.stderr));
+        assert!(text(&run.stderr).contains("tls.crt"), "{what}: {}", text(&run.stderr));
+
+        let chain: Vec<_> =
+            CertificateDer::pem_file_iter(out.join("tls.crt")).unwrap().map(Result::unwrap).collect();
+        assert_eq!(chain.len(), 2, "{what}: leaf, then the issuer");
+        server.anchors.verify(&chain[0], &chain[1..], server.clock.now(), Some(&identity)).unwrap();
+        assert_only_meshcas_profile(&chain[0], key, &identity, &what);
+        assert!(out.join("ca.crt").exists(), "{what}: ca.crt");
+        assert!(!out.join("tls.key").exists(), "{what}: no key is written: it stays where the CSR was made");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certify_csr_refused_by_the_server_exits_1_with_its_reason_and_writes_nothing() {
+    let server = TestServer::start().await;
+    let identity = server.identity("default", "web");
+    let other = server.identity("default", "db");
+    let tmp = tempfile::tempdir().unwrap();
+    let (p256, rsa) = (Key::p256(), Key::rsa2048());
+    let cases: Vec<(&str, &Key, Request<'_>, &str)> = vec![
+        (
+            "another identity in the SAN",
+            &rsa,
+            Request { san_dns: vec![&identity, &other], ..Request::plain(&identity) },
+            "PermissionDenied",
+        ),
+        ("CA:TRUE", &rsa, Request { ca: true, ..Request::plain(&identity) }, "PermissionDenied"),
+        (
+            "a name hidden in the legacy attribute",
+            &p256,
+            Request { legacy_attribute: Some(&other), ..Request::plain(&identity) },
+            "PermissionDenied",
+        ),
+        ("RSA-PSS", &rsa, Request { pss: true, ..Request::plain(&identity) }, "InvalidArgument"),
+        (
+            "ECDSA with SHA-512",
+            &p256,
+            Request { hash: Hash::Sha512, ..Request::plain(&identity) },
+            "InvalidArgument",
+        ),
+    ];
+    let before = server.audit_records().len();
+    for (i, (what, key, req, code)) in cases.iter().enumerate() {
+        let path = tmp.path().join(format!("{i}.req"));
+        std::fs::write(&path, saved(&certreq(key, req), Saved::CertreqPem)).unwrap();
+        let out = tmp.path().join(format!("out{i}"));
+        let run = certify_csr(&server, &path, &out, &[]).await;
+        let stderr = text(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{what}: {stderr}");
+        assert!(stderr.contains(&format!("meshca refused the request ({code})")), "{what}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr}");
+        assert!(!out.join("tls.crt").exists(), "{what}: no certificate written");
+    }
+    let denied = server.audit_records()[before..].iter().filter(|r| r["outcome"] == "denied").count();
+    assert_eq!(denied, cases.len(), "each refusal is audited");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certify_csr_usage_errors_exit_2_before_anything_is_sent() {
+    let server = TestServer::start().await;
+    let identity = server.identity("default", "web");
+    let tmp = tempfile::tempdir().unwrap();
+    let key = Key::p256();
+    let good = tmp.path().join("good.req");
+    std::fs::write(&good, saved(&certreq(&key, &Request::plain(&identity)), Saved::CertreqPem)).unwrap();
+    let before = server.audit_records().len();
+
+    let both = certify_csr(&server, &good, &tmp.path().join("a"), &["--key-type", "p384"]).await;
+    assert_eq!(both.status.code(), Some(2), "--csr with --key-type: {}", text(&both.stderr));
+    assert!(text(&both.stderr).contains("--key-type"), "{}", text(&both.stderr));
+
+    let garbage = tmp.path().join("garbage.req");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    let run = certify_csr(&server, &garbage, &tmp.path().join("b"), &[]).await;
+    assert_eq!(run.status.code(), Some(2), "not a CSR: {}", text(&run.stderr));
+    assert!(text(&run.stderr).contains("CERTIFICATE REQUEST"), "{}", text(&run.stderr));
+
+    let missing = certify_csr(&server, &tmp.path().join("absent.req"), &tmp.path().join("c"), &[]).await;
+    assert_eq!(missing.status.code(), Some(2), "missing file: {}", text(&missing.stderr));
+
+    // A tls.key in --out that is not the CSR's key would sit beside a certificate it does not match.
+    let out = tmp.path().join("d");
+    std::fs::create_dir(&out).unwrap();
+    let stranger = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(out.join("tls.key"), stranger.serialize_pem()).unwrap();
+    let run = certify_csr(&server, &good, &out, &[]).await;
+    assert_eq!(run.status.code(), Some(2), "another key in --out: {}", text(&run.stderr));
+    assert!(!out.join("tls.crt").exists());
+    assert_eq!(server.audit_records().len(), before, "none of these reached the server");
+
+    // The CSR's own key beside it is fine (a key made with openssl, say).
+    let own = rustls_pki_types::PrivatePkcs8KeyDer::from(key.pkcs8.clone());
+    std::fs::write(out.join("tls.key"), to_pem("PRIVATE KEY", own.secret_pkcs8_der())).unwrap();
+    let run = certify_csr(&server, &good, &out, &[]).await;
+    assert_eq!(run.status.code(), Some(0), "the CSR's own key in --out: {}", text(&run.stderr));
+    assert!(out.join("tls.crt").exists());
 }

@@ -18,7 +18,7 @@
 //! environment or config file) is given.
 //!
 //! The verifiers come from Debian packages `openssl`, `gnutls-bin` and `libnss3-tools`,
-//! which `.ci/run` installs; a missing one fails the test and says so.
+//! which `tests/run.sh` installs; a missing one fails the test and says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -193,7 +193,7 @@ fn run(cmd: &mut Command) -> Output {
                 "certutil" | "vfychain" => "libnss3-tools",
                 other => other,
             };
-            panic!("{program} is not installed (Debian package {package}); run .ci/run, which installs it")
+            panic!("{program} is not installed (Debian package {package}); run `bash tests/run.sh`, which installs it")
         }
         Err(e) => panic!("cannot run {program}: {e}"),
     }

@@ -1,9 +1,10 @@
 //! The Windows build of `meshca agent`, run for real under Wine against a Linux
 //! `meshca serve --dev` on loopback.
 //!
-//! `.ci/run` cross-compiles `meshca.exe` (`x86_64-pc-windows-gnu`, dev profile)
-//! and the test-only `bcryptprimitives.dll` shim (tests/wine/bcryptprimitives.c)
-//! next to it, and installs Wine, before `cargo test`. When any of them is missing,
+//! `tests/run.sh` cross-compiles `meshca.exe` (`x86_64-pc-windows-gnu`) with the
+//! command the Windows documentation gives operators (`--profile dist`: stripped,
+//! no debug info), builds the test-only `bcryptprimitives.dll` shim
+//! (tests/wine/bcryptprimitives.c) next to it, and installs Wine, before `cargo test`. When any of them is missing,
 //! or older than a source cargo built it from (its dep-info file says which), the
 //! test fails and says how to build it: it never passes without having run the
 //! current Windows binary.
@@ -37,17 +38,20 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on the agent's three certificates (expected: about 10 s).
 const RENEWALS_TIMEOUT: Duration = Duration::from_secs(60);
 const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
-const BUILD_HINT: &str = "run .ci/run, or its Windows steps: `rustup target add x86_64-pc-windows-gnu`, \
+const BUILD_HINT: &str = "run `bash tests/run.sh`, which installs and builds it: \
+    `rustup target add x86_64-pc-windows-gnu`, \
     `apt-get install --no-install-recommends gcc-mingw-w64-x86-64 wine64`, \
-    `CARGO_PROFILE_DEV_DEBUG=0 cargo build --locked --target x86_64-pc-windows-gnu --bin meshca`, \
-    `x86_64-w64-mingw32-gcc -shared -O2 -o target/x86_64-pc-windows-gnu/debug/bcryptprimitives.dll \
+    `cargo build --locked --profile dist --target x86_64-pc-windows-gnu --bin meshca`, \
+    `x86_64-w64-mingw32-gcc -shared -O2 -o target/x86_64-pc-windows-gnu/dist/bcryptprimitives.dll \
     tests/wine/bcryptprimitives.c -ladvapi32`";
+/// A stripped `meshca.exe` is about 21 MB; with debug info it was 163 MB.
+const EXE_SIZE_LIMIT: u64 = 32 << 20;
 
-/// `target/x86_64-pc-windows-gnu/debug`, beside the directory of the Linux binary
+/// `target/x86_64-pc-windows-gnu/dist`, beside the directory of the Linux binary
 /// (so a custom `CARGO_TARGET_DIR` is followed).
 fn windows_dir() -> PathBuf {
     let target = Path::new(BIN).parent().and_then(Path::parent).expect("target directory");
-    target.join(WINDOWS_TARGET).join("debug")
+    target.join(WINDOWS_TARGET).join("dist")
 }
 
 /// The sources cargo built `exe` from, as its dep-info file (`meshca.d`) lists them:
@@ -169,10 +173,47 @@ fn issued_for(audit_log: &Path, identity: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The documented Windows build is a binary of normal size without debug sections
+/// or a symbol table.
+fn assert_shipping_size(exe: &Path) {
+    let bytes = std::fs::read(exe).unwrap();
+    let size = bytes.len() as u64;
+    assert!(size < EXE_SIZE_LIMIT, "{} is {size} bytes: debug info was not stripped", exe.display());
+    let sections = pe_sections(&bytes).unwrap_or_else(|| panic!("{} is not a PE image", exe.display()));
+    assert!(sections.iter().any(|s| s == ".text"), "{sections:?}");
+    // mingw names DWARF sections `.debug_*`, through the string table (`/N`) when longer than 8 bytes.
+    let debug: Vec<_> = sections.iter().filter(|s| s.starts_with(".debug") || s.starts_with('/')).collect();
+    assert!(debug.is_empty(), "{} has debug sections {debug:?}: not stripped", exe.display());
+    let symbols = u32::from_le_bytes(bytes[pe_offset(&bytes).unwrap() + 12..][..4].try_into().unwrap());
+    assert_eq!(symbols, 0, "{} has a COFF symbol table: not stripped", exe.display());
+}
+
+/// Where the `PE\0\0` signature is (from the DOS header's `e_lfanew`).
+fn pe_offset(bytes: &[u8]) -> Option<usize> {
+    let at = u32::from_le_bytes(bytes.get(0x3c..0x40)?.try_into().ok()?) as usize;
+    (bytes.get(at..at + 4)? == b"PE\0\0").then_some(at)
+}
+
+/// The names in a PE image's section table (raw: `/N` for a long name).
+fn pe_sections(bytes: &[u8]) -> Option<Vec<String>> {
+    let coff = pe_offset(bytes)? + 4;
+    let count = u16::from_le_bytes(bytes.get(coff + 2..coff + 4)?.try_into().ok()?) as usize;
+    let optional = u16::from_le_bytes(bytes.get(coff + 16..coff + 18)?.try_into().ok()?) as usize;
+    let table = coff + 20 + optional;
+    (0..count)
+        .map(|i| {
+            let name = bytes.get(table + 40 * i..table + 40 * i + 8)?;
+            let end = name.iter().position(|b| *b == 0).unwrap_or(8);
+            Some(String::from_utf8_lossy(&name[..end]).into_owned())
+        })
+        .collect()
+}
+
 #[test]
 fn windows_agent_under_wine_gets_a_certificate_and_renews_it_twice() {
     let exe = windows_dir().join("meshca.exe");
     let exe = built(exe.clone(), &cargo_sources(&exe));
+    assert_shipping_size(&exe);
     let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wine/bcryptprimitives.c");
     built(windows_dir().join("bcryptprimitives.dll"), &[shim]);
     let tmp = tempfile::tempdir().unwrap();

@@ -21,15 +21,16 @@ use crate::proto::CertifyRequest;
 use crate::v1::trust_bundle_client::TrustBundleClient;
 use crate::v1::GetTrustBundleRequest;
 
-/// Why a certificate could not be obtained.
+/// Why a certificate could not be obtained. The Display text is one line that
+/// says what to fix, never a token.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The address is not a usable http(s) URL.
     #[error("--addr {addr:?}: {reason}")]
     Address { addr: String, reason: String },
-    /// Could not connect or complete the TLS handshake.
-    #[error("cannot reach meshca at {addr}: {reason}")]
+    /// Could not connect or complete the TLS handshake; `reason` says what to fix.
+    #[error("cannot connect to meshca at {addr}: {reason}")]
     Connect { addr: String, reason: String },
     /// meshca refused the request; `retry_after` is its pushback hint
     /// (`grpc-retry-pushback-ms`, sent with ResourceExhausted).
@@ -96,9 +97,10 @@ impl std::fmt::Debug for Request<'_> {
     }
 }
 
-/// A verified certificate with its new key. Debug omits the key.
+/// A verified certificate, with its key when meshca made it (`None` for a
+/// submitted CSR, whose key stays where it was made). Debug omits the key.
 pub struct Credentials {
-    pub key_pkcs8: Vec<u8>,
+    pub key_pkcs8: Option<Vec<u8>>,
     pub leaf: CertificateDer<'static>,
     pub intermediates: Vec<CertificateDer<'static>>,
     pub valid_until: Option<SystemTime>,
@@ -120,9 +122,9 @@ impl Credentials {
         std::iter::once(&self.leaf).chain(&self.intermediates).map(|c| to_pem("CERTIFICATE", c)).collect()
     }
 
-    /// `tls.key`: PKCS#8 PEM.
-    pub fn key_pem(&self) -> String {
-        to_pem("PRIVATE KEY", &self.key_pkcs8)
+    /// `tls.key`: PKCS#8 PEM, when meshca made the key.
+    pub fn key_pem(&self) -> Option<String> {
+        self.key_pkcs8.as_deref().map(|key| to_pem("PRIVATE KEY", key))
     }
 }
 
@@ -147,7 +149,99 @@ pub async fn connect_to(endpoint: &Endpoint, addr: &str) -> Result<Channel, Erro
     endpoint
         .connect_with_connector(TcpConnector)
         .await
-        .map_err(|e| Error::Connect { addr: addr.to_owned(), reason: source_chain(&e) })
+        .map_err(|e| Error::Connect { addr: addr.to_owned(), reason: explain_connect(&e, addr) })
+}
+
+/// Why a connection to `addr` failed, in the terms of what to fix: the first cause
+/// meshca recognises (nothing listening, no TLS there, anchors or name that do not
+/// match meshca's certificate, a name that does not resolve), else the chain of
+/// causes with repeats removed.
+fn explain_connect(e: &(dyn std::error::Error + 'static), addr: &str) -> String {
+    let place = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            let io = err.downcast_ref::<std::io::Error>()?;
+            io.get_ref()?.downcast_ref::<rustls::Error>()
+        });
+        if let Some(tls) = tls {
+            return explain_tls(tls, place);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return format!(
+                        "nothing listens on {place} (connection refused): is meshca running, and is this its gRPC \
+                         port (--listen, 8080 by default)?"
+                    )
+                }
+                std::io::ErrorKind::TimedOut => {
+                    return format!("no answer from {place} (timed out): a firewall may drop the connection")
+                }
+                _ if io.to_string().contains("lookup address") => {
+                    let host = place.rsplit_once(':').map_or(place, |(host, _)| host);
+                    return format!("cannot resolve the host name {host}: {io}");
+                }
+                _ => {}
+            }
+        }
+        cur = err.source();
+    }
+    source_chain(e)
+}
+
+/// A TLS failure while connecting to meshca at `place`, in user terms.
+fn explain_tls(e: &rustls::Error, place: &str) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+            "meshca's certificate at {place} is not for the server name expected ({e}): set --server-name to \
+             meshca's name (meshca.NAMESPACE.serviceaccount.identity.NAMESPACE.TRUST_DOMAIN)"
+        ),
+        rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => format!(
+            "meshca's certificate at {place} is not valid at this host's time ({e}): check this host's clock"
+        ),
+        rustls::Error::InvalidCertificate(_) => format!(
+            "meshca's certificate at {place} does not chain to --trust-anchors ({e}): the anchors are not those \
+             of this meshca's CA; use its trust-anchors.pem"
+        ),
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => format!(
+            "{place} does not speak TLS ({e}): is it meshca's admin port (9990 by default)? gRPC is on its \
+             --listen port (8080 by default); http:// is for a --plaintext server"
+        ),
+        rustls::Error::AlertReceived(alert) => {
+            format!("meshca at {place} refused the TLS handshake (alert {alert:?})")
+        }
+        _ => format!("TLS with {place} failed: {e}"),
+    }
+}
+
+/// A refused call to `addr`: the status as the server sent it, except a plaintext
+/// call that hit a TLS port, which fails inside HTTP/2 before any server answers.
+/// How it fails depends on how far the call got when the TLS alert closed the
+/// connection: an HTTP/2 protocol error (the alert read as a frame), a call
+/// cancelled because the connection closed first, or a transport error (a broken
+/// pipe) once it was sent on a new connection.
+pub fn refused_at(addr: &str, status: tonic::Status) -> Error {
+    let client_side = matches!(
+        status.code(),
+        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) && status.metadata().get("x-request-id").is_none();
+    let transport = ["h2 protocol error", "operation was canceled", "transport error"]
+        .iter()
+        .any(|failure| status.message().contains(failure));
+    if addr.starts_with("http://") && client_side && transport {
+        let https = format!("https://{}", &addr["http://".len()..]);
+        return Error::Connect {
+            addr: addr.to_owned(),
+            reason: format!(
+                "the server there does not speak plaintext gRPC: meshca serves TLS there; use {https}"
+            ),
+        };
+    }
+    refused(status)
 }
 
 /// TCP for tonic (which adds TLS on top for `https://`), with Nagle's algorithm
@@ -207,12 +301,17 @@ pub fn endpoint(
     Ok(endpoint)
 }
 
+/// `e` and its causes, each once: a cause whose text the one before already
+/// contains is left out (tonic repeats its source in its own message).
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = inner.source();
     }
     s
@@ -260,12 +359,31 @@ pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, E
 }
 
 /// [`certify`] over an established `channel` (`req.addr` and
-/// `req.client_identity` were for connecting it and are not used again).
+/// `req.client_identity` were for connecting it and are not used again): a new
+/// key and CSR, then [`submit_on`].
 pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> Result<Credentials, Error> {
     let (identity, key_type) = (req.identity.to_owned(), req.key_type);
     let (key, csr) = tokio::task::spawn_blocking(move || make_csr(&identity, key_type))
         .await
         .map_err(|e| Error::Key(e.to_string()))??;
+    let mut creds = submit_on(channel, req, csr, key.public_key_raw(), now).await?;
+    creds.key_pkcs8 = Some(key.serialize_der());
+    Ok(creds)
+}
+
+/// Sends `csr` unchanged in one Certify call and verifies the answer: the chain
+/// leads to `req.anchors` and names `req.identity` (at the server's time when the
+/// response carries it, else at `now`), and the leaf certifies `public_key` (the
+/// BIT STRING of the CSR's SubjectPublicKeyInfo). The credentials carry no key:
+/// it stays wherever the CSR was made.
+pub async fn submit_on(
+    channel: Channel,
+    req: Request<'_>,
+    csr: Vec<u8>,
+    public_key: &[u8],
+    now: SystemTime,
+) -> Result<Credentials, Error> {
+    let addr = req.addr;
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {
             identity: req.identity.to_owned(),
@@ -273,7 +391,7 @@ pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> 
             certificate_signing_request: csr,
         })
         .await
-        .map_err(refused)?;
+        .map_err(|status| refused_at(addr, status))?;
     let server_time = server_time(response.metadata());
     let response = response.into_inner();
     if response.leaf_certificate.is_empty() {
@@ -288,22 +406,89 @@ pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> 
     // A valid chain for someone else's key is of no use (and a sign of a broken server).
     let (_, cert) =
         x509_parser::parse_x509_certificate(&leaf).map_err(|e| Error::BadResponse(format!("leaf: {e}")))?;
-    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+    if cert.public_key().subject_public_key.data.as_ref() != public_key {
         return Err(Error::BadResponse("the leaf does not carry the requested key".into()));
     }
     let valid_until = response.valid_until.and_then(|t| SystemTime::try_from(t).ok());
     let validity = cert.validity();
     let not_before = crate::ca::issuer::to_system_time(validity.not_before);
     let not_after = crate::ca::issuer::to_system_time(validity.not_after);
-    Ok(Credentials {
-        key_pkcs8: key.serialize_der(),
-        leaf,
-        intermediates,
-        valid_until,
-        not_before,
-        not_after,
-        server_time,
-    })
+    Ok(Credentials { key_pkcs8: None, leaf, intermediates, valid_until, not_before, not_after, server_time })
+}
+
+/// A CSR made elsewhere (`meshca certify --csr`, e.g. by Windows `certreq -new`
+/// with a key that cannot leave the machine's key store): the DER sent unchanged,
+/// and the public key the leaf must carry.
+#[derive(Clone, Debug)]
+pub struct SubmittedCsr {
+    pub der: Vec<u8>,
+    /// The BIT STRING of its SubjectPublicKeyInfo.
+    pub public_key: Vec<u8>,
+}
+
+/// Largest CSR file read: four times meshca's CSR limit, room for PEM's base64 and
+/// line breaks.
+const MAX_CSR_FILE: usize = 64 * 1024;
+
+impl SubmittedCsr {
+    /// Reads a CSR as PEM (label `CERTIFICATE REQUEST`, or certreq's `NEW
+    /// CERTIFICATE REQUEST`; CRLF line ends and a UTF-8 byte-order mark accepted) or
+    /// DER. Only the framing and the public key are read here: the server checks the
+    /// signature and every name.
+    pub fn parse(bytes: &[u8]) -> Result<SubmittedCsr, String> {
+        if bytes.len() > MAX_CSR_FILE {
+            return Err(format!("{} bytes is more than a CSR can be ({MAX_CSR_FILE} at most)", bytes.len()));
+        }
+        let der = match crate::ca::material::without_byte_order_marks(bytes) {
+            text if text.trim_ascii_start().starts_with(b"-----BEGIN ") => pem_csr(&text)?,
+            _ if bytes.first() == Some(&0x30) => bytes.to_vec(),
+            _ => return Err("neither a PEM CERTIFICATE REQUEST nor a DER CSR".into()),
+        };
+        use x509_parser::prelude::FromDer as _;
+        let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+            .map_err(|e| format!("not a PKCS#10 certificate request: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!("{} bytes after the request", rest.len()));
+        }
+        let public_key = csr.certification_request_info.subject_pki.subject_public_key.data.to_vec();
+        Ok(SubmittedCsr { der, public_key })
+    }
+}
+
+/// The DER of the one `CERTIFICATE REQUEST` or `NEW CERTIFICATE REQUEST` block in `pem`.
+fn pem_csr(pem: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(pem).map_err(|_| "the PEM file is not UTF-8 text".to_owned())?;
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        let Some(label) = line.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")) else {
+            continue;
+        };
+        let end = format!("-----END {label}-----");
+        let mut body = String::new();
+        let mut closed = false;
+        for line in lines.by_ref() {
+            if line == end {
+                closed = true;
+                break;
+            }
+            body.push_str(line);
+        }
+        if !closed {
+            return Err(format!("the PEM block {label:?} has no END line"));
+        }
+        if label == "CERTIFICATE REQUEST" || label == "NEW CERTIFICATE REQUEST" {
+            blocks.push(body);
+        }
+    }
+    match blocks.as_slice() {
+        [body] => base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map_err(|e| format!("the PEM block is not base64: {e}")),
+        [] => Err("no CERTIFICATE REQUEST (or NEW CERTIFICATE REQUEST) PEM block".into()),
+        _ => Err(format!("{} certificate requests in one file; give one", blocks.len())),
+    }
 }
 
 /// The trust anchors meshca currently trusts, from `meshca.v1.TrustBundle/Get`.

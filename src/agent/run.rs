@@ -75,6 +75,18 @@ pub enum Error {
     Certify(#[from] client::Error),
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    /// `--on-renew` failed; the new files are in place.
+    #[error("the certificate was written, but the --on-renew command failed: {reason}")]
+    Hook { reason: String },
+    /// `certify --csr`: the CSR file cannot be read or is not a CSR.
+    #[error("--csr {path}: {reason}")]
+    Csr { path: PathBuf, reason: String },
+    /// `certify --csr`: `--out` holds a `tls.key` for another key, which the new
+    /// `tls.crt` would not match.
+    #[error(
+        "{path} is not the key of the CSR: the certificate would not match it; remove it or choose another --out"
+    )]
+    OtherKey { path: PathBuf },
 }
 
 /// What the agent does.
@@ -92,6 +104,26 @@ pub struct Settings {
     pub offset_warning: Duration,
     /// Shell command run after each successful write.
     pub on_renew: Option<String>,
+}
+
+impl Settings {
+    /// The Certify call these settings make, verified against `anchors`.
+    fn request<'a>(
+        &'a self,
+        anchors: &'a TrustAnchors,
+        token: Vec<u8>,
+        client_identity: Option<(String, String)>,
+    ) -> client::Request<'a> {
+        client::Request {
+            addr: &self.addr,
+            anchors,
+            server_name: &self.server_name,
+            identity: &self.identity,
+            token,
+            key_type: self.key_type,
+            client_identity,
+        }
+    }
 }
 
 /// The outcome of one successful round.
@@ -157,15 +189,7 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && current.is_some() => None,
         Err(source) => return Err(Error::Token { path: settings.token_file.clone(), source }),
     };
-    let request = |token: Vec<u8>, client_identity| client::Request {
-        addr: &settings.addr,
-        anchors: &anchors,
-        server_name: &settings.server_name,
-        identity: &settings.identity,
-        token,
-        key_type: settings.key_type,
-        client_identity,
-    };
+    let request = |token: Vec<u8>, client_identity| settings.request(&anchors, token, client_identity);
     let (creds, channel) = match token {
         Some(token) if current.is_some() && crate::auth::bootstrap::is_bootstrap_token(&token) => {
             match certify(request(Vec::new(), current), clock.now()).await {
@@ -202,27 +226,7 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
         }
     }
 
-    let verified_at = creds.server_time.unwrap_or(received);
-    let bundle = ca_bundle(
-        &anchors,
-        client::trust_bundle(channel).await,
-        &creds.leaf,
-        &creds.intermediates,
-        verified_at,
-    );
-
-    let out = &settings.out;
-    let write = |name: &str, contents: String, access| {
-        let path = out.join(name);
-        write_atomic(&path, contents.as_bytes(), access).map_err(|source| Error::Write { path, source })
-    };
-    write("tls.key", creds.key_pem(), Access::Private)?;
-    write("tls.crt", creds.chain_pem(), Access::Public)?;
-    let ca: String = bundle.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
-    write("ca.crt", ca, Access::Public)?;
-    if let Some(cmd) = &settings.on_renew {
-        run_hook(cmd).await;
-    }
+    write_credentials(settings, &anchors, channel, &creds, received).await?;
 
     // Validity left, on the server's clock: notAfter minus the server's time, or
     // (when it did not say) the whole validity minus the server's usual backdate.
@@ -232,6 +236,70 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
         None => schedule::lifetime(validity, ASSUMED_BACKDATE),
     };
     Ok(Renewed { not_after: creds.not_after, lifetime, offset_millis })
+}
+
+/// `meshca certify --csr`: one Certify call with a CSR made elsewhere, sent
+/// unchanged and authenticated by the token file (there is no key here to prove
+/// possession of a current certificate with). The chain is verified like a
+/// round's, and must certify the CSR's own key; `tls.crt` and `ca.crt` are written,
+/// never `tls.key`. A `tls.key` already in `--out` must be the CSR's key, or nothing
+/// is sent.
+pub async fn submit_csr(
+    settings: &Settings,
+    csr_path: &std::path::Path,
+    clock: &dyn Clock,
+) -> Result<Renewed, Error> {
+    let csr_error = |reason: String| Error::Csr { path: csr_path.to_owned(), reason };
+    let bytes = std::fs::read(csr_path).map_err(|e| csr_error(e.to_string()))?;
+    let csr = client::SubmittedCsr::parse(&bytes).map_err(csr_error)?;
+    let key_path = settings.out.join("tls.key");
+    if let Ok(pem) = std::fs::read_to_string(&key_path) {
+        let same =
+            rcgen::KeyPair::from_pem(&pem).is_ok_and(|key| key.public_key_raw() == csr.public_key.as_slice());
+        if !same {
+            return Err(Error::OtherKey { path: key_path });
+        }
+    }
+    let anchors = TrustAnchors::load(&settings.trust_anchors)?;
+    remove_stale_temporaries(&settings.out);
+    let token = std::fs::read(&settings.token_file)
+        .map_err(|source| Error::Token { path: settings.token_file.clone(), source })?;
+    let request = settings.request(&anchors, token, None);
+    let channel = client::connect_as(request.addr, request.anchors, request.server_name, None).await?;
+    let creds = client::submit_on(channel.clone(), request, csr.der, &csr.public_key, clock.now()).await?;
+    let received = clock.now();
+    write_credentials(settings, &anchors, channel, &creds, received).await?;
+    let lifetime = creds.not_after.duration_since(creds.server_time.unwrap_or(received)).unwrap_or_default();
+    Ok(Renewed {
+        not_after: creds.not_after,
+        lifetime,
+        offset_millis: creds.server_time.map(|t| signed_millis(t, received)),
+    })
+}
+
+/// Writes what a round got into `--out`: `tls.key` when meshca made the key, then
+/// `tls.crt`, then `ca.crt` (meshca's trust bundle, asked for on `channel`, when it
+/// verifies the chain at the server's time, else the local anchors: [`ca_bundle`]).
+async fn write_credentials(
+    settings: &Settings,
+    anchors: &TrustAnchors,
+    channel: Channel,
+    creds: &Credentials,
+    received: SystemTime,
+) -> Result<(), Error> {
+    let verified_at = creds.server_time.unwrap_or(received);
+    let fetched = client::trust_bundle(channel).await;
+    let bundle = ca_bundle(anchors, fetched, &creds.leaf, &creds.intermediates, verified_at);
+    let write = |name: &str, contents: String, access| {
+        let path = settings.out.join(name);
+        write_atomic(&path, contents.as_bytes(), access).map_err(|source| Error::Write { path, source })
+    };
+    if let Some(key) = creds.key_pem() {
+        write("tls.key", key, Access::Private)?;
+    }
+    write("tls.crt", creds.chain_pem(), Access::Public)?;
+    let ca: String = bundle.certificates().iter().map(|c| to_pem("CERTIFICATE", c)).collect();
+    write("ca.crt", ca, Access::Public)
 }
 
 /// Connects (presenting `request.client_identity`, if any) and calls Certify;
@@ -275,7 +343,18 @@ fn ca_bundle(
     }
 }
 
-async fn run_hook(cmd: &str) {
+/// Runs `--on-renew`, if set, after new files were written. A command that cannot
+/// start or exits non-zero is an error: `--once` exits 1 on it; the agent loop logs
+/// it and keeps its schedule (the files are in place; the next renewal runs the
+/// command again).
+pub async fn notify(settings: &Settings) -> Result<(), Error> {
+    match &settings.on_renew {
+        Some(cmd) => run_hook(cmd).await,
+        None => Ok(()),
+    }
+}
+
+async fn run_hook(cmd: &str) -> Result<(), Error> {
     #[cfg(windows)]
     let mut command = tokio::process::Command::new("cmd");
     #[cfg(windows)]
@@ -285,9 +364,9 @@ async fn run_hook(cmd: &str) {
     #[cfg(not(windows))]
     command.args(["-c", cmd]);
     match command.status().await {
-        Ok(s) if s.success() => {}
-        Ok(s) => tracing::error!(status = %s, "--on-renew command failed"),
-        Err(e) => tracing::error!(error = %e, "cannot run the --on-renew command"),
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(Error::Hook { reason: s.to_string() }),
+        Err(e) => Err(Error::Hook { reason: format!("cannot start it: {e}") }),
     }
 }
 
@@ -316,6 +395,9 @@ pub async fn run_with_status(
     loop {
         let wait = match renew_once(&settings, clock.as_ref()).await {
             Ok(r) => {
+                if let Err(e) = notify(&settings).await {
+                    tracing::error!(error = %e, "--on-renew failed");
+                }
                 attempt = 0;
                 left = Some(r.lifetime);
                 status.renewed(r.not_after, r.offset_millis);

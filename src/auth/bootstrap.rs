@@ -39,7 +39,8 @@
 //! # Single use
 //!
 //! A token is spent only once a request has passed every check and is about to be
-//! signed ([`Authenticator::commit`], never for a dry run): one use is recorded in a
+//! signed ([`Authenticator::commit`]; a dry run asks [`Authenticator::check_commit`]
+//! instead, which reads the store and spends nothing): one use is recorded in a
 //! [`ReplayStore`] (a Lease per use in Kubernetes, a file on one host), and a token
 //! used up is refused with [`Error::BootstrapTokenUsed`]. A store that cannot answer
 //! refuses the request ([`Error::Unavailable`]): no certificate without a record of
@@ -437,12 +438,15 @@ pub fn claimed_token_id(token: &[u8]) -> Option<String> {
     claims.get("jti")?.as_str().filter(|jti| is_token_id(jti)).map(str::to_owned)
 }
 
-/// Handles bootstrap tokens itself and passes every other token to `inner`.
+/// Handles bootstrap tokens itself and passes every other token to `inner`. With
+/// bootstrap tokens disabled (`replay` is `None`) it refuses them as such
+/// ([`Error::BootstrapDisabled`]), so the caller is told so rather than that its
+/// token is malformed.
 pub struct BootstrapAuthenticator {
     inner: Arc<dyn Authenticator>,
     /// The current issuer: its key verifies tokens.
     store: Arc<Store>,
-    replay: Arc<dyn ReplayStore>,
+    replay: Option<Arc<dyn ReplayStore>>,
     naming: Naming,
     leeway: Duration,
 }
@@ -451,7 +455,7 @@ impl fmt::Debug for BootstrapAuthenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BootstrapAuthenticator")
             .field("inner", &self.inner.name())
-            .field("replay", &self.replay.name())
+            .field("replay", &self.replay.as_ref().map(|r| r.name()))
             .field("leeway", &self.leeway)
             .finish_non_exhaustive()
     }
@@ -465,11 +469,15 @@ impl BootstrapAuthenticator {
         naming: Naming,
         leeway: Duration,
     ) -> Self {
-        BootstrapAuthenticator { inner, store, replay, naming, leeway }
+        BootstrapAuthenticator { inner, store, replay: Some(replay), naming, leeway }
     }
 
-    /// Verifies a bootstrap token against the issuer current now.
+    /// Verifies a bootstrap token against the issuer current now; refuses it when
+    /// bootstrap tokens are disabled.
     pub fn verify(&self, token: &[u8], now: SystemTime) -> Result<Verified, Error> {
+        if self.replay.is_none() {
+            return Err(Error::BootstrapDisabled);
+        }
         let snapshot = self.store.current().ok_or_else(|| Error::Unavailable {
             reason: "no issuer is loaded to check the token with".into(),
         })?;
@@ -478,10 +486,18 @@ impl BootstrapAuthenticator {
 
     async fn spend(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
         let verified = self.verify(token, now)?;
+        let replay = self.replay.as_ref().ok_or(Error::BootstrapDisabled)?;
         let claims = &verified.claims;
         // The last moment any verifier accepts the token: the record need not outlive it.
         let expires = claims.expires_at + self.leeway;
-        self.replay.consume(&claims.token_id, claims.uses, expires).await.map_err(Error::from)
+        replay.consume(&claims.token_id, claims.uses, expires).await.map_err(Error::from)
+    }
+
+    /// Whether [`Self::spend`] would find a use left, spending none.
+    async fn unspent(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
+        let verified = self.verify(token, now)?;
+        let replay = self.replay.as_ref().ok_or(Error::BootstrapDisabled)?;
+        replay.check(&verified.claims.token_id, verified.claims.uses).await.map_err(Error::from)
     }
 }
 
@@ -520,6 +536,13 @@ impl Authenticator for BootstrapAuthenticator {
         Box::pin(self.spend(token, now))
     }
 
+    fn check_commit<'a>(&'a self, token: &'a [u8], now: SystemTime) -> CommitFuture<'a> {
+        if !is_bootstrap_token(token) {
+            return self.inner.check_commit(token, now);
+        }
+        Box::pin(self.unspent(token, now))
+    }
+
     fn register_metrics(&self, registry: &mut crate::server::metrics::Registry) {
         self.inner.register_metrics(registry);
     }
@@ -545,7 +568,16 @@ pub async fn wrap(
 ) -> Result<Arc<dyn Authenticator>, Error> {
     use super::replay::{FileReplayStore, LeaseReplayStore};
     use crate::config::ReplayConfig;
-    let Some(settings) = settings else { return Ok(inner) };
+    let Some(settings) = settings else {
+        // Disabled: bootstrap tokens are refused as such, every other token goes to `inner`.
+        return Ok(Arc::new(BootstrapAuthenticator {
+            inner,
+            store: store.clone(),
+            replay: None,
+            naming: naming.clone(),
+            leeway: Duration::ZERO,
+        }));
+    };
     let replay: Arc<dyn ReplayStore> = match &settings.replay {
         ReplayConfig::File(path) => Arc::new(FileReplayStore::open(path, clock.now())?),
         ReplayConfig::Kubernetes { kubeconfig } => {
@@ -893,6 +925,10 @@ mod tests {
                 Ok(())
             };
             Box::pin(std::future::ready(result))
+        }
+        fn check<'a>(&'a self, jti: &'a str, uses: u32) -> ConsumeFuture<'a> {
+            let spent = self.0.lock().unwrap().get(jti).copied().unwrap_or(0);
+            Box::pin(std::future::ready(if spent >= uses { Err(ReplayError::Used) } else { Ok(()) }))
         }
         fn name(&self) -> &'static str {
             "memory"

@@ -90,6 +90,12 @@ pub trait Authenticator: Send + Sync + 'static {
     fn commit<'a>(&'a self, _token: &'a [u8], _now: SystemTime) -> CommitFuture<'a> {
         Box::pin(std::future::ready(Ok(())))
     }
+    /// What [`Self::commit`] would answer now, spending nothing: asked in its place by
+    /// a dry run, so that `meshca doctor` is refused a used-up token as the real call
+    /// would be. Nothing to check for tokens that may be presented again and again.
+    fn check_commit<'a>(&'a self, _token: &'a [u8], _now: SystemTime) -> CommitFuture<'a> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// The token with surrounding ASCII whitespace trimmed, refused when oversized
@@ -172,6 +178,10 @@ pub enum Error {
     /// Building an authenticator failed (unreadable or invalid key set, no usable keys).
     #[error("authenticator configuration is invalid: {reason}")]
     Config { reason: String },
+    /// A bootstrap token sent to a server that does not accept them (started
+    /// without `--bootstrap-tokens`).
+    #[error("this meshca does not accept bootstrap tokens: start it with --bootstrap-tokens (MESHCA_BOOTSTRAP_TOKENS=true, or `bootstrap-tokens = true` in its config), or present a Kubernetes token or the current certificate")]
+    BootstrapDisabled,
     /// A bootstrap token whose every use has been spent (replayed, or shared).
     #[error("the bootstrap token has already been used as often as it allows; create a new one with `meshca bootstrap-token create`, or renew with the current certificate")]
     BootstrapTokenUsed,
@@ -208,6 +218,7 @@ impl Error {
             Error::Config { .. } => "config_invalid",
             Error::Signing { .. } => "signing_failed",
             Error::BootstrapTokenUsed => "bootstrap_token_used",
+            Error::BootstrapDisabled => "bootstrap_tokens_disabled",
             Error::BootstrapUnknownKey => "bootstrap_unknown_key",
         }
     }

@@ -67,6 +67,10 @@ pub trait ReplayStore: Send + Sync + 'static {
     /// Spends one of the `uses` uses of token `jti`, which no verifier accepts
     /// after `expires` (so the record need not outlive it).
     fn consume<'a>(&'a self, jti: &'a str, uses: u32, expires: SystemTime) -> ConsumeFuture<'a>;
+    /// Whether token `jti` still has one of its `uses` left, recording nothing:
+    /// `Err(Used)` when all are spent. For an early, accurate refusal (a dry run
+    /// above all); only [`Self::consume`] decides, atomically, for a real request.
+    fn check<'a>(&'a self, jti: &'a str, uses: u32) -> ConsumeFuture<'a>;
     /// Short name for logs: "file", "kubernetes".
     fn name(&self) -> &'static str;
 }
@@ -217,6 +221,12 @@ impl ReplayStore for FileReplayStore {
                 .await
                 .unwrap_or_else(|e| Err(ReplayError::Unavailable { reason: e.to_string() }))
         })
+    }
+
+    fn check<'a>(&'a self, jti: &'a str, uses: u32) -> ConsumeFuture<'a> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let spent = state.used.get(jti).map_or(0, |(count, _)| *count);
+        Box::pin(std::future::ready(if spent >= uses { Err(ReplayError::Used) } else { Ok(()) }))
     }
 
     fn name(&self) -> &'static str {
@@ -397,6 +407,24 @@ impl ReplayStore for LeaseReplayStore {
                         ),
                     })
                 })
+        })
+    }
+
+    fn check<'a>(&'a self, jti: &'a str, uses: u32) -> ConsumeFuture<'a> {
+        Box::pin(async move {
+            let selector = format!("{}={},{TOKEN_LABEL}={jti}", MANAGED_BY.0, MANAGED_BY.1);
+            let listed =
+                tokio::time::timeout(LEASE_TIMEOUT, self.api.list(&ListParams::default().labels(&selector)))
+                    .await
+                    .map_err(|_| ReplayError::Unavailable {
+                        reason: "the Kubernetes API server did not answer a Lease list in time".into(),
+                    })?
+                    .map_err(|e| ReplayError::Unavailable { reason: lease_error(&e, "list") })?;
+            if listed.items.len() >= uses as usize {
+                Err(ReplayError::Used)
+            } else {
+                Ok(())
+            }
         })
     }
 

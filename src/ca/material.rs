@@ -144,7 +144,7 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// would make the PEM parser skip that whole section: an error for a one-certificate
 /// file, but a certificate silently missing from a bundle (the first, or the first of
 /// each file concatenated into it). No PEM line holds U+FEFF otherwise.
-fn without_byte_order_marks(pem: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+pub fn without_byte_order_marks(pem: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !pem.windows(BOM.len()).any(|w| w == BOM) {
         return pem.into();
     }

@@ -195,7 +195,7 @@ fn random_bits(bits: usize, rng: &dyn SecureRandom) -> Result<Vec<u64>, Error> {
     rng.fill(&mut bytes).map_err(|_| Error::Rng)?;
     let mut w: Vec<u64> =
         bytes.chunks_exact(8).map(|c| c.iter().fold(0, |l, &b| l << 8 | b as u64)).collect();
-    if let Some(top) = w.last_mut().filter(|_| bits % 64 != 0) {
+    if let Some(top) = w.last_mut().filter(|_| !bits.is_multiple_of(64)) {
         *top &= (1 << (bits % 64)) - 1;
     }
     Ok(w)
@@ -207,12 +207,12 @@ fn is_probable_prime(w: &[u64], rounds: usize, rng: &dyn SecureRandom) -> Result
     match w {
         [] | [0 | 1] => return Ok(false),
         [2] => return Ok(true),
-        _ if w[0] % 2 == 0 => return Ok(false),
+        _ if w[0].is_multiple_of(2) => return Ok(false),
         _ => {}
     }
     for (product, primes) in small_prime_groups() {
         let r = rem_u64(w, *product);
-        if let Some(&p) = primes.iter().find(|&&p| r % p == 0) {
+        if let Some(&p) = primes.iter().find(|&&p| r.is_multiple_of(p)) {
             return Ok(w == [p]);
         }
     }
@@ -694,7 +694,7 @@ mod tests {
 
     #[test]
     fn small_numbers_are_classified_as_trial_division_does() {
-        let is_prime = |n: u64| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+        let is_prime = |n: u64| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d));
         for n in 0..40_000u64 {
             assert_eq!(probable_prime(&[n]), is_prime(n), "{n}");
         }

@@ -389,9 +389,16 @@ fn meshca_verdict(
             "meshca authenticated it, but no identity was asked for",
             "pass --identity (or --cert-dir) to test the whole request",
         ),
-        (Some(Ok(Verdict::Refused { code, message, request_id })), _) => {
+        (Some(Ok(Verdict::Refused { code, message, reason, request_id })), _) => {
             let id = request_id.as_deref().map(|id| format!(" (request id {id})")).unwrap_or_default();
-            let found = format!("meshca refuses it: {code:?}: {message}{id}");
+            let why = reason.as_deref().map(|r| format!(" (reason {r})")).unwrap_or_default();
+            let found = format!("meshca refuses it: {code:?}: {message}{why}{id}");
+            if reason.as_deref() == Some("bootstrap_tokens_disabled") {
+                let fix = "start meshca with --bootstrap-tokens (MESHCA_BOOTSTRAP_TOKENS=true, or \
+                           `bootstrap-tokens = true` in its config), or give this host a Kubernetes token";
+                notes.problem(Status::Fail, found, fix);
+                return;
+            }
             // A refusal the claims already explain needs no second fix.
             if *code == tonic::Code::Unauthenticated && explained {
                 notes.status = Status::Fail;

@@ -350,6 +350,18 @@ pub async fn run(options: &Options, clock: &dyn Clock) -> Report {
         }
         _ => None,
     };
+    if let (Some(t), Some(Err(why))) = (&target, &probe) {
+        // http:// to a TLS port: the connection looked fine, the call did not.
+        if !t.tls && why.contains("serves TLS there") {
+            if let Some(f) = findings.iter_mut().find(|f| f.check == Check::Tls) {
+                *f = Finding::fail(
+                    Check::Tls,
+                    why.clone(),
+                    format!("use https:// in --addr ({})", t.url.replacen("http://", "https://", 1)),
+                );
+            }
+        }
+    }
     findings.push(probe::clock_finding(probe.as_ref(), options.skew_allowance));
     let at = match probe.as_ref().and_then(|p| p.as_ref().ok()).and_then(|p| p.server_time) {
         Some(time) => At { time, server: true },

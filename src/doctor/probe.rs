@@ -41,8 +41,9 @@ pub enum Verdict {
     WouldIssue,
     /// meshca does not know dry runs and issued a real certificate (key discarded).
     Issued { serial: String },
-    /// meshca refused, with its status and the request id to look up in its audit log.
-    Refused { code: tonic::Code, message: String, request_id: Option<String> },
+    /// meshca refused, with its status, its reason code (`x-meshca-reason`, as in
+    /// the audit record) and the request id to look up in its audit log.
+    Refused { code: tonic::Code, message: String, reason: Option<String>, request_id: Option<String> },
 }
 
 /// The answer to the probe.
@@ -113,10 +114,20 @@ pub async fn certify(call: Call<'_>, clock: &dyn Clock) -> Result<Probe, String>
             (metadata, outcome)
         }
         Err(status) => {
-            let request_id =
-                status.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let outcome =
-                Verdict::Refused { code: status.code(), message: status.message().to_owned(), request_id };
+            let text = |name| status.metadata().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let (request_id, reason) = (text("x-request-id"), text(crate::status::REASON_HEADER));
+            if request_id.is_none() {
+                // Not meshca's answer: the call failed on this side (a TLS port called with http://).
+                if let client::Error::Connect { reason, .. } = client::refused_at(call.url, status.clone()) {
+                    return Err(reason);
+                }
+            }
+            let outcome = Verdict::Refused {
+                code: status.code(),
+                message: status.message().to_owned(),
+                reason,
+                request_id,
+            };
             (status.metadata().clone(), outcome)
         }
     };

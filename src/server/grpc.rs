@@ -10,8 +10,8 @@
 //! Kubernetes Event (`events`), without waiting for it.
 //!
 //! A request with the header `x-meshca-dry-run: 1` (what `meshca doctor` sends) runs
-//! authenticate, authorize and the CSR check, and stops before signing: nothing is
-//! issued. It is audited like any decision, so the chain stays complete: one that
+//! authenticate, authorize and the CSR check, asks whether a single-use token has a
+//! use left (spending none), and stops before signing: nothing is issued. It is audited like any decision, so the chain stays complete: one that
 //! passes is recorded with outcome `denied` (no certificate left), code `Ok` and
 //! reason `dry_run: …`, counted under that reason, emits no Event, and is answered
 //! with an empty response tagged `x-meshca-dry-run: passed`; one that is refused
@@ -205,6 +205,10 @@ impl Certifier {
         let (key_type, leaf) = self.admission.run(move || job.run()).await.map_err(Refusal::Workers)??;
         record.csr_key_type = Some(key_type.label());
         let Some(leaf) = leaf else {
+            if !no_token {
+                // Where a real request spends a single-use token: would it have a use left?
+                self.authenticator.check_commit(&req.token, now).await?;
+            }
             return Ok(CertifyResponse::default()); // dry run: checked, nothing signed
         };
         if !no_token {

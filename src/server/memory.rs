@@ -6,7 +6,7 @@
 //! up from the process's cgroup to the root of the mounted hierarchy): a herd then
 //! queues and is answered `ResourceExhausted` instead of the kernel killing the
 //! replica for memory. With no limit the bound is [`DEFAULT_MAX_IN_FLIGHT`]. The
-//! per-request and per-connection costs are measured figures (README, Admission
+//! per-request and per-connection costs are measured figures (docs/performance.md, Admission
 //! control); a quarter of the limit is left for the allocator's slack and the page
 //! cache the audit log's writes are charged with.
 

@@ -97,6 +97,14 @@ pub enum Error {
     Workers(std::io::Error),
 }
 
+/// One start-up line naming where `listener` listens.
+fn log_listening(listener: &TcpListener, what: &str) {
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "{what}"),
+        Err(e) => tracing::info!(error = %e, "{what}"),
+    }
+}
+
 /// Builds the authenticator the configuration asks for. TokenReview and JWKS
 /// discovery load the Kubernetes client configuration (hence async); TokenReview
 /// sits behind the cache; JWKS fetches its keys once before returning, and with
@@ -181,6 +189,9 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     handles: Option<oneshot::Sender<Handles>>,
 ) -> Result<(), Error> {
+    // First: its lock says whether another meshca writes here, before anything else
+    // in a shared data directory (the bootstrap replay file) is touched.
+    let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
     let metrics = Arc::new(Metrics::new(clock.clone()));
     let store = Arc::new(Store::default());
     let reloader = Arc::new(
@@ -221,7 +232,6 @@ pub async fn run_with(
         }
         None => None,
     };
-    let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
     metrics.register(|r| metrics::register_audit(r, &audit));
     tracing::info!(
         max_in_flight = config.admission.max_in_flight,
@@ -257,6 +267,7 @@ pub async fn run_with(
     let mut beside = tokio::task::JoinSet::new();
     beside.spawn(reloader.clone().run(config.reload, stopped(stop_rx.clone())));
 
+    log_listening(&admin_listener, "serving /live, /ready and /metrics over HTTP");
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         metrics.clone(),
@@ -302,7 +313,7 @@ pub async fn run_with(
     let result = if config.plaintext {
         lend(None);
         readiness.set_serving(true);
-        tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC (plaintext)");
+        log_listening(&listener, "serving gRPC (plaintext)");
         let incoming =
             ReceiverStream::new(connections::plaintext(listener, connection_limit, tls::HANDSHAKE_TIMEOUT));
         router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())).await
@@ -332,7 +343,7 @@ pub async fn run_with(
             stop_rx.clone(),
         ));
         readiness.set_serving(true);
-        tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC over TLS");
+        log_listening(&listener, "serving gRPC over TLS");
         let incoming = ReceiverStream::new(tls::incoming(listener, acceptor, connection_limit));
         router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())).await
     };
