@@ -1,10 +1,11 @@
 //! Compiles the protocol files with a pure-Rust protobuf compiler (protox), so a
 //! fresh machine needs no system `protoc`: proto/identity.proto (Linkerd's identity
-//! protocol, unchanged) and proto/trustbundle.proto (meshca's own `meshca.v1`).
+//! protocol, unchanged), proto/istio_ca.proto (Istio's certificate service) and
+//! proto/trustbundle.proto (meshca's own `meshca.v1`).
 //! Generates both the servers and the clients (the clients back `meshca certify`,
 //! the agent and the load generator).
 
-const PROTOS: [&str; 2] = ["proto/identity.proto", "proto/trustbundle.proto"];
+const PROTOS: [&str; 3] = ["proto/identity.proto", "proto/istio_ca.proto", "proto/trustbundle.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

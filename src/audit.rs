@@ -148,6 +148,33 @@ pub struct Record {
     pub issued: Option<Issued>,
 }
 
+impl Record {
+    /// What is known of a decision before any stage has run: when, which request,
+    /// from where, for which name; denied until a stage says otherwise.
+    pub fn begin(
+        time: SystemTime,
+        request_id: String,
+        peer: Option<String>,
+        requested_identity: String,
+    ) -> Record {
+        Record {
+            time,
+            request_id,
+            peer,
+            requested_identity,
+            subject: None,
+            auth_method: None,
+            token_issuer: None,
+            bootstrap_token_id: None,
+            csr_key_type: None,
+            outcome: Outcome::Denied,
+            code: None,
+            reason: None,
+            issued: None,
+        }
+    }
+}
+
 /// The certificate handed out, for `issued` records.
 #[derive(Clone, Debug)]
 pub struct Issued {

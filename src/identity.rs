@@ -155,6 +155,16 @@ impl Naming {
         Some((ns.to_owned(), sa.to_owned()))
     }
 
+    /// Reads a SPIFFE ID of this deployment (`spiffe://TD/ns/NS/sa/SA`) back into
+    /// (namespace, service account); `None` for any other name.
+    pub fn parse_spiffe(&self, spiffe_id: &str) -> Option<(String, String)> {
+        let path = spiffe_id.strip_prefix("spiffe://")?.strip_prefix(self.trust_domain.as_str())?;
+        let (ns, sa) = path.strip_prefix("/ns/")?.split_once("/sa/")?;
+        check_label(sa).ok()?;
+        check_label(ns).ok()?;
+        Some((ns.to_owned(), sa.to_owned()))
+    }
+
     /// The authorization step: the identity `subject` holds, provided it is exactly
     /// the one `requested`. Comparison is byte-exact: case, trailing-dot and IDN
     /// variants are other names.
@@ -163,9 +173,24 @@ impl Naming {
             return Err(Error::RequestedMalformed { reason: "empty" });
         }
         check_dns_name(requested).map_err(|reason| Error::RequestedMalformed { reason })?;
+        self.authorize_as(subject, requested, |identity| &identity.dns_name)
+    }
+
+    /// Like [`Naming::authorize`], for a requested name in another form than the
+    /// DNS name (`name` gives the subject's own in that form, e.g. its SPIFFE ID):
+    /// byte-exact equality, nothing else.
+    pub fn authorize_as(
+        &self,
+        subject: &Subject,
+        requested: &str,
+        name: impl Fn(&Identity) -> &str,
+    ) -> Result<Identity, Error> {
+        if requested.is_empty() {
+            return Err(Error::RequestedMalformed { reason: "empty" });
+        }
         let identity = self.identity(&subject.namespace, &subject.service_account)?;
-        if identity.dns_name != requested {
-            return Err(Error::Mismatch { held: identity.dns_name });
+        if name(&identity) != requested {
+            return Err(Error::Mismatch { held: name(&identity).to_owned() });
         }
         Ok(identity)
     }

@@ -6,7 +6,9 @@
 //! hash-chained audit log, and returns the chain.
 //!
 //! # Layout: the request path, in order
-//! - [`server`]: transport — gRPC over TLS, limits, request ids, the admin listener.
+//! - [`server`]: transport — gRPC over TLS, limits, request ids, the admin listener;
+//!   `server::grpc` is Linkerd's Certify, an adapter over [`issuance`], the core that
+//!   runs every application through the stages below, once for every API.
 //! - [`auth`]: authenticate — token bytes → [`auth::Subject`].
 //! - [`identity`]: authorize — Subject → the one identity it may hold.
 //! - [`ca`]: issue — CSR checks, leaf profile, signing with the current issuer snapshot
@@ -33,6 +35,7 @@ pub mod config;
 pub mod dev;
 pub mod doctor;
 pub mod identity;
+pub mod issuance;
 pub mod server;
 pub mod status;
 
@@ -40,6 +43,12 @@ pub mod status;
 #[allow(clippy::all, missing_docs)] // generated code
 pub mod proto {
     tonic::include_proto!("io.linkerd.proxy.identity");
+}
+
+/// Generated from proto/istio_ca.proto: `istio.v1.auth`, Istio's certificate service.
+#[allow(clippy::all, missing_docs)] // generated code
+pub mod istio {
+    tonic::include_proto!("istio.v1.auth");
 }
 
 /// Generated from proto/trustbundle.proto: `meshca.v1`, meshca's own API (TrustBundle).

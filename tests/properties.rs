@@ -578,7 +578,7 @@ impl Request {
 }
 
 fn check_for(der: &[u8], dns: &str, spiffe: &str) -> Result<csr::CheckedCsr, csr::Error> {
-    csr::check(der, &Expected { dns_name: dns, spiffe_id: spiffe }, &KeyPolicy::default())
+    csr::check(der, &Expected { dns_name: Some(dns), spiffe_id: spiffe }, &KeyPolicy::default())
 }
 
 /// A generated issuer, valid around [`issued_at`].
@@ -690,7 +690,8 @@ proptest! {
             return Ok(());
         };
         prop_assert!(req.names_only(&names), "{:?}", req);
-        let leaf = ISSUER.issuer.issue(&identity, &checked, &Lifetimes::default(), issued_at()).unwrap();
+        let names = meshca::ca::profile::Names { dns_name: Some(&identity.dns_name), spiffe_id: &identity.spiffe_id };
+        let leaf = ISSUER.issuer.issue(&names, &checked, &Lifetimes::default(), issued_at()).unwrap();
         let (_, cert) = X509Certificate::from_der(&leaf.der).unwrap();
         let cns: Vec<_> = cert.subject().iter_common_name().map(|c| c.as_str().unwrap().to_owned()).collect();
         prop_assert_eq!(cns, vec![own.dns_name.clone()]);

@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let record = audit_record(h);
     let entitled = entitled(h, &req);
     let csr_ok = entitled.as_ref().is_some_and(|id| {
-        let expected = Expected { dns_name: &id.dns_name, spiffe_id: &id.spiffe_id };
+        let expected = Expected { dns_name: Some(&id.dns_name), spiffe_id: &id.spiffe_id };
         csr::check(&req.certificate_signing_request, &expected, &KeyPolicy::default()).is_ok()
     });
 

@@ -257,7 +257,7 @@ pub mod certify {
     use meshca::ca::store::{Snapshot, Store};
     use meshca::clock::{Clock, FakeClock};
     use meshca::server::admission::{Admission, Settings as AdmissionSettings};
-    use meshca::server::grpc::Certifier;
+    use meshca::issuance::Issuance as Certifier;
     use meshca::server::metrics::Metrics;
 
     pub struct Harness {

@@ -440,7 +440,9 @@ impl SubmittedCsr {
             return Err(format!("{} bytes is more than a CSR can be ({MAX_CSR_FILE} at most)", bytes.len()));
         }
         let der = match crate::ca::material::without_byte_order_marks(bytes) {
-            text if text.trim_ascii_start().starts_with(b"-----BEGIN ") => pem_csr(&text)?,
+            text if text.trim_ascii_start().starts_with(b"-----BEGIN ") => {
+                crate::ca::material::csr_from_pem(&text)?
+            }
             _ if bytes.first() == Some(&0x30) => bytes.to_vec(),
             _ => return Err("neither a PEM CERTIFICATE REQUEST nor a DER CSR".into()),
         };
@@ -452,42 +454,6 @@ impl SubmittedCsr {
         }
         let public_key = csr.certification_request_info.subject_pki.subject_public_key.data.to_vec();
         Ok(SubmittedCsr { der, public_key })
-    }
-}
-
-/// The DER of the one `CERTIFICATE REQUEST` or `NEW CERTIFICATE REQUEST` block in `pem`.
-fn pem_csr(pem: &[u8]) -> Result<Vec<u8>, String> {
-    use base64::Engine as _;
-    let text = std::str::from_utf8(pem).map_err(|_| "the PEM file is not UTF-8 text".to_owned())?;
-    let mut blocks = Vec::new();
-    let mut lines = text.lines().map(str::trim);
-    while let Some(line) = lines.next() {
-        let Some(label) = line.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")) else {
-            continue;
-        };
-        let end = format!("-----END {label}-----");
-        let mut body = String::new();
-        let mut closed = false;
-        for line in lines.by_ref() {
-            if line == end {
-                closed = true;
-                break;
-            }
-            body.push_str(line);
-        }
-        if !closed {
-            return Err(format!("the PEM block {label:?} has no END line"));
-        }
-        if label == "CERTIFICATE REQUEST" || label == "NEW CERTIFICATE REQUEST" {
-            blocks.push(body);
-        }
-    }
-    match blocks.as_slice() {
-        [body] => base64::engine::general_purpose::STANDARD
-            .decode(body)
-            .map_err(|e| format!("the PEM block is not base64: {e}")),
-        [] => Err("no CERTIFICATE REQUEST (or NEW CERTIFICATE REQUEST) PEM block".into()),
-        _ => Err(format!("{} certificate requests in one file; give one", blocks.len())),
     }
 }
 

@@ -461,14 +461,16 @@ mod tests {
         let csr = crate::ca::csr::check(
             &csr,
             &crate::ca::csr::Expected {
-                dns_name: "web.default.serviceaccount.identity.meshca-system.cluster.local",
+                dns_name: Some("web.default.serviceaccount.identity.meshca-system.cluster.local"),
                 spiffe_id: "spiffe://cluster.local/ns/default/sa/web",
             },
             &crate::ca::csr::KeyPolicy::default(),
         )
         .unwrap();
         let identity = naming.identity("default", "web").unwrap();
-        let leaf = issuer.issue(&identity, &csr, &Lifetimes::default(), now).unwrap();
+        let names =
+            crate::ca::profile::Names { dns_name: Some(&identity.dns_name), spiffe_id: &identity.spiffe_id };
+        let leaf = issuer.issue(&names, &csr, &Lifetimes::default(), now).unwrap();
         (anchors, leaf.der, issuer.intermediates().to_vec())
     }
 

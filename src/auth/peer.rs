@@ -84,12 +84,15 @@ pub fn authenticate(
     let (_, cert) =
         x509_parser::parse_x509_certificate(leaf).map_err(|e| Error::Untrusted { reason: e.to_string() })?;
     let san = cert.subject_alternative_name().ok().flatten().ok_or(Error::WrongIdentity)?;
+    // The identity in its DNS name (Linkerd's leaves) and its SPIFFE ID (every
+    // leaf; Istio's have no other name): all that the leaf names must be one identity.
     let mut identities = san.value.general_names.iter().filter_map(|n| match n {
         x509_parser::extensions::GeneralName::DNSName(d) => naming.parse(d),
+        x509_parser::extensions::GeneralName::URI(u) => naming.parse_spiffe(u),
         _ => None,
     });
     let (namespace, service_account) = identities.next().ok_or(Error::WrongIdentity)?;
-    if identities.next().is_some() {
+    if identities.any(|other| other != (namespace.clone(), service_account.clone())) {
         return Err(Error::WrongIdentity); // meshca never issues two identities in one leaf
     }
     Ok(Subject {

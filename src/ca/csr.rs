@@ -76,13 +76,10 @@ impl Default for KeyPolicy {
     }
 }
 
-/// What the request may name: the authenticated identity's DNS name (as CN or
-/// DNS SAN) and its SPIFFE ID (as URI SAN). Comparison is byte-exact.
-#[derive(Clone, Copy, Debug)]
-pub struct Expected<'a> {
-    pub dns_name: &'a str,
-    pub spiffe_id: &'a str,
-}
+/// What the request may name: the names the leaf will certify ([`Names`]), the
+/// DNS name (when the naming policy has one) as CN or DNS SAN and the SPIFFE ID as
+/// URI SAN. Comparison is byte-exact.
+pub type Expected<'a> = super::profile::Names<'a>;
 
 /// A CSR that passed every check.
 #[derive(Clone, Debug)]
@@ -575,7 +572,7 @@ fn check_subject(subject: &X509Name<'_>, expected: &Expected<'_>) -> Result<(), 
             if !matches!(value.header.tag(), Tag::Utf8String | Tag::PrintableString | Tag::Ia5String) {
                 return Err(Error::NameNotAllowed { what: "CN of an unsupported string type".into() });
             }
-            if value.data != expected.dns_name.as_bytes() {
+            if Some(value.data) != expected.dns_name.map(str::as_bytes) {
                 return Err(Error::NameNotAllowed { what: describe("CN", value.data) });
             }
         } else if *atv.attr_type() == OID_PKCS9_EMAIL_ADDRESS {
@@ -594,7 +591,7 @@ fn check_extension(ext: &X509Extension<'_>, expected: &Expected<'_>) -> Result<(
         ParsedExtension::SubjectAlternativeName(san) => {
             for name in &san.general_names {
                 match name {
-                    GeneralName::DNSName(s) if *s == expected.dns_name => {}
+                    GeneralName::DNSName(s) if Some(*s) == expected.dns_name => {}
                     GeneralName::URI(s) if *s == expected.spiffe_id => {}
                     GeneralName::DNSName(s) => return refuse(describe("DNS SAN", s.as_bytes())),
                     GeneralName::URI(s) => return refuse(describe("URI SAN", s.as_bytes())),
@@ -631,7 +628,7 @@ mod tests {
         std::fs::read(format!("{FIXTURES}{name}")).unwrap()
     }
     fn run(der: &[u8]) -> Result<CheckedCsr, Error> {
-        check(der, &Expected { dns_name: ID, spiffe_id: SPIFFE }, &KeyPolicy::default())
+        check(der, &Expected { dns_name: Some(ID), spiffe_id: SPIFFE }, &KeyPolicy::default())
     }
     fn key(alg: &'static SignatureAlgorithm) -> KeyPair {
         KeyPair::generate_for(alg).unwrap()
@@ -884,7 +881,7 @@ mod tests {
         assert_refused(run(&fixture("p521.csr.der")), "csr_unsupported_key");
         assert_refused(run(&identity_request(&key(&PKCS_ED25519))), "csr_unsupported_key");
         let csr = identity_request(&rsa_key("rsa3072.pk8.pem"));
-        let expected = Expected { dns_name: ID, spiffe_id: SPIFFE };
+        let expected = Expected { dns_name: Some(ID), spiffe_id: SPIFFE };
         let no_rsa = KeyPolicy { rsa_min_bits: None, ..KeyPolicy::default() };
         assert_refused(check(&csr, &expected, &no_rsa), "csr_unsupported_key");
         let small = KeyPolicy { rsa_max_bits: 2048, ..KeyPolicy::default() };

@@ -32,9 +32,8 @@ use x509_parser::x509::{AlgorithmIdentifier, SubjectPublicKeyInfo};
 
 use super::csr::{CheckedCsr, KeyType};
 use super::material::{read_certificates, read_pkcs8_key};
-use super::profile::{self, ChainWindow};
+use super::profile::{self, ChainWindow, Names};
 use super::Error;
-use crate::identity::Identity;
 
 /// The roots every issued chain must lead to.
 #[derive(Clone)]
@@ -403,44 +402,40 @@ impl Issuer {
         let probe_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| Error::Sign { reason: e.to_string() })?;
         let csr = CheckedCsr { key_type: KeyType::P256, spki_der: probe_key.subject_public_key_info() };
-        let identity = Identity {
-            namespace: "probe".into(),
-            service_account: "probe".into(),
-            dns_name: "probe.meshca.invalid".into(),
-            spiffe_id: "spiffe://meshca.invalid/probe".into(),
-        };
+        let names =
+            Names { dns_name: Some("probe.meshca.invalid"), spiffe_id: "spiffe://meshca.invalid/probe" };
         let serial = profile::random_serial(&rng)?;
         let lifetimes = profile::Lifetimes {
             issuance_lifetime: Duration::from_secs(60),
             clock_skew_allowance: Duration::ZERO,
         };
         let (nb, na) = profile::validity(now, &lifetimes, &self.window)?;
-        let leaf = self.sign_with(&identity, &csr, serial, nb, na)?;
+        let leaf = self.sign_with(&names, &csr, serial, nb, na)?;
         anchors.verify(&leaf.der, &self.chain, now, None).map_err(|reason| Error::Untrusted { reason })
     }
 
-    /// Issues a leaf for `identity` with the CSR's key, valid per `lifetimes` at `now`.
+    /// Issues a leaf certifying `names` with the CSR's key, valid per `lifetimes` at `now`.
     pub fn issue(
         &self,
-        identity: &Identity,
+        names: &Names<'_>,
         csr: &CheckedCsr,
         lifetimes: &profile::Lifetimes,
         now: SystemTime,
     ) -> Result<Leaf, Error> {
         let (not_before, not_after) = profile::validity(now, lifetimes, &self.window)?;
         let serial = profile::random_serial(&self.rng)?;
-        self.sign_with(identity, csr, serial, not_before, not_after)
+        self.sign_with(names, csr, serial, not_before, not_after)
     }
 
     fn sign_with(
         &self,
-        identity: &Identity,
+        names: &Names<'_>,
         csr: &CheckedCsr,
         serial: [u8; 16],
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Leaf, Error> {
-        let params = profile::leaf_params(identity, csr.key_type, &serial, not_before, not_after)?;
+        let params = profile::leaf_params(names, csr.key_type, &serial, not_before, not_after)?;
         let key = LeafKey::from_csr(csr)?;
         let cert = params.signed_by(&key, &self.signer).map_err(|e| Error::Sign { reason: e.to_string() })?;
         Ok(Leaf { der: cert.der().clone(), serial, not_before, not_after })

@@ -163,6 +163,44 @@ pub fn without_byte_order_marks(pem: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     out.into()
 }
 
+/// The DER of the one `CERTIFICATE REQUEST` (or certreq's `NEW CERTIFICATE REQUEST`)
+/// block in `pem`, whatever else the text holds; CRLF line ends are fine (strip a
+/// byte-order mark first: [`without_byte_order_marks`]).
+pub fn csr_from_pem(pem: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(pem).map_err(|_| "the PEM file is not UTF-8 text".to_owned())?;
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        let Some(label) = line.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")) else {
+            continue;
+        };
+        let end = format!("-----END {label}-----");
+        let mut body = String::new();
+        let mut closed = false;
+        for line in lines.by_ref() {
+            if line == end {
+                closed = true;
+                break;
+            }
+            body.push_str(line);
+        }
+        if !closed {
+            return Err(format!("the PEM block {label:?} has no END line"));
+        }
+        if label == "CERTIFICATE REQUEST" || label == "NEW CERTIFICATE REQUEST" {
+            blocks.push(body);
+        }
+    }
+    match blocks.as_slice() {
+        [body] => base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map_err(|e| format!("the PEM block is not base64: {e}")),
+        [] => Err("no CERTIFICATE REQUEST (or NEW CERTIFICATE REQUEST) PEM block".into()),
+        _ => Err(format!("{} certificate requests in one file; give one", blocks.len())),
+    }
+}
+
 /// Wraps DER bytes as PEM with the given label, 64 columns per line.
 pub fn to_pem(label: &str, der: &[u8]) -> String {
     use base64::Engine;

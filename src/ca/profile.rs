@@ -21,7 +21,6 @@ use rcgen::{
 
 use super::csr::KeyType;
 use super::Error;
-use crate::identity::Identity;
 
 /// How long leaves live and how far they are backdated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,9 +82,20 @@ pub fn random_serial(rng: &dyn ring::rand::SecureRandom) -> Result<[u8; 16], Err
     }
 }
 
-/// Fills in the leaf template for `identity`.
+/// The names a leaf certifies, as the API's naming policy chose them from the
+/// authorized identity: Linkerd's DNS name (the subject's CN and a DNS SAN) with the
+/// SPIFFE ID (a URI SAN), or the SPIFFE ID alone (Istio: an empty subject and a
+/// critical URI SAN, RFC 5280 §4.2.1.6). A CSR may name these and nothing else
+/// (`csr::check`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Names<'a> {
+    pub dns_name: Option<&'a str>,
+    pub spiffe_id: &'a str,
+}
+
+/// Fills in the leaf template for `names`.
 pub fn leaf_params(
-    identity: &Identity,
+    names: &Names<'_>,
     key_type: KeyType,
     serial: &[u8; 16],
     not_before: SystemTime,
@@ -94,12 +104,15 @@ pub fn leaf_params(
     let bad_name = |e: rcgen::Error| Error::Sign { reason: format!("name rejected: {e}") };
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, identity.dns_name.as_str());
+    let mut sans = Vec::with_capacity(2);
+    if let Some(dns_name) = names.dns_name {
+        dn.push(DnType::CommonName, dns_name);
+        sans.push(SanType::DnsName(dns_name.to_owned().try_into().map_err(bad_name)?));
+    }
+    sans.push(SanType::URI(names.spiffe_id.to_owned().try_into().map_err(bad_name)?));
+    // Without a subject, rcgen marks the SAN critical, as RFC 5280 requires.
     params.distinguished_name = dn;
-    params.subject_alt_names = vec![
-        SanType::DnsName(identity.dns_name.clone().try_into().map_err(bad_name)?),
-        SanType::URI(identity.spiffe_id.clone().try_into().map_err(bad_name)?),
-    ];
+    params.subject_alt_names = sans;
     // A leading zero byte keeps the INTEGER positive without losing any of the 128 bits.
     let mut serial_bytes = Vec::with_capacity(17);
     if serial[0] & 0x80 != 0 {

@@ -386,11 +386,9 @@ mod tests {
     const T: u64 = 1_700_000_000;
 
     fn record(subject: bool) -> Record {
+        let time = UNIX_EPOCH + Duration::from_secs(T);
+        let requested = "web.default.serviceaccount.identity.meshca-system.cluster.local".into();
         Record {
-            time: UNIX_EPOCH + Duration::from_secs(T),
-            request_id: "00112233aabbccdd".into(),
-            peer: None,
-            requested_identity: "web.default.serviceaccount.identity.meshca-system.cluster.local".into(),
             subject: subject.then(|| SubjectRecord {
                 namespace: "default".into(),
                 service_account: "web".into(),
@@ -399,13 +397,7 @@ mod tests {
                 node_os: None,
             }),
             auth_method: Some("tokenreview".into()),
-            token_issuer: None,
-            bootstrap_token_id: None,
-            csr_key_type: None,
-            outcome: Outcome::Denied,
-            code: None,
-            reason: None,
-            issued: None,
+            ..Record::begin(time, "00112233aabbccdd".into(), None, requested)
         }
     }
 

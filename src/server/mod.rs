@@ -9,7 +9,8 @@
 //! new snapshots) and the serving-certificate renewer, which re-issues at half
 //! the lifetime and at once whenever a new snapshot is swapped in.
 //!
-//! - [`grpc`]: the Certify handler (the pipeline).
+//! - [`grpc`]: Linkerd's Certify, an adapter over the issuance core (`crate::issuance`).
+//! - [`istio`]: Istio's CreateCertificate, the same core's other adapter.
 //! - [`admission`]: in-flight bound, rate limits, signing workers.
 //! - [`memory`]: the in-flight bound's default, from the cgroup's memory limit.
 //! - [`bundle`]: the TrustBundle service (the current trust anchors).
@@ -26,6 +27,7 @@ pub mod bundle;
 pub mod connections;
 pub mod events;
 pub mod grpc;
+pub mod istio;
 pub mod memory;
 pub mod metrics;
 pub mod nodes;
@@ -275,7 +277,7 @@ pub async fn run_with(
         stopped(stop_rx.clone()),
     ));
 
-    let certifier = Arc::new(grpc::Certifier {
+    let certifier = Arc::new(crate::issuance::Issuance {
         naming: config.naming.clone(),
         store: store.clone(),
         authenticator,
@@ -288,7 +290,7 @@ pub async fn run_with(
         events,
         nodes,
     });
-    let service = IdentityServer::new(certifier)
+    let service = IdentityServer::new(certifier.clone())
         .max_decoding_message_size(MAX_DECODED_MESSAGE)
         .max_encoding_message_size(MAX_DECODED_MESSAGE);
     let mut builder = tonic::transport::Server::builder()
@@ -301,8 +303,13 @@ pub async fn run_with(
     if let Some(age) = config.connections.max_age {
         builder = builder.max_connection_age(age);
     }
+    let istio =
+        crate::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(certifier.clone())
+            .max_decoding_message_size(MAX_DECODED_MESSAGE)
+            .max_encoding_message_size(MAX_DECODED_MESSAGE);
     let router = builder
         .add_service(service)
+        .add_service(istio)
         .add_service(TrustBundleServer::new(bundle::Bundles { store: store.clone() }));
     let lend = |serving| {
         if let Some(tx) = handles {

@@ -89,7 +89,10 @@ pub async fn issue_serving(
 ) -> Result<(CertifiedKey, Leaf), Error> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| Error::Key(e.to_string()))?;
     let csr = CheckedCsr { key_type: KeyType::P256, spki_der: key.subject_public_key_info() };
-    let leaf = snapshot.issuer.issue(identity, &csr, lifetimes, now)?;
+    // meshca's own name: Linkerd's (proxies verify it by DNS name) and its SPIFFE ID.
+    let names =
+        crate::ca::profile::Names { dns_name: Some(&identity.dns_name), spiffe_id: &identity.spiffe_id };
+    let leaf = snapshot.issuer.issue(&names, &csr, lifetimes, now)?;
     audit_log
         .append(Record {
             time: now,

@@ -65,6 +65,8 @@ pub struct Options {
     pub ready_api_unreachable_threshold: Duration,
     /// `--bootstrap-tokens`; default off. A relative replay file is in the server's directory.
     pub bootstrap: Option<meshca::config::BootstrapConfig>,
+    /// `--token-audiences` of the default (JWKS) token validation; default [`AUDIENCE`].
+    pub audiences: Option<Vec<String>>,
 }
 
 impl Default for Options {
@@ -84,6 +86,7 @@ impl Default for Options {
             reload: ReloadSettings { notifications: false, ..ReloadSettings::default() },
             ready_api_unreachable_threshold: Duration::from_secs(60),
             bootstrap: None,
+            audiences: None,
         }
     }
 }
@@ -127,7 +130,7 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
         token: opts.token.clone().unwrap_or_else(|| TokenConfig::Jwks {
             keys: KeySource::File(dir.join("jwks.json")),
             issuer: Some(TOKEN_ISSUER.into()),
-            audiences: vec![AUDIENCE.into()],
+            audiences: opts.audiences.clone().unwrap_or_else(|| vec![AUDIENCE.into()]),
             leeway: Duration::from_secs(60),
             refresh: KeyRefresh::default(),
             confirm_pod: None,
