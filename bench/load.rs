@@ -600,7 +600,7 @@ fn crypto_bound(args: &Args) -> Result<()> {
     let full = saturate(&pool, threads, args.duration, &with_token)?;
     let per_core = bound / threads as f64;
     // CSR check cost per key type relative to P-256, on one core: the weights
-    // admission control charges (server::admission::cost).
+    // admission control charges (admission::cost).
     let naming_ref = &naming;
     let check_rate = |key_type: KeyType| -> Result<f64> {
         let items: Vec<(Identity, Vec<u8>)> = (0..32)

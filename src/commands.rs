@@ -117,7 +117,7 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
 /// so nothing it signed is published before its key is safe; then the issuer and the
 /// anchor as Kubernetes objects on stdout. The anchor's key is never printed.
 fn init_kubernetes(dir: &Path, namespace: &str, h: &hierarchy::Hierarchy) -> Result<(), Failure> {
-    use crate::agent::files::{write_new, Access};
+    use crate::files::{write_new, Access};
     use std::io::Write as _;
     let write = |name: &str, contents: &str, access| {
         let path = dir.join(name);

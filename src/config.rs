@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::admission::memory;
+pub use crate::admission::Settings as AdmissionSettings;
+use crate::admission::{self, Rate};
 pub use crate::auth::discovery::{Settings as KeyRefresh, Source as KeySource};
 pub use crate::auth::pods::Settings as PodSettings;
 use crate::ca::issuer::Algorithms as IssuerAlgorithms;
@@ -20,11 +23,6 @@ use crate::ca::profile::Lifetimes;
 pub use crate::ca::reload::Settings as ReloadSettings;
 use crate::cli::{BootstrapReplayStore, ServeArgs, TokenValidation};
 use crate::identity::{check_label, Naming};
-pub use crate::server::admission::Settings as AdmissionSettings;
-use crate::server::admission::{self, Rate};
-use crate::server::connections;
-pub use crate::server::connections::Settings as ConnectionSettings;
-use crate::server::memory;
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -196,12 +194,12 @@ pub struct Config {
     pub token: TokenConfig,
     /// "-" for stdout, else a path.
     pub audit_log: String,
-    /// In-flight bound, signing workers and rate limits (`server::admission`).
+    /// In-flight bound, signing workers and rate limits (`admission`).
     pub admission: AdmissionSettings,
     /// Connection limit and age of the gRPC listener (`server::connections`).
     pub connections: ConnectionSettings,
     /// The cgroup's memory limit in bytes, if any; without `--max-in-flight` the
-    /// in-flight bound is sized to it (`server::memory`).
+    /// in-flight bound is sized to it (`admission::memory`).
     pub memory_limit: Option<u64>,
     pub plaintext: bool,
     /// When the issuer and trust anchors are re-checked (`ca::reload`).
@@ -216,23 +214,40 @@ pub struct Config {
     pub bootstrap: Option<BootstrapConfig>,
 }
 
-/// `--bootstrap-tokens`: how bootstrap tokens are checked and their uses recorded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BootstrapConfig {
-    pub replay: ReplayConfig,
-    /// Clock skew tolerated on `exp` and `iat` (`--token-leeway`).
-    pub leeway: Duration,
+/// Default `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default `--max-connection-age`.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+/// Default `--request-timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `--ready-api-unreachable-threshold`.
+pub const DEFAULT_API_UNREACHABLE_THRESHOLD: Duration = Duration::from_secs(60);
+
+/// `--max-connections`, `--max-connection-age` and `--request-timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// Connections open at once (at least 1).
+    pub max: usize,
+    /// When a connection is asked to close (GOAWAY); `None`: never.
+    pub max_age: Option<Duration>,
+    /// How long one request may take, from its headers to its answer (tonic's
+    /// `timeout`); the request is cancelled after it. A connection asked to close
+    /// waits for its requests, so this also bounds how long a client that never
+    /// finishes sending a request keeps its slot past the age.
+    pub request_timeout: Duration,
 }
 
-/// Where the uses of bootstrap tokens are recorded (`auth::replay`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReplayConfig {
-    /// A local file: one replica only.
-    File(PathBuf),
-    /// A Lease per use in the control-plane namespace. `None`: `KUBECONFIG`,
-    /// `~/.kube/config`, or the in-cluster service account.
-    Kubernetes { kubeconfig: Option<PathBuf> },
+impl Default for ConnectionSettings {
+    fn default() -> ConnectionSettings {
+        ConnectionSettings {
+            max: DEFAULT_MAX_CONNECTIONS,
+            max_age: Some(DEFAULT_MAX_AGE),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
 }
+
+pub use crate::auth::bootstrap::{BootstrapConfig, ReplayConfig};
 
 /// A rate limit from its two settings: a positive number of requests per second
 /// (or "off") and an optional burst, 10 × the rate by default.
@@ -553,7 +568,7 @@ impl Config {
         }
 
         let max_connections =
-            args.max_connections.or(file.max_connections).unwrap_or(connections::DEFAULT_MAX_CONNECTIONS);
+            args.max_connections.or(file.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
             return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
         }
@@ -587,7 +602,7 @@ impl Config {
         let admission = AdmissionSettings { max_in_flight, workers, per_peer, per_identity };
         let max_connection_age = match args.max_connection_age.or(file.max_connection_age) {
             Some(v) if v.trim() == "off" => None,
-            v => match duration("max-connection-age", v, connections::DEFAULT_MAX_AGE)? {
+            v => match duration("max-connection-age", v, DEFAULT_MAX_AGE)? {
                 age if age < Duration::from_secs(1) => {
                     return Err(Error::Invalid {
                         setting: "max-connection-age",
@@ -600,7 +615,7 @@ impl Config {
         let request_timeout = duration(
             "request-timeout",
             args.request_timeout.or(file.request_timeout),
-            connections::DEFAULT_REQUEST_TIMEOUT,
+            DEFAULT_REQUEST_TIMEOUT,
         )?;
         if request_timeout < Duration::from_secs(1) {
             return Err(Error::Invalid { setting: "request-timeout", reason: "must be at least 1s".into() });
@@ -635,7 +650,7 @@ impl Config {
         let ready_api_unreachable_threshold = duration(
             "ready-api-unreachable-threshold",
             args.ready_api_unreachable_threshold.or(file.ready_api_unreachable_threshold),
-            crate::server::admin::DEFAULT_API_UNREACHABLE_THRESHOLD,
+            DEFAULT_API_UNREACHABLE_THRESHOLD,
         )?;
         if ready_api_unreachable_threshold < Duration::from_secs(1) {
             return Err(Error::Invalid {

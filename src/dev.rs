@@ -9,10 +9,10 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use crate::agent::files::{write_new, Access};
 use crate::auth::dev::DevSigner;
 use crate::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use crate::config::DevPaths;
+use crate::files::{write_new, Access};
 use crate::identity::Naming;
 
 /// Why dev state could not be prepared.

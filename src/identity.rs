@@ -10,7 +10,17 @@
 //! [`Identity`] it may hold and refuses a request for any other name. Who the caller
 //! is belongs to `auth`; what the CSR may contain belongs to `ca::csr`.
 
-use crate::auth::Subject;
+/// Who the caller proved to be: what an authenticator (`auth`) finds out, and what
+/// [`Naming::authorize`] maps to the one identity it may hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+    /// The token issuer (`iss`) that vouched for the caller.
+    pub issuer: String,
+}
 
 /// Why a name or a request for it was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

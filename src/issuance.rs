@@ -14,7 +14,7 @@
 //! written to the audit log; a certificate is granted only after its record is
 //! durable (fail closed). Refusals are [`Refusal`]s; `status` alone turns them into
 //! gRPC statuses. Once recorded, a decision about a known service account is also
-//! reported as a Kubernetes Event (`server::events`), without waiting for it.
+//! reported as a Kubernetes Event (`cluster::events`), without waiting for it.
 //!
 //! A dry run (what `meshca doctor` asks for) runs authenticate, authorize and the
 //! CSR check, asks whether a single-use token has a use left (spending none), and
@@ -30,6 +30,7 @@ use std::time::{Instant, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 
+use crate::admission::{self, Admission, Scope};
 use crate::audit::{self, AuditLog, Outcome, Record, SubjectRecord};
 use crate::auth::{peer, Authenticator};
 use crate::ca::csr::{self, KeyPolicy};
@@ -37,11 +38,10 @@ use crate::ca::issuer::Leaf;
 use crate::ca::profile::{Lifetimes, Names};
 use crate::ca::store::Store;
 use crate::clock::Clock;
+use crate::cluster::events::{Emitter, Notice};
+use crate::cluster::nodes::NodeOs;
 use crate::identity::{Identity, Naming};
-use crate::server::admission::{self, Admission, Scope};
-use crate::server::events::{Emitter, Notice};
-use crate::server::metrics::Metrics;
-use crate::server::nodes::NodeOs;
+use crate::metrics::Metrics;
 use crate::status::{code_name, Refusal, RequestError};
 
 /// Largest application accepted, as its front end encodes it (a Certify request's

@@ -17,15 +17,10 @@
 
 use tonic::{Code, Status};
 
-use crate::server::admission::Scope;
+use crate::admission::Scope;
 use crate::{audit, auth, ca, identity};
 
-/// Metadata on a `ResourceExhausted` status: milliseconds to wait before retrying.
-pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
-/// Metadata on every refusal: its stable reason code ([`Refusal::reason_code`]), as
-/// in the audit record, so that clients (`meshca doctor`) tell refusals apart
-/// without reading their text.
-pub const REASON_HEADER: &str = "x-meshca-reason";
+pub use crate::wire::{REASON_HEADER, RETRY_PUSHBACK_HEADER};
 
 /// Why the request itself is unusable before any stage looks at it.
 #[derive(Debug, thiserror::Error)]
@@ -58,15 +53,15 @@ pub enum Refusal {
         "the audit log cannot be written; no certificate is issued without an audit record; retry later"
     )]
     Audit(#[from] audit::Error),
-    /// Too many requests in flight (`server::admission`).
+    /// Too many requests in flight (`admission`).
     #[error("meshca is over capacity; retry in {} ms", retry_after.as_millis())]
     Overloaded { retry_after: std::time::Duration },
     /// A signing worker lost the request (it panicked, or the server is stopping).
     #[error("{0}; retry")]
-    Workers(crate::server::workers::Error),
+    Workers(crate::admission::workers::Error),
     /// A rate limit (per peer address or per identity) has no room for this request.
     #[error("{} rate limit reached; retry in {} ms", scope.as_str(), retry_after.as_millis())]
-    RateLimited { scope: crate::server::admission::Scope, retry_after: std::time::Duration },
+    RateLimited { scope: crate::admission::Scope, retry_after: std::time::Duration },
 }
 
 impl Refusal {
@@ -122,7 +117,7 @@ impl Refusal {
         };
         let mut status = Status::new(self.code(), message);
         if let Ok(v) = request_id.parse() {
-            status.metadata_mut().insert("x-request-id", v);
+            status.metadata_mut().insert(crate::wire::REQUEST_ID_HEADER, v);
         }
         status
             .metadata_mut()

@@ -6,8 +6,8 @@
 
 mod support;
 
+use meshca::admission::Rate;
 use meshca::config::AdmissionSettings;
-use meshca::server::admission::Rate;
 use meshca::status::RETRY_PUSHBACK_HEADER;
 use support::{csr, request_id, Options, TestServer};
 use tonic::Code;

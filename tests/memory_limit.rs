@@ -12,7 +12,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use meshca::server::memory;
+use meshca::admission::memory;
 use support::process::ServeBin;
 
 const LIMIT: u64 = 128 << 20;

@@ -256,9 +256,9 @@ pub mod certify {
     use meshca::ca::profile::Lifetimes;
     use meshca::ca::store::{Snapshot, Store};
     use meshca::clock::{Clock, FakeClock};
-    use meshca::server::admission::{Admission, Settings as AdmissionSettings};
+    use meshca::admission::{Admission, Settings as AdmissionSettings};
     use meshca::issuance::Issuance as Certifier;
-    use meshca::server::metrics::Metrics;
+    use meshca::metrics::Metrics;
 
     pub struct Harness {
         pub runtime: tokio::runtime::Runtime,

@@ -46,7 +46,7 @@ pub enum Error {
 
 /// A refusal, with the server's pushback hint when it gave one.
 fn refused(status: tonic::Status) -> Error {
-    let retry_after = (status.metadata().get(crate::status::RETRY_PUSHBACK_HEADER))
+    let retry_after = (status.metadata().get(crate::wire::RETRY_PUSHBACK_HEADER))
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map(std::time::Duration::from_millis);
     Error::Refused { code: status.code(), message: status.message().to_owned(), retry_after }
@@ -228,7 +228,7 @@ pub fn refused_at(addr: &str, status: tonic::Status) -> Error {
     let client_side = matches!(
         status.code(),
         tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
-    ) && status.metadata().get("x-request-id").is_none();
+    ) && status.metadata().get(crate::wire::REQUEST_ID_HEADER).is_none();
     let transport = ["h2 protocol error", "operation was canceled", "transport error"]
         .iter()
         .any(|failure| status.message().contains(failure));
@@ -346,7 +346,7 @@ pub fn make_csr(identity: &str, key_type: KeyType) -> Result<(KeyPair, Vec<u8>),
 
 /// The server's clock as reported in a Certify response or status.
 pub fn server_time(metadata: &tonic::metadata::MetadataMap) -> Option<SystemTime> {
-    let millis: u64 = metadata.get(crate::server::grpc::SERVER_TIME_HEADER)?.to_str().ok()?.parse().ok()?;
+    let millis: u64 = metadata.get(crate::wire::SERVER_TIME_HEADER)?.to_str().ok()?.parse().ok()?;
     SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(millis))
 }
 
@@ -480,14 +480,14 @@ mod tests {
     #[test]
     fn a_refusal_carries_the_servers_pushback_hint_when_it_sent_one() {
         let mut status = tonic::Status::resource_exhausted("over capacity");
-        status.metadata_mut().insert(crate::status::RETRY_PUSHBACK_HEADER, "250".parse().unwrap());
+        status.metadata_mut().insert(crate::wire::RETRY_PUSHBACK_HEADER, "250".parse().unwrap());
         let e = refused(status);
         assert_eq!(e.retry_after(), Some(std::time::Duration::from_millis(250)));
         assert!(matches!(e, Error::Refused { code: tonic::Code::ResourceExhausted, .. }));
 
         assert_eq!(refused(tonic::Status::unauthenticated("no")).retry_after(), None);
         let mut garbled = tonic::Status::resource_exhausted("over capacity");
-        garbled.metadata_mut().insert(crate::status::RETRY_PUSHBACK_HEADER, "soon".parse().unwrap());
+        garbled.metadata_mut().insert(crate::wire::RETRY_PUSHBACK_HEADER, "soon".parse().unwrap());
         assert_eq!(refused(garbled).retry_after(), None);
     }
 

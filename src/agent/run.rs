@@ -33,12 +33,12 @@ use rustls_pki_types::CertificateDer;
 use tonic::transport::Channel;
 
 use super::client::{self, Credentials, KeyType};
-use super::files::{write_atomic, Access};
 use super::schedule::{self, Policy};
 use super::status::Status;
 use crate::ca::issuer::TrustAnchors;
 use crate::ca::material::to_pem;
 use crate::clock::Clock;
+use crate::files::{write_atomic, Access};
 
 /// First retry waits up to this long; the wait doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);

@@ -68,7 +68,7 @@ impl Status {
 
     /// Prometheus text exposition, with the values at `now`.
     pub fn render(&self, now: SystemTime) -> String {
-        crate::server::metrics::render(|r| {
+        crate::metrics::render(|r| {
             let counters = [
                 ("meshca_agent_renewals", "Certificates obtained and written", &self.renewals),
                 ("meshca_agent_failures", "Rounds that failed (the files on disk were kept)", &self.failures),

@@ -51,6 +51,7 @@
 //! starts with a SEQUENCE tag.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -438,6 +439,24 @@ pub fn claimed_token_id(token: &[u8]) -> Option<String> {
     claims.get("jti")?.as_str().filter(|jti| is_token_id(jti)).map(str::to_owned)
 }
 
+/// `--bootstrap-tokens`: how bootstrap tokens are checked and their uses recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapConfig {
+    pub replay: ReplayConfig,
+    /// Clock skew tolerated on `exp` and `iat` (`--token-leeway`).
+    pub leeway: Duration,
+}
+
+/// Where the uses of bootstrap tokens are recorded (`auth::replay`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayConfig {
+    /// A local file: one replica only.
+    File(PathBuf),
+    /// A Lease per use in the control-plane namespace. `None`: `KUBECONFIG`,
+    /// `~/.kube/config`, or the in-cluster service account.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
 /// Handles bootstrap tokens itself and passes every other token to `inner`. With
 /// bootstrap tokens disabled (`replay` is `None`) it refuses them as such
 /// ([`Error::BootstrapDisabled`]), so the caller is told so rather than that its
@@ -543,7 +562,7 @@ impl Authenticator for BootstrapAuthenticator {
         Box::pin(self.unspent(token, now))
     }
 
-    fn register_metrics(&self, registry: &mut crate::server::metrics::Registry) {
+    fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
         self.inner.register_metrics(registry);
     }
 
@@ -561,13 +580,12 @@ impl Authenticator for BootstrapAuthenticator {
 /// read, or the Kubernetes client built and the Lease cleanup started).
 pub async fn wrap(
     inner: Arc<dyn Authenticator>,
-    settings: Option<&crate::config::BootstrapConfig>,
+    settings: Option<&BootstrapConfig>,
     store: &Arc<Store>,
     naming: &Naming,
     clock: &Arc<dyn crate::clock::Clock>,
 ) -> Result<Arc<dyn Authenticator>, Error> {
     use super::replay::{FileReplayStore, LeaseReplayStore};
-    use crate::config::ReplayConfig;
     let Some(settings) = settings else {
         // Disabled: bootstrap tokens are refused as such, every other token goes to `inner`.
         return Ok(Arc::new(BootstrapAuthenticator {

@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::server::metrics::{Counter, LatencyHistogram, Registry, ScrapeGauge};
+use crate::metrics::{Counter, LatencyHistogram, Registry, ScrapeGauge};
 
 /// Default bound on cached entries.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -443,7 +443,7 @@ mod tests {
     }
 
     fn metric(cache: &CachingAuthenticator, name: &str) -> u64 {
-        let out = crate::server::metrics::render(|r| cache.register_metrics(r));
+        let out = crate::metrics::render(|r| cache.register_metrics(r));
         let line =
             out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{out}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()

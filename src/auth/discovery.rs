@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::server::metrics::{Counter, Registry, ScrapeGauge};
+use crate::metrics::{Counter, Registry, ScrapeGauge};
 
 /// Default period of the scheduled refresh.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
@@ -765,7 +765,7 @@ mod tests {
     }
 
     fn metric(auth: &RotatingJwksAuthenticator, name: &str) -> u64 {
-        let out = crate::server::metrics::render(|r| auth.register_metrics(r));
+        let out = crate::metrics::render(|r| auth.register_metrics(r));
         let line =
             out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{out}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()

@@ -24,21 +24,14 @@ pub mod tokenreview;
 
 use std::{future::Future, pin::Pin, time::SystemTime};
 
-use crate::server::metrics::Registry;
+use crate::metrics::Registry;
 
 /// Largest token accepted, in bytes, before whitespace is trimmed.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
-/// Who the caller proved to be.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Subject {
-    pub namespace: String,
-    pub service_account: String,
-    pub pod_name: Option<String>,
-    pub pod_uid: Option<String>,
-    /// The token issuer (`iss`) that vouched for the caller.
-    pub issuer: String,
-}
+/// Who the caller proved to be: defined with the names it maps to (`identity`),
+/// which decide what it may hold.
+pub use crate::identity::Subject;
 
 pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Subject, Error>> + Send + 'a>>;
 /// What [`Authenticator::commit`] returns.

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
-use crate::server::metrics::{Counter, Registry};
+use crate::metrics::{Counter, Registry};
 
 /// Default longest age of the facts an acceptance is decided on.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
@@ -499,7 +499,7 @@ mod tests {
         assert_eq!((refused.code(), fake.gets()), ("pod_uid_mismatch", 3), "facts 1 s old decide a refusal");
         assert!(auth.authenticate(b"", at(37)).await.is_ok());
         assert_eq!(fake.gets(), 3, "no pod binding, no lookup");
-        let metrics = crate::server::metrics::render(|r| auth.register_metrics(r));
+        let metrics = crate::metrics::render(|r| auth.register_metrics(r));
         assert!(metrics.contains("meshca_pod_lookups_total 3\n"), "{metrics}");
         assert!(metrics.contains("meshca_pod_refusals_total 3\n"), "{metrics}");
     }

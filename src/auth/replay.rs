@@ -166,7 +166,7 @@ impl FileReplayStore {
                     text.push('\n');
                 }
             }
-            crate::agent::files::write_atomic(path, text.as_bytes(), crate::agent::files::Access::Private)
+            crate::files::write_atomic(path, text.as_bytes(), crate::files::Access::Private)
                 .map_err(|e| config(format!("cannot rewrite: {e}")))?;
         }
         let mut options = OpenOptions::new();

@@ -19,7 +19,7 @@ use crate::ca::issuer::TrustAnchors;
 use crate::clock::Clock;
 use crate::proto::identity_client::IdentityClient;
 use crate::proto::CertifyRequest;
-use crate::server::grpc::DRY_RUN_HEADER;
+use crate::wire::DRY_RUN_HEADER;
 
 /// What the probe sends.
 #[derive(Debug)]
@@ -115,7 +115,8 @@ pub async fn certify(call: Call<'_>, clock: &dyn Clock) -> Result<Probe, String>
         }
         Err(status) => {
             let text = |name| status.metadata().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let (request_id, reason) = (text("x-request-id"), text(crate::status::REASON_HEADER));
+            let (request_id, reason) =
+                (text(crate::wire::REQUEST_ID_HEADER), text(crate::wire::REASON_HEADER));
             if request_id.is_none() {
                 // Not meshca's answer: the call failed on this side (a TLS port called with http://).
                 if let client::Error::Connect { reason, .. } = client::refused_at(call.url, status.clone()) {

@@ -34,10 +34,9 @@ use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::ca::store::Store;
 use crate::clock::Clock;
-use crate::server::metrics::{Metrics, Registry, ScrapeGauge};
+use crate::metrics::{Metrics, Registry, ScrapeGauge};
 
-/// Default of `--ready-api-unreachable-threshold`.
-pub const DEFAULT_API_UNREACHABLE_THRESHOLD: Duration = Duration::from_secs(60);
+pub use crate::config::DEFAULT_API_UNREACHABLE_THRESHOLD;
 /// How long `/ready` waits for a probe of the backend before answering from what
 /// it knows; a slower probe goes on and the next check sees its result.
 const PROBE_WAIT: Duration = Duration::from_millis(500);
@@ -180,7 +179,7 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn scrape(State(s): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, crate::server::metrics::CONTENT_TYPE)], s.metrics.render())
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], s.metrics.render())
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.

@@ -34,14 +34,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use crate::coalesce::Coalesce;
-use crate::server::metrics::ScrapeGauge;
+use crate::metrics::ScrapeGauge;
 
-/// Default `--max-connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// Default `--max-connection-age`.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
-/// Default `--request-timeout`.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::config::{DEFAULT_MAX_AGE, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT};
 
 /// Connections the kernel may hold, TCP handshake done, for the accept loop (capped
 /// by `net.core.somaxconn`, 4,096 by default on Linux). Beyond it new connections'
@@ -60,29 +55,9 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// `--max-connections`, `--max-connection-age` and `--request-timeout`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Settings {
-    /// Connections open at once (at least 1).
-    pub max: usize,
-    /// When a connection is asked to close (GOAWAY); `None`: never.
-    pub max_age: Option<Duration>,
-    /// How long one request may take, from its headers to its answer (tonic's
-    /// `timeout`); the request is cancelled after it. A connection asked to close
-    /// waits for its requests, so this also bounds how long a client that never
-    /// finishes sending a request keeps its slot past the age.
-    pub request_timeout: Duration,
-}
-
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings {
-            max: DEFAULT_MAX_CONNECTIONS,
-            max_age: Some(DEFAULT_MAX_AGE),
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-        }
-    }
-}
+/// `--max-connections`, `--max-connection-age` and `--request-timeout` (settings
+/// are defined with the configuration, which depends on nothing here).
+pub use crate::config::ConnectionSettings as Settings;
 
 /// The slots of one listener.
 #[derive(Clone, Debug)]

@@ -21,11 +21,7 @@ use crate::proto::{CertifyRequest, CertifyResponse};
 
 pub use crate::issuance::{new_request_id, DRY_RUN_REASON, MAX_REQUEST_LEN};
 
-/// Response header carrying the server's wall-clock time at the request, in Unix
-/// milliseconds, so clients can estimate their clock offset.
-pub const SERVER_TIME_HEADER: &str = "x-meshca-time";
-/// Request header asking for a dry run (value `1`); the answer's header says `passed`.
-pub const DRY_RUN_HEADER: &str = "x-meshca-dry-run";
+pub use crate::wire::{DRY_RUN_HEADER, SERVER_TIME_HEADER};
 
 fn unix_millis(t: SystemTime) -> u128 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
@@ -34,7 +30,7 @@ fn unix_millis(t: SystemTime) -> u128 {
 /// Tags a response or status with the request id and the server's time.
 pub(crate) fn tag(metadata: &mut tonic::metadata::MetadataMap, request_id: &str, now: SystemTime) {
     if let Ok(v) = request_id.parse() {
-        metadata.insert("x-request-id", v);
+        metadata.insert(crate::wire::REQUEST_ID_HEADER, v);
     }
     if let Ok(v) = unix_millis(now).to_string().parse() {
         metadata.insert(SERVER_TIME_HEADER, v);

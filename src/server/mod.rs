@@ -11,28 +11,21 @@
 //!
 //! - [`grpc`]: Linkerd's Certify, an adapter over the issuance core (`crate::issuance`).
 //! - [`istio`]: Istio's CreateCertificate, the same core's other adapter.
-//! - [`admission`]: in-flight bound, rate limits, signing workers.
-//! - [`memory`]: the in-flight bound's default, from the cgroup's memory limit.
 //! - [`bundle`]: the TrustBundle service (the current trust anchors).
 //! - [`connections`]: the connection limit and age of the gRPC listener.
 //! - [`tls`]: serving certificate, its renewal, the TLS acceptor.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
-//! - [`metrics`]: the counters behind `/metrics`.
-//! - [`events`]: Kubernetes Events for decisions (a bounded queue; never slows issuance).
-//! - [`nodes`]: the OS of the caller's node, for audit records (cached lookups).
+//!
+//! What the issuance core needs beside it lives outside the transport:
+//! [`crate::admission`] (in-flight bound, rate limits, signing workers),
+//! [`crate::cluster`] (Events, node OS) and [`crate::metrics`].
 
 pub mod admin;
-pub mod admission;
 pub mod bundle;
 pub mod connections;
-pub mod events;
 pub mod grpc;
 pub mod istio;
-pub mod memory;
-pub mod metrics;
-pub mod nodes;
 pub mod tls;
-pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::admission;
 use crate::audit::{AuditLog, Sink};
 use crate::auth::cache::{self, CachingAuthenticator};
 use crate::auth::discovery::RotatingJwksAuthenticator;
@@ -52,10 +46,11 @@ use crate::ca::csr::KeyPolicy;
 use crate::ca::reload::Reloader;
 use crate::ca::store::{self, Store};
 use crate::clock::Clock;
+use crate::cluster::{events, nodes};
 use crate::config::{Config, TokenConfig};
+use crate::metrics::{self, Metrics};
 use crate::proto::identity_server::IdentityServer;
 use crate::v1::trust_bundle_server::TrustBundleServer;
-use metrics::Metrics;
 
 /// Hard cap on a decoded gRPC message; requests between the Certify limit
 /// (64 KiB) and this are decoded only to be refused and audited.

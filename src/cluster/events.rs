@@ -31,7 +31,7 @@ use kube::api::{Api, PostParams};
 use tokio::sync::mpsc;
 
 use crate::audit::{Outcome, Record};
-use crate::server::metrics::{Counter, Registry, ScrapeGauge};
+use crate::metrics::{Counter, Registry, ScrapeGauge};
 
 /// Notices waiting to be created, at most; beyond, they are dropped.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -500,7 +500,7 @@ mod tests {
     }
 
     fn metric(emitter: &Emitter, name: &str) -> u64 {
-        let out = crate::server::metrics::render(|r| emitter.register_metrics(r));
+        let out = crate::metrics::render(|r| emitter.register_metrics(r));
         let line =
             out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{out}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()

@@ -17,8 +17,6 @@
 //!    first come, first served; admitted requests wait here. That wait is the
 //!    queue whose depth `/metrics` reports.
 //!
-//! [`workers`]: crate::server::workers
-//!
 //! Buckets refill in monotonic time (`tokio::time::Instant`, so tests can pause
 //! it); the wall clock the rest of the request uses may jump without effect here.
 
@@ -33,8 +31,11 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::ca::csr::KeyType;
-use crate::server::metrics::{Registry, ScrapeCounter, ScrapeGauge};
-use crate::server::workers::{self, Workers};
+use crate::metrics::{Registry, ScrapeCounter, ScrapeGauge};
+pub mod memory;
+pub mod workers;
+
+use workers::Workers;
 
 /// Buckets kept per limiter before idle (full) ones are swept.
 const MAX_BUCKETS: usize = 100_000;

@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use tokio::time::Instant;
 
-use crate::server::metrics::{Counter, Registry};
+use crate::metrics::{Counter, Registry};
 
 /// The node label holding the operating system (`linux`, `windows`).
 pub const OS_LABEL: &str = "kubernetes.io/os";

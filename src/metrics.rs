@@ -12,9 +12,9 @@
 //! start ([`Metrics::register`]): the authenticator
 //! ([`crate::auth::Authenticator::register_metrics`]: token reviews, its cache, JWKS
 //! refreshes, pod lookups), the Kubernetes Events emitter
-//! ([`Emitter::register_metrics`](crate::server::events::Emitter::register_metrics))
+//! ([`Emitter::register_metrics`](crate::cluster::events::Emitter::register_metrics))
 //! and the node OS lookups
-//! ([`NodeOs::register_metrics`](crate::server::nodes::NodeOs::register_metrics)).
+//! ([`NodeOs::register_metrics`](crate::cluster::nodes::NodeOs::register_metrics)).
 //! Each keeps its counters as `prometheus_client` [`Counter`]s (an `Arc`'d atomic:
 //! the registry holds a clone) and registers values known only at scrape time
 //! (queue lengths, cache sizes, seconds left) as [`ScrapeGauge`]s.

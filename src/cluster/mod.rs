@@ -1,0 +1,7 @@
+//! What meshca tells and asks the Kubernetes cluster about its decisions, beside
+//! the request path and never in its way: each decision as an Event on the
+//! caller's service account ([`events`], a bounded queue, drops counted), and the OS
+//! of the caller's node for its audit record ([`nodes`], cached, bounded lookups).
+
+pub mod events;
+pub mod nodes;
