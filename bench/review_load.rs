@@ -17,7 +17,7 @@
 //!
 //! Prints certificates/s per mode, the TokenReviews and pod GETs the test API server
 //! saw, per token and per certificate, and each mode's throughput relative to the
-//! baseline. Run in release: `cargo run --release --example review_load`.
+//! baseline. Run in release: `cargo run --release -p meshca-bench --bin review_load`.
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;

@@ -74,7 +74,7 @@ num() { awk -v v="$2" -v f="$1" 'BEGIN { if (v == "" || v == "null") print "n/a"
 now_ms() { date +%s%3N; }
 
 log "building release binaries"
-cargo build --release --bins >&2
+cargo build --release --locked --workspace --bins >&2
 MESHCA=target/release/meshca
 LOAD=target/release/meshca-load
 

@@ -85,11 +85,11 @@ FAILED=0
 
 if [ "${MESHCA_SOAK_PROFILE:-release}" = dev ]; then
   log "using the debug binaries (MESHCA_SOAK_PROFILE=dev)"
-  cargo build --bins >&2
+  cargo build --locked --workspace --bins >&2
   BIN=target/debug
 else
   log "building release binaries"
-  cargo build --release --bins >&2
+  cargo build --release --locked --workspace --bins >&2
   BIN=target/release
 fi
 MESHCA="$BIN/meshca"

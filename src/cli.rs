@@ -87,7 +87,8 @@ pub struct BootstrapTokenCreateArgs {
 /// Where the server's CA is and what it names: the flags `serve` and `bootstrap-token
 /// create` share, so that both read the same settings (flags, `MESHCA_*` variables,
 /// the `--config` file) the same way.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Args)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Args, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct IssuerArgs {
     /// TOML file with any of these settings (same names as the flags).
     #[arg(long, env = "MESHCA_CONFIG", value_name = "FILE")]
@@ -116,7 +117,7 @@ pub struct IssuerArgs {
 }
 
 /// Where used bootstrap tokens are recorded (`--bootstrap-replay-store`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BootstrapReplayStore {
     /// A local file (--bootstrap-replay-file): one replica only.
@@ -167,7 +168,7 @@ pub struct InitArgs {
     pub key_type: CaKeyArg,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenValidation {
     /// Ask the Kubernetes API server (TokenReview; --kubeconfig or in-cluster), with a cache.
@@ -179,10 +180,15 @@ pub enum TokenValidation {
     Dev,
 }
 
-#[derive(Debug, Default, Args)]
+/// `meshca serve`'s settings, defined once: as flags (with their `MESHCA_*`
+/// variables) here, and as the keys of the `--config` TOML file through serde
+/// (kebab-case, the flags' names; `config::Config::parse_file`).
+#[derive(Debug, Default, Args, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct ServeArgs {
     /// Where the CA is and what it names (shared with `bootstrap-token create`).
     #[command(flatten)]
+    #[serde(flatten)]
     pub issuer: IssuerArgs,
     /// gRPC listen address [default: 127.0.0.1:8080 in dev, 0.0.0.0:8080 otherwise].
     #[arg(long, env = "MESHCA_LISTEN", value_name = "ADDR")]

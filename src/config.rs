@@ -11,8 +11,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::admission::memory;
 pub use crate::admission::Settings as AdmissionSettings;
 use crate::admission::{self, Rate};
@@ -39,57 +37,49 @@ pub enum Error {
     Missing { setting: &'static str, when: &'static str },
 }
 
-/// The TOML file: the same settings as the flags, kebab-case.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct FileConfig {
-    pub dev: Option<bool>,
-    pub data_dir: Option<PathBuf>,
-    pub listen: Option<String>,
-    pub admin_listen: Option<String>,
-    pub trust_domain: Option<String>,
-    pub control_plane_namespace: Option<String>,
-    pub service_account: Option<String>,
-    pub trust_anchors: Option<PathBuf>,
-    pub issuer_dir: Option<PathBuf>,
-    pub issuance_lifetime: Option<String>,
-    pub clock_skew_allowance: Option<String>,
-    pub token_validation: Option<TokenValidation>,
-    pub jwks_file: Option<PathBuf>,
-    pub jwks_url: Option<String>,
-    pub jwks_ca_file: Option<PathBuf>,
-    pub jwks_refresh_interval: Option<String>,
-    pub jwks_refresh_min_interval: Option<String>,
-    pub jwks_confirm_pod: Option<bool>,
-    pub token_issuer: Option<String>,
-    pub token_audiences: Option<Vec<String>>,
-    pub token_leeway: Option<String>,
-    pub kubeconfig: Option<PathBuf>,
-    pub token_review_timeout: Option<String>,
-    pub token_review_qps: Option<u32>,
-    pub token_review_burst: Option<u32>,
-    pub token_cache_ttl: Option<String>,
-    pub token_cache_failure_ttl: Option<String>,
-    pub audit_log: Option<String>,
-    pub max_in_flight: Option<usize>,
-    pub signing_workers: Option<usize>,
-    pub max_connections: Option<usize>,
-    pub max_connection_age: Option<String>,
-    pub request_timeout: Option<String>,
-    pub rate_limit_per_identity: Option<String>,
-    pub rate_limit_per_identity_burst: Option<f64>,
-    pub rate_limit_per_peer: Option<String>,
-    pub rate_limit_per_peer_burst: Option<f64>,
-    pub plaintext: Option<bool>,
-    pub reload_interval: Option<String>,
-    pub ready_api_unreachable_threshold: Option<String>,
-    pub events: Option<bool>,
-    pub audit_node_os: Option<bool>,
-    pub allow_non_windows_algorithms: Option<bool>,
-    pub bootstrap_tokens: Option<bool>,
-    pub bootstrap_replay_store: Option<BootstrapReplayStore>,
-    pub bootstrap_replay_file: Option<PathBuf>,
-    pub allow_world_readable_issuer_key: Option<bool>,
+/// The TOML file: `meshca serve`'s own settings ([`ServeArgs`]), keys named as the
+/// flags without their dashes (`issuance-lifetime = "24h"`).
+pub type FileConfig = ServeArgs;
+
+/// `meshca serve`'s long flags but `--config` and `--help`: the keys a config file
+/// may hold.
+fn setting_names() -> std::collections::BTreeSet<String> {
+    serve_flags(|_| true)
+}
+
+/// `meshca serve`'s long flags, but `--config` and `--help`, whose argument `keep`s.
+fn serve_flags(keep: impl Fn(&clap::Arg) -> bool) -> std::collections::BTreeSet<String> {
+    let cli = <crate::cli::Cli as clap::CommandFactory>::command();
+    let serve = cli.find_subcommand("serve").map(|c| c.get_arguments().cloned().collect::<Vec<_>>());
+    (serve.unwrap_or_default().iter())
+        .filter(|arg| keep(arg))
+        .filter_map(|arg| arg.get_long().map(str::to_owned))
+        .filter(|long| long != "config" && long != "help")
+        .collect()
+}
+
+/// Flags and environment over the file: each setting the command line left unset
+/// (`None`, or a switch left off) is taken from the file. Generic over the
+/// settings, through their one serde definition: nothing here names a setting.
+fn merged(args: ServeArgs, file: FileConfig) -> Result<ServeArgs, Error> {
+    let internal = |e: serde_json::Error| Error::File(format!("cannot merge the settings: {e}"));
+    // A switch (`--dev`) left off is unset; an `Option<bool>` given as false is not.
+    let switches = serve_flags(|arg| matches!(arg.get_action(), clap::ArgAction::SetTrue));
+    let mut over = serde_json::to_value(args).map_err(internal)?;
+    let under = serde_json::to_value(file).map_err(internal)?;
+    if let (Some(over), Some(under)) = (over.as_object_mut(), under.as_object()) {
+        for (key, value) in under {
+            let unset = match over.get(key) {
+                None | Some(serde_json::Value::Null) => true,
+                Some(serde_json::Value::Bool(false)) => switches.contains(key),
+                Some(_) => false,
+            };
+            if unset {
+                over.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    serde_json::from_value(over).map_err(internal)
 }
 
 /// The dev-mode issuer name tokens from `meshca dev-token` carry.
@@ -293,37 +283,40 @@ fn address(setting: &'static str, value: Option<String>, default: &str) -> Resul
 impl Config {
     /// Parses a config file's text.
     pub fn parse_file(text: &str) -> Result<FileConfig, Error> {
-        toml::from_str(text).map_err(|e| Error::File(e.to_string()))
+        let table: toml::Table = toml::from_str(text).map_err(|e| Error::File(e.to_string()))?;
+        // Only `serve`'s flags are settings (not `--config` itself): a mistyped
+        // key is an error, not a setting silently ignored.
+        let known = setting_names();
+        if let Some(unknown) = table.keys().find(|key| !known.contains(key.as_str())) {
+            return Err(Error::File(format!(
+                "unknown setting `{unknown}`: the settings are `meshca serve`'s flags without the dashes \
+                 (`meshca serve --help`)"
+            )));
+        }
+        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::File(e.to_string()))
     }
 
     /// Merges flags (and environment) over the file over the defaults, and checks the result.
     pub fn resolve(args: ServeArgs, file: FileConfig) -> Result<Config, Error> {
-        let dev = args.issuer.dev || file.dev.unwrap_or(false);
-        let data_dir =
-            args.issuer.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./meshca-dev"));
+        let args = merged(args, file)?;
+        let dev = args.issuer.dev;
+        let data_dir = args.issuer.data_dir.unwrap_or_else(|| PathBuf::from("./meshca-dev"));
         let dev_paths = dev.then_some(DevPaths { data_dir });
         let (listen_default, admin_default) =
             if dev { ("127.0.0.1:8080", "127.0.0.1:9990") } else { ("0.0.0.0:8080", "0.0.0.0:9990") };
-        let listen = address("listen", args.listen.or(file.listen), listen_default)?;
-        let admin_listen = address("admin-listen", args.admin_listen.or(file.admin_listen), admin_default)?;
+        let listen = address("listen", args.listen, listen_default)?;
+        let admin_listen = address("admin-listen", args.admin_listen, admin_default)?;
 
-        let trust_domain =
-            args.issuer.trust_domain.or(file.trust_domain).unwrap_or_else(|| "cluster.local".into());
-        let cpns = args
-            .issuer
-            .control_plane_namespace
-            .or(file.control_plane_namespace)
-            .unwrap_or_else(|| "meshca-system".into());
+        let trust_domain = args.issuer.trust_domain.unwrap_or_else(|| "cluster.local".into());
+        let cpns = args.issuer.control_plane_namespace.unwrap_or_else(|| "meshca-system".into());
         let naming = Naming::new(&trust_domain, &cpns).map_err(|e| Error::Invalid {
-            setting: if e.to_string().contains("trust domain") {
-                "trust-domain"
-            } else {
-                "control-plane-namespace"
+            setting: match e {
+                crate::identity::Error::InvalidConfig { what: "trust domain", .. } => "trust-domain",
+                _ => "control-plane-namespace",
             },
             reason: e.to_string(),
         })?;
-        let service_account =
-            args.service_account.or(file.service_account).unwrap_or_else(|| "meshca".into());
+        let service_account = args.service_account.unwrap_or_else(|| "meshca".into());
         check_label(&service_account).map_err(|r| Error::Invalid {
             setting: "service-account",
             reason: format!("not a DNS-1123 label: {r}"),
@@ -331,15 +324,15 @@ impl Config {
 
         let (trust_anchors, issuer_dir) = match &dev_paths {
             Some(p) => (
-                args.issuer.trust_anchors.or(file.trust_anchors).unwrap_or_else(|| p.trust_anchors()),
-                args.issuer.issuer_dir.or(file.issuer_dir).unwrap_or_else(|| p.issuer_dir()),
+                args.issuer.trust_anchors.unwrap_or_else(|| p.trust_anchors()),
+                args.issuer.issuer_dir.unwrap_or_else(|| p.issuer_dir()),
             ),
             None => (
-                args.issuer.trust_anchors.or(file.trust_anchors).ok_or(Error::Missing {
+                args.issuer.trust_anchors.ok_or(Error::Missing {
                     setting: "trust-anchors",
                     when: "(or use --dev for the embedded default)",
                 })?,
-                args.issuer.issuer_dir.or(file.issuer_dir).ok_or(Error::Missing {
+                args.issuer.issuer_dir.ok_or(Error::Missing {
                     setting: "issuer-dir",
                     when: "(or use --dev for the embedded default)",
                 })?,
@@ -349,12 +342,12 @@ impl Config {
         let lifetimes = Lifetimes {
             issuance_lifetime: duration(
                 "issuance-lifetime",
-                args.issuance_lifetime.or(file.issuance_lifetime),
+                args.issuance_lifetime,
                 Duration::from_secs(24 * 3600),
             )?,
             clock_skew_allowance: duration(
                 "clock-skew-allowance",
-                args.clock_skew_allowance.or(file.clock_skew_allowance),
+                args.clock_skew_allowance,
                 Duration::from_secs(120),
             )?,
         };
@@ -371,23 +364,21 @@ impl Config {
             });
         }
 
-        let mode = args.token_validation.or(file.token_validation).unwrap_or(if dev {
+        let mode = args.token_validation.unwrap_or(if dev {
             TokenValidation::Dev
         } else {
             TokenValidation::TokenReview
         });
-        let audiences =
-            args.token_audiences.or(file.token_audiences).unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
+        let audiences = args.token_audiences.unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
         let audiences: Vec<String> =
             audiences.into_iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
         if audiences.is_empty() {
             return Err(Error::Invalid { setting: "token-audiences", reason: "no audience given".into() });
         }
-        let leeway =
-            duration("token-leeway", args.token_leeway.or(file.token_leeway), Duration::from_secs(60))?;
-        let kubeconfig = args.kubeconfig.or(file.kubeconfig);
+        let leeway = duration("token-leeway", args.token_leeway, Duration::from_secs(60))?;
+        let kubeconfig = args.kubeconfig;
         let bootstrap_kubeconfig = kubeconfig.clone();
-        let confirm_pod = args.jwks_confirm_pod.or(file.jwks_confirm_pod).unwrap_or(false);
+        let confirm_pod = args.jwks_confirm_pod.unwrap_or(false);
         if confirm_pod && mode != TokenValidation::Jwks {
             return Err(Error::Invalid {
                 setting: "jwks-confirm-pod",
@@ -415,9 +406,9 @@ impl Config {
                 }
             }
             TokenValidation::Jwks => {
-                let issuer = args.token_issuer.or(file.token_issuer);
-                let ca_file = args.jwks_ca_file.or(file.jwks_ca_file);
-                let keys = match (args.jwks_file.or(file.jwks_file), args.jwks_url.or(file.jwks_url)) {
+                let issuer = args.token_issuer;
+                let ca_file = args.jwks_ca_file;
+                let keys = match (args.jwks_file, args.jwks_url) {
                     (Some(_), Some(_)) => {
                         return Err(Error::Invalid {
                             setting: "jwks-url",
@@ -450,7 +441,7 @@ impl Config {
                 }
                 let refresh_interval = duration(
                     "jwks-refresh-interval",
-                    args.jwks_refresh_interval.or(file.jwks_refresh_interval),
+                    args.jwks_refresh_interval,
                     crate::auth::discovery::DEFAULT_REFRESH_INTERVAL,
                 )?;
                 if refresh_interval < Duration::from_secs(1)
@@ -463,7 +454,7 @@ impl Config {
                 }
                 let refresh_min_interval = duration(
                     "jwks-refresh-min-interval",
-                    args.jwks_refresh_min_interval.or(file.jwks_refresh_min_interval),
+                    args.jwks_refresh_min_interval,
                     crate::auth::discovery::DEFAULT_REFRESH_MIN_INTERVAL,
                 )?;
                 if refresh_min_interval > Duration::from_secs(3600) {
@@ -478,11 +469,8 @@ impl Config {
                 TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod }
             }
             TokenValidation::TokenReview => {
-                let timeout = duration(
-                    "token-review-timeout",
-                    args.token_review_timeout.or(file.token_review_timeout),
-                    Duration::from_secs(2),
-                )?;
+                let timeout =
+                    duration("token-review-timeout", args.token_review_timeout, Duration::from_secs(2))?;
                 if timeout.is_zero() || timeout > Duration::from_secs(60) {
                     return Err(Error::Invalid {
                         setting: "token-review-timeout",
@@ -493,11 +481,7 @@ impl Config {
                     0 => Err(Error::Invalid { setting, reason: "must be at least 1".into() }),
                     n => Ok(n),
                 };
-                let cache_ttl = duration(
-                    "token-cache-ttl",
-                    args.token_cache_ttl.or(file.token_cache_ttl),
-                    Duration::from_secs(300),
-                )?;
+                let cache_ttl = duration("token-cache-ttl", args.token_cache_ttl, Duration::from_secs(300))?;
                 if cache_ttl > Duration::from_secs(3600) {
                     return Err(Error::Invalid {
                         setting: "token-cache-ttl",
@@ -506,7 +490,7 @@ impl Config {
                 }
                 let cache_failure_ttl = duration(
                     "token-cache-failure-ttl",
-                    args.token_cache_failure_ttl.or(file.token_cache_failure_ttl),
+                    args.token_cache_failure_ttl,
                     Duration::from_secs(10),
                 )?;
                 if cache_failure_ttl > Duration::from_secs(600) {
@@ -519,23 +503,15 @@ impl Config {
                     kubeconfig,
                     audiences,
                     timeout,
-                    qps: at_least_one(
-                        "token-review-qps",
-                        args.token_review_qps.or(file.token_review_qps),
-                        100,
-                    )?,
-                    burst: at_least_one(
-                        "token-review-burst",
-                        args.token_review_burst.or(file.token_review_burst),
-                        200,
-                    )?,
+                    qps: at_least_one("token-review-qps", args.token_review_qps, 100)?,
+                    burst: at_least_one("token-review-burst", args.token_review_burst, 200)?,
                     cache_ttl,
                     cache_failure_ttl,
                 }
             }
         };
 
-        let audit_log = args.audit_log.or(file.audit_log).unwrap_or_else(|| match &dev_paths {
+        let audit_log = args.audit_log.unwrap_or_else(|| match &dev_paths {
             Some(p) => p.audit_log().display().to_string(),
             None => "-".into(),
         });
@@ -546,7 +522,7 @@ impl Config {
             });
         }
 
-        let events = match (args.events.or(file.events), token.kubernetes()) {
+        let events = match (args.events, token.kubernetes()) {
             (Some(true), None) => {
                 return Err(Error::Invalid {
                     setting: "events",
@@ -557,7 +533,7 @@ impl Config {
             }
             (explicit, kubernetes) => explicit.unwrap_or(kubernetes.is_some()),
         };
-        let node_os = args.audit_node_os.or(file.audit_node_os).unwrap_or(false);
+        let node_os = args.audit_node_os.unwrap_or(false);
         if node_os && token.kubernetes().is_none() {
             return Err(Error::Invalid {
                 setting: "audit-node-os",
@@ -567,20 +543,19 @@ impl Config {
             });
         }
 
-        let max_connections =
-            args.max_connections.or(file.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let max_connections = args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
             return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
         }
         let memory_limit = memory::limit();
-        let max_in_flight = match args.max_in_flight.or(file.max_in_flight) {
+        let max_in_flight = match args.max_in_flight {
             Some(0) => {
                 return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() })
             }
             Some(n) => n,
             None => memory::max_in_flight_for(memory_limit, max_connections),
         };
-        let workers = args.signing_workers.or(file.signing_workers).unwrap_or_else(admission::cores);
+        let workers = args.signing_workers.unwrap_or_else(admission::cores);
         if workers == 0 || workers > 1024 {
             return Err(Error::Invalid {
                 setting: "signing-workers",
@@ -589,18 +564,14 @@ impl Config {
         }
         let per_identity = rate(
             "rate-limit-per-identity",
-            args.rate_limit_per_identity.or(file.rate_limit_per_identity),
-            args.rate_limit_per_identity_burst.or(file.rate_limit_per_identity_burst),
+            args.rate_limit_per_identity,
+            args.rate_limit_per_identity_burst,
             Some(admission::DEFAULT_PER_IDENTITY),
         )?;
-        let per_peer = rate(
-            "rate-limit-per-peer",
-            args.rate_limit_per_peer.or(file.rate_limit_per_peer),
-            args.rate_limit_per_peer_burst.or(file.rate_limit_per_peer_burst),
-            None,
-        )?;
+        let per_peer =
+            rate("rate-limit-per-peer", args.rate_limit_per_peer, args.rate_limit_per_peer_burst, None)?;
         let admission = AdmissionSettings { max_in_flight, workers, per_peer, per_identity };
-        let max_connection_age = match args.max_connection_age.or(file.max_connection_age) {
+        let max_connection_age = match args.max_connection_age {
             Some(v) if v.trim() == "off" => None,
             v => match duration("max-connection-age", v, DEFAULT_MAX_AGE)? {
                 age if age < Duration::from_secs(1) => {
@@ -612,11 +583,7 @@ impl Config {
                 age => Some(age),
             },
         };
-        let request_timeout = duration(
-            "request-timeout",
-            args.request_timeout.or(file.request_timeout),
-            DEFAULT_REQUEST_TIMEOUT,
-        )?;
+        let request_timeout = duration("request-timeout", args.request_timeout, DEFAULT_REQUEST_TIMEOUT)?;
         if request_timeout < Duration::from_secs(1) {
             return Err(Error::Invalid { setting: "request-timeout", reason: "must be at least 1s".into() });
         }
@@ -635,11 +602,8 @@ impl Config {
         let connections =
             ConnectionSettings { max: max_connections, max_age: max_connection_age, request_timeout };
 
-        let reload_interval = duration(
-            "reload-interval",
-            args.reload_interval.or(file.reload_interval),
-            crate::ca::reload::DEFAULT_INTERVAL,
-        )?;
+        let reload_interval =
+            duration("reload-interval", args.reload_interval, crate::ca::reload::DEFAULT_INTERVAL)?;
         if reload_interval < Duration::from_secs(1) || reload_interval > Duration::from_secs(3600) {
             return Err(Error::Invalid {
                 setting: "reload-interval",
@@ -649,7 +613,7 @@ impl Config {
 
         let ready_api_unreachable_threshold = duration(
             "ready-api-unreachable-threshold",
-            args.ready_api_unreachable_threshold.or(file.ready_api_unreachable_threshold),
+            args.ready_api_unreachable_threshold,
             DEFAULT_API_UNREACHABLE_THRESHOLD,
         )?;
         if ready_api_unreachable_threshold < Duration::from_secs(1) {
@@ -660,16 +624,14 @@ impl Config {
         }
 
         let bootstrap = bootstrap(
-            args.bootstrap_tokens.or(file.bootstrap_tokens).unwrap_or(dev_paths.is_some()),
-            args.bootstrap_replay_store.or(file.bootstrap_replay_store),
-            args.bootstrap_replay_file.or(file.bootstrap_replay_file),
+            args.bootstrap_tokens.unwrap_or(dev_paths.is_some()),
+            args.bootstrap_replay_store,
+            args.bootstrap_replay_file,
             (dev_paths.as_ref(), &token, bootstrap_kubeconfig),
             leeway,
         )?;
 
-        let issuer_algorithms = if args.issuer.allow_non_windows_algorithms
-            || file.allow_non_windows_algorithms.unwrap_or(false)
-        {
+        let issuer_algorithms = if args.issuer.allow_non_windows_algorithms {
             IssuerAlgorithms::Any
         } else {
             IssuerAlgorithms::WindowsCompatible
@@ -689,13 +651,12 @@ impl Config {
             admission,
             connections,
             memory_limit,
-            plaintext: args.plaintext || file.plaintext.unwrap_or(false),
+            plaintext: args.plaintext,
             reload: ReloadSettings {
                 interval: reload_interval,
                 notifications: true,
                 issuer_algorithms,
-                allow_world_readable_issuer_key: args.allow_world_readable_issuer_key
-                    || file.allow_world_readable_issuer_key.unwrap_or(false),
+                allow_world_readable_issuer_key: args.allow_world_readable_issuer_key,
             },
             ready_api_unreachable_threshold,
             events,
@@ -771,6 +732,43 @@ mod tests {
         assert_eq!(c.trust_anchors, PathBuf::from("./meshca-dev/trust-anchors.pem"));
         assert_eq!(c.audit_log, "./meshca-dev/audit.jsonl");
         assert_eq!(c.lifetimes, Lifetimes::default());
+    }
+
+    #[test]
+    fn every_serve_flag_is_a_config_file_key_and_nothing_else_is() {
+        // The file's keys come from the same struct as the flags: one definition.
+        let value = serde_json::to_value(ServeArgs::default()).unwrap();
+        let keys: std::collections::BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        let mut flags = setting_names();
+        flags.insert("config".into()); // a field of the flags, refused in the file below
+        assert_eq!(keys, flags);
+        let err = Config::parse_file("config = \"other.toml\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown setting `config`"), "{err}");
+        let err = Config::parse_file("issuance-lifetme = \"1h\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown setting `issuance-lifetme`") && err.contains("serve --help"), "{err}");
+        // Switches, optional switches, numbers, lists and enums all read from a file.
+        let file = Config::parse_file(
+            "dev = true\nevents = false\nmax-in-flight = 7\ntoken-audiences = [\"a\", \"b\"]\n\
+             token-validation = \"jwks\"\nrate-limit-per-peer-burst = 3\n",
+        )
+        .unwrap();
+        assert!(file.issuer.dev);
+        assert_eq!((file.events, file.max_in_flight), (Some(false), Some(7)));
+        assert_eq!(file.token_audiences, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            (file.token_validation, file.rate_limit_per_peer_burst),
+            (Some(TokenValidation::Jwks), Some(3.0))
+        );
+    }
+
+    #[test]
+    fn a_flag_set_to_false_wins_over_the_file_and_a_switch_left_off_does_not() {
+        let file = || Config::parse_file("events = true\nplaintext = true\n").unwrap();
+        let args = ServeArgs { events: Some(false), ..Default::default() };
+        let merged = merged(in_dev(args), file()).unwrap();
+        assert_eq!(merged.events, Some(false), "--events=false over events = true");
+        assert!(merged.plaintext, "--plaintext not given: the file's plaintext = true");
+        assert!(merged.issuer.dev, "--dev given: kept");
     }
 
     #[test]

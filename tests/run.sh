@@ -66,7 +66,7 @@ if ! rustup target list --installed | grep -qx "$windows_target"; then
 fi
 
 # Lints are part of the build: warnings fail.
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 cargo build --locked --profile dist --target "$windows_target" --bin meshca
 x86_64-w64-mingw32-gcc -shared -O2 -o "${CARGO_TARGET_DIR:-target}/$windows_target/dist/bcryptprimitives.dll" \
