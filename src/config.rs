@@ -243,11 +243,11 @@ pub use crate::auth::bootstrap::{BootstrapConfig, ReplayConfig};
 /// (or "off") and an optional burst, 10 × the rate by default.
 fn rate(
     setting: &'static str,
-    value: Option<String>,
+    value: Option<&str>,
     burst: Option<f64>,
     default: Option<Rate>,
 ) -> Result<Option<Rate>, Error> {
-    let per_second = match value.as_deref().map(str::trim) {
+    let per_second = match value.map(str::trim) {
         None => return Ok(default.map(|d| Rate { burst: burst.unwrap_or(d.burst), ..d })),
         Some("off") | Some("0") => return Ok(None),
         Some(v) => v.trim_end_matches("/s").parse::<f64>().ok().filter(|r| r.is_finite() && *r > 0.0).ok_or(
@@ -264,7 +264,7 @@ fn rate(
     Ok(Some(Rate { per_second, burst }))
 }
 
-fn duration(setting: &'static str, value: Option<String>, default: Duration) -> Result<Duration, Error> {
+fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, Error> {
     match value {
         None => Ok(default),
         Some(v) => humantime::parse_duration(v.trim())
@@ -272,8 +272,8 @@ fn duration(setting: &'static str, value: Option<String>, default: Duration) -> 
     }
 }
 
-fn address(setting: &'static str, value: Option<String>, default: &str) -> Result<SocketAddr, Error> {
-    let v = value.unwrap_or_else(|| default.to_owned());
+fn address(setting: &'static str, value: Option<&str>, default: &str) -> Result<SocketAddr, Error> {
+    let v = value.unwrap_or(default);
     v.parse().map_err(|_| Error::Invalid {
         setting,
         reason: format!("{v:?} is not an IP:port address (e.g. 127.0.0.1:8080)"),
@@ -296,347 +296,30 @@ impl Config {
         toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::File(e.to_string()))
     }
 
-    /// Merges flags (and environment) over the file over the defaults, and checks the result.
+    /// Merges flags (and environment) over the file over the defaults, and checks the
+    /// result, one concern at a time (each helper below owns its settings' checks).
     pub fn resolve(args: ServeArgs, file: FileConfig) -> Result<Config, Error> {
         let args = merged(args, file)?;
-        let dev = args.issuer.dev;
-        let data_dir = args.issuer.data_dir.unwrap_or_else(|| PathBuf::from("./meshca-dev"));
-        let dev_paths = dev.then_some(DevPaths { data_dir });
-        let (listen_default, admin_default) =
-            if dev { ("127.0.0.1:8080", "127.0.0.1:9990") } else { ("0.0.0.0:8080", "0.0.0.0:9990") };
-        let listen = address("listen", args.listen, listen_default)?;
-        let admin_listen = address("admin-listen", args.admin_listen, admin_default)?;
-
-        let trust_domain = args.issuer.trust_domain.unwrap_or_else(|| "cluster.local".into());
-        let cpns = args.issuer.control_plane_namespace.unwrap_or_else(|| "meshca-system".into());
-        let naming = Naming::new(&trust_domain, &cpns).map_err(|e| Error::Invalid {
-            setting: match e {
-                crate::identity::Error::InvalidConfig { what: "trust domain", .. } => "trust-domain",
-                _ => "control-plane-namespace",
-            },
-            reason: e.to_string(),
-        })?;
-        let service_account = args.service_account.unwrap_or_else(|| "meshca".into());
-        check_label(&service_account).map_err(|r| Error::Invalid {
-            setting: "service-account",
-            reason: format!("not a DNS-1123 label: {r}"),
-        })?;
-
-        let (trust_anchors, issuer_dir) = match &dev_paths {
-            Some(p) => (
-                args.issuer.trust_anchors.unwrap_or_else(|| p.trust_anchors()),
-                args.issuer.issuer_dir.unwrap_or_else(|| p.issuer_dir()),
-            ),
-            None => (
-                args.issuer.trust_anchors.ok_or(Error::Missing {
-                    setting: "trust-anchors",
-                    when: "(or use --dev for the embedded default)",
-                })?,
-                args.issuer.issuer_dir.ok_or(Error::Missing {
-                    setting: "issuer-dir",
-                    when: "(or use --dev for the embedded default)",
-                })?,
-            ),
-        };
-
-        let lifetimes = Lifetimes {
-            issuance_lifetime: duration(
-                "issuance-lifetime",
-                args.issuance_lifetime,
-                Duration::from_secs(24 * 3600),
-            )?,
-            clock_skew_allowance: duration(
-                "clock-skew-allowance",
-                args.clock_skew_allowance,
-                Duration::from_secs(120),
-            )?,
-        };
-        if lifetimes.issuance_lifetime < Duration::from_secs(10) {
-            return Err(Error::Invalid {
-                setting: "issuance-lifetime",
-                reason: "must be at least 10s".into(),
-            });
-        }
-        if lifetimes.clock_skew_allowance > Duration::from_secs(3600) {
-            return Err(Error::Invalid {
-                setting: "clock-skew-allowance",
-                reason: "must be at most 1h".into(),
-            });
-        }
-
-        let mode = args.token_validation.unwrap_or(if dev {
-            TokenValidation::Dev
-        } else {
-            TokenValidation::TokenReview
+        let dev_paths = args.issuer.dev.then(|| DevPaths {
+            data_dir: args.issuer.data_dir.clone().unwrap_or_else(|| PathBuf::from("./meshca-dev")),
         });
-        let audiences = args.token_audiences.unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
-        let audiences: Vec<String> =
-            audiences.into_iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
-        if audiences.is_empty() {
-            return Err(Error::Invalid { setting: "token-audiences", reason: "no audience given".into() });
-        }
-        let leeway = duration("token-leeway", args.token_leeway, Duration::from_secs(60))?;
-        let kubeconfig = args.kubeconfig;
-        let bootstrap_kubeconfig = kubeconfig.clone();
-        let confirm_pod = args.jwks_confirm_pod.unwrap_or(false);
-        if confirm_pod && mode != TokenValidation::Jwks {
-            return Err(Error::Invalid {
-                setting: "jwks-confirm-pod",
-                reason:
-                    "only used with --token-validation jwks (tokenreview has the API server confirm the pod; \
-                         dev tokens name no real pod)"
-                        .into(),
-            });
-        }
-        let token = match mode {
-            TokenValidation::Dev => {
-                let Some(p) = &dev_paths else {
-                    return Err(Error::Invalid {
-                        setting: "token-validation",
-                        reason: "dev token validation needs --dev".into(),
-                    });
-                };
-                TokenConfig::Jwks {
-                    keys: KeySource::File(p.jwks()),
-                    issuer: Some(DEV_TOKEN_ISSUER.into()),
-                    audiences,
-                    leeway,
-                    refresh: KeyRefresh::default(),
-                    confirm_pod: None,
-                }
-            }
-            TokenValidation::Jwks => {
-                let issuer = args.token_issuer;
-                let ca_file = args.jwks_ca_file;
-                let keys = match (args.jwks_file, args.jwks_url) {
-                    (Some(_), Some(_)) => {
-                        return Err(Error::Invalid {
-                            setting: "jwks-url",
-                            reason: "give --jwks-file or --jwks-url, not both".into(),
-                        })
-                    }
-                    (Some(path), None) => KeySource::File(path),
-                    (None, Some(url)) => {
-                        if !url.starts_with("https://") {
-                            return Err(Error::Invalid {
-                                setting: "jwks-url",
-                                reason: "must be an https:// URL".into(),
-                            });
-                        }
-                        KeySource::Url { url, ca_file: ca_file.clone() }
-                    }
-                    (None, None) => KeySource::Discovery { kubeconfig: kubeconfig.clone() },
-                };
-                if ca_file.is_some() && !matches!(keys, KeySource::Url { .. }) {
-                    return Err(Error::Invalid {
-                        setting: "jwks-ca-file",
-                        reason: "only used with --jwks-url".into(),
-                    });
-                }
-                if issuer.is_none() && !matches!(keys, KeySource::Discovery { .. }) {
-                    return Err(Error::Missing {
-                        setting: "token-issuer",
-                        when: "with --jwks-file or --jwks-url (only discovery finds the issuer itself)",
-                    });
-                }
-                let refresh_interval = duration(
-                    "jwks-refresh-interval",
-                    args.jwks_refresh_interval,
-                    crate::auth::discovery::DEFAULT_REFRESH_INTERVAL,
-                )?;
-                if refresh_interval < Duration::from_secs(1)
-                    || refresh_interval > Duration::from_secs(24 * 3600)
-                {
-                    return Err(Error::Invalid {
-                        setting: "jwks-refresh-interval",
-                        reason: "must be at least 1s and at most 24h".into(),
-                    });
-                }
-                let refresh_min_interval = duration(
-                    "jwks-refresh-min-interval",
-                    args.jwks_refresh_min_interval,
-                    crate::auth::discovery::DEFAULT_REFRESH_MIN_INTERVAL,
-                )?;
-                if refresh_min_interval > Duration::from_secs(3600) {
-                    return Err(Error::Invalid {
-                        setting: "jwks-refresh-min-interval",
-                        reason: "must be at most 1h".into(),
-                    });
-                }
-                let refresh = KeyRefresh { refresh_interval, refresh_min_interval, ..KeyRefresh::default() };
-                let confirm_pod =
-                    confirm_pod.then(|| ConfirmPod { kubeconfig, settings: PodSettings::default() });
-                TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod }
-            }
-            TokenValidation::TokenReview => {
-                let timeout =
-                    duration("token-review-timeout", args.token_review_timeout, Duration::from_secs(2))?;
-                if timeout.is_zero() || timeout > Duration::from_secs(60) {
-                    return Err(Error::Invalid {
-                        setting: "token-review-timeout",
-                        reason: "must be more than 0 and at most 60s".into(),
-                    });
-                }
-                let at_least_one = |setting, value: Option<u32>, default| match value.unwrap_or(default) {
-                    0 => Err(Error::Invalid { setting, reason: "must be at least 1".into() }),
-                    n => Ok(n),
-                };
-                let cache_ttl = duration("token-cache-ttl", args.token_cache_ttl, Duration::from_secs(300))?;
-                if cache_ttl > Duration::from_secs(3600) {
-                    return Err(Error::Invalid {
-                        setting: "token-cache-ttl",
-                        reason: "must be at most 1h".into(),
-                    });
-                }
-                let cache_failure_ttl = duration(
-                    "token-cache-failure-ttl",
-                    args.token_cache_failure_ttl,
-                    Duration::from_secs(10),
-                )?;
-                if cache_failure_ttl > Duration::from_secs(600) {
-                    return Err(Error::Invalid {
-                        setting: "token-cache-failure-ttl",
-                        reason: "must be at most 10m".into(),
-                    });
-                }
-                TokenConfig::TokenReview {
-                    kubeconfig,
-                    audiences,
-                    timeout,
-                    qps: at_least_one("token-review-qps", args.token_review_qps, 100)?,
-                    burst: at_least_one("token-review-burst", args.token_review_burst, 200)?,
-                    cache_ttl,
-                    cache_failure_ttl,
-                }
-            }
-        };
-
-        let audit_log = args.audit_log.unwrap_or_else(|| match &dev_paths {
-            Some(p) => p.audit_log().display().to_string(),
-            None => "-".into(),
-        });
-        if audit_log.is_empty() {
-            return Err(Error::Invalid {
-                setting: "audit-log",
-                reason: "empty path (use - for stdout)".into(),
-            });
-        }
-
-        let events = match (args.events, token.kubernetes()) {
-            (Some(true), None) => {
-                return Err(Error::Invalid {
-                    setting: "events",
-                    reason: "Events need a Kubernetes client: --token-validation tokenreview, or jwks without \
-                             --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod; or pass --events=false"
-                        .into(),
-                })
-            }
-            (explicit, kubernetes) => explicit.unwrap_or(kubernetes.is_some()),
-        };
-        let node_os = args.audit_node_os.unwrap_or(false);
-        if node_os && token.kubernetes().is_none() {
-            return Err(Error::Invalid {
-                setting: "audit-node-os",
-                reason: "node lookups need a Kubernetes client: --token-validation tokenreview, or jwks \
-                         without --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod"
-                    .into(),
-            });
-        }
-
-        let max_connections = args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if max_connections == 0 {
-            return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
-        }
-        let memory_limit = memory::limit();
-        let max_in_flight = match args.max_in_flight {
-            Some(0) => {
-                return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() })
-            }
-            Some(n) => n,
-            None => memory::max_in_flight_for(memory_limit, max_connections),
-        };
-        let workers = args.signing_workers.unwrap_or_else(admission::cores);
-        if workers == 0 || workers > 1024 {
-            return Err(Error::Invalid {
-                setting: "signing-workers",
-                reason: "must be from 1 to 1024".into(),
-            });
-        }
-        let per_identity = rate(
-            "rate-limit-per-identity",
-            args.rate_limit_per_identity,
-            args.rate_limit_per_identity_burst,
-            Some(admission::DEFAULT_PER_IDENTITY),
-        )?;
-        let per_peer =
-            rate("rate-limit-per-peer", args.rate_limit_per_peer, args.rate_limit_per_peer_burst, None)?;
-        let admission = AdmissionSettings { max_in_flight, workers, per_peer, per_identity };
-        let max_connection_age = match args.max_connection_age {
-            Some(v) if v.trim() == "off" => None,
-            v => match duration("max-connection-age", v, DEFAULT_MAX_AGE)? {
-                age if age < Duration::from_secs(1) => {
-                    return Err(Error::Invalid {
-                        setting: "max-connection-age",
-                        reason: "must be at least 1s, or \"off\"".into(),
-                    })
-                }
-                age => Some(age),
-            },
-        };
-        let request_timeout = duration("request-timeout", args.request_timeout, DEFAULT_REQUEST_TIMEOUT)?;
-        if request_timeout < Duration::from_secs(1) {
-            return Err(Error::Invalid { setting: "request-timeout", reason: "must be at least 1s".into() });
-        }
-        // A TokenReview may wait its timeout for a rate-limit turn, then as long for the answer.
-        if let TokenConfig::TokenReview { timeout, .. } = &token {
-            if request_timeout <= *timeout * 2 {
-                return Err(Error::Invalid {
-                    setting: "request-timeout",
-                    reason: format!(
-                        "must be more than twice --token-review-timeout ({}), which a TokenReview may take",
-                        humantime::format_duration(*timeout)
-                    ),
-                });
-            }
-        }
-        let connections =
-            ConnectionSettings { max: max_connections, max_age: max_connection_age, request_timeout };
-
-        let reload_interval =
-            duration("reload-interval", args.reload_interval, crate::ca::reload::DEFAULT_INTERVAL)?;
-        if reload_interval < Duration::from_secs(1) || reload_interval > Duration::from_secs(3600) {
-            return Err(Error::Invalid {
-                setting: "reload-interval",
-                reason: "must be at least 1s and at most 1h".into(),
-            });
-        }
-
-        let ready_api_unreachable_threshold = duration(
-            "ready-api-unreachable-threshold",
-            args.ready_api_unreachable_threshold,
-            DEFAULT_API_UNREACHABLE_THRESHOLD,
-        )?;
-        if ready_api_unreachable_threshold < Duration::from_secs(1) {
-            return Err(Error::Invalid {
-                setting: "ready-api-unreachable-threshold",
-                reason: "must be at least 1s".into(),
-            });
-        }
-
+        let (listen, admin_listen) = listeners(&args)?;
+        let (naming, service_account) = names(&args)?;
+        let (trust_anchors, issuer_dir) = ca_files(&args, dev_paths.as_ref())?;
+        let lifetimes = lifetimes(&args)?;
+        let token = token(&args, dev_paths.as_ref())?;
+        let audit_log = audit_log(&args, dev_paths.as_ref())?;
+        let (events, node_os) = kubernetes_reports(&args, &token)?;
+        let (admission, connections, memory_limit) = capacity(&args, &token)?;
+        let (reload, ready_api_unreachable_threshold) = reload(&args)?;
+        let leeway = duration("token-leeway", args.token_leeway.as_deref(), Duration::from_secs(60))?;
         let bootstrap = bootstrap(
             args.bootstrap_tokens.unwrap_or(dev_paths.is_some()),
             args.bootstrap_replay_store,
-            args.bootstrap_replay_file,
-            (dev_paths.as_ref(), &token, bootstrap_kubeconfig),
+            args.bootstrap_replay_file.clone(),
+            (dev_paths.as_ref(), &token, args.kubeconfig.clone()),
             leeway,
         )?;
-
-        let issuer_algorithms = if args.issuer.allow_non_windows_algorithms {
-            IssuerAlgorithms::Any
-        } else {
-            IssuerAlgorithms::WindowsCompatible
-        };
-
         Ok(Config {
             dev: dev_paths,
             listen,
@@ -652,18 +335,389 @@ impl Config {
             connections,
             memory_limit,
             plaintext: args.plaintext,
-            reload: ReloadSettings {
-                interval: reload_interval,
-                notifications: true,
-                issuer_algorithms,
-                allow_world_readable_issuer_key: args.allow_world_readable_issuer_key,
-            },
+            reload,
             ready_api_unreachable_threshold,
             events,
             node_os,
             bootstrap,
         })
     }
+}
+
+/// `--listen` and `--admin-listen`: loopback in dev mode, every interface otherwise.
+fn listeners(args: &ServeArgs) -> Result<(SocketAddr, SocketAddr), Error> {
+    let dev = args.issuer.dev;
+    let (listen_default, admin_default) =
+        if dev { ("127.0.0.1:8080", "127.0.0.1:9990") } else { ("0.0.0.0:8080", "0.0.0.0:9990") };
+    let listen = address("listen", args.listen.as_deref(), listen_default)?;
+    let admin_listen = address("admin-listen", args.admin_listen.as_deref(), admin_default)?;
+
+    Ok((listen, admin_listen))
+}
+
+/// The trust domain, the control-plane namespace and meshca's own service account.
+fn names(args: &ServeArgs) -> Result<(Naming, String), Error> {
+    let trust_domain = args.issuer.trust_domain.as_deref().unwrap_or("cluster.local");
+    let cpns = args.issuer.control_plane_namespace.as_deref().unwrap_or("meshca-system");
+    let naming = Naming::new(trust_domain, cpns).map_err(|e| Error::Invalid {
+        setting: match e {
+            crate::identity::Error::InvalidConfig { what: "trust domain", .. } => "trust-domain",
+            _ => "control-plane-namespace",
+        },
+        reason: e.to_string(),
+    })?;
+    let service_account = args.service_account.clone().unwrap_or_else(|| "meshca".into());
+    check_label(&service_account).map_err(|r| Error::Invalid {
+        setting: "service-account",
+        reason: format!("not a DNS-1123 label: {r}"),
+    })?;
+
+    Ok((naming, service_account))
+}
+
+/// The trust-anchor file and the issuer directory: the dev data directory's, or given.
+fn ca_files(args: &ServeArgs, dev_paths: Option<&DevPaths>) -> Result<(PathBuf, PathBuf), Error> {
+    Ok(match dev_paths {
+        Some(p) => (
+            args.issuer.trust_anchors.clone().unwrap_or_else(|| p.trust_anchors()),
+            args.issuer.issuer_dir.clone().unwrap_or_else(|| p.issuer_dir()),
+        ),
+        None => (
+            args.issuer.trust_anchors.clone().ok_or(Error::Missing {
+                setting: "trust-anchors",
+                when: "(or use --dev for the embedded default)",
+            })?,
+            args.issuer.issuer_dir.clone().ok_or(Error::Missing {
+                setting: "issuer-dir",
+                when: "(or use --dev for the embedded default)",
+            })?,
+        ),
+    })
+}
+
+/// Leaf lifetime and backdate, bounded.
+fn lifetimes(args: &ServeArgs) -> Result<Lifetimes, Error> {
+    let lifetimes = Lifetimes {
+        issuance_lifetime: duration(
+            "issuance-lifetime",
+            args.issuance_lifetime.as_deref(),
+            Duration::from_secs(24 * 3600),
+        )?,
+        clock_skew_allowance: duration(
+            "clock-skew-allowance",
+            args.clock_skew_allowance.as_deref(),
+            Duration::from_secs(120),
+        )?,
+    };
+    if lifetimes.issuance_lifetime < Duration::from_secs(10) {
+        return Err(Error::Invalid { setting: "issuance-lifetime", reason: "must be at least 10s".into() });
+    }
+    if lifetimes.clock_skew_allowance > Duration::from_secs(3600) {
+        return Err(Error::Invalid { setting: "clock-skew-allowance", reason: "must be at most 1h".into() });
+    }
+
+    Ok(lifetimes)
+}
+
+/// How tokens are checked: the mode and its settings, each checked against the mode.
+fn token(args: &ServeArgs, dev_paths: Option<&DevPaths>) -> Result<TokenConfig, Error> {
+    let dev = args.issuer.dev;
+    let mode = args.token_validation.unwrap_or(if dev {
+        TokenValidation::Dev
+    } else {
+        TokenValidation::TokenReview
+    });
+    let audiences = args.token_audiences.clone().unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
+    let audiences: Vec<String> =
+        audiences.into_iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+    if audiences.is_empty() {
+        return Err(Error::Invalid { setting: "token-audiences", reason: "no audience given".into() });
+    }
+    let leeway = duration("token-leeway", args.token_leeway.as_deref(), Duration::from_secs(60))?;
+    let kubeconfig = args.kubeconfig.clone();
+    let confirm_pod = args.jwks_confirm_pod.unwrap_or(false);
+    if confirm_pod && mode != TokenValidation::Jwks {
+        return Err(Error::Invalid {
+            setting: "jwks-confirm-pod",
+            reason:
+                "only used with --token-validation jwks (tokenreview has the API server confirm the pod; \
+                     dev tokens name no real pod)"
+                    .into(),
+        });
+    }
+    let token = match mode {
+        TokenValidation::Dev => {
+            let Some(p) = dev_paths else {
+                return Err(Error::Invalid {
+                    setting: "token-validation",
+                    reason: "dev token validation needs --dev".into(),
+                });
+            };
+            TokenConfig::Jwks {
+                keys: KeySource::File(p.jwks()),
+                issuer: Some(DEV_TOKEN_ISSUER.into()),
+                audiences,
+                leeway,
+                refresh: KeyRefresh::default(),
+                confirm_pod: None,
+            }
+        }
+        TokenValidation::Jwks => {
+            let issuer = args.token_issuer.clone();
+            let ca_file = args.jwks_ca_file.clone();
+            let keys = match (args.jwks_file.clone(), args.jwks_url.clone()) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::Invalid {
+                        setting: "jwks-url",
+                        reason: "give --jwks-file or --jwks-url, not both".into(),
+                    })
+                }
+                (Some(path), None) => KeySource::File(path),
+                (None, Some(url)) => {
+                    if !url.starts_with("https://") {
+                        return Err(Error::Invalid {
+                            setting: "jwks-url",
+                            reason: "must be an https:// URL".into(),
+                        });
+                    }
+                    KeySource::Url { url, ca_file: ca_file.clone() }
+                }
+                (None, None) => KeySource::Discovery { kubeconfig: kubeconfig.clone() },
+            };
+            if ca_file.is_some() && !matches!(keys, KeySource::Url { .. }) {
+                return Err(Error::Invalid {
+                    setting: "jwks-ca-file",
+                    reason: "only used with --jwks-url".into(),
+                });
+            }
+            if issuer.is_none() && !matches!(keys, KeySource::Discovery { .. }) {
+                return Err(Error::Missing {
+                    setting: "token-issuer",
+                    when: "with --jwks-file or --jwks-url (only discovery finds the issuer itself)",
+                });
+            }
+            let refresh_interval = duration(
+                "jwks-refresh-interval",
+                args.jwks_refresh_interval.as_deref(),
+                crate::auth::discovery::DEFAULT_REFRESH_INTERVAL,
+            )?;
+            if refresh_interval < Duration::from_secs(1) || refresh_interval > Duration::from_secs(24 * 3600)
+            {
+                return Err(Error::Invalid {
+                    setting: "jwks-refresh-interval",
+                    reason: "must be at least 1s and at most 24h".into(),
+                });
+            }
+            let refresh_min_interval = duration(
+                "jwks-refresh-min-interval",
+                args.jwks_refresh_min_interval.as_deref(),
+                crate::auth::discovery::DEFAULT_REFRESH_MIN_INTERVAL,
+            )?;
+            if refresh_min_interval > Duration::from_secs(3600) {
+                return Err(Error::Invalid {
+                    setting: "jwks-refresh-min-interval",
+                    reason: "must be at most 1h".into(),
+                });
+            }
+            let refresh = KeyRefresh { refresh_interval, refresh_min_interval, ..KeyRefresh::default() };
+            let confirm_pod =
+                confirm_pod.then(|| ConfirmPod { kubeconfig, settings: PodSettings::default() });
+            TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod }
+        }
+        TokenValidation::TokenReview => {
+            let timeout = duration(
+                "token-review-timeout",
+                args.token_review_timeout.as_deref(),
+                Duration::from_secs(2),
+            )?;
+            if timeout.is_zero() || timeout > Duration::from_secs(60) {
+                return Err(Error::Invalid {
+                    setting: "token-review-timeout",
+                    reason: "must be more than 0 and at most 60s".into(),
+                });
+            }
+            let at_least_one = |setting, value: Option<u32>, default| match value.unwrap_or(default) {
+                0 => Err(Error::Invalid { setting, reason: "must be at least 1".into() }),
+                n => Ok(n),
+            };
+            let cache_ttl =
+                duration("token-cache-ttl", args.token_cache_ttl.as_deref(), Duration::from_secs(300))?;
+            if cache_ttl > Duration::from_secs(3600) {
+                return Err(Error::Invalid {
+                    setting: "token-cache-ttl",
+                    reason: "must be at most 1h".into(),
+                });
+            }
+            let cache_failure_ttl = duration(
+                "token-cache-failure-ttl",
+                args.token_cache_failure_ttl.as_deref(),
+                Duration::from_secs(10),
+            )?;
+            if cache_failure_ttl > Duration::from_secs(600) {
+                return Err(Error::Invalid {
+                    setting: "token-cache-failure-ttl",
+                    reason: "must be at most 10m".into(),
+                });
+            }
+            TokenConfig::TokenReview {
+                kubeconfig,
+                audiences,
+                timeout,
+                qps: at_least_one("token-review-qps", args.token_review_qps, 100)?,
+                burst: at_least_one("token-review-burst", args.token_review_burst, 200)?,
+                cache_ttl,
+                cache_failure_ttl,
+            }
+        }
+    };
+
+    Ok(token)
+}
+
+/// Where audit records go: the dev data directory's log, else stdout.
+fn audit_log(args: &ServeArgs, dev_paths: Option<&DevPaths>) -> Result<String, Error> {
+    let audit_log = args.audit_log.clone().unwrap_or_else(|| match dev_paths {
+        Some(p) => p.audit_log().display().to_string(),
+        None => "-".into(),
+    });
+    if audit_log.is_empty() {
+        return Err(Error::Invalid { setting: "audit-log", reason: "empty path (use - for stdout)".into() });
+    }
+
+    Ok(audit_log)
+}
+
+/// Events and node-OS lookups: on only where the token validation has a Kubernetes client.
+fn kubernetes_reports(args: &ServeArgs, token: &TokenConfig) -> Result<(bool, bool), Error> {
+    let events = match (args.events, token.kubernetes()) {
+        (Some(true), None) => {
+            return Err(Error::Invalid {
+                setting: "events",
+                reason: "Events need a Kubernetes client: --token-validation tokenreview, or jwks without \
+                         --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod; or pass --events=false"
+                    .into(),
+            })
+        }
+        (explicit, kubernetes) => explicit.unwrap_or(kubernetes.is_some()),
+    };
+    let node_os = args.audit_node_os.unwrap_or(false);
+    if node_os && token.kubernetes().is_none() {
+        return Err(Error::Invalid {
+            setting: "audit-node-os",
+            reason: "node lookups need a Kubernetes client: --token-validation tokenreview, or jwks \
+                     without --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod"
+                .into(),
+        });
+    }
+
+    Ok((events, node_os))
+}
+
+/// Admission (in-flight bound, workers, rate limits) and the listener's connection
+/// limits, with the memory limit that sizes the in-flight bound's default.
+fn capacity(
+    args: &ServeArgs,
+    token: &TokenConfig,
+) -> Result<(AdmissionSettings, ConnectionSettings, Option<u64>), Error> {
+    let max_connections = args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
+    }
+    let memory_limit = memory::limit();
+    let max_in_flight = match args.max_in_flight {
+        Some(0) => {
+            return Err(Error::Invalid { setting: "max-in-flight", reason: "must be at least 1".into() })
+        }
+        Some(n) => n,
+        None => memory::max_in_flight_for(memory_limit, max_connections),
+    };
+    let workers = args.signing_workers.unwrap_or_else(admission::cores);
+    if workers == 0 || workers > 1024 {
+        return Err(Error::Invalid { setting: "signing-workers", reason: "must be from 1 to 1024".into() });
+    }
+    let per_identity = rate(
+        "rate-limit-per-identity",
+        args.rate_limit_per_identity.as_deref(),
+        args.rate_limit_per_identity_burst,
+        Some(admission::DEFAULT_PER_IDENTITY),
+    )?;
+    let per_peer = rate(
+        "rate-limit-per-peer",
+        args.rate_limit_per_peer.as_deref(),
+        args.rate_limit_per_peer_burst,
+        None,
+    )?;
+    let admission = AdmissionSettings { max_in_flight, workers, per_peer, per_identity };
+    let max_connection_age = match args.max_connection_age.as_deref() {
+        Some(v) if v.trim() == "off" => None,
+        v => match duration("max-connection-age", v, DEFAULT_MAX_AGE)? {
+            age if age < Duration::from_secs(1) => {
+                return Err(Error::Invalid {
+                    setting: "max-connection-age",
+                    reason: "must be at least 1s, or \"off\"".into(),
+                })
+            }
+            age => Some(age),
+        },
+    };
+    let request_timeout =
+        duration("request-timeout", args.request_timeout.as_deref(), DEFAULT_REQUEST_TIMEOUT)?;
+    if request_timeout < Duration::from_secs(1) {
+        return Err(Error::Invalid { setting: "request-timeout", reason: "must be at least 1s".into() });
+    }
+    // A TokenReview may wait its timeout for a rate-limit turn, then as long for the answer.
+    if let TokenConfig::TokenReview { timeout, .. } = token {
+        if request_timeout <= *timeout * 2 {
+            return Err(Error::Invalid {
+                setting: "request-timeout",
+                reason: format!(
+                    "must be more than twice --token-review-timeout ({}), which a TokenReview may take",
+                    humantime::format_duration(*timeout)
+                ),
+            });
+        }
+    }
+    let connections =
+        ConnectionSettings { max: max_connections, max_age: max_connection_age, request_timeout };
+
+    Ok((admission, connections, memory_limit))
+}
+
+/// Issuer reloads and readiness: how often, and how long a failing backend is tolerated.
+fn reload(args: &ServeArgs) -> Result<(ReloadSettings, Duration), Error> {
+    let reload_interval =
+        duration("reload-interval", args.reload_interval.as_deref(), crate::ca::reload::DEFAULT_INTERVAL)?;
+    if reload_interval < Duration::from_secs(1) || reload_interval > Duration::from_secs(3600) {
+        return Err(Error::Invalid {
+            setting: "reload-interval",
+            reason: "must be at least 1s and at most 1h".into(),
+        });
+    }
+
+    let ready_api_unreachable_threshold = duration(
+        "ready-api-unreachable-threshold",
+        args.ready_api_unreachable_threshold.as_deref(),
+        DEFAULT_API_UNREACHABLE_THRESHOLD,
+    )?;
+    if ready_api_unreachable_threshold < Duration::from_secs(1) {
+        return Err(Error::Invalid {
+            setting: "ready-api-unreachable-threshold",
+            reason: "must be at least 1s".into(),
+        });
+    }
+
+    let issuer_algorithms = if args.issuer.allow_non_windows_algorithms {
+        IssuerAlgorithms::Any
+    } else {
+        IssuerAlgorithms::WindowsCompatible
+    };
+    let reload = ReloadSettings {
+        interval: reload_interval,
+        notifications: true,
+        issuer_algorithms,
+        allow_world_readable_issuer_key: args.allow_world_readable_issuer_key,
+    };
+    Ok((reload, ready_api_unreachable_threshold))
 }
 
 /// The bootstrap token settings: off, or on with a replay store: Kubernetes

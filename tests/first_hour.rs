@@ -863,3 +863,57 @@ fn doctor_with_the_agents_config_file_runs_the_same_checks_as_with_flags() {
     let token = finding(&findings, "token");
     assert!(token["found"].as_str().unwrap().contains("meshca would issue"), "{token}");
 }
+
+// ---- The README's two commands ----
+
+/// The README's Quick start: exactly the two commands, and they are what cargo and
+/// the repository make of them (the second is also what `.ci/run` runs).
+#[test]
+fn the_readme_quick_start_is_two_commands_that_the_repository_backs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme.split("## Quick start").nth(1).expect("a Quick start section");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    let commands: Vec<&str> =
+        block.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).collect();
+    assert_eq!(commands, ["cargo run --release -- serve --dev", "bash tests/run.sh"], "{block}");
+    assert!(
+        readme.len() <= 20 * 1024,
+        "README.md is {} bytes: a front door, not the reference",
+        readme.len()
+    );
+
+    // `cargo run` picks meshca: the package's default-run (cargo metadata, no build).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let meta = Command::new(cargo)
+        .args(["metadata", "--no-deps", "--format-version", "1", "--offline", "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(meta.status.success(), "{}", String::from_utf8_lossy(&meta.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).unwrap();
+    let package = meta["packages"].as_array().unwrap().iter().find(|p| p["name"] == "meshca").unwrap();
+    assert_eq!(package["default_run"], "meshca", "{package}");
+    let bins: Vec<&str> = package["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")))
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(bins, ["meshca"], "one binary in the main package");
+
+    // The test command exists, installs, and is what CI runs.
+    let script = std::fs::read_to_string(root.join("tests/run.sh")).unwrap();
+    for step in [
+        "apt-get install",
+        "kubernetes-validate",
+        "rustup target add",
+        "--profile dist",
+        "cargo test --locked",
+    ] {
+        assert!(script.contains(step), "tests/run.sh lacks {step:?}");
+    }
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    assert!(ci.lines().any(|l| l.trim() == "bash tests/run.sh"), ".ci/run runs the README's command");
+}
