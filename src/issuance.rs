@@ -32,6 +32,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::admission::{self, Admission, Scope};
 use crate::audit::{self, AuditLog, Outcome, Record, SubjectRecord};
+use crate::auth::bootstrap::{self, BootstrapTokens};
 use crate::auth::{peer, Authenticator};
 use crate::ca::csr::{self, KeyPolicy};
 use crate::ca::issuer::Leaf;
@@ -59,7 +60,10 @@ pub const DRY_RUN_REASON: &str = "dry_run";
 pub struct Issuance {
     pub naming: Naming,
     pub store: Arc<Store>,
+    /// Every token but bootstrap tokens (`auth`: TokenReview, JWKS, dev).
     pub authenticator: Arc<dyn Authenticator>,
+    /// Bootstrap tokens, accepted or refused as not enabled (`auth::bootstrap`).
+    pub bootstrap: Arc<BootstrapTokens>,
     pub audit: AuditLog,
     pub clock: Arc<dyn Clock>,
     pub lifetimes: Lifetimes,
@@ -291,6 +295,7 @@ impl Issuance {
         // One snapshot for the whole request: anchors and issuer from the same load.
         let snapshot = self.store.current().ok_or(Refusal::NoIssuer)?;
         let no_token = app.token.iter().all(u8::is_ascii_whitespace);
+        let bootstrap_token = bootstrap::is_bootstrap_token(&app.token);
         let subject = match app.peer_certs.as_deref().map(Vec::as_slice) {
             // Renewal by proof of possession: no token, a client certificate.
             Some(chain) if no_token && !chain.is_empty() => {
@@ -304,11 +309,17 @@ impl Issuance {
                 )?
             }
             _ if no_token => return Err(peer::Error::NoCredentials.into()),
-            _ => {
-                record.auth_method = Some(self.authenticator.method(&app.token).to_owned());
-                let subject = self.authenticator.authenticate(&app.token, now).await?;
-                record.bootstrap_token_id = self.authenticator.token_id(&app.token);
+            // A bootstrap token (told by its prefix): the single-use path.
+            _ if bootstrap_token => {
+                record.auth_method = Some(bootstrap::METHOD.to_owned());
+                let subject = self.bootstrap.authenticate(&app.token, now)?;
+                // Verified: its claimed id is its id.
+                record.bootstrap_token_id = bootstrap::claimed_token_id(&app.token);
                 subject
+            }
+            _ => {
+                record.auth_method = Some(self.authenticator.name().to_owned());
+                self.authenticator.authenticate(&app.token, now).await?
             }
         };
         record.token_issuer = (subject.issuer != peer::CERTIFICATE_ISSUER).then(|| subject.issuer.clone());
@@ -364,17 +375,17 @@ impl Issuance {
         let (key_type, leaf) = self.admission.run(move || job.run()).await.map_err(Refusal::Workers)??;
         record.csr_key_type = Some(key_type.label());
         let Some(leaf) = leaf else {
-            if !no_token {
-                // Where a real request spends a single-use token: would it have a use left?
-                self.authenticator.check_commit(&app.token, now).await?;
+            if bootstrap_token {
+                // Where a real request spends the token: would it have a use left?
+                self.bootstrap.unspent(&app.token, now).await?;
             }
             return Ok(Granted::DryRun); // checked, nothing signed
         };
-        if !no_token {
-            // A single-use token (bootstrap) is spent only now, every check passed;
-            // the leaf leaves only if that succeeds. Spending may wait on the API
-            // server, so it happens here, not on a worker.
-            self.authenticator.commit(&app.token, now).await?;
+        if bootstrap_token {
+            // A single-use token is spent only now, every check passed; the leaf
+            // leaves only if that succeeds. Spending may wait on the API server, so
+            // it happens here, not on a worker.
+            self.bootstrap.spend(&app.token, now).await?;
         }
         record.outcome = Outcome::Issued;
         record.issued = Some(audit::Issued {

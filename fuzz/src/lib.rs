@@ -257,6 +257,7 @@ pub mod certify {
     use meshca::ca::store::{Snapshot, Store};
     use meshca::clock::{Clock, FakeClock};
     use meshca::admission::{Admission, Settings as AdmissionSettings};
+    use meshca::auth::bootstrap::BootstrapTokens;
     use meshca::issuance::Issuance as Certifier;
     use meshca::metrics::Metrics;
 
@@ -294,10 +295,13 @@ pub mod certify {
             let authenticator = Arc::new(authenticator());
             let lifetimes = Lifetimes::default();
             let clock: Arc<dyn Clock> = Arc::new(FakeClock::at(now()));
+            let store = Arc::new(Store::new(snapshot));
             let certifier = Arc::new(Certifier {
                 naming: naming.clone(),
-                store: Arc::new(Store::new(snapshot)),
+                store: store.clone(),
                 authenticator: authenticator.clone(),
+                // Bootstrap tokens off: every token goes to the JWKS verifier, as before.
+                bootstrap: Arc::new(BootstrapTokens::disabled(store.clone(), naming.clone())),
                 audit,
                 clock: clock.clone(),
                 lifetimes,

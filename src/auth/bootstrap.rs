@@ -39,7 +39,7 @@
 //! # Single use
 //!
 //! A token is spent only once a request has passed every check and is about to be
-//! signed ([`Authenticator::commit`]; a dry run asks [`Authenticator::check_commit`]
+//! signed ([`BootstrapTokens::spend`]; a dry run asks [`BootstrapTokens::unspent`]
 //! instead, which reads the store and spends nothing): one use is recorded in a
 //! [`ReplayStore`] (a Lease per use in Kubernetes, a file on one host), and a token
 //! used up is refused with [`Error::BootstrapTokenUsed`]. A store that cannot answer
@@ -65,7 +65,7 @@ use serde_json::{json, Map, Value};
 
 use super::jwt::{b64, parse_object};
 use super::replay::ReplayStore;
-use super::{AuthFuture, Authenticator, CommitFuture, Error, Subject};
+use super::{Error, Subject};
 use crate::ca::issuer::Issuer;
 use crate::ca::store::Store;
 use crate::identity::Naming;
@@ -457,12 +457,14 @@ pub enum ReplayConfig {
     Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
-/// Handles bootstrap tokens itself and passes every other token to `inner`. With
-/// bootstrap tokens disabled (`replay` is `None`) it refuses them as such
+/// Bootstrap tokens as the issuance core meets them: told from other tokens by their
+/// prefix ([`is_bootstrap_token`]) before any [`Authenticator`] sees one, verified
+/// against the issuer current now, and spent only once their request has passed
+/// every check ([`Self::spend`]; a dry run asks [`Self::unspent`]). Disabled (no
+/// replay store: `--bootstrap-tokens` off) they are refused as such
 /// ([`Error::BootstrapDisabled`]), so the caller is told so rather than that its
 /// token is malformed.
-pub struct BootstrapAuthenticator {
-    inner: Arc<dyn Authenticator>,
+pub struct BootstrapTokens {
     /// The current issuer: its key verifies tokens.
     store: Arc<Store>,
     replay: Option<Arc<dyn ReplayStore>>,
@@ -470,25 +472,24 @@ pub struct BootstrapAuthenticator {
     leeway: Duration,
 }
 
-impl fmt::Debug for BootstrapAuthenticator {
+impl fmt::Debug for BootstrapTokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BootstrapAuthenticator")
-            .field("inner", &self.inner.name())
+        f.debug_struct("BootstrapTokens")
             .field("replay", &self.replay.as_ref().map(|r| r.name()))
             .field("leeway", &self.leeway)
             .finish_non_exhaustive()
     }
 }
 
-impl BootstrapAuthenticator {
-    pub fn new(
-        inner: Arc<dyn Authenticator>,
-        store: Arc<Store>,
-        replay: Arc<dyn ReplayStore>,
-        naming: Naming,
-        leeway: Duration,
-    ) -> Self {
-        BootstrapAuthenticator { inner, store, replay: Some(replay), naming, leeway }
+impl BootstrapTokens {
+    /// Accepting bootstrap tokens, their uses recorded in `replay`.
+    pub fn new(store: Arc<Store>, replay: Arc<dyn ReplayStore>, naming: Naming, leeway: Duration) -> Self {
+        BootstrapTokens { store, replay: Some(replay), naming, leeway }
+    }
+
+    /// Refusing every bootstrap token as not enabled.
+    pub fn disabled(store: Arc<Store>, naming: Naming) -> Self {
+        BootstrapTokens { store, replay: None, naming, leeway: Duration::ZERO }
     }
 
     /// Verifies a bootstrap token against the issuer current now; refuses it when
@@ -503,7 +504,14 @@ impl BootstrapAuthenticator {
         verify(token, &snapshot.issuer, &self.naming, self.leeway, now)
     }
 
-    async fn spend(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
+    /// Who the token names, once it verifies (spending nothing).
+    pub fn authenticate(&self, token: &[u8], now: SystemTime) -> Result<Subject, Error> {
+        self.verify(token, now).map(|v| v.subject)
+    }
+
+    /// Spends one use of the token: its request passed every check and is about
+    /// to be answered with a certificate, which leaves only if this succeeds.
+    pub async fn spend(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
         let verified = self.verify(token, now)?;
         let replay = self.replay.as_ref().ok_or(Error::BootstrapDisabled)?;
         let claims = &verified.claims;
@@ -512,89 +520,26 @@ impl BootstrapAuthenticator {
         replay.consume(&claims.token_id, claims.uses, expires).await.map_err(Error::from)
     }
 
-    /// Whether [`Self::spend`] would find a use left, spending none.
-    async fn unspent(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
+    /// Whether [`Self::spend`] would find a use left, spending none (a dry run).
+    pub async fn unspent(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
         let verified = self.verify(token, now)?;
         let replay = self.replay.as_ref().ok_or(Error::BootstrapDisabled)?;
         replay.check(&verified.claims.token_id, verified.claims.uses).await.map_err(Error::from)
     }
 }
 
-impl Authenticator for BootstrapAuthenticator {
-    fn authenticate<'a>(&'a self, token: &'a [u8], now: SystemTime) -> AuthFuture<'a> {
-        if !is_bootstrap_token(token) {
-            return self.inner.authenticate(token, now);
-        }
-        Box::pin(async move { self.verify(token, now).map(|v| v.subject) })
-    }
-
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn method(&self, token: &[u8]) -> &'static str {
-        if is_bootstrap_token(token) {
-            METHOD
-        } else {
-            self.inner.method(token)
-        }
-    }
-
-    fn token_id(&self, token: &[u8]) -> Option<String> {
-        if is_bootstrap_token(token) {
-            claimed_token_id(token)
-        } else {
-            self.inner.token_id(token)
-        }
-    }
-
-    fn commit<'a>(&'a self, token: &'a [u8], now: SystemTime) -> CommitFuture<'a> {
-        if !is_bootstrap_token(token) {
-            return self.inner.commit(token, now);
-        }
-        Box::pin(self.spend(token, now))
-    }
-
-    fn check_commit<'a>(&'a self, token: &'a [u8], now: SystemTime) -> CommitFuture<'a> {
-        if !is_bootstrap_token(token) {
-            return self.inner.check_commit(token, now);
-        }
-        Box::pin(self.unspent(token, now))
-    }
-
-    fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
-        self.inner.register_metrics(registry);
-    }
-
-    fn unreachable_since(&self) -> Option<SystemTime> {
-        self.inner.unreachable_since()
-    }
-
-    fn probe(&self, now: SystemTime) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-        self.inner.probe(now)
-    }
-}
-
-/// `inner` as the server runs it: behind a [`BootstrapAuthenticator`] when
-/// `--bootstrap-tokens` is on (`settings`), with its replay store opened (the file
-/// read, or the Kubernetes client built and the Lease cleanup started).
-pub async fn wrap(
-    inner: Arc<dyn Authenticator>,
+/// Bootstrap tokens as the server runs them: accepted when `--bootstrap-tokens` is
+/// on (`settings`), with the replay store opened (the file read, or the Kubernetes
+/// client built and the Lease cleanup started); else refused as not enabled.
+pub async fn open(
     settings: Option<&BootstrapConfig>,
     store: &Arc<Store>,
     naming: &Naming,
     clock: &Arc<dyn crate::clock::Clock>,
-) -> Result<Arc<dyn Authenticator>, Error> {
+) -> Result<BootstrapTokens, Error> {
     use super::replay::{FileReplayStore, LeaseReplayStore};
     let Some(settings) = settings else {
-        // Disabled: bootstrap tokens are refused as such, every other token goes to `inner`.
-        return Ok(Arc::new(BootstrapAuthenticator {
-            inner,
-            store: store.clone(),
-            replay: None,
-            naming: naming.clone(),
-            leeway: Duration::ZERO,
-        }));
+        return Ok(BootstrapTokens::disabled(store.clone(), naming.clone()));
     };
     let replay: Arc<dyn ReplayStore> = match &settings.replay {
         ReplayConfig::File(path) => Arc::new(FileReplayStore::open(path, clock.now())?),
@@ -607,7 +552,7 @@ pub async fn wrap(
         }
     };
     tracing::info!(replay_store = replay.name(), "accepting bootstrap tokens");
-    Ok(Arc::new(BootstrapAuthenticator::new(inner, store.clone(), replay, naming.clone(), settings.leeway)))
+    Ok(BootstrapTokens::new(store.clone(), replay, naming.clone(), settings.leeway))
 }
 
 #[cfg(test)]
@@ -953,19 +898,8 @@ mod tests {
         }
     }
 
-    struct Never;
-
-    impl Authenticator for Never {
-        fn authenticate<'a>(&'a self, _token: &'a [u8], _now: SystemTime) -> AuthFuture<'a> {
-            Box::pin(std::future::ready(Err(Error::Rejected { summary: "inner" })))
-        }
-        fn name(&self) -> &'static str {
-            "inner"
-        }
-    }
-
     #[tokio::test(flavor = "current_thread")]
-    async fn the_authenticator_verifies_bootstrap_tokens_spends_them_on_commit_and_passes_others_on() {
+    async fn bootstrap_tokens_are_verified_spent_once_per_use_and_refused_when_disabled() {
         let dir = tempfile::tempdir().unwrap();
         let h = crate::ca::hierarchy::generate(
             &naming(),
@@ -980,29 +914,30 @@ mod tests {
         let pkcs8 = crate::ca::material::read_pkcs8_key(&dir.path().join("issuer/tls.key")).unwrap();
         let signer = BootstrapSigner::new(&pkcs8, &snapshot.issuer, naming()).unwrap();
         let store = Arc::new(Store::new(snapshot));
-        let auth = BootstrapAuthenticator::new(
-            Arc::new(Never),
-            store,
+        let tokens = BootstrapTokens::new(
+            store.clone(),
             Arc::new(Memory::default()),
             naming(),
             Duration::from_secs(60),
         );
         let (token, claims) = signer.create(&web(), DEFAULT_TTL, 2, now()).unwrap();
         let token = token.expose().as_bytes();
-        assert_eq!(auth.method(token), METHOD);
-        assert_eq!(auth.token_id(token), Some(claims.token_id));
-        assert_eq!(auth.authenticate(token, now()).await.unwrap().service_account, "web");
-        // Authenticating spends nothing; each commit spends one use.
-        auth.authenticate(token, now()).await.unwrap();
-        auth.commit(token, now()).await.unwrap();
-        auth.commit(token, now()).await.unwrap();
-        refused!(auth.commit(token, now()).await, Error::BootstrapTokenUsed);
+        assert!(is_bootstrap_token(token));
+        assert_eq!(claimed_token_id(token), Some(claims.token_id));
+        assert_eq!(tokens.authenticate(token, now()).unwrap().service_account, "web");
+        // Authenticating spends nothing; each spend takes one use; unspent tells, spending none.
+        tokens.authenticate(token, now()).unwrap();
+        tokens.unspent(token, now()).await.unwrap();
+        tokens.spend(token, now()).await.unwrap();
+        tokens.spend(token, now()).await.unwrap();
+        refused!(tokens.unspent(token, now()).await, Error::BootstrapTokenUsed);
+        refused!(tokens.spend(token, now()).await, Error::BootstrapTokenUsed);
         assert_eq!(Error::BootstrapTokenUsed.code(), "bootstrap_token_used");
+        assert!(format!("{tokens:?}").contains("memory"));
 
-        let other = b"eyJhbGciOiJFUzI1NiJ9.e30.sig";
-        assert_eq!((auth.method(other), auth.name(), auth.token_id(other)), ("inner", "inner", None));
-        refused!(auth.authenticate(other, now()).await, Error::Rejected { summary: "inner" });
-        auth.commit(other, now()).await.unwrap();
-        assert!(format!("{auth:?}").contains("memory"));
+        let off = BootstrapTokens::disabled(store, naming());
+        refused!(off.authenticate(token, now()), Error::BootstrapDisabled);
+        refused!(off.spend(token, now()).await, Error::BootstrapDisabled);
+        assert_eq!(Error::BootstrapDisabled.code(), "bootstrap_tokens_disabled");
     }
 }

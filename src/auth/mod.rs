@@ -8,9 +8,12 @@
 //! and keeps current; [`tokenreview`] asks the Kubernetes API server; [`cache`]
 //! remembers answers so the API server is asked once per token, not once per
 //! request; [`pods`] confirms, in jwks mode, that a token's pod still exists;
-//! [`dev`] holds the key and signer used in development mode. [`bootstrap`] checks
-//! the tokens `meshca bootstrap-token create` mints for hosts without Kubernetes,
-//! and [`replay`] records their uses so each is spent once.
+//! [`dev`] holds the key and signer used in development mode. Those are
+//! [`Authenticator`]s: authenticate, plus the health of a remote backend. Bootstrap
+//! tokens, single-use, are not one: [`bootstrap`] checks the tokens `meshca
+//! bootstrap-token create` mints for hosts without Kubernetes, the issuance core
+//! sends it the tokens with their prefix and has it spend a use once a request
+//! passed every check, and [`replay`] records those uses so each is spent once.
 
 pub mod bootstrap;
 pub mod cache;
@@ -34,8 +37,6 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 pub use crate::identity::Subject;
 
 pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Subject, Error>> + Send + 'a>>;
-/// What [`Authenticator::commit`] returns.
-pub type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
 
 /// The authentication step. Later implementations (Kubernetes TokenReview, OIDC
 /// discovery) are async, hence the future.
@@ -63,31 +64,6 @@ pub trait Authenticator: Send + Sync + 'static {
     /// without a backend. A wrapper probes its inner authenticator.
     fn probe(&self, _now: SystemTime) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(std::future::ready(()))
-    }
-    /// The audit record's `auth_method` for `token` (told by its shape, before any
-    /// check): [`Self::name`] unless a wrapper handles some tokens itself
-    /// (`bootstrap` for [`bootstrap`] tokens).
-    fn method(&self, _token: &[u8]) -> &'static str {
-        self.name()
-    }
-    /// An id of `token` for the audit record (a bootstrap token's `jti`), if it has
-    /// one; asked only once [`Self::authenticate`] accepted the token.
-    fn token_id(&self, _token: &[u8]) -> Option<String> {
-        None
-    }
-    /// Spends what `token` allows, once its request has passed every check (never
-    /// for a dry run); the leaf may already be signed, but it leaves only if this
-    /// succeeds: a single-use credential records its use here, and an error
-    /// withholds the certificate. Nothing to do for tokens that may be presented
-    /// again and again.
-    fn commit<'a>(&'a self, _token: &'a [u8], _now: SystemTime) -> CommitFuture<'a> {
-        Box::pin(std::future::ready(Ok(())))
-    }
-    /// What [`Self::commit`] would answer now, spending nothing: asked in its place by
-    /// a dry run, so that `meshca doctor` is refused a used-up token as the real call
-    /// would be. Nothing to check for tokens that may be presented again and again.
-    fn check_commit<'a>(&'a self, _token: &'a [u8], _now: SystemTime) -> CommitFuture<'a> {
-        Box::pin(std::future::ready(Ok(())))
     }
 }
 

@@ -204,14 +204,9 @@ pub async fn run_with(
     );
     metrics.set_snapshot(reloader.load()?.as_ref());
     let authenticator = authenticator(&config.token).await?;
-    let authenticator = crate::auth::bootstrap::wrap(
-        authenticator,
-        config.bootstrap.as_ref(),
-        &store,
-        &config.naming,
-        &clock,
-    )
-    .await?;
+    let bootstrap = Arc::new(
+        crate::auth::bootstrap::open(config.bootstrap.as_ref(), &store, &config.naming, &clock).await?,
+    );
     metrics.register(|r| authenticator.register_metrics(r));
     let events = match config.token.kubernetes().filter(|_| config.events) {
         Some(kubeconfig) => {
@@ -276,6 +271,7 @@ pub async fn run_with(
         naming: config.naming.clone(),
         store: store.clone(),
         authenticator,
+        bootstrap,
         audit: audit.clone(),
         clock: clock.clone(),
         lifetimes: config.lifetimes,
