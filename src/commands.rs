@@ -465,13 +465,12 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
     Ok(token.expose().to_owned())
 }
 
-/// A boolean as clap's boolish parser reads one (true/false, 1/0, yes/no, on/off, y/n, t/f).
+/// A boolean as the `MESHCA_*` switches read one: clap's own boolish parser
+/// (true/false, 1/0, yes/no, on/off, y/n, t/f).
 fn parse_bool(value: &str) -> Option<bool> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" | "y" | "t" => Some(true),
-        "false" | "0" | "no" | "off" | "n" | "f" => Some(false),
-        _ => None,
-    }
+    use clap::builder::TypedValueParser as _;
+    let parser = clap::builder::BoolishValueParser::new();
+    parser.parse_ref(&clap::Command::new("meshca"), None, std::ffi::OsStr::new(value.trim())).ok()
 }
 
 fn key_type(arg: LeafKeyArg) -> KeyType {

@@ -212,30 +212,7 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
             certify(request(Vec::new(), current), clock.now()).await?
         }
     };
-    let received = clock.now();
-    let offset_millis = creds.server_time.map(|t| signed_millis(t, received));
-    if let Some(offset) = offset_millis {
-        if offset.unsigned_abs() > settings.offset_warning.as_millis() as u64 {
-            tracing::warn!(
-                offset_ms = offset,
-                "this host's clock differs from meshca's by more than {:?}; fix time sync (chrony/timedatectl, or w32tm /resync on Windows)",
-                settings.offset_warning
-            );
-        } else {
-            tracing::debug!(offset_ms = offset, "clock offset to meshca");
-        }
-    }
-
-    write_credentials(settings, &anchors, channel, &creds, received).await?;
-
-    // Validity left, on the server's clock: notAfter minus the server's time, or
-    // (when it did not say) the whole validity minus the server's usual backdate.
-    let validity = creds.not_after.duration_since(creds.not_before).unwrap_or_default();
-    let lifetime = match creds.server_time {
-        Some(t) => creds.not_after.duration_since(t).unwrap_or_default(),
-        None => schedule::lifetime(validity, ASSUMED_BACKDATE),
-    };
-    Ok(Renewed { not_after: creds.not_after, lifetime, offset_millis })
+    received(settings, &anchors, channel, &creds, clock.now()).await
 }
 
 /// `meshca certify --csr`: one Certify call with a CSR made elsewhere, sent
@@ -267,14 +244,42 @@ pub async fn submit_csr(
     let request = settings.request(&anchors, token, None);
     let channel = client::connect_as(request.addr, request.anchors, request.server_name, None).await?;
     let creds = client::submit_on(channel.clone(), request, csr.der, &csr.public_key, clock.now()).await?;
-    let received = clock.now();
-    write_credentials(settings, &anchors, channel, &creds, received).await?;
-    let lifetime = creds.not_after.duration_since(creds.server_time.unwrap_or(received)).unwrap_or_default();
-    Ok(Renewed {
-        not_after: creds.not_after,
-        lifetime,
-        offset_millis: creds.server_time.map(|t| signed_millis(t, received)),
-    })
+    received(settings, &anchors, channel, &creds, clock.now()).await
+}
+
+/// What every round does with a verified answer received at `received` (this
+/// host's clock): warn about the clock offset to meshca, write the files
+/// ([`write_credentials`]), and say how long the certificate has left.
+async fn received(
+    settings: &Settings,
+    anchors: &TrustAnchors,
+    channel: Channel,
+    creds: &Credentials,
+    received: SystemTime,
+) -> Result<Renewed, Error> {
+    let offset_millis = creds.server_time.map(|t| signed_millis(t, received));
+    if let Some(offset) = offset_millis {
+        if offset.unsigned_abs() > settings.offset_warning.as_millis() as u64 {
+            tracing::warn!(
+                offset_ms = offset,
+                "this host's clock differs from meshca's by more than {:?}; fix time sync (chrony/timedatectl, or w32tm /resync on Windows)",
+                settings.offset_warning
+            );
+        } else {
+            tracing::debug!(offset_ms = offset, "clock offset to meshca");
+        }
+    }
+
+    write_credentials(settings, anchors, channel, creds, received).await?;
+
+    // Validity left, on the server's clock: notAfter minus the server's time, or
+    // (when it did not say) the whole validity minus the server's usual backdate.
+    let validity = creds.not_after.duration_since(creds.not_before).unwrap_or_default();
+    let lifetime = match creds.server_time {
+        Some(t) => creds.not_after.duration_since(t).unwrap_or_default(),
+        None => schedule::lifetime(validity, ASSUMED_BACKDATE),
+    };
+    Ok(Renewed { not_after: creds.not_after, lifetime, offset_millis })
 }
 
 /// Writes what a round got into `--out`: `tls.key` when meshca made the key, then

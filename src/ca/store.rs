@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -22,6 +23,9 @@ use super::Error;
 pub struct Snapshot {
     pub issuer: Issuer,
     pub anchors: TrustAnchors,
+    /// The trust anchor the issuer's chain ends in (what Istio's answer ends with),
+    /// found once at load.
+    pub root: Option<CertificateDer<'static>>,
 }
 
 impl Snapshot {
@@ -40,7 +44,8 @@ impl Snapshot {
     ) -> Result<Self, Error> {
         let anchors = TrustAnchors::load(trust_anchors)?;
         let issuer = Issuer::load_with(issuer_dir, &anchors, now, algorithms)?;
-        Ok(Snapshot { issuer, anchors })
+        let root = root_of(issuer.intermediates(), anchors.certificates()).cloned();
+        Ok(Snapshot { issuer, anchors, root })
     }
 
     /// When the first of the trust anchors expires (`None` if none can be parsed,
@@ -93,4 +98,15 @@ impl Store {
     pub fn subscribe(&self) -> watch::Receiver<Current> {
         self.current.subscribe()
     }
+}
+/// The root `chain` ends in: the anchor that issued its last certificate.
+fn root_of<'a>(
+    chain: &[CertificateDer<'_>],
+    anchors: &'a [CertificateDer<'static>],
+) -> Option<&'a CertificateDer<'static>> {
+    let (_, top) = x509_parser::parse_x509_certificate(chain.last()?).ok()?;
+    anchors.iter().find(|anchor| {
+        x509_parser::parse_x509_certificate(anchor)
+            .is_ok_and(|(_, a)| a.subject().as_raw() == top.issuer().as_raw())
+    })
 }

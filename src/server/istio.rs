@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
 use super::grpc::{tag, DRY_RUN_HEADER};
@@ -39,18 +38,6 @@ fn bearer(metadata: &tonic::metadata::MetadataMap) -> Vec<u8> {
     }
 }
 
-/// The root `chain` ends in: the anchor that issued its last certificate.
-fn root_of<'a>(
-    chain: &[CertificateDer<'_>],
-    anchors: &'a [CertificateDer<'static>],
-) -> Option<&'a CertificateDer<'static>> {
-    let (_, top) = x509_parser::parse_x509_certificate(chain.last()?).ok()?;
-    anchors.iter().find(|anchor| {
-        x509_parser::parse_x509_certificate(anchor)
-            .is_ok_and(|(_, a)| a.subject().as_raw() == top.issuer().as_raw())
-    })
-}
-
 /// The CreateCertificate answer for `decision`.
 fn answer(decision: Decision) -> Result<Response<IstioCertificateResponse>, Status> {
     let Decision { request_id, now, outcome } = decision;
@@ -58,8 +45,7 @@ fn answer(decision: Decision) -> Result<Response<IstioCertificateResponse>, Stat
         Ok(Granted::Issued { leaf, snapshot }) => {
             let intermediates = snapshot.issuer.intermediates();
             let chain = std::iter::once(&leaf.der).chain(intermediates);
-            let root = root_of(intermediates, snapshot.anchors.certificates());
-            let cert_chain = chain.chain(root).map(|c| to_pem("CERTIFICATE", c)).collect();
+            let cert_chain = chain.chain(&snapshot.root).map(|c| to_pem("CERTIFICATE", c)).collect();
             Response::new(IstioCertificateResponse { cert_chain })
         }
         Ok(Granted::DryRun) => {
