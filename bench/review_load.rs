@@ -95,17 +95,19 @@ impl Mode {
 
     fn token_config(self, api: &ApiServer, jwks_file: &Path) -> TokenConfig {
         let kubeconfig = Some(api.kubeconfig.clone());
-        let jwks = |keys, confirm_pod| TokenConfig::Jwks {
-            keys,
-            issuer: Some(TOKEN_ISSUER.into()),
-            audiences: vec![DEFAULT_AUDIENCE.into()],
-            leeway: Duration::from_secs(60),
-            refresh: KeyRefresh::default(),
-            confirm_pod,
+        let jwks = |keys, confirm_pod| {
+            TokenConfig::Jwks(meshca::config::JwksSettings {
+                keys,
+                issuer: Some(TOKEN_ISSUER.into()),
+                audiences: vec![DEFAULT_AUDIENCE.into()],
+                leeway: Duration::from_secs(60),
+                refresh: KeyRefresh::default(),
+                confirm_pod,
+            })
         };
         match self {
             Mode::DevEquivalent => jwks(KeySource::File(jwks_file.to_owned()), None),
-            Mode::TokenReview => TokenConfig::TokenReview {
+            Mode::TokenReview => TokenConfig::TokenReview(meshca::config::TokenReviewSettings {
                 kubeconfig,
                 audiences: vec![DEFAULT_AUDIENCE.into()],
                 timeout: Duration::from_secs(2),
@@ -113,7 +115,7 @@ impl Mode {
                 burst: 200,
                 cache_ttl: Duration::from_secs(300),
                 cache_failure_ttl: Duration::from_secs(10),
-            },
+            }),
             Mode::Jwks => jwks(KeySource::Discovery { kubeconfig }, None),
             Mode::JwksConfirmPod => jwks(
                 KeySource::Discovery { kubeconfig: kubeconfig.clone() },

@@ -168,17 +168,8 @@ pub struct InitArgs {
     pub key_type: CaKeyArg,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenValidation {
-    /// Ask the Kubernetes API server (TokenReview; --kubeconfig or in-cluster), with a cache.
-    #[value(name = "tokenreview")]
-    TokenReview,
-    /// Verify JWTs locally against a JWKS: the cluster's service-account issuer discovery, or --jwks-file / --jwks-url with --token-issuer.
-    Jwks,
-    /// Verify tokens signed by the dev key in --data-dir (`meshca dev-token`).
-    Dev,
-}
+/// `--token-validation`'s values, owned by the token sources.
+pub use crate::auth::source::TokenValidation;
 
 /// `meshca serve`'s settings, defined once: as flags (with their `MESHCA_*`
 /// variables) here, and as the keys of the `--config` TOML file through serde
@@ -205,63 +196,10 @@ pub struct ServeArgs {
     /// How far leaves are backdated, for clocks behind ours [default: 2m].
     #[arg(long, env = "MESHCA_CLOCK_SKEW_ALLOWANCE", value_name = "DURATION")]
     pub clock_skew_allowance: Option<String>,
-    /// How callers prove who they are [default: dev with --dev, tokenreview otherwise].
-    #[arg(long, env = "MESHCA_TOKEN_VALIDATION", value_enum, value_name = "MODE")]
-    pub token_validation: Option<TokenValidation>,
-    /// JWKS file with the token issuer's public keys (jwks mode) [default: the cluster's service-account issuer discovery].
-    #[arg(long, env = "MESHCA_JWKS_FILE", value_name = "FILE")]
-    pub jwks_file: Option<PathBuf>,
-    /// https:// URL serving the token issuer's JWKS (jwks mode; instead of --jwks-file).
-    #[arg(long, env = "MESHCA_JWKS_URL", value_name = "URL")]
-    pub jwks_url: Option<String>,
-    /// PEM bundle trusted for --jwks-url instead of the system's roots.
-    #[arg(long, env = "MESHCA_JWKS_CA_FILE", value_name = "FILE")]
-    pub jwks_ca_file: Option<PathBuf>,
-    /// How often the JWKS is re-fetched (jwks mode) [default: 5m].
-    #[arg(long, env = "MESHCA_JWKS_REFRESH_INTERVAL", value_name = "DURATION")]
-    pub jwks_refresh_interval: Option<String>,
-    /// Shortest time between two re-fetches caused by tokens with unknown key ids [default: 10s].
-    #[arg(long, env = "MESHCA_JWKS_REFRESH_MIN_INTERVAL", value_name = "DURATION")]
-    pub jwks_refresh_min_interval: Option<String>,
-    /// After a token verifies (jwks mode), confirm through the Kubernetes client (--kubeconfig or in-cluster) that the pod it is bound to still exists with the token's uid: --jwks-confirm-pod or --jwks-confirm-pod=BOOL [default: false].
-    #[arg(
-        long,
-        env = "MESHCA_JWKS_CONFIRM_POD",
-        value_name = "BOOL",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "true",
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub jwks_confirm_pod: Option<bool>,
-    /// Required token `iss` (jwks mode; required with --jwks-file or --jwks-url, else the discovered issuer; dev mode uses "meshca-dev").
-    #[arg(long, env = "MESHCA_TOKEN_ISSUER", value_name = "ISS")]
-    pub token_issuer: Option<String>,
-    /// Accepted token audiences, comma-separated [default: identity.l5d.io].
-    #[arg(long, env = "MESHCA_TOKEN_AUDIENCES", value_name = "AUD,...", value_delimiter = ',')]
-    pub token_audiences: Option<Vec<String>>,
-    /// Leeway applied to token exp/nbf/iat [default: 60s].
-    #[arg(long, env = "MESHCA_TOKEN_LEEWAY", value_name = "DURATION")]
-    pub token_leeway: Option<String>,
-    /// kubeconfig for the Kubernetes API server (tokenreview mode; jwks discovery; --jwks-confirm-pod; Events; node lookups) [default: KUBECONFIG, ~/.kube/config, or in-cluster].
-    #[arg(long, env = "MESHCA_KUBECONFIG", value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Bound on each TokenReview call, connecting included [default: 2s].
-    #[arg(long, env = "MESHCA_TOKEN_REVIEW_TIMEOUT", value_name = "DURATION")]
-    pub token_review_timeout: Option<String>,
-    /// TokenReview calls per second, sustained [default: 100].
-    #[arg(long, env = "MESHCA_TOKEN_REVIEW_QPS", value_name = "N")]
-    pub token_review_qps: Option<u32>,
-    /// TokenReview calls allowed at once after a quiet period [default: 200].
-    #[arg(long, env = "MESHCA_TOKEN_REVIEW_BURST", value_name = "N")]
-    pub token_review_burst: Option<u32>,
-    /// How long an accepted token is remembered, at most until its exp [default: 5m].
-    #[arg(long, env = "MESHCA_TOKEN_CACHE_TTL", value_name = "DURATION")]
-    pub token_cache_ttl: Option<String>,
-    /// How long a refused token is remembered [default: 10s].
-    #[arg(long, env = "MESHCA_TOKEN_CACHE_FAILURE_TTL", value_name = "DURATION")]
-    pub token_cache_failure_ttl: Option<String>,
+    /// How callers prove who they are: the token sources' flags (`auth::source`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub token: crate::auth::source::TokenFlags,
     /// Audit log path, or - for stdout [default: DATA_DIR/audit.jsonl in dev, - otherwise].
     #[arg(long, env = "MESHCA_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<String>,

@@ -19,7 +19,7 @@ pub use crate::auth::pods::Settings as PodSettings;
 use crate::ca::issuer::Algorithms as IssuerAlgorithms;
 use crate::ca::profile::Lifetimes;
 pub use crate::ca::reload::Settings as ReloadSettings;
-use crate::cli::{BootstrapReplayStore, ServeArgs, TokenValidation};
+use crate::cli::{BootstrapReplayStore, ServeArgs};
 use crate::identity::{check_label, Naming};
 
 /// A setting that cannot be used.
@@ -35,6 +35,15 @@ pub enum Error {
     /// A setting required in this mode is missing.
     #[error("--{setting} is required {when}")]
     Missing { setting: &'static str, when: &'static str },
+}
+
+impl From<crate::setting::Error> for Error {
+    fn from(e: crate::setting::Error) -> Self {
+        match e {
+            crate::setting::Error::Invalid { setting, reason } => Error::Invalid { setting, reason },
+            crate::setting::Error::Missing { setting, when } => Error::Missing { setting, when },
+        }
+    }
 }
 
 /// The TOML file: `meshca serve`'s own settings ([`ServeArgs`]), keys named as the
@@ -82,62 +91,11 @@ fn merged(args: ServeArgs, file: FileConfig) -> Result<ServeArgs, Error> {
     serde_json::from_value(over).map_err(internal)
 }
 
-/// The dev-mode issuer name tokens from `meshca dev-token` carry.
-pub const DEV_TOKEN_ISSUER: &str = "meshca-dev";
-/// Linkerd proxies' projected-token audience.
-pub const DEFAULT_AUDIENCE: &str = "identity.l5d.io";
-
-/// How tokens are checked.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TokenConfig {
-    /// Local JWT verification against a JWKS, kept current (`auth::discovery`).
-    Jwks {
-        keys: KeySource,
-        /// Required `iss`; `None` only with [`KeySource::Discovery`]: the discovered issuer.
-        issuer: Option<String>,
-        audiences: Vec<String>,
-        leeway: Duration,
-        refresh: KeyRefresh,
-        /// `--jwks-confirm-pod`: confirm the token's pod through the Kubernetes client.
-        confirm_pod: Option<ConfirmPod>,
-    },
-    /// Kubernetes TokenReview, behind a cache and a rate limit.
-    TokenReview {
-        /// `None`: `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
-        kubeconfig: Option<PathBuf>,
-        audiences: Vec<String>,
-        /// Bound on each API call; also the longest wait for a rate-limit turn.
-        timeout: Duration,
-        qps: u32,
-        burst: u32,
-        cache_ttl: Duration,
-        cache_failure_ttl: Duration,
-    },
-}
-
-/// `--jwks-confirm-pod`: where pods are looked up and how answers are cached.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfirmPod {
-    /// `None`: `KUBECONFIG`, `~/.kube/config`, or the in-cluster service account.
-    pub kubeconfig: Option<PathBuf>,
-    pub settings: PodSettings,
-}
-
-impl TokenConfig {
-    /// `Some(kubeconfig)` when this mode talks to a Kubernetes API server (the
-    /// inner `None`: `KUBECONFIG`, `~/.kube/config` or in-cluster), so a client
-    /// for Kubernetes Events can be built the same way.
-    pub fn kubernetes(&self) -> Option<Option<&std::path::Path>> {
-        match self {
-            TokenConfig::TokenReview { kubeconfig, .. }
-            | TokenConfig::Jwks { keys: KeySource::Discovery { kubeconfig }, .. }
-            | TokenConfig::Jwks { confirm_pod: Some(ConfirmPod { kubeconfig, .. }), .. } => {
-                Some(kubeconfig.as_deref())
-            }
-            TokenConfig::Jwks { .. } => None,
-        }
-    }
-}
+pub use crate::auth::source::dev::DEV_TOKEN_ISSUER;
+pub use crate::auth::source::jwks::{ConfirmPod, Settings as JwksSettings};
+pub use crate::auth::source::tokenreview::Settings as TokenReviewSettings;
+/// How tokens are checked: the token source's settings (`auth::source`).
+pub use crate::auth::source::{TokenConfig, DEFAULT_AUDIENCE};
 
 /// Where dev mode keeps its state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -265,11 +223,7 @@ fn rate(
 }
 
 fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, Error> {
-    match value {
-        None => Ok(default),
-        Some(v) => humantime::parse_duration(v.trim())
-            .map_err(|e| Error::Invalid { setting, reason: format!("{e} (use e.g. 24h, 90s, 2m)") }),
-    }
+    Ok(crate::setting::duration(setting, value, default)?)
 }
 
 fn address(setting: &'static str, value: Option<&str>, default: &str) -> Result<SocketAddr, Error> {
@@ -307,17 +261,17 @@ impl Config {
         let (naming, service_account) = names(&args)?;
         let (trust_anchors, issuer_dir) = ca_files(&args, dev_paths.as_ref())?;
         let lifetimes = lifetimes(&args)?;
-        let token = token(&args, dev_paths.as_ref())?;
+        let token = args.token.resolve(dev_paths.as_ref().map(DevPaths::jwks).as_deref())?;
         let audit_log = audit_log(&args, dev_paths.as_ref())?;
         let (events, node_os) = kubernetes_reports(&args, &token)?;
         let (admission, connections, memory_limit) = capacity(&args, &token)?;
         let (reload, ready_api_unreachable_threshold) = reload(&args)?;
-        let leeway = duration("token-leeway", args.token_leeway.as_deref(), Duration::from_secs(60))?;
+        let leeway = duration("token-leeway", args.token.token_leeway.as_deref(), Duration::from_secs(60))?;
         let bootstrap = bootstrap(
             args.bootstrap_tokens.unwrap_or(dev_paths.is_some()),
             args.bootstrap_replay_store,
             args.bootstrap_replay_file.clone(),
-            (dev_paths.as_ref(), &token, args.kubeconfig.clone()),
+            (dev_paths.as_ref(), &token, args.token.kubeconfig.clone()),
             leeway,
         )?;
         Ok(Config {
@@ -419,161 +373,6 @@ fn lifetimes(args: &ServeArgs) -> Result<Lifetimes, Error> {
     Ok(lifetimes)
 }
 
-/// How tokens are checked: the mode and its settings, each checked against the mode.
-fn token(args: &ServeArgs, dev_paths: Option<&DevPaths>) -> Result<TokenConfig, Error> {
-    let dev = args.issuer.dev;
-    let mode = args.token_validation.unwrap_or(if dev {
-        TokenValidation::Dev
-    } else {
-        TokenValidation::TokenReview
-    });
-    let audiences = args.token_audiences.clone().unwrap_or_else(|| vec![DEFAULT_AUDIENCE.into()]);
-    let audiences: Vec<String> =
-        audiences.into_iter().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
-    if audiences.is_empty() {
-        return Err(Error::Invalid { setting: "token-audiences", reason: "no audience given".into() });
-    }
-    let leeway = duration("token-leeway", args.token_leeway.as_deref(), Duration::from_secs(60))?;
-    let kubeconfig = args.kubeconfig.clone();
-    let confirm_pod = args.jwks_confirm_pod.unwrap_or(false);
-    if confirm_pod && mode != TokenValidation::Jwks {
-        return Err(Error::Invalid {
-            setting: "jwks-confirm-pod",
-            reason:
-                "only used with --token-validation jwks (tokenreview has the API server confirm the pod; \
-                     dev tokens name no real pod)"
-                    .into(),
-        });
-    }
-    let token = match mode {
-        TokenValidation::Dev => {
-            let Some(p) = dev_paths else {
-                return Err(Error::Invalid {
-                    setting: "token-validation",
-                    reason: "dev token validation needs --dev".into(),
-                });
-            };
-            TokenConfig::Jwks {
-                keys: KeySource::File(p.jwks()),
-                issuer: Some(DEV_TOKEN_ISSUER.into()),
-                audiences,
-                leeway,
-                refresh: KeyRefresh::default(),
-                confirm_pod: None,
-            }
-        }
-        TokenValidation::Jwks => {
-            let issuer = args.token_issuer.clone();
-            let ca_file = args.jwks_ca_file.clone();
-            let keys = match (args.jwks_file.clone(), args.jwks_url.clone()) {
-                (Some(_), Some(_)) => {
-                    return Err(Error::Invalid {
-                        setting: "jwks-url",
-                        reason: "give --jwks-file or --jwks-url, not both".into(),
-                    })
-                }
-                (Some(path), None) => KeySource::File(path),
-                (None, Some(url)) => {
-                    if !url.starts_with("https://") {
-                        return Err(Error::Invalid {
-                            setting: "jwks-url",
-                            reason: "must be an https:// URL".into(),
-                        });
-                    }
-                    KeySource::Url { url, ca_file: ca_file.clone() }
-                }
-                (None, None) => KeySource::Discovery { kubeconfig: kubeconfig.clone() },
-            };
-            if ca_file.is_some() && !matches!(keys, KeySource::Url { .. }) {
-                return Err(Error::Invalid {
-                    setting: "jwks-ca-file",
-                    reason: "only used with --jwks-url".into(),
-                });
-            }
-            if issuer.is_none() && !matches!(keys, KeySource::Discovery { .. }) {
-                return Err(Error::Missing {
-                    setting: "token-issuer",
-                    when: "with --jwks-file or --jwks-url (only discovery finds the issuer itself)",
-                });
-            }
-            let refresh_interval = duration(
-                "jwks-refresh-interval",
-                args.jwks_refresh_interval.as_deref(),
-                crate::auth::discovery::DEFAULT_REFRESH_INTERVAL,
-            )?;
-            if refresh_interval < Duration::from_secs(1) || refresh_interval > Duration::from_secs(24 * 3600)
-            {
-                return Err(Error::Invalid {
-                    setting: "jwks-refresh-interval",
-                    reason: "must be at least 1s and at most 24h".into(),
-                });
-            }
-            let refresh_min_interval = duration(
-                "jwks-refresh-min-interval",
-                args.jwks_refresh_min_interval.as_deref(),
-                crate::auth::discovery::DEFAULT_REFRESH_MIN_INTERVAL,
-            )?;
-            if refresh_min_interval > Duration::from_secs(3600) {
-                return Err(Error::Invalid {
-                    setting: "jwks-refresh-min-interval",
-                    reason: "must be at most 1h".into(),
-                });
-            }
-            let refresh = KeyRefresh { refresh_interval, refresh_min_interval, ..KeyRefresh::default() };
-            let confirm_pod =
-                confirm_pod.then(|| ConfirmPod { kubeconfig, settings: PodSettings::default() });
-            TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod }
-        }
-        TokenValidation::TokenReview => {
-            let timeout = duration(
-                "token-review-timeout",
-                args.token_review_timeout.as_deref(),
-                Duration::from_secs(2),
-            )?;
-            if timeout.is_zero() || timeout > Duration::from_secs(60) {
-                return Err(Error::Invalid {
-                    setting: "token-review-timeout",
-                    reason: "must be more than 0 and at most 60s".into(),
-                });
-            }
-            let at_least_one = |setting, value: Option<u32>, default| match value.unwrap_or(default) {
-                0 => Err(Error::Invalid { setting, reason: "must be at least 1".into() }),
-                n => Ok(n),
-            };
-            let cache_ttl =
-                duration("token-cache-ttl", args.token_cache_ttl.as_deref(), Duration::from_secs(300))?;
-            if cache_ttl > Duration::from_secs(3600) {
-                return Err(Error::Invalid {
-                    setting: "token-cache-ttl",
-                    reason: "must be at most 1h".into(),
-                });
-            }
-            let cache_failure_ttl = duration(
-                "token-cache-failure-ttl",
-                args.token_cache_failure_ttl.as_deref(),
-                Duration::from_secs(10),
-            )?;
-            if cache_failure_ttl > Duration::from_secs(600) {
-                return Err(Error::Invalid {
-                    setting: "token-cache-failure-ttl",
-                    reason: "must be at most 10m".into(),
-                });
-            }
-            TokenConfig::TokenReview {
-                kubeconfig,
-                audiences,
-                timeout,
-                qps: at_least_one("token-review-qps", args.token_review_qps, 100)?,
-                burst: at_least_one("token-review-burst", args.token_review_burst, 200)?,
-                cache_ttl,
-                cache_failure_ttl,
-            }
-        }
-    };
-
-    Ok(token)
-}
-
 /// Where audit records go: the dev data directory's log, else stdout.
 fn audit_log(args: &ServeArgs, dev_paths: Option<&DevPaths>) -> Result<String, Error> {
     let audit_log = args.audit_log.clone().unwrap_or_else(|| match dev_paths {
@@ -666,7 +465,8 @@ fn capacity(
         return Err(Error::Invalid { setting: "request-timeout", reason: "must be at least 1s".into() });
     }
     // A TokenReview may wait its timeout for a rate-limit turn, then as long for the answer.
-    if let TokenConfig::TokenReview { timeout, .. } = token {
+    if let TokenConfig::TokenReview(review) = token {
+        let timeout = &review.timeout;
         if request_timeout <= *timeout * 2 {
             return Err(Error::Invalid {
                 setting: "request-timeout",
@@ -769,7 +569,13 @@ fn bootstrap(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::source::TokenValidation;
     use crate::cli::IssuerArgs;
+
+    /// Settings as a config file with these lines would give them.
+    fn from_toml(toml: &str) -> ServeArgs {
+        Config::parse_file(toml).unwrap()
+    }
 
     /// `args` with `--dev`.
     fn in_dev(mut args: ServeArgs) -> ServeArgs {
@@ -808,9 +614,9 @@ mod tests {
         .unwrap();
         assert!(file.issuer.dev);
         assert_eq!((file.events, file.max_in_flight), (Some(false), Some(7)));
-        assert_eq!(file.token_audiences, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(file.token.token_audiences, Some(vec!["a".into(), "b".into()]));
         assert_eq!(
-            (file.token_validation, file.rate_limit_per_peer_burst),
+            (file.token.token_validation, file.rate_limit_per_peer_burst),
             (Some(TokenValidation::Jwks), Some(3.0))
         );
     }
@@ -886,11 +692,10 @@ mod tests {
             assert!(err.to_string().starts_with("--request-timeout:"), "{bad}: {err}");
         }
         // Longer than a TokenReview may take: its rate-limit wait and its call.
-        let review = |request: &str, review: &str| ServeArgs {
-            token_validation: Some(TokenValidation::TokenReview),
-            token_review_timeout: Some(review.into()),
-            request_timeout: Some(request.into()),
-            ..Default::default()
+        let review = |request: &str, review: &str| {
+            from_toml(&format!(
+                "token-validation = \"tokenreview\"\ntoken-review-timeout = \"{review}\"\nrequest-timeout = \"{request}\""
+            ))
         };
         let err = Config::resolve(in_dev(review("20s", "10s")), FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("twice --token-review-timeout (10s)"), "{err}");
@@ -1000,7 +805,7 @@ mod tests {
     #[test]
     fn tokenreview_is_the_default_outside_dev_mode_with_its_documented_defaults() {
         let c = Config::resolve(outside_dev(ServeArgs::default()), FileConfig::default()).unwrap();
-        let expected = TokenConfig::TokenReview {
+        let expected = TokenConfig::TokenReview(TokenReviewSettings {
             kubeconfig: None,
             audiences: vec![DEFAULT_AUDIENCE.into()],
             timeout: Duration::from_secs(2),
@@ -1008,11 +813,11 @@ mod tests {
             burst: 200,
             cache_ttl: Duration::from_secs(300),
             cache_failure_ttl: Duration::from_secs(10),
-        };
+        });
         assert_eq!(c.token, expected);
         let dev = Config::resolve(in_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         assert!(
-            matches!(dev.token, TokenConfig::Jwks { ref issuer, .. } if issuer.as_deref() == Some(DEV_TOKEN_ISSUER))
+            matches!(dev.token, TokenConfig::Jwks(JwksSettings { ref issuer, .. }) if issuer.as_deref() == Some(DEV_TOKEN_ISSUER))
         );
         assert!(c.events && !dev.events, "events default on with a Kubernetes client only");
     }
@@ -1024,13 +829,9 @@ mod tests {
              token-review-qps = 5\ntoken-review-burst = 7\ntoken-cache-ttl = \"1m\"\ntoken-cache-failure-ttl = \"3s\"\n",
         )
         .unwrap();
-        let args = ServeArgs {
-            token_review_qps: Some(9),
-            token_audiences: Some(vec!["a".into(), "b".into()]),
-            ..Default::default()
-        };
+        let args = from_toml("token-review-qps = 9\ntoken-audiences = [\"a\", \"b\"]");
         let c = Config::resolve(outside_dev(args), file).unwrap();
-        let expected = TokenConfig::TokenReview {
+        let expected = TokenConfig::TokenReview(TokenReviewSettings {
             kubeconfig: Some("/k".into()),
             audiences: vec!["a".into(), "b".into()],
             timeout: Duration::from_millis(300),
@@ -1038,28 +839,19 @@ mod tests {
             burst: 7,
             cache_ttl: Duration::from_secs(60),
             cache_failure_ttl: Duration::from_secs(3),
-        };
+        });
         assert_eq!(c.token, expected);
     }
 
     #[test]
     fn unusable_tokenreview_settings_name_the_flag() {
         let cases = [
-            (
-                "token-review-timeout",
-                ServeArgs { token_review_timeout: Some("0s".into()), ..Default::default() },
-            ),
-            (
-                "token-review-timeout",
-                ServeArgs { token_review_timeout: Some("2 fortnights".into()), ..Default::default() },
-            ),
-            ("token-review-qps", ServeArgs { token_review_qps: Some(0), ..Default::default() }),
-            ("token-review-burst", ServeArgs { token_review_burst: Some(0), ..Default::default() }),
-            ("token-cache-ttl", ServeArgs { token_cache_ttl: Some("2h".into()), ..Default::default() }),
-            (
-                "token-cache-failure-ttl",
-                ServeArgs { token_cache_failure_ttl: Some("1h".into()), ..Default::default() },
-            ),
+            ("token-review-timeout", from_toml("token-review-timeout = \"0s\"")),
+            ("token-review-timeout", from_toml("token-review-timeout = \"2 fortnights\"")),
+            ("token-review-qps", from_toml("token-review-qps = 0")),
+            ("token-review-burst", from_toml("token-review-burst = 0")),
+            ("token-cache-ttl", from_toml("token-cache-ttl = \"2h\"")),
+            ("token-cache-failure-ttl", from_toml("token-cache-failure-ttl = \"1h\"")),
         ];
         for (flag, args) in cases {
             let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
@@ -1067,25 +859,22 @@ mod tests {
         }
     }
 
-    fn jwks(args: ServeArgs) -> ServeArgs {
-        outside_dev(ServeArgs { token_validation: Some(TokenValidation::Jwks), ..args })
+    fn jwks(mut args: ServeArgs) -> ServeArgs {
+        args.token.token_validation = Some(TokenValidation::Jwks);
+        outside_dev(args)
     }
 
     #[test]
     fn jwks_mode_discovers_the_issuer_by_default_or_reads_a_file_or_an_https_url() {
-        let c = Config::resolve(
-            jwks(ServeArgs { kubeconfig: Some("/k".into()), ..Default::default() }),
-            FileConfig::default(),
-        )
-        .unwrap();
-        let expected = TokenConfig::Jwks {
+        let c = Config::resolve(jwks(from_toml("kubeconfig = \"/k\"")), FileConfig::default()).unwrap();
+        let expected = TokenConfig::Jwks(JwksSettings {
             keys: KeySource::Discovery { kubeconfig: Some("/k".into()) },
             issuer: None,
             audiences: vec![DEFAULT_AUDIENCE.into()],
             leeway: Duration::from_secs(60),
             refresh: KeyRefresh::default(),
             confirm_pod: None,
-        };
+        });
         assert_eq!(c.token, expected);
         assert_eq!(c.token.kubernetes(), Some(Some(std::path::Path::new("/k"))));
         assert!(c.events, "discovery has a Kubernetes client, so events default on");
@@ -1100,7 +889,9 @@ mod tests {
         )
         .unwrap();
         let c = Config::resolve(jwks(ServeArgs::default()), file).unwrap();
-        let TokenConfig::Jwks { keys, issuer, refresh, .. } = &c.token else { panic!("{:?}", c.token) };
+        let TokenConfig::Jwks(JwksSettings { keys, issuer, refresh, .. }) = &c.token else {
+            panic!("{:?}", c.token)
+        };
         let url =
             KeySource::Url { url: "https://issuer.example/keys".into(), ca_file: Some("/ca.pem".into()) };
         assert_eq!((keys, issuer.as_deref()), (&url, Some("https://issuer.example")));
@@ -1110,32 +901,27 @@ mod tests {
         );
         assert!(!c.events && c.token.kubernetes().is_none());
 
-        let args = ServeArgs {
-            jwks_file: Some("/j".into()),
-            token_issuer: Some("k8s".into()),
-            events: Some(false),
-            ..Default::default()
-        };
+        let args = from_toml("jwks-file = \"/j\"\ntoken-issuer = \"k8s\"\nevents = false");
         let c = Config::resolve(jwks(args), FileConfig::default()).unwrap();
         assert!(
-            matches!(c.token, TokenConfig::Jwks { keys: KeySource::File(ref p), .. } if p == std::path::Path::new("/j"))
+            matches!(c.token, TokenConfig::Jwks(JwksSettings { keys: KeySource::File(ref p), .. }) if p == std::path::Path::new("/j"))
         );
     }
 
     #[test]
     fn jwks_confirm_pod_comes_from_the_flag_or_the_file_and_brings_a_kubernetes_client() {
-        let file_keys = || ServeArgs {
-            jwks_file: Some("/j".into()),
-            token_issuer: Some("k8s".into()),
-            ..Default::default()
-        };
+        let file_keys = || from_toml("jwks-file = \"/j\"\ntoken-issuer = \"k8s\"");
         let c = Config::resolve(jwks(file_keys()), FileConfig::default()).unwrap();
         assert!(
-            matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }) && c.token.kubernetes().is_none()
+            matches!(c.token, TokenConfig::Jwks(JwksSettings { confirm_pod: None, .. }))
+                && c.token.kubernetes().is_none()
         );
-        let args = ServeArgs { jwks_confirm_pod: Some(true), kubeconfig: Some("/k".into()), ..file_keys() };
+        let mut args = file_keys();
+        (args.token.jwks.jwks_confirm_pod, args.token.kubeconfig) = (Some(true), Some("/k".into()));
         let c = Config::resolve(jwks(args), FileConfig::default()).unwrap();
-        let TokenConfig::Jwks { confirm_pod: Some(confirm), .. } = &c.token else { panic!("{:?}", c.token) };
+        let TokenConfig::Jwks(JwksSettings { confirm_pod: Some(confirm), .. }) = &c.token else {
+            panic!("{:?}", c.token)
+        };
         assert_eq!(confirm, &ConfirmPod { kubeconfig: Some("/k".into()), settings: PodSettings::default() });
         assert_eq!(
             (confirm.settings.ttl, confirm.settings.failure_ttl),
@@ -1145,88 +931,62 @@ mod tests {
         assert!(c.events, "a Kubernetes client, so events default on");
         let file = Config::parse_file("jwks-confirm-pod = true\n").unwrap();
         let c = Config::resolve(jwks(file_keys()), file).unwrap();
-        assert!(matches!(c.token, TokenConfig::Jwks { confirm_pod: Some(_), .. }));
+        assert!(matches!(c.token, TokenConfig::Jwks(JwksSettings { confirm_pod: Some(_), .. })));
         let file = Config::parse_file("jwks-confirm-pod = true\n").unwrap();
-        let args = ServeArgs { jwks_confirm_pod: Some(false), ..file_keys() };
+        let mut args = file_keys();
+        args.token.jwks.jwks_confirm_pod = Some(false);
         let c = Config::resolve(jwks(args), file).unwrap();
         assert!(
-            matches!(c.token, TokenConfig::Jwks { confirm_pod: None, .. }),
+            matches!(c.token, TokenConfig::Jwks(JwksSettings { confirm_pod: None, .. })),
             "the flag wins over the file"
         );
         for mode in [TokenValidation::TokenReview, TokenValidation::Dev] {
-            let mut args = ServeArgs {
-                token_validation: Some(mode),
-                jwks_confirm_pod: Some(true),
-                ..Default::default()
-            };
+            let mut args = from_toml("jwks-confirm-pod = true");
+            args.token.token_validation = Some(mode);
             args.issuer.dev = mode == TokenValidation::Dev;
             let err = Config::resolve(outside_dev(args), FileConfig::default()).unwrap_err();
             assert!(err.to_string().starts_with("--jwks-confirm-pod:"), "{mode:?}: {err}");
         }
-        let args = ServeArgs {
-            token_validation: Some(TokenValidation::TokenReview),
-            jwks_confirm_pod: Some(false),
-            ..Default::default()
-        };
+        let args = from_toml("token-validation = \"tokenreview\"\njwks-confirm-pod = false");
         assert!(Config::resolve(outside_dev(args), FileConfig::default()).is_ok());
     }
 
     #[test]
     fn unusable_jwks_and_events_settings_name_the_flag() {
-        let issuer = || Some("https://issuer.example".to_owned());
         let cases = [
-            ("token-issuer", ServeArgs { jwks_file: Some("/j".into()), ..Default::default() }),
+            ("token-issuer", from_toml("jwks-file = \"/j\"")),
             (
                 "token-issuer",
-                ServeArgs { jwks_url: Some("https://issuer.example/keys".into()), ..Default::default() },
+                from_toml("jwks-url = \"https://issuer.example/keys\""),
             ),
             (
                 "jwks-url",
-                ServeArgs {
-                    jwks_url: Some("http://issuer.example/keys".into()),
-                    token_issuer: issuer(),
-                    ..Default::default()
-                },
+                from_toml("jwks-url = \"http://issuer.example/keys\"\ntoken-issuer = \"https://issuer.example\""),
             ),
             (
                 "jwks-url",
-                ServeArgs {
-                    jwks_url: Some("https://a/k".into()),
-                    jwks_file: Some("/j".into()),
-                    token_issuer: issuer(),
-                    ..Default::default()
-                },
+                from_toml("jwks-url = \"https://a/k\"\njwks-file = \"/j\"\ntoken-issuer = \"https://issuer.example\""),
             ),
-            ("jwks-ca-file", ServeArgs { jwks_ca_file: Some("/ca.pem".into()), ..Default::default() }),
+            ("jwks-ca-file", from_toml("jwks-ca-file = \"/ca.pem\"")),
             (
                 "jwks-refresh-interval",
-                ServeArgs { jwks_refresh_interval: Some("0s".into()), ..Default::default() },
+                from_toml("jwks-refresh-interval = \"0s\""),
             ),
             (
                 "jwks-refresh-interval",
-                ServeArgs { jwks_refresh_interval: Some("2days".into()), ..Default::default() },
+                from_toml("jwks-refresh-interval = \"2days\""),
             ),
             (
                 "jwks-refresh-min-interval",
-                ServeArgs { jwks_refresh_min_interval: Some("2h".into()), ..Default::default() },
+                from_toml("jwks-refresh-min-interval = \"2h\""),
             ),
             (
                 "events",
-                ServeArgs {
-                    jwks_file: Some("/j".into()),
-                    token_issuer: issuer(),
-                    events: Some(true),
-                    ..Default::default()
-                },
+                from_toml("jwks-file = \"/j\"\ntoken-issuer = \"https://issuer.example\"\nevents = true"),
             ),
             (
                 "audit-node-os",
-                ServeArgs {
-                    jwks_file: Some("/j".into()),
-                    token_issuer: issuer(),
-                    audit_node_os: Some(true),
-                    ..Default::default()
-                },
+                from_toml("jwks-file = \"/j\"\ntoken-issuer = \"https://issuer.example\"\naudit-node-os = true"),
             ),
         ];
         for (flag, args) in cases {
@@ -1252,11 +1012,7 @@ mod tests {
         // Outside dev: off by default; on, tokenreview's Kubernetes client brings Leases.
         let c = Config::resolve(outside_dev(ServeArgs::default()), FileConfig::default()).unwrap();
         assert_eq!(c.bootstrap, None);
-        let on = || ServeArgs {
-            bootstrap_tokens: Some(true),
-            kubeconfig: Some("/k".into()),
-            ..Default::default()
-        };
+        let on = || from_toml("bootstrap-tokens = true\nkubeconfig = \"/k\"");
         let c = Config::resolve(outside_dev(on()), FileConfig::default()).unwrap();
         let kubernetes = ReplayConfig::Kubernetes { kubeconfig: Some("/k".into()) };
         assert_eq!(c.bootstrap.map(|b| b.replay), Some(kubernetes));
@@ -1270,12 +1026,7 @@ mod tests {
             Some(ReplayConfig::File("/var/lib/meshca/used.jsonl".into()))
         );
 
-        let file_keys = ServeArgs {
-            bootstrap_tokens: Some(true),
-            jwks_file: Some("/j".into()),
-            token_issuer: Some("k8s".into()),
-            ..Default::default()
-        };
+        let file_keys = from_toml("bootstrap-tokens = true\njwks-file = \"/j\"\ntoken-issuer = \"k8s\"");
         let err = Config::resolve(jwks(file_keys), FileConfig::default()).unwrap_err().to_string();
         assert!(err.starts_with("--bootstrap-replay-file is required"), "{err}");
         let cases = [

@@ -21,7 +21,7 @@
 //!
 //! Beside the path: [`cluster`] (Kubernetes Events, node OS), [`metrics`] (the
 //! `/metrics` registry), [`files`] (atomic writes), [`config`] and [`cli`]
-//! (settings), [`clock`] (injected time),
+//! (settings; [`setting`], one value's checks), [`clock`] (injected time),
 //! [`coalesce`] (HTTP/2 writes held until a flush, for server and client),
 //! [`agent`] (the client side: key, CSR, Certify, verify, write files), [`doctor`]
 //! (what stands between a host and its certificate), [`dev`] (the embedded default)
@@ -47,6 +47,7 @@ pub mod identity;
 pub mod issuance;
 pub mod metrics;
 pub mod server;
+pub mod setting;
 pub mod status;
 pub mod wire;
 

@@ -37,14 +37,14 @@ async fn cluster_with(discovery: bool, settings: PodSettings) -> Cluster {
     } else {
         KeySource::File(jwks)
     };
-    let token = TokenConfig::Jwks {
+    let token = TokenConfig::Jwks(meshca::config::JwksSettings {
         keys: source,
         issuer: Some(api.issuer().into()),
         audiences: vec![AUDIENCE.into()],
         leeway: Duration::from_secs(60),
         refresh: KeyRefresh::default(),
         confirm_pod: Some(ConfirmPod { kubeconfig, settings }),
-    };
+    });
     let server = TestServer::start_with(Options { token: Some(token), ..Default::default() }).await;
     assert!(server.handles.is_some(), "meshca did not start");
     Cluster { api, server, _keys: keys }

@@ -29,14 +29,14 @@ struct Cluster {
 }
 
 fn discovery(api: &ApiServer, issuer: Option<&str>, min_interval: Duration) -> TokenConfig {
-    TokenConfig::Jwks {
+    TokenConfig::Jwks(meshca::config::JwksSettings {
         keys: KeySource::Discovery { kubeconfig: Some(api.kubeconfig.clone()) },
         issuer: issuer.map(str::to_owned),
         audiences: vec![AUDIENCE.into()],
         leeway: Duration::from_secs(60),
         refresh: KeyRefresh { refresh_min_interval: min_interval, ..KeyRefresh::default() },
         confirm_pod: None,
-    }
+    })
 }
 
 async fn start(api: ApiServer, token: TokenConfig) -> Cluster {
@@ -187,13 +187,15 @@ async fn discovery_without_the_rbac_rule_stops_start_up_naming_the_cluster_role(
 async fn a_jwks_url_is_fetched_over_https_trusting_the_given_ca_without_credentials() {
     let api = ApiServer::start().await;
     api.allow_anonymous_discovery();
-    let url = |ca_file| TokenConfig::Jwks {
-        keys: KeySource::Url { url: api.jwks_url(), ca_file },
-        issuer: Some(api.issuer().into()),
-        audiences: vec![AUDIENCE.into()],
-        leeway: Duration::from_secs(60),
-        refresh: KeyRefresh::default(),
-        confirm_pod: None,
+    let url = |ca_file| {
+        TokenConfig::Jwks(meshca::config::JwksSettings {
+            keys: KeySource::Url { url: api.jwks_url(), ca_file },
+            issuer: Some(api.issuer().into()),
+            audiences: vec![AUDIENCE.into()],
+            leeway: Duration::from_secs(60),
+            refresh: KeyRefresh::default(),
+            confirm_pod: None,
+        })
     };
     let (trusted, untrusted) = (url(Some(api.ca_file())), url(None));
     let mut refused = TestServer::start_with(Options { token: Some(untrusted), ..Default::default() }).await;

@@ -125,13 +125,15 @@ async fn a_denial_of_a_known_service_account_is_a_warning_with_its_reason_code_a
 
 #[tokio::test]
 async fn jwks_discovery_mode_has_a_kubernetes_client_and_so_events() {
-    let discovery = |api: &ApiServer| TokenConfig::Jwks {
-        keys: KeySource::Discovery { kubeconfig: Some(api.kubeconfig.clone()) },
-        issuer: None,
-        audiences: vec![AUDIENCE.into()],
-        leeway: Duration::from_secs(60),
-        refresh: KeyRefresh::default(),
-        confirm_pod: None,
+    let discovery = |api: &ApiServer| {
+        TokenConfig::Jwks(meshca::config::JwksSettings {
+            keys: KeySource::Discovery { kubeconfig: Some(api.kubeconfig.clone()) },
+            issuer: None,
+            audiences: vec![AUDIENCE.into()],
+            leeway: Duration::from_secs(60),
+            refresh: KeyRefresh::default(),
+            confirm_pod: None,
+        })
     };
     let c = cluster_with(discovery, true).await;
     let id = c.issue().await;

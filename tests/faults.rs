@@ -490,14 +490,14 @@ async fn an_api_server_answering_garbage_is_unavailable_and_not_cached() {
 
 async fn jwks_cluster(refresh: KeyRefresh) -> Cluster {
     let api = ApiServer::start().await;
-    let token = TokenConfig::Jwks {
+    let token = TokenConfig::Jwks(meshca::config::JwksSettings {
         keys: KeySource::Discovery { kubeconfig: Some(api.kubeconfig.clone()) },
         issuer: None,
         audiences: vec![AUDIENCE.into()],
         leeway: Duration::from_secs(60),
         refresh,
         confirm_pod: None,
-    };
+    });
     let server = TestServer::start_with(Options { token: Some(token), ..Default::default() }).await;
     Cluster { api, server }
 }

@@ -148,14 +148,14 @@ async fn start() -> Kit {
     let jwks = keys.to_string();
     let jwks_path = jwks_dir.path().join("jwks.json");
     std::fs::write(&jwks_path, &jwks).unwrap();
-    let token = TokenConfig::Jwks {
+    let token = TokenConfig::Jwks(meshca::config::JwksSettings {
         keys: KeySource::File(jwks_path),
         issuer: Some(TOKEN_ISSUER.into()),
         audiences: vec![AUDIENCE.into()],
         leeway: Duration::from_secs(60),
         refresh: KeyRefresh::default(),
         confirm_pod: None,
-    };
+    });
     let server = TestServer::start_with(Options { token: Some(token), ..Default::default() }).await;
     let id = server.identity("default", "web");
     let spiffe = "spiffe://cluster.local/ns/default/sa/web".to_owned();

@@ -31,7 +31,7 @@ async fn cluster() -> Cluster {
 async fn cluster_with_timeout(timeout: Duration) -> Cluster {
     let api = ApiServer::start().await;
     let mut token = api.tokenreview_config();
-    if let TokenConfig::TokenReview { timeout: t, .. } = &mut token {
+    if let TokenConfig::TokenReview(meshca::config::TokenReviewSettings { timeout: t, .. }) = &mut token {
         *t = timeout;
     }
     let server = TestServer::start_with(Options { token: Some(token), ..Default::default() }).await;

@@ -14,6 +14,8 @@
 //! bootstrap-token create` mints for hosts without Kubernetes, the issuance core
 //! sends it the tokens with their prefix and has it spend a use once a request
 //! passed every check, and [`replay`] records those uses so each is spent once.
+//! [`source`] registers the token sources `--token-validation` chooses between: each
+//! owns its flags, their checks and the construction of its authenticator.
 
 pub mod bootstrap;
 pub mod cache;
@@ -23,6 +25,7 @@ pub mod jwt;
 pub mod peer;
 pub mod pods;
 pub mod replay;
+pub mod source;
 pub mod tokenreview;
 
 use std::{future::Future, pin::Pin, time::SystemTime};

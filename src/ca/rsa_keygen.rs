@@ -170,9 +170,12 @@ mod tests {
         .unwrap();
         let params = rcgen::CertificateParams::new(vec!["web.default.svc".to_string()]).unwrap();
         let csr = params.serialize_request(&key).unwrap();
-        let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(csr.der())
-            .unwrap();
+        let (_, parsed) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(csr.der()).unwrap();
         parsed.verify_signature().unwrap();
-        assert_eq!(&*parsed.certification_request_info.subject_pki.subject_public_key.data, key.public_key_raw());
+        assert_eq!(
+            &*parsed.certification_request_info.subject_pki.subject_public_key.data,
+            key.public_key_raw()
+        );
     }
 }

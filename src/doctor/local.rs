@@ -27,7 +27,7 @@ use crate::ca::issuer::{to_system_time, TrustAnchors};
 use crate::ca::material::{read_certificates, read_pkcs8_key};
 
 /// The audience meshca accepts unless configured otherwise (`--token-audiences`).
-pub const DEFAULT_AUDIENCE: &str = "identity.l5d.io";
+pub use crate::auth::source::DEFAULT_AUDIENCE;
 
 /// The identity (first DNS SAN) of `dir/tls.crt`, if there is one.
 pub fn leaf_identity(dir: &Path) -> Option<String> {

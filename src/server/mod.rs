@@ -37,17 +37,12 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::admission;
 use crate::audit::{AuditLog, Sink};
-use crate::auth::cache::{self, CachingAuthenticator};
-use crate::auth::discovery::RotatingJwksAuthenticator;
-use crate::auth::pods::PodConfirmingAuthenticator;
-use crate::auth::tokenreview::{self, TokenReviewAuthenticator};
-use crate::auth::Authenticator;
 use crate::ca::csr::KeyPolicy;
 use crate::ca::reload::Reloader;
 use crate::ca::store::{self, Store};
 use crate::clock::Clock;
 use crate::cluster::{events, nodes};
-use crate::config::{Config, TokenConfig};
+use crate::config::Config;
 use crate::metrics::{self, Metrics};
 use crate::proto::identity_server::IdentityServer;
 use crate::v1::trust_bundle_server::TrustBundleServer;
@@ -102,56 +97,6 @@ fn log_listening(listener: &TcpListener, what: &str) {
     }
 }
 
-/// Builds the authenticator the configuration asks for. TokenReview and JWKS
-/// discovery load the Kubernetes client configuration (hence async); TokenReview
-/// sits behind the cache; JWKS fetches its keys once before returning, and with
-/// `--jwks-confirm-pod` sits behind the pod confirmation.
-pub async fn authenticator(token: &TokenConfig) -> Result<Arc<dyn Authenticator>, crate::auth::Error> {
-    match token {
-        TokenConfig::Jwks { keys, issuer, audiences, leeway, refresh, confirm_pod } => {
-            let jwks = RotatingJwksAuthenticator::connect(
-                keys,
-                issuer.clone(),
-                audiences.clone(),
-                *leeway,
-                *refresh,
-            )
-            .await?;
-            match confirm_pod {
-                None => Ok(Arc::new(jwks)),
-                Some(confirm) => {
-                    let kubeconfig = confirm.kubeconfig.as_deref();
-                    let confirming =
-                        PodConfirmingAuthenticator::connect(Arc::new(jwks), kubeconfig, confirm.settings)
-                            .await?;
-                    Ok(Arc::new(confirming))
-                }
-            }
-        }
-        TokenConfig::TokenReview {
-            kubeconfig,
-            audiences,
-            timeout,
-            qps,
-            burst,
-            cache_ttl,
-            cache_failure_ttl,
-        } => {
-            let settings = tokenreview::Settings { audiences: audiences.clone(), timeout: *timeout };
-            let reviewer = TokenReviewAuthenticator::connect(kubeconfig.as_deref(), settings).await?;
-            let settings = cache::Settings {
-                ttl: *cache_ttl,
-                failure_ttl: *cache_failure_ttl,
-                qps: *qps,
-                burst: *burst,
-                max_wait: *timeout,
-                max_entries: cache::DEFAULT_MAX_ENTRIES,
-            };
-            Ok(Arc::new(CachingAuthenticator::new(Arc::new(reviewer), settings)))
-        }
-    }
-}
-
 /// What a running server lends to whoever started it with [`run_with`] (tests,
 /// embedders): ways to look inside and to check the files now.
 #[derive(Clone, Debug)]
@@ -203,7 +148,7 @@ pub async fn run_with(
         .allow_world_readable_key(config.reload.allow_world_readable_issuer_key),
     );
     metrics.set_snapshot(reloader.load()?.as_ref());
-    let authenticator = authenticator(&config.token).await?;
+    let authenticator = config.token.connect().await?;
     let bootstrap = Arc::new(
         crate::auth::bootstrap::open(config.bootstrap.as_ref(), &store, &config.naming, &clock).await?,
     );

@@ -237,7 +237,7 @@ impl ApiServer {
     /// meshca's tokenreview mode against this server: the test audience, 2 s
     /// timeout, 100 qps (burst 200), cache 5 min (refusals 10 s).
     pub fn tokenreview_config(&self) -> meshca::config::TokenConfig {
-        meshca::config::TokenConfig::TokenReview {
+        meshca::config::TokenConfig::TokenReview(meshca::config::TokenReviewSettings {
             kubeconfig: Some(self.kubeconfig.clone()),
             audiences: vec![meshca::config::DEFAULT_AUDIENCE.into()],
             timeout: Duration::from_secs(2),
@@ -245,7 +245,7 @@ impl ApiServer {
             burst: 200,
             cache_ttl: Duration::from_secs(300),
             cache_failure_ttl: Duration::from_secs(10),
-        }
+        })
     }
 
     /// The PEM CA certificate its TLS certificate chains to.

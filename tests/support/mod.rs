@@ -127,13 +127,15 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
         trust_anchors: dir.join("trust-anchors.pem"),
         issuer_dir: dir.join("issuer"),
         lifetimes: opts.lifetimes,
-        token: opts.token.clone().unwrap_or_else(|| TokenConfig::Jwks {
-            keys: KeySource::File(dir.join("jwks.json")),
-            issuer: Some(TOKEN_ISSUER.into()),
-            audiences: opts.audiences.clone().unwrap_or_else(|| vec![AUDIENCE.into()]),
-            leeway: Duration::from_secs(60),
-            refresh: KeyRefresh::default(),
-            confirm_pod: None,
+        token: opts.token.clone().unwrap_or_else(|| {
+            TokenConfig::Jwks(meshca::config::JwksSettings {
+                keys: KeySource::File(dir.join("jwks.json")),
+                issuer: Some(TOKEN_ISSUER.into()),
+                audiences: opts.audiences.clone().unwrap_or_else(|| vec![AUDIENCE.into()]),
+                leeway: Duration::from_secs(60),
+                refresh: KeyRefresh::default(),
+                confirm_pod: None,
+            })
         }),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
         admission: meshca::config::AdmissionSettings {
