@@ -19,15 +19,11 @@
 //! saw, per token and per certificate, and each mode's throughput relative to the
 //! baseline. Run in release: `cargo run --release -p meshca-bench --bin review_load`.
 
-#[path = "../tests/support/apiserver.rs"]
-mod apiserver;
-
 use std::error::Error;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apiserver::ApiServer;
 use clap::Parser;
 use meshca::agent::client::{self, KeyType};
 use meshca::auth::dev::TokenClaims;
@@ -41,6 +37,7 @@ use meshca::config::{
 use meshca::identity::Naming;
 use meshca::proto::identity_client::IdentityClient;
 use meshca::proto::CertifyRequest;
+use meshca_test_support::apiserver::ApiServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 

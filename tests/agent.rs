@@ -4,7 +4,7 @@
 //! rotations take no real time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -6,7 +6,7 @@
 //! it see each other's uses).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -26,7 +26,7 @@ use meshca::proto::identity_client::IdentityClient;
 use meshca::proto::CertifyRequest;
 use serde_json::{json, Value};
 use support::apiserver::{ApiServer, Mode};
-use support::process::{command, BIN};
+use support::process::{bin, command};
 use support::{chain, csr, request_id, Options, TestServer, SERVER_NAME};
 use tonic::Code;
 
@@ -46,7 +46,7 @@ fn with_lease_store(api: &ApiServer) -> Options {
 
 /// Runs the meshca binary with `args`, no `MESHCA_*` variables from outside.
 async fn meshca(args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::from(command(BIN));
+    let mut cmd = tokio::process::Command::from(command(bin()));
     cmd.args(args).env("MESHCA_LOG", "warn").output().await.unwrap()
 }
 

@@ -3,7 +3,7 @@
 //! graceful shutdown and start-up refusals.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};

@@ -5,7 +5,7 @@
 //! fake clock: cache windows pass when a test moves it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::time::Duration;
 

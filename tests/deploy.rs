@@ -17,7 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a test is its failure report
 #![cfg(unix)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use support::process::BIN;
+use support::process::bin;
 
 /// The Kubernetes version whose schemas the manifests must satisfy.
 const KUBERNETES_VERSION: &str = "1.31";
@@ -645,7 +645,7 @@ fn documented_rbac_in_the_runbook_is_the_tested_set() {
 }
 
 fn meshca(args: &[&str]) -> Output {
-    support::process::command(BIN).args(args).stdin(Stdio::null()).output().unwrap()
+    support::process::command(bin()).args(args).stdin(Stdio::null()).output().unwrap()
 }
 
 fn pem_der(pem: &[u8]) -> Vec<u8> {

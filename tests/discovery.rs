@@ -7,7 +7,7 @@
 //! key ids, and keeping the old keys when a refresh fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! last ones run the real binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,7 +21,7 @@ use meshca::ca::store::Snapshot;
 use meshca::clock::{Clock, FakeClock, SystemClock};
 use meshca::config::{BootstrapConfig, ReplayConfig};
 use meshca::doctor::{self, Check, Options, Report, Status};
-use support::process::{command, BIN};
+use support::process::{bin, command};
 use support::{TestServer, SERVER_NAME};
 
 const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
@@ -586,7 +586,7 @@ async fn a_bootstrap_token_is_read_as_one_and_dry_run_without_spending_a_use() {
 
 /// `meshca doctor ARGS` with no `MESHCA_*` settings inherited: (exit code, stdout, stderr).
 async fn doctor_binary(args: &[String]) -> (Option<i32>, String, String) {
-    let mut cmd = tokio::process::Command::from(command(BIN));
+    let mut cmd = tokio::process::Command::from(command(bin()));
     cmd.arg("doctor").args(args).env("NO_COLOR", "1").kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await

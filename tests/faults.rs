@@ -23,7 +23,7 @@
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -40,7 +40,7 @@ use meshca::config::{KeyRefresh, KeySource, TokenConfig};
 use meshca::proto::identity_client::IdentityClient;
 use meshca::proto::{CertifyRequest, CertifyResponse};
 use support::apiserver::{ApiServer, Mode};
-use support::process::{ServeBin, BIN, PATIENCE};
+use support::process::{bin, ServeBin, PATIENCE};
 use support::{chain, http_get, issuer_under_anchor, request_id, wait_ready, Options, TestServer, AUDIENCE};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -50,7 +50,7 @@ use tonic::Code;
 
 /// `meshca audit verify FILE`: exit code and stderr.
 fn audit_verify(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new(BIN).args(["audit", "verify"]).arg(path).env("NO_COLOR", "1").output().unwrap();
+    let out = Command::new(bin()).args(["audit", "verify"]).arg(path).env("NO_COLOR", "1").output().unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

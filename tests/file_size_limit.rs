@@ -11,7 +11,7 @@
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use meshca::audit::{sha256_hex, verify_file};
 use meshca::proto::CertifyResponse;
-use support::process::{ServeBin, BIN};
+use support::process::{bin, ServeBin};
 use support::{http_get, wait_ready};
 use tonic::Code;
 
@@ -30,7 +30,7 @@ const LIMIT_BLOCKS: u64 = 32;
 
 /// `meshca audit verify FILE`: exit code and stderr.
 fn audit_verify(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new(BIN).args(["audit", "verify"]).arg(path).env("NO_COLOR", "1").output().unwrap();
+    let out = Command::new(bin()).args(["audit", "verify"]).arg(path).env("NO_COLOR", "1").output().unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

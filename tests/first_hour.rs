@@ -13,7 +13,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(unix)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::time::Instant;
 
-use support::process::{command, jwks_file, meshca, output, serve_with_jwks, Process, BIN, PATIENCE};
+use support::process::{bin, command, jwks_file, meshca, output, serve_with_jwks, Process, PATIENCE};
 
 /// The identity of service account `web` in namespace `default`, default naming.
 const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
@@ -553,8 +553,9 @@ fn the_dev_banner_commands_get_a_certificate_in_another_trust_domain() {
     for line in [&dev_token, &certify_first] {
         let program = line.split_whitespace().next().unwrap();
         assert!(
-            program == BIN || program == format!("'{BIN}'"),
-            "starts with the binary as run, {BIN}: {line}"
+            program == bin() || program == format!("'{}'", bin()),
+            "starts with the binary as run, {}: {line}",
+            bin()
         );
     }
     let identity = "web.default.serviceaccount.identity.meshca-system.example.org";
@@ -715,7 +716,7 @@ fn meshca_out_gives_certify_its_output_directory() {
 fn serve_dev_writes_no_colour_codes_into_a_pipe() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut cmd = command(BIN);
+    let mut cmd = command(bin());
     cmd.env_remove("NO_COLOR").args(["serve", "--dev", "--data-dir", p(&data)]).args(LOOPBACK);
     let server = Server::dev_from(cmd, &data);
     let coloured: Vec<&String> = server.seen().iter().filter(|l| l.contains("\x1b[")).collect();

@@ -18,7 +18,7 @@
 //! shows that a well-behaved client is served meanwhile, within a bound.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! Certify called by Linkerd's own generated client.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::sync::Arc;
 

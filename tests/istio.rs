@@ -10,7 +10,7 @@
 //! credential; each is refused with Certify's status, reason code and audit record.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! audit record, caches what it learnt, and issues as usual when it cannot tell.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! recovery, and `--log-format json` lines matched to audit records.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

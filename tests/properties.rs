@@ -15,7 +15,7 @@
 //! Case counts are chosen so that the file runs in a few seconds in a debug build.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

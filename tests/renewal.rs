@@ -2,7 +2,7 @@
 //! certificate and an empty token.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! gone, how many reviews the cache spares it, and start-up without a cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::time::{Duration, Instant};
 

@@ -30,7 +30,7 @@
 //! with the server's reason, and misuse exits 2 before anything is sent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::process::{Command, Output, Stdio};
 

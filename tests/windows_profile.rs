@@ -21,7 +21,7 @@
 //! which `tests/run.sh` installs; a missing one fails the test and says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use meshca_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -37,7 +37,7 @@ use meshca::proto::CertifyRequest;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-use support::process::{meshca, output, BIN};
+use support::process::{bin, meshca, output};
 use support::{chain, Options, TestServer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::oid_registry::{
@@ -61,7 +61,7 @@ async fn server_with_init_ca(key_type: &str) -> TestServer {
         std::fs::remove_file(dir.join("trust-anchors.pem")).unwrap();
         std::fs::remove_file(dir.join("trust-anchor.key")).unwrap();
         std::fs::remove_dir_all(dir.join("issuer")).unwrap();
-        let out = run(Command::new(BIN).arg("init").arg("--dir").arg(dir).args(["--key-type", &key_type]));
+        let out = run(Command::new(bin()).arg("init").arg("--dir").arg(dir).args(["--key-type", &key_type]));
         assert!(out.status.success(), "meshca init --key-type {key_type}: {}", text(&out));
     })
     .await;

@@ -19,7 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(target_os = "linux")]
 
-mod support;
+use meshca_test_support as support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ use meshca::ca::issuer::TrustAnchors;
 use meshca::clock::{Clock, SystemClock};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use support::process::{self, Process, BIN};
+use support::process::{self, bin, Process};
 
 const WEB: &str = "web.default.serviceaccount.identity.meshca-system.cluster.local";
 /// Bound on one Wine command (the first one also creates the Wine prefix).
@@ -50,7 +50,7 @@ const EXE_SIZE_LIMIT: u64 = 32 << 20;
 /// `target/x86_64-pc-windows-gnu/dist`, beside the directory of the Linux binary
 /// (so a custom `CARGO_TARGET_DIR` is followed).
 fn windows_dir() -> PathBuf {
-    let target = Path::new(BIN).parent().and_then(Path::parent).expect("target directory");
+    let target = Path::new(bin()).parent().and_then(Path::parent).expect("target directory");
     target.join(WINDOWS_TARGET).join("dist")
 }
 

@@ -128,7 +128,7 @@ impl ApiServer {
         let dir = tempfile::tempdir().unwrap();
         let (signer, _) = DevSigner::generate().unwrap();
         let pem =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt-rs256.pk8.pem"))
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/jwt-rs256.pk8.pem"))
                 .unwrap();
         let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         let rsa = RsaKeyPair::from_pkcs8(&STANDARD.decode(der).unwrap()).unwrap();

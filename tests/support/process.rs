@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use meshca::agent::client::{self, KeyType};
@@ -30,8 +31,20 @@ use tonic::transport::Channel;
 
 use super::{wait_ready, SERVER_NAME};
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_meshca");
+/// The binary under test: the `meshca` cargo built for this test run, in the target
+/// directory the test binary runs from (`target/<profile>/deps/<test>-<hash>` beside
+/// `target/<profile>/meshca`). Cargo builds it before any integration test of the
+/// main package runs.
+pub fn bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let test = std::env::current_exe().expect("the test binary's path");
+        let dir = test.parent().and_then(Path::parent).expect("the test binary is in target/<profile>/deps");
+        let bin = dir.join(format!("meshca{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.is_file(), "{} is missing: run the tests with cargo test", bin.display());
+        bin.into_os_string().into_string().expect("a UTF-8 target directory")
+    })
+}
 /// Bound on waits that only a broken implementation would reach.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -49,7 +62,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 
 /// The binary under test ([`command`]), with `NO_COLOR` and stdin from /dev/null.
 pub fn meshca() -> Command {
-    let mut cmd = command(BIN);
+    let mut cmd = command(bin());
     cmd.env("NO_COLOR", "1").stdin(Stdio::null());
     cmd
 }
@@ -220,7 +233,7 @@ impl ServeBin {
     /// banner and waits for `/ready` to answer 200.
     pub async fn start(prefix: &[&str], wrapper: &str, data: &Path, extra: &[&str]) -> ServeBin {
         let mut argv: Vec<&str> = prefix.to_vec();
-        argv.extend(["sh", "-c", wrapper, "sh", BIN, "serve", "--dev", "--data-dir"]);
+        argv.extend(["sh", "-c", wrapper, "sh", bin(), "serve", "--dev", "--data-dir"]);
         argv.push(data.to_str().unwrap());
         argv.extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
         argv.extend(extra);

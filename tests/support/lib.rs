@@ -9,7 +9,7 @@
 //! Admin listeners (this server's, a real binary's, an agent's) are read with
 //! [`http_get`] and [`wait_ready`]; the real binary as a child process is in
 //! [`process`].
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod apiserver;
 pub mod der;
@@ -413,7 +413,7 @@ pub fn csr_with_key(key: &KeyPair, identity: &str) -> Vec<u8> {
 
 /// An RSA key from the checked-in fixtures (ring generates no RSA keys).
 pub fn rsa_key(bits: u32) -> KeyPair {
-    let path = format!("{}/tests/fixtures/rsa{bits}.pk8.pem", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/../fixtures/rsa{bits}.pk8.pem", env!("CARGO_MANIFEST_DIR"));
     let pem = std::fs::read_to_string(path).unwrap();
     KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap()
 }
