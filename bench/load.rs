@@ -165,9 +165,7 @@ impl TokenSigner {
             .map_err(|e| format!("{}: not a PKCS#8 PRIVATE KEY PEM ({e})", path.display()))?;
         match ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()) {
             Ok(key) => {
-                use base64::Engine;
-                let digest = ring::digest::digest(&ring::digest::SHA256, key.public().as_ref());
-                let kid = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+                let kid = meshca::jose::key_id(key.public().as_ref());
                 Ok(TokenSigner::Rs256 { key, kid, rng: ring::rand::SystemRandom::new() })
             }
             Err(_) => Ok(TokenSigner::Es256(DevSigner::from_pkcs8(der.secret_pkcs8_der())?)),
@@ -197,12 +195,12 @@ impl TokenSigner {
 
     /// A JWKS holding the public half, with the `kid` the tokens carry.
     fn jwks_json(&self) -> String {
-        use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine};
+        use meshca::jose::encode;
         match self {
             TokenSigner::Es256(signer) => signer.jwks_json(),
             TokenSigner::Rs256 { key, kid, .. } => {
                 let public = ring::signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public());
-                let (n, e) = (URL_SAFE_NO_PAD.encode(&public.n), URL_SAFE_NO_PAD.encode(&public.e));
+                let (n, e) = (encode(&public.n), encode(&public.e));
                 json!({"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid, "n": n, "e": e}]})
                     .to_string()
             }

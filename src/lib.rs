@@ -20,7 +20,7 @@
 //!   the metadata names server and clients agree on.
 //!
 //! Beside the path: [`cluster`] (Kubernetes Events, node OS), [`metrics`] (the
-//! `/metrics` registry), [`files`] (atomic writes), [`config`] and [`cli`]
+//! `/metrics` registry), [`files`] (atomic writes), [`jose`] (compact JWS, base64url, key ids), [`config`] and [`cli`]
 //! (settings; [`setting`], one value's checks), [`clock`] (injected time),
 //! [`coalesce`] (HTTP/2 writes held until a flush, for server and client),
 //! [`agent`] (the client side: key, CSR, Certify, verify, write files), [`doctor`]
@@ -45,6 +45,7 @@ pub mod doctor;
 pub mod files;
 pub mod identity;
 pub mod issuance;
+pub mod jose;
 pub mod metrics;
 pub mod server;
 pub mod setting;

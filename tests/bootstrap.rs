@@ -13,8 +13,6 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use meshca::auth::bootstrap::{self, BootstrapSigner, PREFIX, TYP};
 use meshca::auth::replay::{LeaseReplayStore, ReplayError, ReplayStore};
 use meshca::ca::material::{read_pkcs8_key, to_pem};
@@ -301,12 +299,12 @@ async fn tampered_tokens_and_none_or_hmac_algorithms_are_refused() {
     let parts: Vec<String> = token.expose()[PREFIX.len()..].split('.').map(str::to_owned).collect();
 
     // A flipped signature bit, and a payload naming another identity.
-    let mut sig = URL_SAFE_NO_PAD.decode(&parts[2]).unwrap();
+    let mut sig = meshca::jose::decode(&parts[2]).unwrap();
     sig[0] ^= 0x80;
-    let flipped = format!("{PREFIX}{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig));
-    let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
+    let flipped = format!("{PREFIX}{}.{}.{}", parts[0], parts[1], meshca::jose::encode(sig));
+    let claims = String::from_utf8(meshca::jose::decode(&parts[1]).unwrap()).unwrap();
     let db = server.identity("default", "db");
-    let swapped = URL_SAFE_NO_PAD.encode(claims.replace(&web, &db));
+    let swapped = meshca::jose::encode(claims.replace(&web, &db));
     let rewritten = format!("{PREFIX}{}.{swapped}.{}", parts[0], parts[2]);
     for (token, sa) in [(flipped, "web"), (rewritten, "db")] {
         let (status, record) = refused(&server, request(&server, sa, &token)).await;
@@ -316,12 +314,12 @@ async fn tampered_tokens_and_none_or_hmac_algorithms_are_refused() {
 
     // alg none, and HS256 keyed with the issuer's public key (from its certificate).
     let none = json!({"alg": "none", "typ": TYP, "kid": signer.kid()}).to_string();
-    let none = format!("{PREFIX}{}.{}.", URL_SAFE_NO_PAD.encode(none), parts[1]);
+    let none = format!("{PREFIX}{}.{}.", meshca::jose::encode(none), parts[1]);
     let hs = json!({"alg": "HS256", "typ": TYP, "kid": signer.kid()}).to_string();
-    let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(hs), parts[1]);
+    let msg = format!("{}.{}", meshca::jose::encode(hs), parts[1]);
     let crt = std::fs::read(server.dir.path().join("issuer/tls.crt")).unwrap();
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &crt);
-    let hs = format!("{PREFIX}{msg}.{}", URL_SAFE_NO_PAD.encode(ring::hmac::sign(&key, msg.as_bytes())));
+    let hs = format!("{PREFIX}{msg}.{}", meshca::jose::encode(ring::hmac::sign(&key, msg.as_bytes())));
     for token in [none, hs] {
         let (status, record) = refused(&server, request(&server, "web", &token)).await;
         assert_eq!(status.code(), Code::Unauthenticated);

@@ -164,8 +164,7 @@ fn refusals(server: &TestServer) -> Vec<Refused> {
     let (_, ed_csr) = csr(&web, &rcgen::PKCS_ED25519);
     let (_, other_csr) = csr(&server.identity("default", "db"), &rcgen::PKCS_ECDSA_P256_SHA256);
     let none_token = {
-        use base64::Engine;
-        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let b64 = |s: &str| meshca::jose::encode(s);
         let claims = String::from_utf8(token.split(|b| *b == b'.').nth(1).unwrap().to_vec()).unwrap();
         format!("{}.{claims}.", b64(r#"{"alg":"none","typ":"JWT"}"#)).into_bytes()
     };

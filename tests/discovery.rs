@@ -11,8 +11,6 @@ use meshca_test_support as support;
 
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use meshca::config::{KeyRefresh, KeySource, TokenConfig};
 use meshca::proto::CertifyRequest;
 use support::apiserver::{ApiServer, Mode};
@@ -65,7 +63,7 @@ impl Cluster {
     fn token_naming(&self, kid: &str) -> Vec<u8> {
         let good =
             String::from_utf8(self.api.token_with_first_key(&self.server.claims("default", "web"))).unwrap();
-        let payload = URL_SAFE_NO_PAD.decode(good.split('.').nth(1).unwrap()).unwrap();
+        let payload = meshca::jose::decode(good.split('.').nth(1).unwrap()).unwrap();
         let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": kid}).to_string();
         self.api.signer.sign_raw(header.as_bytes(), &payload).into_bytes()
     }

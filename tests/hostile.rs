@@ -24,7 +24,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use meshca::auth::dev::{compact_jws, DevSigner};
 use meshca::config::{ConnectionSettings, KeyRefresh, KeySource, TokenConfig};
 use meshca::proto::CertifyRequest;
@@ -140,10 +139,10 @@ async fn start() -> Kit {
     let rsa_kid = "rsa-1".to_owned();
     let mut keys: serde_json::Value = serde_json::from_str(&signer.jwks_json()).unwrap();
     let list = keys["keys"].as_array_mut().unwrap();
-    list.push(json!({"kty": "oct", "kid": HMAC_KID, "alg": "HS256", "use": "sig", "k": URL_SAFE_NO_PAD.encode(&hmac_secret)}));
+    list.push(json!({"kty": "oct", "kid": HMAC_KID, "alg": "HS256", "use": "sig", "k": meshca::jose::encode(&hmac_secret)}));
     list.push(json!({
         "kty": "RSA", "kid": rsa_kid, "alg": "RS256", "use": "sig",
-        "n": URL_SAFE_NO_PAD.encode(strip(n)), "e": URL_SAFE_NO_PAD.encode(strip(e)),
+        "n": meshca::jose::encode(strip(n)), "e": meshca::jose::encode(strip(e)),
     }));
     let jwks = keys.to_string();
     let jwks_path = jwks_dir.path().join("jwks.json");
@@ -364,8 +363,7 @@ fn corpus(k: &Kit) -> Vec<Case> {
     let inner = String::from_utf8(k.token()).unwrap();
     let mut nul_token = k.token();
     nul_token.insert(10, 0);
-    let none =
-        format!("{}.{}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"nOnE"}"#), URL_SAFE_NO_PAD.encode(&claims));
+    let none = format!("{}.{}.", meshca::jose::encode(r#"{"alg":"nOnE"}"#), meshca::jose::encode(&claims));
     let limit = meshca::server::grpc::MAX_REQUEST_LEN;
 
     vec![

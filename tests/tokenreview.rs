@@ -9,8 +9,6 @@ use meshca_test_support as support;
 
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use meshca::auth::dev::{DevSigner, TokenClaims};
 use meshca::config::TokenConfig;
 use meshca::proto::CertifyRequest;
@@ -66,7 +64,7 @@ impl Cluster {
 }
 
 fn b64(bytes: impl AsRef<[u8]>) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
+    meshca::jose::encode(bytes)
 }
 
 /// The payload segment of a compact JWT.
@@ -117,7 +115,7 @@ async fn tokens_the_api_server_refuses_are_unauthenticated_audited_and_never_ech
     let good = payload(&c.token("web"));
     let forged = DevSigner::generate().unwrap().0.sign_raw(
         serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": c.api.signer.kid()}).to_string().as_bytes(),
-        &URL_SAFE_NO_PAD.decode(&good).unwrap(),
+        &meshca::jose::decode(&good).unwrap(),
     );
     let hs_header = b64(r#"{"alg":"HS256","typ":"JWT","kid":"cluster-rsa"}"#);
     let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &c.api.rsa_public_key());

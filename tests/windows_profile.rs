@@ -37,6 +37,7 @@ use meshca::proto::CertifyRequest;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use support::der::tlv;
 use support::process::{bin, meshca, output};
 use support::{chain, Options, TestServer};
 use x509_parser::certificate::X509Certificate;
@@ -464,17 +465,6 @@ fn ca_params(cn: &str, now: SystemTime) -> CertificateParams {
     params
 }
 
-/// DER TLV with a short or two-byte length.
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    match content.len() {
-        n if n < 0x80 => out.push(n as u8),
-        n if n < 0x100 => out.extend([0x81, n as u8]),
-        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
-    }
-    out.extend(content);
-    out
-}
 
 /// Splits one DER TLV off `input`: (tag, contents, whole TLV, rest).
 fn split(input: &[u8]) -> (u8, &[u8], &[u8], &[u8]) {
@@ -495,14 +485,14 @@ fn resigned_with_rsa_pss(cert: &[u8], pkcs8: &[u8]) -> Vec<u8> {
     let (_, _, version, rest) = split(tbs);
     let (_, _, serial, rest) = split(rest);
     let (_, _, _old_alg, rest) = split(rest);
-    let pss = tlv(0x30, rustls_pki_types::alg_id::RSA_PSS_SHA256.as_ref());
-    let tbs = tlv(0x30, &[version, serial, &pss, rest].concat());
+    let pss = tlv(0x30, &[rustls_pki_types::alg_id::RSA_PSS_SHA256.as_ref()]);
+    let tbs = tlv(0x30, &[version, serial, &pss, rest]);
     let key = ring::signature::RsaKeyPair::from_pkcs8(pkcs8).unwrap();
     let mut signature = vec![0; key.public().modulus_len()];
     let rng = ring::rand::SystemRandom::new();
     key.sign(&ring::signature::RSA_PSS_SHA256, &rng, &tbs, &mut signature).unwrap();
     let bits = [&[0u8][..], &signature].concat();
-    tlv(0x30, &[tbs.as_slice(), &pss, &tlv(0x03, &bits)].concat())
+    tlv(0x30, &[tbs.as_slice(), &pss, &tlv(0x03, &[&bits])])
 }
 
 /// An anchor and an issuer Windows cannot verify: both Ed25519, or a P-256 issuer the

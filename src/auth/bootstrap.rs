@@ -55,7 +55,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use ring::rand::SystemRandom;
 use ring::signature::{
     EcdsaKeyPair, RsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING,
@@ -69,6 +68,7 @@ use super::{Error, Subject};
 use crate::ca::issuer::Issuer;
 use crate::ca::store::Store;
 use crate::identity::Naming;
+use crate::jose::Compact;
 
 /// What every bootstrap token starts with.
 pub const PREFIX: &str = "mcbt1.";
@@ -298,21 +298,17 @@ impl BootstrapSigner {
     /// Signs arbitrary header and claims bytes into a compact JWS (no prefix), for
     /// hostile-input tests.
     pub fn sign_raw(&self, header_json: &[u8], claims_json: &[u8]) -> Result<String, Error> {
-        let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header_json), URL_SAFE_NO_PAD.encode(claims_json));
-        let sig = match &self.key {
-            SigningKey::Ecdsa(key) => key
-                .sign(&self.rng, msg.as_bytes())
-                .map_err(|_| signing("ECDSA signing failed"))?
-                .as_ref()
-                .to_vec(),
+        crate::jose::compact_jws(header_json, claims_json, |msg| match &self.key {
+            SigningKey::Ecdsa(key) => {
+                Ok(key.sign(&self.rng, msg).map_err(|_| signing("ECDSA signing failed"))?.as_ref().to_vec())
+            }
             SigningKey::Rsa(key) => {
                 let mut sig = vec![0; key.public().modulus_len()];
-                key.sign(&RSA_PKCS1_SHA256, &self.rng, msg.as_bytes(), &mut sig)
+                key.sign(&RSA_PKCS1_SHA256, &self.rng, msg, &mut sig)
                     .map_err(|_| signing("RSA signing failed"))?;
-                sig
+                Ok(sig)
             }
-        };
-        Ok(format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)))
+        })
     }
 }
 
@@ -338,12 +334,10 @@ pub fn verify(
 ) -> Result<Verified, Error> {
     let token = super::trimmed(token)?;
     let jws = token.strip_prefix(PREFIX.as_bytes()).ok_or(malformed("not a bootstrap token"))?;
-    let mut parts = jws.split(|b| *b == b'.');
-    let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let Some(parts) = Compact::split(jws) else {
         return Err(malformed("not three dot-separated segments"));
     };
-    let header = parse_object(&b64(h64, "header is not base64url")?, "header is not a JSON object")?;
+    let header = parse_object(&b64(parts.header, "header is not base64url")?, "header is not a JSON object")?;
     if header.keys().any(|k| !matches!(k.as_str(), "alg" | "typ" | "kid")) {
         return Err(malformed("header has fields other than alg, typ and kid"));
     }
@@ -364,10 +358,11 @@ pub fn verify(
     if Algorithm::of_issuer(issuer_alg) != Some(alg) {
         return Err(Error::UnsupportedAlgorithm);
     }
-    let sig = b64(s64, "signature is not base64url")?;
-    let msg = &jws[..h64.len() + 1 + p64.len()];
+    let sig = b64(parts.signature, "signature is not base64url")?;
+    let msg = parts.signing_input;
     UnparsedPublicKey::new(alg.verification(), public).verify(msg, &sig).map_err(|_| Error::BadSignature)?;
-    let claims = parse_object(&b64(p64, "payload is not base64url")?, "claims are not a JSON object")?;
+    let claims =
+        parse_object(&b64(parts.payload, "payload is not base64url")?, "claims are not a JSON object")?;
     check_claims(&claims, naming, leeway, now)
 }
 
@@ -434,8 +429,7 @@ fn is_token_id(s: &str) -> bool {
 /// audit record of a token [`verify`] accepted. `None` unless it is a well-formed id.
 pub fn claimed_token_id(token: &[u8]) -> Option<String> {
     let jws = token.trim_ascii().strip_prefix(PREFIX.as_bytes())?;
-    let payload = jws.split(|b| *b == b'.').nth(1)?;
-    let claims = parse_object(&b64(payload, "").ok()?, "").ok()?;
+    let claims = crate::jose::unverified_claims(jws)?;
     claims.get("jti")?.as_str().filter(|jti| is_token_id(jti)).map(str::to_owned)
 }
 
@@ -580,7 +574,7 @@ mod tests {
         naming().identity("default", "web").unwrap().dns_name
     }
     fn enc(bytes: impl AsRef<[u8]>) -> String {
-        URL_SAFE_NO_PAD.encode(bytes)
+        crate::jose::encode(bytes)
     }
 
     /// A self-signed CA that is its own trust anchor, with `key`, and its signer.
@@ -654,7 +648,7 @@ mod tests {
             let text = token.expose();
             assert!(text.starts_with(PREFIX) && is_bootstrap_token(format!(" {text}\n").as_bytes()));
             let h: Value = serde_json::from_slice(
-                &URL_SAFE_NO_PAD.decode(text[PREFIX.len()..].split('.').next().unwrap()).unwrap(),
+                &crate::jose::decode(text[PREFIX.len()..].split('.').next().unwrap()).unwrap(),
             )
             .unwrap();
             assert_eq!(h, json!({"alg": alg, "typ": TYP, "kid": issuer.fingerprint()}));
@@ -822,7 +816,7 @@ mod tests {
         let tampered =
             format!("{PREFIX}{}.{}.{}", parts[0], enc(claims().to_string().replace(&web(), &db)), parts[2]);
         refused!(check(&issuer, &tampered), Error::BadSignature);
-        let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+        let mut sig = crate::jose::decode(parts[2]).unwrap();
         sig[10] ^= 1;
         refused!(
             check(&issuer, &format!("{PREFIX}{}.{}.{}", parts[0], parts[1], enc(sig))),

@@ -22,7 +22,6 @@
 //! Oversized and empty tokens are refused here, without an entry or inner call.
 
 use super::{AuthFuture, Authenticator, Error, Subject};
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -283,8 +282,7 @@ impl Bucket {
 
 /// The `exp` of a JWT's payload, unverified; `None` when there is no readable one.
 fn expiry(token: &[u8]) -> Option<SystemTime> {
-    let payload = token.split(|b| *b == b'.').nth(1)?;
-    let claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
+    let claims = crate::jose::unverified_claims(token)?;
     let exp = claims.get("exp")?;
     let secs =
         exp.as_u64().map(Duration::from_secs).or_else(|| Duration::try_from_secs_f64(exp.as_f64()?).ok())?;
@@ -366,7 +364,7 @@ mod tests {
     /// An unsigned JWT-shaped token with this `exp` (the inner fake does not verify).
     fn token(name: &str, exp: u64) -> Vec<u8> {
         let claims = serde_json::json!({"exp": T + exp, "sub": name});
-        format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode(claims.to_string())).into_bytes()
+        format!("e30.{}.c2ln", crate::jose::encode(claims.to_string())).into_bytes()
     }
 
     /// Counts calls; answers with `answer` (panics when it is `None`); when gated,

@@ -7,12 +7,8 @@
 //! benchmark's RS256 one signs through them with its own algorithm.
 
 use super::Error;
-use base64::{
-    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
-    Engine,
-};
+use base64::{engine::general_purpose::STANDARD, Engine};
 use ring::{
-    digest::{digest, SHA256},
     rand::SystemRandom,
     signature::{EcdsaKeyPair, KeyPair, Signature, ECDSA_P256_SHA256_FIXED_SIGNING},
 };
@@ -130,7 +126,7 @@ impl DevSigner {
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng).map_err(|e| {
             Error::Config { reason: format!("development signing key is not a P-256 PKCS#8 key ({e})") }
         })?;
-        let kid = URL_SAFE_NO_PAD.encode(digest(&SHA256, key.public_key().as_ref()));
+        let kid = crate::jose::key_id(key.public_key().as_ref());
         Ok(DevSigner { key, kid, rng })
     }
 
@@ -163,7 +159,7 @@ impl DevSigner {
     /// A JWKS holding this key's public half.
     pub fn jwks_json(&self) -> String {
         let point = self.key.public_key().as_ref();
-        let coordinate = |range| URL_SAFE_NO_PAD.encode(point.get(range).unwrap_or_default());
+        let coordinate = |range| crate::jose::encode(point.get(range).unwrap_or_default());
         json!({"keys": [{
             "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": self.kid,
             "x": coordinate(1..33), "y": coordinate(33..65),
@@ -191,19 +187,7 @@ impl DevSigner {
     }
 }
 
-/// A JWS in compact serialization: `base64url(header).base64url(claims).base64url(signature)`,
-/// where `sign` returns the signature over the signing input (the first two parts and
-/// the dot between them). Every token signed here is assembled by this one function;
-/// callers choose the algorithm.
-pub fn compact_jws<S: AsRef<[u8]>, E>(
-    header_json: &[u8],
-    claims_json: &[u8],
-    sign: impl FnOnce(&[u8]) -> Result<S, E>,
-) -> Result<String, E> {
-    let msg = format!("{}.{}", URL_SAFE_NO_PAD.encode(header_json), URL_SAFE_NO_PAD.encode(claims_json));
-    let sig = sign(msg.as_bytes())?;
-    Ok(format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig)))
-}
+pub use crate::jose::compact_jws;
 
 /// The DER inside the first `-----BEGIN {label}-----` block of `pem`.
 pub(crate) fn pem_decode(pem: &str, label: &str) -> Option<Vec<u8>> {
@@ -242,7 +226,13 @@ mod tests {
         assert!(pem.lines().all(|line| line.len() <= 64));
         let reloaded = DevSigner::from_pem(&pem).unwrap();
         assert_eq!(reloaded.kid(), signer.kid());
-        assert_eq!(signer.kid(), URL_SAFE_NO_PAD.encode(digest(&SHA256, signer.key.public_key().as_ref())));
+        assert_eq!(
+            signer.kid(),
+            crate::jose::encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                signer.key.public_key().as_ref()
+            ))
+        );
         assert_ne!(DevSigner::generate().unwrap().0.kid(), signer.kid());
         assert_eq!(Jwks::from_json(reloaded.jwks_json().as_bytes()).unwrap().len(), 1);
     }
@@ -262,7 +252,7 @@ mod tests {
     fn sign_emits_a_kubernetes_shaped_token_and_refuses_inverted_times() {
         let signer = DevSigner::generate().unwrap().0;
         let token = signer.sign(&claims()).unwrap();
-        let parts: Vec<_> = token.split('.').map(|p| URL_SAFE_NO_PAD.decode(p).unwrap()).collect();
+        let parts: Vec<_> = token.split('.').map(|p| crate::jose::decode(p).unwrap()).collect();
         let header: Value = serde_json::from_slice(&parts[0]).unwrap();
         assert_eq!(header, json!({"alg": "ES256", "typ": "JWT", "kid": signer.kid()}));
         let body: Value = serde_json::from_slice(&parts[1]).unwrap();
@@ -291,9 +281,9 @@ mod tests {
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(signed_input, format!("{}.{}", parts[0], parts[1]).into_bytes());
         let decode =
-            |part: &str| serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap();
+            |part: &str| serde_json::from_slice::<Value>(&crate::jose::decode(part).unwrap()).unwrap();
         assert_eq!(decode(parts[0]), json!({"alg": "XS1", "typ": "JWT", "kid": "k1"}));
-        assert_eq!((decode(parts[1]), parts[2]), (body, URL_SAFE_NO_PAD.encode("sig").as_str()));
+        assert_eq!((decode(parts[1]), parts[2]), (body, crate::jose::encode("sig").as_str()));
         let failed = claims.sign_with("XS1", "k1", |_| Err::<[u8; 0], _>(Error::Signing { reason: "no" }));
         assert!(matches!(failed, Err(Error::Signing { reason: "no" })));
     }

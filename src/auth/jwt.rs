@@ -6,7 +6,6 @@
 //! Kubernetes service account identity. Signature checks use `ring`.
 
 use super::{AuthFuture, Authenticator, Error, Subject, MAX_TOKEN_LEN};
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use ring::signature::{
     RsaPublicKeyComponents, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED, RSA_PKCS1_2048_8192_SHA256,
 };
@@ -143,7 +142,7 @@ fn parse_jwk(jwk: &Map<String, Value>) -> Result<Option<Key>, String> {
     };
     let bytes = |name: &str| {
         let value = text(name)?.ok_or_else(|| format!("\"{name}\" is missing"))?;
-        URL_SAFE_NO_PAD.decode(value).map_err(|_| format!("\"{name}\" is not base64url"))
+        crate::jose::decode(value).ok_or_else(|| format!("\"{name}\" is not base64url"))
     };
     if text("use")?.is_some_and(|u| u != "sig") {
         return Ok(None);
@@ -218,13 +217,11 @@ impl JwksAuthenticator {
         if token.is_empty() {
             return Err(Error::Empty);
         }
-        let mut parts = token.split(|b| *b == b'.');
-        let (Some(h64), Some(p64), Some(s64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let Some(parts) = crate::jose::Compact::split(token) else {
             return Err(malformed("not three dot-separated segments"));
         };
-        let header = parse_object(&b64(h64, "header is not base64url")?, "header is not a JSON object")?;
+        let header =
+            parse_object(&b64(parts.header, "header is not base64url")?, "header is not a JSON object")?;
         let alg = match header.get("alg") {
             Some(Value::String(alg)) => alg.parse::<Algorithm>()?,
             _ => return Err(malformed("header alg is missing or not a string")),
@@ -248,8 +245,8 @@ impl JwksAuthenticator {
             Some(Value::String(kid)) => Some(kid.as_str()),
             Some(_) => return Err(malformed("header kid is not a string")),
         };
-        let sig = b64(s64, "signature is not base64url")?;
-        let msg = &token[..h64.len() + 1 + p64.len()];
+        let sig = b64(parts.signature, "signature is not base64url")?;
+        let msg = parts.signing_input;
         let jwks = self.keys();
         let mut candidates = (jwks.keys.iter())
             .filter(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid))
@@ -260,7 +257,8 @@ impl JwksAuthenticator {
         if !candidates.any(|k| k.verifies(msg, &sig)) {
             return Err(Error::BadSignature);
         }
-        let claims = parse_object(&b64(p64, "payload is not base64url")?, "claims are not a JSON object")?;
+        let claims =
+            parse_object(&b64(parts.payload, "payload is not base64url")?, "claims are not a JSON object")?;
         self.check_claims(&claims, now)
     }
 
@@ -375,7 +373,7 @@ fn malformed(what: &'static str) -> Error {
 }
 
 pub(crate) fn b64(segment: &[u8], what: &'static str) -> Result<Vec<u8>, Error> {
-    URL_SAFE_NO_PAD.decode(segment).map_err(|_| malformed(what))
+    crate::jose::decode(segment).ok_or_else(|| malformed(what))
 }
 
 pub(crate) fn parse_object(bytes: &[u8], what: &'static str) -> Result<Map<String, Value>, Error> {
@@ -498,7 +496,7 @@ mod tests {
         auth.verify(signer.sign_raw(header.as_bytes(), claims.as_bytes()).as_bytes(), now())
     }
     fn enc(bytes: impl AsRef<[u8]>) -> String {
-        URL_SAFE_NO_PAD.encode(bytes)
+        crate::jose::encode(bytes)
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -16,8 +16,6 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
-
 use super::probe::Verdict;
 use super::tls::names;
 use super::{human, when, At, Check, Finding, Options, Status};
@@ -232,9 +230,8 @@ fn claims(token: &[u8]) -> Result<Claims, &'static str> {
     if parts.len() != 3 {
         return Err("not three dot-separated parts");
     }
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(parts[1].trim_end_matches('='))
-        .map_err(|_| "the payload is not base64url")?;
+    let payload =
+        crate::jose::decode(parts[1].trim_end_matches('=')).ok_or("the payload is not base64url")?;
     let value: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| "the payload is not JSON")?;
     let text = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let audience = match value.get("aud") {
@@ -440,7 +437,7 @@ fn bootstrap_claims(token: &[u8]) -> Result<BootstrapClaims, &'static str> {
         return Err("not three dot-separated parts after mcbt1.");
     };
     let object = |part: &str, not_base64, not_json| {
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).map_err(|_| not_base64)?;
+        let bytes = crate::jose::decode(part).ok_or(not_base64)?;
         match serde_json::from_slice(&bytes) {
             Ok(serde_json::Value::Object(map)) => Ok(map),
             _ => Err(not_json),
@@ -571,7 +568,7 @@ mod tests {
     use super::*;
 
     fn jwt(payload: &serde_json::Value) -> Vec<u8> {
-        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let b64 = |v: &[u8]| crate::jose::encode(v);
         format!("{}.{}.{}\n", b64(b"{\"alg\":\"ES256\"}"), b64(payload.to_string().as_bytes()), b64(b"sig"))
             .into_bytes()
     }
@@ -601,7 +598,7 @@ mod tests {
     }
 
     fn bootstrap(header: &serde_json::Value, claims: &serde_json::Value) -> Vec<u8> {
-        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let b64 = |v: &[u8]| crate::jose::encode(v);
         let (h, c) = (b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
         format!("{BOOTSTRAP_PREFIX}{h}.{c}.{}\n", b64(b"sig")).into_bytes()
     }

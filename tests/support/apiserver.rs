@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -139,7 +139,7 @@ impl ApiServer {
             .as_array_mut()
             .unwrap()
             .push(json!({"kty": "RSA", "kid": RSA_KID, "use": "sig", "alg": "RS256",
-            "n": URL_SAFE_NO_PAD.encode(&public.n), "e": URL_SAFE_NO_PAD.encode(&public.e)}));
+            "n": meshca::jose::encode(&public.n), "e": meshca::jose::encode(&public.e)}));
 
         // TLS: a CA of its own and a certificate for 127.0.0.1.
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -565,7 +565,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     };
     let jwks = state.jwks.read().unwrap().clone();
     let verifier = JwksAuthenticator::new(settings, Jwks::from_json(jwks.as_bytes()).unwrap());
-    let claims = token.split('.').nth(1).and_then(|p| URL_SAFE_NO_PAD.decode(p).ok());
+    let claims = token.split('.').nth(1).and_then(meshca::jose::decode);
     let claims: Value = claims.and_then(|c| serde_json::from_slice(&c).ok()).unwrap_or_default();
     let aud: Vec<String> = match &claims["aud"] {
         Value::String(one) => vec![one.clone()],
