@@ -168,9 +168,6 @@ pub struct InitArgs {
     pub key_type: CaKeyArg,
 }
 
-/// `--token-validation`'s values, owned by the token sources.
-pub use crate::auth::source::TokenValidation;
-
 /// `meshca serve`'s settings, defined once: as flags (with their `MESHCA_*`
 /// variables) here, and as the keys of the `--config` TOML file through serde
 /// (kebab-case, the flags' names; `config::Config::parse_file`).
@@ -384,7 +381,7 @@ pub struct AgentArgs {
 /// The agent's TOML file (`--config` of `agent` and `certify`): the flags' names.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct AgentFile {
+pub(crate) struct AgentFile {
     pub addr: Option<String>,
     pub trust_anchors: Option<PathBuf>,
     pub token_file: Option<PathBuf>,

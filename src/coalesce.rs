@@ -30,7 +30,7 @@ const HOLD_FIRST: usize = 4 * 1024;
 
 /// A stream whose writes are held until a flush (see the module documentation).
 #[derive(Debug)]
-pub struct Coalesce<S> {
+pub(crate) struct Coalesce<S> {
     inner: S,
     /// Bytes written and not yet passed on.
     out: Vec<u8>,
@@ -41,11 +41,11 @@ pub struct Coalesce<S> {
 }
 
 impl<S> Coalesce<S> {
-    pub fn new(inner: S) -> Coalesce<S> {
+    pub(crate) fn new(inner: S) -> Coalesce<S> {
         Coalesce { inner, out: Vec::new(), passed: 0, yielded: false }
     }
 
-    pub fn get_ref(&self) -> &S {
+    pub(crate) fn get_ref(&self) -> &S {
         &self.inner
     }
 }

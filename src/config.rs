@@ -48,7 +48,7 @@ impl From<crate::setting::Error> for Error {
 
 /// The TOML file: `meshca serve`'s own settings ([`ServeArgs`]), keys named as the
 /// flags without their dashes (`issuance-lifetime = "24h"`).
-pub type FileConfig = ServeArgs;
+pub(crate) type FileConfig = ServeArgs;
 
 /// `meshca serve`'s long flags but `--config` and `--help`: the keys a config file
 /// may hold.
@@ -122,7 +122,7 @@ impl DevPaths {
     pub fn audit_log(&self) -> PathBuf {
         self.data_dir.join("audit.jsonl")
     }
-    pub fn bootstrap_replay_file(&self) -> PathBuf {
+    pub(crate) fn bootstrap_replay_file(&self) -> PathBuf {
         self.data_dir.join("bootstrap-used.jsonl")
     }
 }
@@ -163,13 +163,13 @@ pub struct Config {
 }
 
 /// Default `--max-connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default `--max-connection-age`.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+pub(crate) const DEFAULT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
 /// Default `--request-timeout`.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `--ready-api-unreachable-threshold`.
-pub const DEFAULT_API_UNREACHABLE_THRESHOLD: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_API_UNREACHABLE_THRESHOLD: Duration = Duration::from_secs(60);
 
 /// `--max-connections`, `--max-connection-age` and `--request-timeout`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,7 +236,7 @@ fn address(setting: &'static str, value: Option<&str>, default: &str) -> Result<
 
 impl Config {
     /// Parses a config file's text.
-    pub fn parse_file(text: &str) -> Result<FileConfig, Error> {
+    pub(crate) fn parse_file(text: &str) -> Result<FileConfig, Error> {
         let table: toml::Table = toml::from_str(text).map_err(|e| Error::File(e.to_string()))?;
         // Only `serve`'s flags are settings (not `--config` itself): a mistyped
         // key is an error, not a setting silently ignored.

@@ -24,7 +24,7 @@ use std::path::Path;
 
 /// Who may read a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
+pub(crate) enum Access {
     /// Owner read/write only (private keys, tokens); on Windows, the directory's ACL.
     Private,
     /// World-readable (certificates).
@@ -66,7 +66,7 @@ fn parent(path: &Path) -> &Path {
 }
 
 /// Replaces `path` with `contents` atomically.
-pub fn write_atomic(path: &Path, contents: &[u8], access: Access) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], access: Access) -> std::io::Result<()> {
     let dir = parent(path);
     fs::create_dir_all(dir)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -89,7 +89,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], access: Access) -> std::io::Re
 }
 
 /// Writes `contents` to a file that must not exist yet.
-pub fn write_new(path: &Path, contents: &[u8], access: Access) -> std::io::Result<()> {
+pub(crate) fn write_new(path: &Path, contents: &[u8], access: Access) -> std::io::Result<()> {
     let dir = parent(path);
     fs::create_dir_all(dir)?;
     let mut f = open_options(access).create_new(true).open(path)?;

@@ -60,7 +60,7 @@ const MAX_DNS_NAME: usize = 253;
 
 /// Checks that `s` is a DNS-1123 label: 1–63 of `[a-z0-9-]`, starting and ending
 /// with a letter or digit.
-pub fn check_label(s: &str) -> Result<(), &'static str> {
+pub(crate) fn check_label(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         return Err("empty");
     }
@@ -78,7 +78,7 @@ pub fn check_label(s: &str) -> Result<(), &'static str> {
 }
 
 /// Checks that `s` is a DNS name made of DNS-1123 labels (no trailing dot).
-pub fn check_dns_name(s: &str) -> Result<(), &'static str> {
+pub(crate) fn check_dns_name(s: &str) -> Result<(), &'static str> {
     if s.len() > MAX_DNS_NAME {
         return Err("longer than 253 characters");
     }
@@ -150,7 +150,7 @@ impl Naming {
 
     /// meshca's own identity (its serving certificate's name): service account
     /// `service_account` in the control-plane namespace.
-    pub fn own_identity(&self, service_account: &str) -> Result<Identity, Error> {
+    pub(crate) fn own_identity(&self, service_account: &str) -> Result<Identity, Error> {
         self.identity(&self.control_plane_namespace, service_account)
     }
 
@@ -167,7 +167,7 @@ impl Naming {
 
     /// Reads a SPIFFE ID of this deployment (`spiffe://TD/ns/NS/sa/SA`) back into
     /// (namespace, service account); `None` for any other name.
-    pub fn parse_spiffe(&self, spiffe_id: &str) -> Option<(String, String)> {
+    pub(crate) fn parse_spiffe(&self, spiffe_id: &str) -> Option<(String, String)> {
         let path = spiffe_id.strip_prefix("spiffe://")?.strip_prefix(self.trust_domain.as_str())?;
         let (ns, sa) = path.strip_prefix("/ns/")?.split_once("/sa/")?;
         check_label(sa).ok()?;
@@ -189,7 +189,7 @@ impl Naming {
     /// Like [`Naming::authorize`], for a requested name in another form than the
     /// DNS name (`name` gives the subject's own in that form, e.g. its SPIFFE ID):
     /// byte-exact equality, nothing else.
-    pub fn authorize_as(
+    pub(crate) fn authorize_as(
         &self,
         subject: &Subject,
         requested: &str,

@@ -52,9 +52,9 @@ pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 const MAX_AUDITED_NAME: usize = 256;
 /// The shortest lifetime a caller may ask for (`Application::lifetime`); the
 /// configured `--issuance-lifetime` is the longest.
-pub const MIN_REQUESTED_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const MIN_REQUESTED_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 /// Reason code of a dry run that passed.
-pub const DRY_RUN_REASON: &str = "dry_run";
+pub(crate) const DRY_RUN_REASON: &str = "dry_run";
 
 /// What the core needs, shared by every application.
 pub struct Issuance {
@@ -79,7 +79,7 @@ pub struct Issuance {
 
 /// How an API names its leaves (`ca::profile::Names`), from the identity authorized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NamePolicy {
+pub(crate) enum NamePolicy {
     /// Linkerd: the DNS name as subject CN and DNS SAN, and the SPIFFE ID as URI SAN.
     DnsAndSpiffe,
     /// Istio: the SPIFFE ID alone, as a (critical) URI SAN; no subject.
@@ -88,7 +88,7 @@ pub enum NamePolicy {
 
 impl NamePolicy {
     /// The names a leaf for `identity` certifies under this policy.
-    pub fn names(self, identity: &Identity) -> Names<'_> {
+    pub(crate) fn names(self, identity: &Identity) -> Names<'_> {
         let dns_name = match self {
             NamePolicy::DnsAndSpiffe => Some(identity.dns_name.as_str()),
             NamePolicy::SpiffeOnly => None,
@@ -106,7 +106,7 @@ impl NamePolicy {
 }
 
 /// One application for a certificate, as a front end received it.
-pub struct Application {
+pub(crate) struct Application {
     /// The name asked for, in the naming policy's terms (Linkerd: the identity's DNS
     /// name; Istio: the SPIFFE ID); it must be the credential's own. `None`: the
     /// credential's own, whatever it is (Istio's CreateCertificate names none).
@@ -140,7 +140,7 @@ impl std::fmt::Debug for Application {
 }
 
 /// What was decided, with what a front end tags its answer with.
-pub struct Decision {
+pub(crate) struct Decision {
     /// The id in the audit record and the log line.
     pub request_id: String,
     /// The server's time at the decision.
@@ -149,7 +149,7 @@ pub struct Decision {
 }
 
 /// A decision in the caller's favour.
-pub enum Granted {
+pub(crate) enum Granted {
     /// A certificate, recorded: the leaf, and the snapshot that signed it (its
     /// issuer's chain, issuer first, and the trust anchors above it).
     Issued { leaf: Leaf, snapshot: Arc<crate::ca::store::Snapshot> },
@@ -184,7 +184,7 @@ impl Job {
 }
 
 /// A random request id: 16 hex digits.
-pub fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     let mut id = [0u8; 8];
     // A failed RNG leaves zeros: the id is for correlation, not security.
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
@@ -205,7 +205,7 @@ fn truncate(s: &str, max: usize) -> String {
 impl Issuance {
     /// Decides `app`: admission, the checks, signing, the audit record (durable
     /// before a certificate is granted), metrics, the log line and the Event.
-    pub async fn decide(&self, app: Application) -> Decision {
+    pub(crate) async fn decide(&self, app: Application) -> Decision {
         let started = Instant::now();
         let _counted = self.metrics.in_flight();
         let now = self.clock.now();

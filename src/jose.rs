@@ -22,7 +22,7 @@ pub fn decode(segment: impl AsRef<[u8]>) -> Option<Vec<u8>> {
 
 /// A compact JWS split into its three segments, neither decoded nor verified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Compact<'a> {
+pub(crate) struct Compact<'a> {
     pub header: &'a [u8],
     pub payload: &'a [u8],
     pub signature: &'a [u8],
@@ -32,7 +32,7 @@ pub struct Compact<'a> {
 
 impl<'a> Compact<'a> {
     /// Exactly three dot-separated segments, else `None`.
-    pub fn split(jws: &'a [u8]) -> Option<Self> {
+    pub(crate) fn split(jws: &'a [u8]) -> Option<Self> {
         let mut parts = jws.split(|b| *b == b'.');
         let (Some(header), Some(payload), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -61,7 +61,7 @@ pub fn compact_jws<S: AsRef<[u8]>, E>(
 /// The payload of a compact JWS as a JSON object, read without verifying anything:
 /// for a cache's expiry, an audit record's claimed id, a diagnosis. `None` unless the
 /// token has three segments and its payload is base64url of a JSON object.
-pub fn unverified_claims(jws: &[u8]) -> Option<Map<String, Value>> {
+pub(crate) fn unverified_claims(jws: &[u8]) -> Option<Map<String, Value>> {
     let payload = decode(Compact::split(jws)?.payload)?;
     match serde_json::from_slice(&payload) {
         Ok(Value::Object(claims)) => Some(claims),

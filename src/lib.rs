@@ -37,20 +37,20 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
-pub mod coalesce;
+pub(crate) mod coalesce;
 pub mod commands;
 pub mod config;
 pub mod dev;
 pub mod doctor;
-pub mod files;
+pub(crate) mod files;
 pub mod identity;
 pub mod issuance;
 pub mod jose;
 pub mod metrics;
 pub mod server;
-pub mod setting;
+pub(crate) mod setting;
 pub mod status;
-pub mod wire;
+pub(crate) mod wire;
 
 /// Generated from proto/identity.proto: `io.linkerd.proxy.identity`.
 #[allow(clippy::all, missing_docs)] // generated code

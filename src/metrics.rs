@@ -45,7 +45,7 @@ use crate::ca::store::Snapshot;
 use crate::clock::{unix_seconds, Clock};
 
 /// `Content-Type` of `/metrics`: the Prometheus text format, version 0.0.4.
-pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Upper bounds of the Certify latency histogram, in seconds.
 const CERTIFY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
@@ -161,16 +161,16 @@ impl Metrics {
     }
 
     /// Adds metrics to the page; for start-up, not for the request path.
-    pub fn register(&self, register: impl FnOnce(&mut Registry)) {
+    pub(crate) fn register(&self, register: impl FnOnce(&mut Registry)) {
         register(&mut self.registry.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    pub fn record_issued(&self, latency: Duration) {
+    pub(crate) fn record_issued(&self, latency: Duration) {
         self.issued.inc();
         self.latency.observe(latency);
     }
 
-    pub fn record_denied(&self, reason: &'static str, latency: Duration) {
+    pub(crate) fn record_denied(&self, reason: &'static str, latency: Duration) {
         self.certify.get_or_create(&CertifyLabels { outcome: "denied", reason }).inc();
         self.latency.observe(latency);
     }
@@ -187,24 +187,19 @@ impl Metrics {
     }
 
     /// Sets the issuer and trust-anchor expiry from the snapshot in use.
-    pub fn set_snapshot(&self, snapshot: &Snapshot) {
+    pub(crate) fn set_snapshot(&self, snapshot: &Snapshot) {
         self.issuer_not_after.store(unix_seconds(snapshot.issuer.window().not_after), Ordering::Relaxed);
         let anchors = snapshot.anchors_not_after().map(unix_seconds).unwrap_or(0);
         self.anchors_not_after.store(anchors, Ordering::Relaxed);
     }
 
-    pub fn set_serving_not_after(&self, not_after: SystemTime) {
+    pub(crate) fn set_serving_not_after(&self, not_after: SystemTime) {
         self.serving_not_after.store(unix_seconds(not_after), Ordering::Relaxed);
     }
 
     /// Successful reloads since start.
     pub fn reloads(&self) -> u64 {
         self.reloads.get()
-    }
-
-    /// Failed reload attempts since start.
-    pub fn reload_failures(&self) -> u64 {
-        self.reload_failures.get()
     }
 
     /// Everything registered, in the Prometheus text format.
@@ -247,7 +242,7 @@ fn seconds_until(unix: u64, now: SystemTime) -> i64 {
 
 /// Registers `meshca_audit_records_written_total` and
 /// `meshca_audit_write_failures_total`, read from `audit` at scrape time.
-pub fn register_audit(registry: &mut Registry, audit: &AuditLog) {
+pub(crate) fn register_audit(registry: &mut Registry, audit: &AuditLog) {
     let log = audit.clone();
     registry.register(
         "meshca_audit_records_written",
@@ -280,14 +275,14 @@ pub fn render(register: impl FnOnce(&mut Registry)) -> String {
 
 /// A gauge whose value is computed when scraped (a queue length, a cache size,
 /// seconds left); absent from the page while the function says `None`.
-pub struct ScrapeGauge(Box<dyn Fn() -> Option<i64> + Send + Sync>);
+pub(crate) struct ScrapeGauge(Box<dyn Fn() -> Option<i64> + Send + Sync>);
 
 impl ScrapeGauge {
-    pub fn new(value: impl Fn() -> i64 + Send + Sync + 'static) -> ScrapeGauge {
+    pub(crate) fn new(value: impl Fn() -> i64 + Send + Sync + 'static) -> ScrapeGauge {
         ScrapeGauge(Box::new(move || Some(value())))
     }
 
-    pub fn optional(value: impl Fn() -> Option<i64> + Send + Sync + 'static) -> ScrapeGauge {
+    pub(crate) fn optional(value: impl Fn() -> Option<i64> + Send + Sync + 'static) -> ScrapeGauge {
         ScrapeGauge(Box::new(value))
     }
 }
@@ -316,10 +311,10 @@ impl EncodeMetric for ScrapeGauge {
 }
 
 /// A counter kept elsewhere (another module's atomic), read when scraped.
-pub struct ScrapeCounter(Box<dyn Fn() -> u64 + Send + Sync>);
+pub(crate) struct ScrapeCounter(Box<dyn Fn() -> u64 + Send + Sync>);
 
 impl ScrapeCounter {
-    pub fn new(value: impl Fn() -> u64 + Send + Sync + 'static) -> ScrapeCounter {
+    pub(crate) fn new(value: impl Fn() -> u64 + Send + Sync + 'static) -> ScrapeCounter {
         ScrapeCounter(Box::new(value))
     }
 }
@@ -345,7 +340,7 @@ impl EncodeMetric for ScrapeCounter {
 /// write lock per observation). The count is the sum of the buckets, read at
 /// scrape, so `_count` always equals the `+Inf` bucket. Clones share the counts.
 #[derive(Clone, Debug)]
-pub struct LatencyHistogram(Arc<HistogramCounts>);
+pub(crate) struct LatencyHistogram(Arc<HistogramCounts>);
 
 #[derive(Debug)]
 struct HistogramCounts {
@@ -358,12 +353,12 @@ struct HistogramCounts {
 
 impl LatencyHistogram {
     /// `bounds`: the buckets' upper bounds in seconds, ascending.
-    pub fn new(bounds: &'static [f64]) -> LatencyHistogram {
+    pub(crate) fn new(bounds: &'static [f64]) -> LatencyHistogram {
         let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
         LatencyHistogram(Arc::new(HistogramCounts { bounds, buckets, sum_nanos: AtomicU64::new(0) }))
     }
 
-    pub fn observe(&self, took: Duration) {
+    pub(crate) fn observe(&self, took: Duration) {
         let c = &self.0;
         let secs = took.as_secs_f64();
         let i = c.bounds.iter().position(|b| secs <= *b).unwrap_or(c.bounds.len());
@@ -372,7 +367,8 @@ impl LatencyHistogram {
     }
 
     /// Observations so far.
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    fn count(&self) -> u64 {
         self.0.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 }

@@ -18,7 +18,11 @@ pub enum Error {
 }
 
 /// `value` as a duration (`24h`, `90s`, `2m`), or `default` when unset.
-pub fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, Error> {
+pub(crate) fn duration(
+    setting: &'static str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, Error> {
     match value {
         None => Ok(default),
         Some(v) => humantime::parse_duration(v.trim())
@@ -27,7 +31,7 @@ pub fn duration(setting: &'static str, value: Option<&str>, default: Duration) -
 }
 
 /// `value` (or `default`) within `min..=max`, else an error naming the bounds as `bounds`.
-pub fn within(
+pub(crate) fn within(
     setting: &'static str,
     value: Duration,
     min: Duration,

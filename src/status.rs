@@ -20,12 +20,13 @@ use tonic::{Code, Status};
 use crate::admission::Scope;
 use crate::{audit, auth, ca, identity};
 
-pub use crate::wire::{REASON_HEADER, RETRY_PUSHBACK_HEADER};
+pub(crate) use crate::wire::REASON_HEADER;
+pub use crate::wire::RETRY_PUSHBACK_HEADER;
 
 /// Why the request itself is unusable before any stage looks at it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum RequestError {
+pub(crate) enum RequestError {
     /// The encoded request exceeds the size limit.
     #[error("request of {len} bytes exceeds the {max}-byte limit")]
     TooLarge { len: usize, max: usize },
@@ -34,7 +35,7 @@ pub enum RequestError {
 /// A refused Certify request: the error of the stage that refused it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Refusal {
+pub(crate) enum Refusal {
     #[error(transparent)]
     Request(#[from] RequestError),
     #[error("token refused: {0}")]
@@ -66,7 +67,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The gRPC status code for this refusal.
-    pub fn code(&self) -> Code {
+    pub(crate) fn code(&self) -> Code {
         match self {
             Refusal::Request(_) => Code::InvalidArgument,
             Refusal::Auth(e) => match e {
@@ -92,7 +93,7 @@ impl Refusal {
     }
 
     /// Stable snake_case reason for audit records and metrics.
-    pub fn reason_code(&self) -> &'static str {
+    pub(crate) fn reason_code(&self) -> &'static str {
         match self {
             Refusal::Request(RequestError::TooLarge { .. }) => "request_too_large",
             Refusal::Auth(e) => e.code(),
@@ -109,7 +110,7 @@ impl Refusal {
     }
 
     /// The status sent to the caller, tagged with the request id.
-    pub fn status(&self, request_id: &str) -> Status {
+    pub(crate) fn status(&self, request_id: &str) -> Status {
         let message = match self.code() {
             // Internal details stay in the log, under the request id.
             Code::Internal => format!("internal error (request id {request_id})"),
@@ -132,7 +133,7 @@ impl Refusal {
     }
 
     /// How long the caller should wait before retrying, when meshca can tell.
-    pub fn retry_after(&self) -> Option<std::time::Duration> {
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             Refusal::Overloaded { retry_after } | Refusal::RateLimited { retry_after, .. } => {
                 Some(*retry_after)

@@ -5,14 +5,14 @@
 
 /// Response metadata: the server's wall-clock time at the request, Unix
 /// milliseconds, so clients can estimate their clock offset.
-pub const SERVER_TIME_HEADER: &str = "x-meshca-time";
+pub(crate) const SERVER_TIME_HEADER: &str = "x-meshca-time";
 /// Request metadata asking for a dry run (value `1`); the answer says `passed`.
-pub const DRY_RUN_HEADER: &str = "x-meshca-dry-run";
+pub(crate) const DRY_RUN_HEADER: &str = "x-meshca-dry-run";
 /// Response metadata: the request id, as in the audit record and the log line.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Metadata on every refusal: its stable reason code, as in the audit record, so
 /// that clients (`meshca doctor`) tell refusals apart without reading their text.
-pub const REASON_HEADER: &str = "x-meshca-reason";
+pub(crate) const REASON_HEADER: &str = "x-meshca-reason";
 /// Metadata on a `ResourceExhausted` status: milliseconds to wait before retrying
 /// (gRPC's retry pushback, proposal A6).
 pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";

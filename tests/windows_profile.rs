@@ -465,7 +465,6 @@ fn ca_params(cn: &str, now: SystemTime) -> CertificateParams {
     params
 }
 
-
 /// Splits one DER TLV off `input`: (tag, contents, whole TLV, rest).
 fn split(input: &[u8]) -> (u8, &[u8], &[u8], &[u8]) {
     let (len, header) = match input[1] {

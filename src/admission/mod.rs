@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use crate::ca::csr::KeyType;
 use crate::metrics::{Registry, ScrapeCounter, ScrapeGauge};
 pub mod memory;
-pub mod workers;
+pub(crate) mod workers;
 
 use workers::Workers;
 
@@ -62,7 +62,7 @@ pub struct Settings {
 /// Default per-identity limit: 100 P-256 requests a second after a burst of
 /// 1,000, so one deployment's whole rollout passes and a looping client cannot
 /// take the cores from everyone else.
-pub const DEFAULT_PER_IDENTITY: Rate = Rate { per_second: 100.0, burst: 1000.0 };
+pub(crate) const DEFAULT_PER_IDENTITY: Rate = Rate { per_second: 100.0, burst: 1000.0 };
 
 impl Settings {
     /// `max_in_flight` requests, one worker per core, the default per-identity
@@ -94,13 +94,13 @@ pub fn cost(key_type: Option<KeyType>) -> f64 {
 
 /// Which limit refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
+pub(crate) enum Scope {
     Peer,
     Identity,
 }
 
 impl Scope {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scope::Peer => "peer",
             Scope::Identity => "identity",
@@ -138,7 +138,7 @@ fn record_service(average: &AtomicU64, took: Duration) {
 }
 
 /// Registers the admission metrics of `admission`, read at scrape time.
-pub fn register_metrics(registry: &mut Registry, admission: &Arc<Admission>) {
+pub(crate) fn register_metrics(registry: &mut Registry, admission: &Arc<Admission>) {
     let a = admission.clone();
     registry.register(
         "meshca_admission_queue",
@@ -217,7 +217,7 @@ impl Admission {
     }
 
     /// Gate 1: a place in flight, or `Err(retry hint)` when all are taken.
-    pub fn enter(&self) -> Result<InFlight<'_>, Duration> {
+    pub(crate) fn enter(&self) -> Result<InFlight<'_>, Duration> {
         match self.in_flight.try_acquire() {
             Ok(permit) => {
                 self.max_in_flight.fetch_max(self.in_flight(), Ordering::Relaxed);
@@ -239,7 +239,7 @@ impl Admission {
     }
 
     /// Gate 2, per peer address: `Err(wait)` when the peer's bucket lacks `cost`.
-    pub fn check_peer(&self, peer: Option<IpAddr>, cost: f64, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn check_peer(&self, peer: Option<IpAddr>, cost: f64, now: Instant) -> Result<(), Duration> {
         match (&self.per_peer, peer) {
             (Some(limiter), Some(ip)) => limiter.take(ip, cost, now).inspect_err(|_| {
                 self.limited_peer.fetch_add(1, Ordering::Relaxed);
@@ -249,7 +249,7 @@ impl Admission {
     }
 
     /// Gate 2, per identity: `Err(wait)` when the identity's bucket lacks `cost`.
-    pub fn check_identity(&self, identity: &str, cost: f64, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn check_identity(&self, identity: &str, cost: f64, now: Instant) -> Result<(), Duration> {
         match &self.per_identity {
             Some(limiter) => limiter.take_with(identity, cost, now).inspect_err(|_| {
                 self.limited_identity.fetch_add(1, Ordering::Relaxed);
@@ -268,12 +268,12 @@ impl Admission {
     }
 
     /// Requests waiting for a worker now.
-    pub fn queue_depth(&self) -> usize {
+    pub(crate) fn queue_depth(&self) -> usize {
         self.workers.waiting()
     }
 
     /// The most requests ever waiting for a worker at once.
-    pub fn max_queue_depth(&self) -> usize {
+    pub(crate) fn max_queue_depth(&self) -> usize {
         self.workers.max_waiting()
     }
 

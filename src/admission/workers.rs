@@ -57,7 +57,7 @@ impl Queue {
 }
 
 /// The worker threads; dropping this stops them once the queued jobs are done.
-pub struct Workers {
+pub(crate) struct Workers {
     queue: Arc<Queue>,
     threads: usize,
 }
@@ -71,7 +71,7 @@ impl std::fmt::Debug for Workers {
 impl Workers {
     /// Starts `threads` workers (at least one), named `meshca-sign-N`. `took` is
     /// told how long each job ran.
-    pub fn start(
+    pub(crate) fn start(
         threads: usize,
         took: impl Fn(Duration) + Send + Sync + 'static,
     ) -> std::io::Result<Workers> {
@@ -93,7 +93,7 @@ impl Workers {
     }
 
     /// Runs `job` on a worker when its turn comes and returns its result.
-    pub async fn run<T, F>(&self, job: F) -> Result<T, Error>
+    pub(crate) async fn run<T, F>(&self, job: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -122,12 +122,12 @@ impl Workers {
     }
 
     /// Jobs waiting for a worker now.
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.queue.waiting.load(Ordering::Relaxed)
     }
 
     /// The most jobs ever waiting at once.
-    pub fn max_waiting(&self) -> usize {
+    pub(crate) fn max_waiting(&self) -> usize {
         self.queue.max_waiting.load(Ordering::Relaxed)
     }
 }

@@ -54,7 +54,7 @@ fn refused(status: tonic::Status) -> Error {
 
 impl Error {
     /// How long the server asked the caller to wait before retrying, if it did.
-    pub fn retry_after(&self) -> Option<std::time::Duration> {
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             Error::Refused { retry_after, .. } => *retry_after,
             _ => None,
@@ -118,7 +118,7 @@ impl std::fmt::Debug for Credentials {
 
 impl Credentials {
     /// `tls.crt`: leaf, then intermediates.
-    pub fn chain_pem(&self) -> String {
+    pub(crate) fn chain_pem(&self) -> String {
         std::iter::once(&self.leaf).chain(&self.intermediates).map(|c| to_pem("CERTIFICATE", c)).collect()
     }
 
@@ -224,7 +224,7 @@ fn explain_tls(e: &rustls::Error, place: &str) -> String {
 /// connection: an HTTP/2 protocol error (the alert read as a frame), a call
 /// cancelled because the connection closed first, or a transport error (a broken
 /// pipe) once it was sent on a new connection.
-pub fn refused_at(addr: &str, status: tonic::Status) -> Error {
+pub(crate) fn refused_at(addr: &str, status: tonic::Status) -> Error {
     let client_side = matches!(
         status.code(),
         tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
@@ -361,7 +361,11 @@ pub async fn certify(req: Request<'_>, now: SystemTime) -> Result<Credentials, E
 /// [`certify`] over an established `channel` (`req.addr` and
 /// `req.client_identity` were for connecting it and are not used again): a new
 /// key and CSR, then [`submit_on`].
-pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> Result<Credentials, Error> {
+pub(crate) async fn certify_on(
+    channel: Channel,
+    req: Request<'_>,
+    now: SystemTime,
+) -> Result<Credentials, Error> {
     let (identity, key_type) = (req.identity.to_owned(), req.key_type);
     let (key, csr) = tokio::task::spawn_blocking(move || make_csr(&identity, key_type))
         .await
@@ -376,7 +380,7 @@ pub async fn certify_on(channel: Channel, req: Request<'_>, now: SystemTime) -> 
 /// response carries it, else at `now`), and the leaf certifies `public_key` (the
 /// BIT STRING of the CSR's SubjectPublicKeyInfo). The credentials carry no key:
 /// it stays wherever the CSR was made.
-pub async fn submit_on(
+pub(crate) async fn submit_on(
     channel: Channel,
     req: Request<'_>,
     csr: Vec<u8>,
@@ -420,7 +424,7 @@ pub async fn submit_on(
 /// with a key that cannot leave the machine's key store): the DER sent unchanged,
 /// and the public key the leaf must carry.
 #[derive(Clone, Debug)]
-pub struct SubmittedCsr {
+pub(crate) struct SubmittedCsr {
     pub der: Vec<u8>,
     /// The BIT STRING of its SubjectPublicKeyInfo.
     pub public_key: Vec<u8>,
@@ -435,7 +439,7 @@ impl SubmittedCsr {
     /// CERTIFICATE REQUEST`; CRLF line ends and a UTF-8 byte-order mark accepted) or
     /// DER. Only the framing and the public key are read here: the server checks the
     /// signature and every name.
-    pub fn parse(bytes: &[u8]) -> Result<SubmittedCsr, String> {
+    pub(crate) fn parse(bytes: &[u8]) -> Result<SubmittedCsr, String> {
         if bytes.len() > MAX_CSR_FILE {
             return Err(format!("{} bytes is more than a CSR can be ({MAX_CSR_FILE} at most)", bytes.len()));
         }
@@ -460,7 +464,7 @@ impl SubmittedCsr {
 /// The trust anchors meshca currently trusts, from `meshca.v1.TrustBundle/Get`.
 /// Refused by a server without the service (`Unimplemented`); an empty bundle, or
 /// one holding something that is not a usable root, is a bad response.
-pub async fn trust_bundle(channel: Channel) -> Result<TrustAnchors, Error> {
+pub(crate) async fn trust_bundle(channel: Channel) -> Result<TrustAnchors, Error> {
     let response =
         TrustBundleClient::new(channel).get(GetTrustBundleRequest {}).await.map_err(refused)?.into_inner();
     if response.trust_anchors.is_empty() {

@@ -41,9 +41,9 @@ use crate::clock::Clock;
 use crate::files::{write_atomic, Access};
 
 /// First retry waits up to this long; the wait doubles per failure.
-pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest wait between retries.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// The server's default clock-skew allowance, assumed as its backdate when the
 /// response does not say the server's time.
 const ASSUMED_BACKDATE: Duration = Duration::from_secs(120);
@@ -55,7 +55,7 @@ pub trait Timer: Send + Sync + 'static {
 
 /// tokio's monotonic clock.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct TokioTimer;
+pub(crate) struct TokioTimer;
 
 impl Timer for TokioTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
@@ -221,7 +221,7 @@ pub async fn renew_once(settings: &Settings, clock: &dyn Clock) -> Result<Renewe
 /// round's, and must certify the CSR's own key; `tls.crt` and `ca.crt` are written,
 /// never `tls.key`. A `tls.key` already in `--out` must be the CSR's key, or nothing
 /// is sent.
-pub async fn submit_csr(
+pub(crate) async fn submit_csr(
     settings: &Settings,
     csr_path: &std::path::Path,
     clock: &dyn Clock,
@@ -352,7 +352,7 @@ fn ca_bundle(
 /// start or exits non-zero is an error: `--once` exits 1 on it; the agent loop logs
 /// it and keeps its schedule (the files are in place; the next renewal runs the
 /// command again).
-pub async fn notify(settings: &Settings) -> Result<(), Error> {
+pub(crate) async fn notify(settings: &Settings) -> Result<(), Error> {
     match &settings.on_renew {
         Some(cmd) => run_hook(cmd).await,
         None => Ok(()),

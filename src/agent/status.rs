@@ -52,7 +52,7 @@ impl Status {
 
     /// Seconds the certificate on disk has left at the server's time (negative once
     /// expired); `None` before the first certificate.
-    pub fn seconds_left(&self, now: SystemTime) -> Option<i64> {
+    pub(crate) fn seconds_left(&self, now: SystemTime) -> Option<i64> {
         let not_after = self.not_after.load(Ordering::Acquire);
         if not_after == 0 {
             return None;
@@ -62,7 +62,7 @@ impl Status {
     }
 
     /// Ready once a certificate valid at the server's time is on disk.
-    pub fn is_ready(&self, now: SystemTime) -> bool {
+    pub(crate) fn is_ready(&self, now: SystemTime) -> bool {
         self.seconds_left(now).is_some_and(|s| s > 0)
     }
 

@@ -317,12 +317,12 @@ impl AuditLog {
     }
 
     /// Appends that returned an error since open, whatever the cause.
-    pub fn write_failures(&self) -> u64 {
+    pub(crate) fn write_failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
 
     /// Appends that returned `Ok` since open: records written and synced.
-    pub fn records_written(&self) -> u64 {
+    pub(crate) fn records_written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
 
@@ -358,7 +358,6 @@ mod writer;
 
 use format::*;
 pub use format::{hex, sha256_hex};
-pub use open::lock_path;
 use open::*;
 pub use verify::{verify, verify_file, Continuation, VerifyError, VerifyReport};
 use writer::*;

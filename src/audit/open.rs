@@ -15,7 +15,7 @@ pub(super) struct Opened {
 }
 
 /// `PATH.lock`, beside the audit log `PATH`.
-pub fn lock_path(path: &Path) -> PathBuf {
+pub(crate) fn lock_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     PathBuf::from(name)

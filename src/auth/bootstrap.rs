@@ -77,13 +77,14 @@ pub const TYP: &str = "meshca-bootstrap+jwt";
 /// The `iss` claim, and [`Subject::issuer`] of bootstrapped callers.
 pub const ISSUER: &str = "meshca-bootstrap";
 /// `auth_method` in audit records of requests that presented a bootstrap token.
-pub const METHOD: &str = "bootstrap";
-/// Lifetime of a token unless `--ttl` says otherwise.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const METHOD: &str = "bootstrap";
+/// Lifetime of a token unless `--ttl` says otherwise (the flag's default, `1h`).
+#[cfg(test)]
+const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// Longest lifetime a token may have (`exp - iat`).
-pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Most certificates one token may get.
-pub const MAX_USES: u32 = 100;
+pub(crate) const MAX_USES: u32 = 100;
 
 /// The `aud` of bootstrap tokens for a deployment: `meshca-bootstrap:TRUST_DOMAIN`.
 pub fn audience(naming: &Naming) -> String {
@@ -91,7 +92,7 @@ pub fn audience(naming: &Naming) -> String {
 }
 
 /// True when `token` (surrounding whitespace aside) is a bootstrap token by its prefix.
-pub fn is_bootstrap_token(token: &[u8]) -> bool {
+pub(crate) fn is_bootstrap_token(token: &[u8]) -> bool {
     token.trim_ascii_start().starts_with(PREFIX.as_bytes())
 }
 
@@ -499,13 +500,13 @@ impl BootstrapTokens {
     }
 
     /// Who the token names, once it verifies (spending nothing).
-    pub fn authenticate(&self, token: &[u8], now: SystemTime) -> Result<Subject, Error> {
+    pub(crate) fn authenticate(&self, token: &[u8], now: SystemTime) -> Result<Subject, Error> {
         self.verify(token, now).map(|v| v.subject)
     }
 
     /// Spends one use of the token: its request passed every check and is about
     /// to be answered with a certificate, which leaves only if this succeeds.
-    pub async fn spend(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
+    pub(crate) async fn spend(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
         let verified = self.verify(token, now)?;
         let replay = self.replay.as_ref().ok_or(Error::BootstrapDisabled)?;
         let claims = &verified.claims;
@@ -515,7 +516,7 @@ impl BootstrapTokens {
     }
 
     /// Whether [`Self::spend`] would find a use left, spending none (a dry run).
-    pub async fn unspent(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
+    pub(crate) async fn unspent(&self, token: &[u8], now: SystemTime) -> Result<(), Error> {
         let verified = self.verify(token, now)?;
         let replay = self.replay.as_ref().ok_or(Error::BootstrapDisabled)?;
         replay.check(&verified.claims.token_id, verified.claims.uses).await.map_err(Error::from)

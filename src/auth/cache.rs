@@ -32,13 +32,13 @@ use tokio::time::Instant;
 use crate::metrics::{Counter, LatencyHistogram, Registry, ScrapeGauge};
 
 /// Default bound on cached entries.
-pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
+pub(crate) const DEFAULT_MAX_ENTRIES: usize = 100_000;
 /// Upper bounds of the inner-call latency histogram, in seconds.
 const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 /// How long answers are kept and how often the inner authenticator may be asked.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Longest a success is kept.
     pub ttl: Duration,
     /// How long a refusal is kept.
@@ -108,7 +108,7 @@ struct Shared {
 }
 
 /// Wraps an authenticator with the cache, coalescing and rate limit above.
-pub struct CachingAuthenticator {
+pub(crate) struct CachingAuthenticator {
     shared: Arc<Shared>,
 }
 
@@ -127,7 +127,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CachingAuthenticator {
-    pub fn new(inner: Arc<dyn Authenticator>, settings: Settings) -> Self {
+    pub(crate) fn new(inner: Arc<dyn Authenticator>, settings: Settings) -> Self {
         let bucket = Bucket { tokens: f64::from(settings.burst.max(1)), last: Instant::now() };
         let entries = Entries { map: HashMap::new(), next_sweep: UNIX_EPOCH };
         let shared = Shared {
@@ -141,12 +141,8 @@ impl CachingAuthenticator {
     }
 
     /// Entries held, answered and pending.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         lock(&self.shared.entries).map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     async fn lookup(&self, token: &[u8], now: SystemTime) -> Outcome {

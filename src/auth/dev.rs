@@ -139,7 +139,7 @@ impl DevSigner {
     }
 
     /// Wraps PKCS#8 DER as a `PRIVATE KEY` PEM with 64-column lines.
-    pub fn pkcs8_pem(pkcs8: &[u8]) -> String {
+    pub(crate) fn pkcs8_pem(pkcs8: &[u8]) -> String {
         let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
         for (i, c) in STANDARD.encode(pkcs8).chars().enumerate() {
             if i > 0 && i % 64 == 0 {

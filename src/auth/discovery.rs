@@ -43,17 +43,17 @@ use tokio::time::Instant;
 use crate::metrics::{Counter, Registry, ScrapeGauge};
 
 /// Default period of the scheduled refresh.
-pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 /// Default shortest time between two refreshes triggered by unknown key ids.
-pub const DEFAULT_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 /// Default bound on one fetch, connecting included.
-pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest discovery document or JWKS accepted, in bytes.
-pub const MAX_DOCUMENT: usize = 1024 * 1024;
+pub(crate) const MAX_DOCUMENT: usize = 1024 * 1024;
 /// The API server path of the service-account issuer discovery document.
-pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+pub(crate) const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 /// The API server path of the service-account token signing keys.
-pub const JWKS_PATH: &str = "/openid/v1/jwks";
+pub(crate) const JWKS_PATH: &str = "/openid/v1/jwks";
 
 /// Where the token issuer's public keys come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,7 +93,7 @@ impl Default for Settings {
 /// response body.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum FetchError {
+pub(crate) enum FetchError {
     /// The file could not be read.
     #[error("cannot read {path}: {reason}")]
     Read { path: String, reason: String },
@@ -115,10 +115,10 @@ pub enum FetchError {
 }
 
 /// Fetches the raw bytes of a key set.
-pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, FetchError>> + Send + 'a>>;
+pub(crate) type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, FetchError>> + Send + 'a>>;
 
 /// A place key sets are fetched from.
-pub trait KeyFetcher: Send + Sync + 'static {
+pub(crate) trait KeyFetcher: Send + Sync + 'static {
     /// The current key set's bytes (a JWKS document).
     fn fetch(&self) -> FetchFuture<'_>;
     /// Where the keys come from, for logs and errors: a path, or a URL without
@@ -128,7 +128,7 @@ pub trait KeyFetcher: Send + Sync + 'static {
 
 /// Reads a JWKS file.
 #[derive(Debug)]
-pub struct FileFetcher(pub PathBuf);
+pub(crate) struct FileFetcher(pub PathBuf);
 
 impl KeyFetcher for FileFetcher {
     fn fetch(&self) -> FetchFuture<'_> {
@@ -152,7 +152,7 @@ impl KeyFetcher for FileFetcher {
 
 /// GETs one path through a Kubernetes API client (the API server's, or one built
 /// for a `--jwks-url`).
-pub struct HttpFetcher {
+pub(crate) struct HttpFetcher {
     client: kube::Client,
     path: String,
     what: String,
@@ -243,7 +243,7 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// The service-account issuer discovery document, the fields meshca reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Discovered {
+pub(crate) struct Discovered {
     /// `issuer`: what the cluster's tokens carry as `iss`.
     pub issuer: String,
     /// `jwks_uri`, for logs: keys are read from [`JWKS_PATH`] on the API server.
@@ -252,7 +252,7 @@ pub struct Discovered {
 
 impl Discovered {
     /// Parses a discovery document: a JSON object with a non-empty string `issuer`.
-    pub fn parse(bytes: &[u8]) -> Result<Discovered, FetchError> {
+    pub(crate) fn parse(bytes: &[u8]) -> Result<Discovered, FetchError> {
         let invalid = |reason: &str| FetchError::Invalid {
             what: format!("the discovery document ({DISCOVERY_PATH})"),
             reason: reason.into(),
@@ -270,7 +270,7 @@ impl Discovered {
 /// Loads the Kubernetes client configuration: `kubeconfig` when given, else
 /// `KUBECONFIG`, `~/.kube/config` or the in-cluster service account (in that
 /// order). `purpose` completes "no Kubernetes API server to …" in the error.
-pub async fn kube_config(kubeconfig: Option<&Path>, purpose: &str) -> Result<kube::Config, Error> {
+pub(crate) async fn kube_config(kubeconfig: Option<&Path>, purpose: &str) -> Result<kube::Config, Error> {
     match kubeconfig {
         Some(path) => {
             let bad = |e: &KubeconfigError| Error::Config {
@@ -298,7 +298,7 @@ pub async fn kube_config(kubeconfig: Option<&Path>, purpose: &str) -> Result<kub
 /// Why the API server could not be reached, in words: a refused connection said
 /// as such, anything else by its innermost cause (at most 200 characters; transport
 /// errors carry no token). `context` is appended, e.g. " (pod lookup)".
-pub fn unreachable_reason(err: &kube::Error, context: &str) -> String {
+pub(crate) fn unreachable_reason(err: &kube::Error, context: &str) -> String {
     let mut cause: &dyn std::error::Error = err;
     let mut refused = false;
     while let Some(source) = cause.source() {
@@ -325,7 +325,7 @@ fn kubeconfig_reason(e: &KubeconfigError) -> String {
 
 /// A client for `config` that neither retries on its own (callers do, within
 /// their timeouts) nor waits longer than `timeout` to connect.
-pub fn kube_client(mut config: kube::Config, timeout: Duration) -> Result<kube::Client, Error> {
+pub(crate) fn kube_client(mut config: kube::Config, timeout: Duration) -> Result<kube::Client, Error> {
     config.default_retry = false;
     config.connect_timeout = Some(timeout);
     kube::Client::try_from(config)
@@ -334,7 +334,11 @@ pub fn kube_client(mut config: kube::Config, timeout: Duration) -> Result<kube::
 
 /// A fetcher for `--jwks-url`: HTTPS only, trusting `ca_file` (PEM) instead of the
 /// system's roots when given. No credentials are sent.
-pub fn url_fetcher(url: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<HttpFetcher, Error> {
+pub(crate) fn url_fetcher(
+    url: &str,
+    ca_file: Option<&Path>,
+    timeout: Duration,
+) -> Result<HttpFetcher, Error> {
     let bad = |reason: &str| Error::Config { reason: format!("--jwks-url: {reason}") };
     let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
     if uri.scheme_str() != Some("https") {
@@ -405,7 +409,7 @@ struct Shared {
 }
 
 /// JWKS verification whose keys follow the key source (see the module notes).
-pub struct RotatingJwksAuthenticator {
+pub(crate) struct RotatingJwksAuthenticator {
     shared: Arc<Shared>,
 }
 
@@ -433,7 +437,7 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 impl RotatingJwksAuthenticator {
     /// Sets up `source` and starts: the API server's discovery document supplies
     /// the issuer when `issuer` is `None` (only allowed with [`Source::Discovery`]).
-    pub async fn connect(
+    pub(crate) async fn connect(
         source: &Source,
         issuer: Option<String>,
         audiences: Vec<String>,
@@ -486,7 +490,7 @@ impl RotatingJwksAuthenticator {
     /// Fetches the keys once (that fetch must succeed, or this is an
     /// [`Error::Config`]) and starts the scheduled refresh, which ends once this
     /// authenticator is dropped.
-    pub async fn start(
+    pub(crate) async fn start(
         fetcher: Arc<dyn KeyFetcher>,
         jwt: JwtSettings,
         settings: Settings,
@@ -517,7 +521,8 @@ impl RotatingJwksAuthenticator {
     }
 
     /// The verifier with the current keys.
-    pub fn core(&self) -> &JwksAuthenticator {
+    #[cfg(test)]
+    fn core(&self) -> &JwksAuthenticator {
         &self.shared.core
     }
 

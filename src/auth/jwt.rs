@@ -13,7 +13,6 @@ use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Vis
 use serde_json::{Map, Value};
 use std::{
     fmt,
-    path::Path,
     str::FromStr,
     sync::{Arc, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -197,7 +196,8 @@ impl JwksAuthenticator {
     }
 
     /// Reads the JWKS at `path`; errors name the path.
-    pub fn from_file(path: &Path, settings: Settings) -> Result<Self, Error> {
+    #[cfg(test)]
+    fn from_file(path: &std::path::Path, settings: Settings) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(|e| Error::Config {
             reason: format!("cannot read JWKS file {}: {e}", path.display()),
         })?;
@@ -585,7 +585,7 @@ mod tests {
         for bad in [&skipped.to_string(), "{}", "[]", short, r#"{"keys":[],"keys":[]}"#] {
             refused!(Jwks::from_json(bad.as_bytes()), Error::Config { .. });
         }
-        let err = JwksAuthenticator::from_file(Path::new("/nonexistent/jwks.json"), settings()).unwrap_err();
+        let err = JwksAuthenticator::from_file(std::path::Path::new("/nonexistent/jwks.json"), settings()).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/jwks.json"), "{err}");
         let path = std::env::temp_dir().join(format!("meshca-jwks-test-{}.json", std::process::id()));
         std::fs::write(&path, short).unwrap();

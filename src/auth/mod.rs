@@ -18,14 +18,14 @@
 //! owns its flags, their checks and the construction of its authenticator.
 
 pub mod bootstrap;
-pub mod cache;
+pub(crate) mod cache;
 pub mod dev;
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod jwt;
-pub mod peer;
-pub mod pods;
+pub(crate) mod peer;
+pub(crate) mod pods;
 pub mod replay;
-pub mod source;
+pub(crate) mod source;
 pub mod tokenreview;
 
 use std::{future::Future, pin::Pin, time::SystemTime};
@@ -39,7 +39,7 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// which decide what it may hold.
 pub use crate::identity::Subject;
 
-pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Subject, Error>> + Send + 'a>>;
+pub(crate) type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Subject, Error>> + Send + 'a>>;
 
 /// The authentication step. Later implementations (Kubernetes TokenReview, OIDC
 /// discovery) are async, hence the future.

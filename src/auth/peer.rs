@@ -18,12 +18,12 @@ use crate::ca::issuer::TrustAnchors;
 use crate::identity::Naming;
 
 /// `Subject::issuer` for callers authenticated by their certificate.
-pub const CERTIFICATE_ISSUER: &str = "certificate";
+pub(crate) const CERTIFICATE_ISSUER: &str = "certificate";
 
 /// Why a presented certificate does not authenticate its holder.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub(crate) enum Error {
     /// Neither a token nor a client certificate was presented.
     #[error("no token and no client certificate; send a token, or renew over mutual TLS with a valid meshca certificate")]
     NoCredentials,
@@ -43,7 +43,7 @@ pub enum Error {
 
 impl Error {
     /// Stable reason code for audit records and metrics.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Error::NoCredentials => "no_credentials",
             Error::Untrusted { .. } => "client_certificate_untrusted",
@@ -55,7 +55,7 @@ impl Error {
 }
 
 /// Authenticates the holder of `chain` (leaf first) at `now`.
-pub fn authenticate(
+pub(crate) fn authenticate(
     chain: &[CertificateDer<'_>],
     anchors: &TrustAnchors,
     naming: &Naming,

@@ -47,16 +47,16 @@ use tokio::sync::watch;
 use crate::metrics::{Counter, Registry};
 
 /// Default longest age of the facts an acceptance is decided on.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// Default longest age of the facts a refusal is decided on.
-pub const DEFAULT_FAILURE_TTL: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_FAILURE_TTL: Duration = Duration::from_secs(5);
 /// Default bound on one pod GET, connecting included.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default bound on remembered pods.
-pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
+pub(crate) const DEFAULT_MAX_ENTRIES: usize = 100_000;
 /// A pod terminating for longer than this no longer vouches for its tokens
 /// (kube-apiserver's service-account token authenticator uses the same 60 s).
-pub const DELETION_GRACE: Duration = Duration::from_secs(60);
+pub(crate) const DELETION_GRACE: Duration = Duration::from_secs(60);
 
 /// How pod confirmations are cached and bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,27 +84,27 @@ impl Default for Settings {
 
 /// What the API server says about a pod that exists.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodFacts {
+pub(crate) struct PodFacts {
     pub uid: Option<String>,
     /// `metadata.deletionTimestamp`: the pod is terminating since then.
     pub deleting_since: Option<SystemTime>,
 }
 
 /// A pod lookup: `Ok(None)` when the pod does not exist.
-pub type LookupFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<PodFacts>, Error>> + Send + 'a>>;
+pub(crate) type LookupFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<PodFacts>, Error>> + Send + 'a>>;
 
 /// Where pods are looked up.
-pub trait PodSource: Send + Sync + 'static {
+pub(crate) trait PodSource: Send + Sync + 'static {
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> LookupFuture<'a>;
 }
 
 /// Pods through the Kubernetes API client.
-pub struct KubePods {
+pub(crate) struct KubePods {
     client: kube::Client,
 }
 
 impl KubePods {
-    pub fn new(client: kube::Client) -> Self {
+    pub(crate) fn new(client: kube::Client) -> Self {
         KubePods { client }
     }
 }
@@ -143,7 +143,7 @@ fn unavailable(e: &kube::Error) -> Error {
 }
 
 /// Whether `facts` (or their absence) vouch for a token bound to a pod with `uid` at `now`.
-pub fn judge(facts: Option<&PodFacts>, uid: &str, now: SystemTime) -> Result<(), Error> {
+pub(crate) fn judge(facts: Option<&PodFacts>, uid: &str, now: SystemTime) -> Result<(), Error> {
     let Some(facts) = facts else { return Err(Error::PodNotFound) };
     if facts.uid.as_deref() != Some(uid) {
         return Err(Error::PodUidMismatch);
@@ -186,7 +186,7 @@ struct Shared {
 }
 
 /// Wraps an authenticator (jwks) and confirms the pods its tokens are bound to.
-pub struct PodConfirmingAuthenticator {
+pub(crate) struct PodConfirmingAuthenticator {
     inner: Arc<dyn Authenticator>,
     shared: Arc<Shared>,
 }
@@ -211,7 +211,7 @@ fn age(at: SystemTime, now: SystemTime) -> Option<Duration> {
 }
 
 impl PodConfirmingAuthenticator {
-    pub fn new(inner: Arc<dyn Authenticator>, source: Arc<dyn PodSource>, settings: Settings) -> Self {
+    pub(crate) fn new(inner: Arc<dyn Authenticator>, source: Arc<dyn PodSource>, settings: Settings) -> Self {
         let shared =
             Shared { source, settings, entries: Mutex::new(HashMap::new()), counters: Counters::default() };
         PodConfirmingAuthenticator { inner, shared: Arc::new(shared) }
@@ -219,7 +219,7 @@ impl PodConfirmingAuthenticator {
 
     /// Builds a Kubernetes client from `kubeconfig` (or `KUBECONFIG`,
     /// `~/.kube/config`, in-cluster) that never waits longer than the timeout to connect.
-    pub async fn connect(
+    pub(crate) async fn connect(
         inner: Arc<dyn Authenticator>,
         kubeconfig: Option<&Path>,
         settings: Settings,
@@ -230,12 +230,9 @@ impl PodConfirmingAuthenticator {
     }
 
     /// Pods remembered or being looked up.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         lock(&self.shared.entries).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     async fn check(&self, token: &[u8], now: SystemTime) -> Result<Subject, Error> {
@@ -251,7 +248,7 @@ impl PodConfirmingAuthenticator {
     }
 
     /// Whether pod `namespace/name` exists with `uid` (see the module notes).
-    pub async fn confirm(
+    pub(crate) async fn confirm(
         &self,
         namespace: &str,
         name: &str,

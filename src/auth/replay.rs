@@ -60,7 +60,7 @@ impl From<ReplayError> for Error {
     }
 }
 
-pub type ConsumeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ReplayError>> + Send + 'a>>;
+pub(crate) type ConsumeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ReplayError>> + Send + 'a>>;
 
 /// The record of spent uses.
 pub trait ReplayStore: Send + Sync + 'static {
@@ -80,7 +80,7 @@ fn unix_seconds(t: SystemTime) -> u64 {
 }
 
 /// Uses recorded in a file, for one process.
-pub struct FileReplayStore {
+pub(crate) struct FileReplayStore {
     path: PathBuf,
     state: Arc<Mutex<FileState>>,
 }
@@ -115,7 +115,7 @@ impl FileReplayStore {
     /// file rewritten without them. A last line without its newline (a write cut
     /// short, never acknowledged) is dropped too; any other unreadable line refuses
     /// the start, since forgetting a use would allow a replay.
-    pub fn open(path: &Path, now: SystemTime) -> Result<FileReplayStore, Error> {
+    pub(crate) fn open(path: &Path, now: SystemTime) -> Result<FileReplayStore, Error> {
         let config = |what: String| Error::Config {
             reason: format!("bootstrap token replay file {}: {what}", path.display()),
         };
@@ -235,17 +235,17 @@ impl ReplayStore for FileReplayStore {
 }
 
 /// Bound on each Lease call (create, list, delete), connecting included.
-pub const LEASE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const LEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on spending one use, however many Leases that takes.
-pub const CONSUME_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONSUME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired Leases are looked for.
-pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
+pub(crate) const CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
 /// How long past its expiry label a Lease is kept, for replicas whose clocks lag.
-pub const CLEANUP_GRACE: Duration = Duration::from_secs(3600);
+pub(crate) const CLEANUP_GRACE: Duration = Duration::from_secs(3600);
 /// Label naming the token a Lease records a use of.
-pub const TOKEN_LABEL: &str = "meshca.io/bootstrap-token";
+pub(crate) const TOKEN_LABEL: &str = "meshca.io/bootstrap-token";
 /// Label holding the Unix second after which the token is refused anyway.
-pub const EXPIRES_LABEL: &str = "meshca.io/bootstrap-expires";
+pub(crate) const EXPIRES_LABEL: &str = "meshca.io/bootstrap-expires";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshca");
 
 /// Uses recorded as Leases through the Kubernetes API: shared by every replica.
@@ -375,7 +375,7 @@ impl LeaseReplayStore {
 
     /// Runs [`Self::cleanup`] every [`CLEANUP_INTERVAL`] (the first one at once) for
     /// as long as the store is in use; the task ends once it has been dropped.
-    pub fn spawn_cleanup(self: &Arc<Self>, clock: Arc<dyn Clock>) {
+    pub(crate) fn spawn_cleanup(self: &Arc<Self>, clock: Arc<dyn Clock>) {
         let store: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

@@ -31,12 +31,12 @@ use std::{fmt, path::Path, time::Duration, time::SystemTime};
 /// server answered, and the token's own `iss` is not read.
 pub const ISSUER: &str = "kubernetes";
 /// `status.user.extra` key naming the pod a bound token belongs to.
-pub const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
+pub(crate) const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
 /// `status.user.extra` key carrying that pod's uid.
-pub const POD_UID_KEY: &str = "authentication.kubernetes.io/pod-uid";
+pub(crate) const POD_UID_KEY: &str = "authentication.kubernetes.io/pod-uid";
 /// The token [`Authenticator::probe`] has reviewed: not a JWT, so refused by any
 /// API server that answers at all.
-pub const PROBE_TOKEN: &str = "meshca-readiness-probe";
+pub(crate) const PROBE_TOKEN: &str = "meshca-readiness-probe";
 
 /// What a review asks for and how long it may take.
 #[derive(Clone, Debug)]
@@ -50,7 +50,7 @@ pub struct Settings {
 }
 
 /// Reviews tokens through a Kubernetes API client.
-pub struct TokenReviewAuthenticator {
+pub(crate) struct TokenReviewAuthenticator {
     api: Api<TokenReview>,
     server: String,
     settings: Settings,
@@ -75,13 +75,13 @@ impl TokenReviewAuthenticator {
     /// `~/.kube/config` or the in-cluster service account (in that order). A
     /// configuration that cannot be loaded is an [`Error::Config`] naming
     /// `--kubeconfig`.
-    pub async fn connect(kubeconfig: Option<&Path>, settings: Settings) -> Result<Self, Error> {
+    pub(crate) async fn connect(kubeconfig: Option<&Path>, settings: Settings) -> Result<Self, Error> {
         let config = super::discovery::kube_config(kubeconfig, "send TokenReviews to").await?;
         Self::from_config(config, settings)
     }
 
     /// Builds the client from a loaded configuration.
-    pub fn from_config(mut config: kube::Config, settings: Settings) -> Result<Self, Error> {
+    pub(crate) fn from_config(mut config: kube::Config, settings: Settings) -> Result<Self, Error> {
         if settings.audiences.is_empty() {
             return Err(Error::Config { reason: "TokenReview needs at least one audience".into() });
         }

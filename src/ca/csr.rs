@@ -156,7 +156,7 @@ impl Error {
 
     /// True when the request is well-formed but asks for more than the caller
     /// may have (PermissionDenied); false for bad input (InvalidArgument).
-    pub fn is_permission(&self) -> bool {
+    pub(crate) fn is_permission(&self) -> bool {
         matches!(self, Error::NameNotAllowed { .. } | Error::CaRequested)
     }
 }
@@ -442,7 +442,7 @@ fn verification_alg(key: KeyType, frame: &Frame<'_>) -> Result<&'static dyn Veri
 /// The key type a request declares, from a structural walk alone (no signature
 /// check): what admission control charges for before the real [`check`]. `None`
 /// when the request is too malformed to say; [`check`] then refuses it.
-pub fn peek_key_type(der: &[u8], policy: &KeyPolicy) -> Option<KeyType> {
+pub(crate) fn peek_key_type(der: &[u8], policy: &KeyPolicy) -> Option<KeyType> {
     if der.is_empty() || der.len() > MAX_CSR_LEN {
         return None;
     }

@@ -91,7 +91,7 @@ impl TrustAnchors {
     }
 
     /// The path check alone, with webpki's typed error (expired, not yet valid, …).
-    pub fn verify_path(
+    pub(crate) fn verify_path(
         &self,
         leaf: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -256,7 +256,7 @@ fn check_windows(chain: &[X509Certificate<'_>], anchors: &[X509Certificate<'_>])
 }
 
 /// Where an issuer directory keeps its certificate and key.
-pub fn issuer_files(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn issuer_files(dir: &Path) -> (PathBuf, PathBuf) {
     let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     if !crt.exists() && dir.join("crt.pem").exists() {
         return (dir.join("crt.pem"), dir.join("key.pem"));
@@ -291,7 +291,7 @@ impl Issuer {
     }
 
     /// Like [`Issuer::load`], with the algorithms the chain may use.
-    pub fn load_with(
+    pub(crate) fn load_with(
         dir: &Path,
         anchors: &TrustAnchors,
         now: SystemTime,
@@ -324,7 +324,7 @@ impl Issuer {
     }
 
     /// Like [`Issuer::from_parts`], with the algorithms the chain may use.
-    pub fn from_parts_with(
+    pub(crate) fn from_parts_with(
         certs: Vec<CertificateDer<'static>>,
         pkcs8_key: &[u8],
         anchors: &TrustAnchors,

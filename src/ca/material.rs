@@ -29,7 +29,7 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Er
 /// The mode bits (unix) of the file at `path`, read through symlinks: a Kubernetes
 /// Secret volume links `tls.key` to `..data/tls.key`, whose mode is the volume's
 /// `defaultMode`. `None` on platforms without mode bits.
-pub fn file_mode(path: &Path) -> Result<Option<u32>, Error> {
+pub(crate) fn file_mode(path: &Path) -> Result<Option<u32>, Error> {
     let metadata = std::fs::metadata(path).map_err(|source| Error::Read { path: path.into(), source })?;
     #[cfg(unix)]
     {
@@ -46,7 +46,7 @@ pub fn file_mode(path: &Path) -> Result<Option<u32>, Error> {
 /// Refuses a private key file that every user of the host may read (mode & 0o004).
 /// Owner- and group-readable keys pass (Kubernetes mounts a Secret with `fsGroup` as
 /// group owner). Windows has no mode bits: its ACLs are not inspected here.
-pub fn check_not_world_readable(path: &Path) -> Result<(), Error> {
+pub(crate) fn check_not_world_readable(path: &Path) -> Result<(), Error> {
     match file_mode(path)? {
         Some(mode) if mode & 0o004 != 0 => Err(Error::KeyWorldReadable { path: path.into(), mode }),
         _ => Ok(()),
@@ -144,7 +144,7 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// would make the PEM parser skip that whole section: an error for a one-certificate
 /// file, but a certificate silently missing from a bundle (the first, or the first of
 /// each file concatenated into it). No PEM line holds U+FEFF otherwise.
-pub fn without_byte_order_marks(pem: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+pub(crate) fn without_byte_order_marks(pem: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !pem.windows(BOM.len()).any(|w| w == BOM) {
         return pem.into();
     }
@@ -166,7 +166,7 @@ pub fn without_byte_order_marks(pem: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 /// The DER of the one `CERTIFICATE REQUEST` (or certreq's `NEW CERTIFICATE REQUEST`)
 /// block in `pem`, whatever else the text holds; CRLF line ends are fine (strip a
 /// byte-order mark first: [`without_byte_order_marks`]).
-pub fn csr_from_pem(pem: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn csr_from_pem(pem: &[u8]) -> Result<Vec<u8>, String> {
     use base64::Engine as _;
     let text = std::str::from_utf8(pem).map_err(|_| "the PEM file is not UTF-8 text".to_owned())?;
     let mut blocks = Vec::new();

@@ -18,7 +18,7 @@ pub mod issuer;
 pub mod material;
 pub mod profile;
 pub mod reload;
-pub mod rsa_keygen;
+pub(crate) mod rsa_keygen;
 pub mod store;
 
 use std::path::PathBuf;

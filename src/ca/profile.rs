@@ -72,7 +72,7 @@ pub fn validity(
 }
 
 /// A fresh serial: 128 random bits, positive, never zero.
-pub fn random_serial(rng: &dyn ring::rand::SecureRandom) -> Result<[u8; 16], Error> {
+pub(crate) fn random_serial(rng: &dyn ring::rand::SecureRandom) -> Result<[u8; 16], Error> {
     let mut serial = [0u8; 16];
     loop {
         rng.fill(&mut serial).map_err(|_| Error::Sign { reason: "system RNG failed".into() })?;
@@ -94,7 +94,7 @@ pub struct Names<'a> {
 }
 
 /// Fills in the leaf template for `names`.
-pub fn leaf_params(
+pub(crate) fn leaf_params(
     names: &Names<'_>,
     key_type: KeyType,
     serial: &[u8; 16],

@@ -41,7 +41,7 @@ use super::Error;
 use crate::clock::Clock;
 
 /// How often the files are re-checked when no notification arrives.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Quiet time after a notification before the files are read.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -140,7 +140,7 @@ impl Reloader {
     }
 
     /// The same reloader, accepting issuer chains that use `algorithms`.
-    pub fn with_algorithms(mut self, algorithms: Algorithms) -> Self {
+    pub(crate) fn with_algorithms(mut self, algorithms: Algorithms) -> Self {
         self.algorithms = algorithms;
         self
     }
@@ -148,7 +148,7 @@ impl Reloader {
     /// The same reloader, accepting (`true`) or refusing (`false`, the default) an
     /// issuer key file every user of the host can read (unix mode & 0o004), at start
     /// and on every reload. Windows: no mode bits, nothing is checked.
-    pub fn allow_world_readable_key(mut self, allow: bool) -> Self {
+    pub(crate) fn allow_world_readable_key(mut self, allow: bool) -> Self {
         self.allow_world_readable_key = allow;
         self
     }

@@ -15,7 +15,7 @@ use rsa::pkcs8::EncodePrivateKey;
 
 /// Why no RSA key could be generated.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// Only 2048, 3072 and 4096 bits are generated.
     #[error("unsupported RSA key size {0}; use 2048, 3072 or 4096")]
     UnsupportedSize(u32),
@@ -32,7 +32,7 @@ pub enum Error {
 /// CPU-bound for tens of milliseconds to seconds (longer for larger keys, and several times
 /// longer in unoptimized builds): on an async runtime, call it from a blocking context such
 /// as `tokio::task::spawn_blocking`.
-pub fn generate_pkcs8(bits: u32) -> Result<Vec<u8>, Error> {
+pub(crate) fn generate_pkcs8(bits: u32) -> Result<Vec<u8>, Error> {
     if !matches!(bits, 2048 | 3072 | 4096) {
         return Err(Error::UnsupportedSize(bits));
     }

@@ -36,7 +36,7 @@ impl Snapshot {
     }
 
     /// Like [`Snapshot::load`], with the algorithms the issuer chain may use.
-    pub fn load_with(
+    pub(crate) fn load_with(
         trust_anchors: &Path,
         issuer_dir: &Path,
         now: SystemTime,
@@ -50,7 +50,7 @@ impl Snapshot {
 
     /// When the first of the trust anchors expires (`None` if none can be parsed,
     /// which `TrustAnchors::load` does not let happen).
-    pub fn anchors_not_after(&self) -> Option<SystemTime> {
+    pub(crate) fn anchors_not_after(&self) -> Option<SystemTime> {
         self.anchors
             .certificates()
             .iter()
@@ -61,7 +61,7 @@ impl Snapshot {
 }
 
 /// The current snapshot, if any: what [`Store::subscribe`] receivers see.
-pub type Current = Option<Arc<Snapshot>>;
+pub(crate) type Current = Option<Arc<Snapshot>>;
 
 /// Holder of the current snapshot (none until the first successful load).
 #[derive(Debug)]

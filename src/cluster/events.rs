@@ -34,13 +34,13 @@ use crate::audit::{Outcome, Record};
 use crate::metrics::{Counter, Registry, ScrapeGauge};
 
 /// Notices waiting to be created, at most; beyond, they are dropped.
-pub const QUEUE_CAPACITY: usize = 1024;
+pub(crate) const QUEUE_CAPACITY: usize = 1024;
 /// Bound on one Event creation, connecting included.
-pub const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reason of the Event for an issued certificate.
-pub const REASON_ISSUED: &str = "IssuedLeafCertificate";
+pub(crate) const REASON_ISSUED: &str = "IssuedLeafCertificate";
 /// `source.component` and `reportingComponent` of every Event.
-pub const COMPONENT: &str = "meshca";
+pub(crate) const COMPONENT: &str = "meshca";
 /// Longest message written; longer ones are cut.
 const MAX_MESSAGE: usize = 1024;
 
@@ -58,7 +58,7 @@ pub enum Error {
 
 /// One decision to report.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Notice {
+pub(crate) struct Notice {
     pub namespace: String,
     pub service_account: String,
     /// The identity asked for (as audited).
@@ -71,14 +71,14 @@ pub struct Notice {
 
 /// What was decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Issued { not_after: SystemTime, fingerprint_sha256: String },
     Denied { code: &'static str, detail: String },
 }
 
 impl Notice {
     /// The issuance `record` describes; `None` without a subject or certificate.
-    pub fn issued(record: &Record) -> Option<Notice> {
+    pub(crate) fn issued(record: &Record) -> Option<Notice> {
         let issued = record.issued.as_ref().filter(|_| record.outcome == Outcome::Issued)?;
         let kind = Kind::Issued {
             not_after: issued.not_after,
@@ -89,12 +89,12 @@ impl Notice {
 
     /// The denial `record` describes, with its reason code and the text the caller
     /// was sent; `None` when the caller's service account is not known.
-    pub fn denied(record: &Record, code: &'static str, detail: String) -> Option<Notice> {
+    pub(crate) fn denied(record: &Record, code: &'static str, detail: String) -> Option<Notice> {
         Self::about(record, Kind::Denied { code, detail })
     }
 
     /// This notice's decision, reversed: the certificate was withheld after all.
-    pub fn withheld(self, code: &'static str, detail: String) -> Notice {
+    pub(crate) fn withheld(self, code: &'static str, detail: String) -> Notice {
         Notice { kind: Kind::Denied { code, detail }, ..self }
     }
 
@@ -111,7 +111,7 @@ impl Notice {
     }
 
     /// The core/v1 Event for this notice.
-    pub fn event(&self, reporting_instance: Option<&str>) -> Event {
+    pub(crate) fn event(&self, reporting_instance: Option<&str>) -> Event {
         let (type_, reason, message) = match &self.kind {
             Kind::Issued { not_after, fingerprint_sha256 } => (
                 "Normal",
@@ -158,7 +158,7 @@ impl Notice {
 }
 
 /// The reason of a client configuration error, without the authenticator's framing.
-pub fn client_reason(e: crate::auth::Error) -> String {
+pub(crate) fn client_reason(e: crate::auth::Error) -> String {
     match e {
         crate::auth::Error::Config { reason } => reason,
         other => other.to_string(),
@@ -166,7 +166,7 @@ pub fn client_reason(e: crate::auth::Error) -> String {
 }
 
 /// `identity_mismatch` → `IdentityMismatch`.
-pub fn camel_case(code: &str) -> String {
+pub(crate) fn camel_case(code: &str) -> String {
     code.split('_')
         .map(|word| {
             let mut chars = word.chars();
@@ -209,7 +209,7 @@ fn timestamp(t: SystemTime) -> Timestamp {
 }
 
 /// A future creating one Event.
-pub type CreateFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
+pub(crate) type CreateFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
 
 /// Where Events are created.
 pub trait EventSink: Send + Sync + 'static {
@@ -217,7 +217,7 @@ pub trait EventSink: Send + Sync + 'static {
 }
 
 /// Creates Events through the Kubernetes API client.
-pub struct KubeSink {
+pub(crate) struct KubeSink {
     client: kube::Client,
 }
 
@@ -299,7 +299,7 @@ impl Emitter {
 
     /// Queues `notice` without waiting; when the queue is full it is dropped and
     /// counted.
-    pub fn emit(&self, notice: Notice) {
+    pub(crate) fn emit(&self, notice: Notice) {
         if self.tx.try_send(notice).is_err() {
             self.counters.dropped.inc();
         }
@@ -311,7 +311,7 @@ impl Emitter {
     }
 
     /// Registers the `meshca_events_*` metrics.
-    pub fn register_metrics(&self, registry: &mut Registry) {
+    pub(crate) fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.counters;
         let counters = [
             ("meshca_events_sent", "Kubernetes Events created", &c.sent),

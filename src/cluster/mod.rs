@@ -3,5 +3,5 @@
 //! caller's service account ([`events`], a bounded queue, drops counted), and the OS
 //! of the caller's node for its audit record ([`nodes`], cached, bounded lookups).
 
-pub mod events;
+pub(crate) mod events;
 pub mod nodes;

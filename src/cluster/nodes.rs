@@ -31,17 +31,17 @@ use tokio::time::Instant;
 use crate::metrics::{Counter, Registry};
 
 /// The node label holding the operating system (`linux`, `windows`).
-pub const OS_LABEL: &str = "kubernetes.io/os";
+pub(crate) const OS_LABEL: &str = "kubernetes.io/os";
 /// How long a pod's node is kept.
-pub const POD_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const POD_TTL: Duration = Duration::from_secs(3600);
 /// How long a node's OS is kept.
-pub const NODE_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const NODE_TTL: Duration = Duration::from_secs(3600);
 /// How long a failed lookup is kept.
-pub const FAILURE_TTL: Duration = Duration::from_secs(60);
+pub(crate) const FAILURE_TTL: Duration = Duration::from_secs(60);
 /// Bound on the lookups of one request, both calls included.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on each cache's entries.
-pub const MAX_ENTRIES: usize = 100_000;
+pub(crate) const MAX_ENTRIES: usize = 100_000;
 
 /// Why node OSes cannot be looked up.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +208,7 @@ impl NodeOs {
     }
 
     /// Registers the `meshca_node_os_*` metrics.
-    pub fn register_metrics(&self, registry: &mut Registry) {
+    pub(crate) fn register_metrics(&self, registry: &mut Registry) {
         registry.register(
             "meshca_node_os_lookups",
             "Pod and node GETs made to tell node OSes",

@@ -25,10 +25,10 @@ use crate::ca::issuer::{to_system_time, TrustAnchors};
 use crate::ca::material::{read_certificates, read_pkcs8_key};
 
 /// The audience meshca accepts unless configured otherwise (`--token-audiences`).
-pub use crate::auth::source::DEFAULT_AUDIENCE;
+pub(crate) use crate::auth::source::DEFAULT_AUDIENCE;
 
 /// The identity (first DNS SAN) of `dir/tls.crt`, if there is one.
-pub fn leaf_identity(dir: &Path) -> Option<String> {
+pub(crate) fn leaf_identity(dir: &Path) -> Option<String> {
     let certs = read_certificates(&dir.join("tls.crt")).ok()?;
     names(certs.first()?).into_iter().find_map(|n| n.strip_prefix("DNS:").map(str::to_owned))
 }
@@ -74,7 +74,7 @@ fn seconds_until(t: SystemTime, at: SystemTime) -> i64 {
 }
 
 /// Check 5: `tls.crt` and `tls.key` in `--cert-dir`.
-pub fn credentials(options: &Options, anchors: Option<&TrustAnchors>, at: At) -> Finding {
+pub(crate) fn credentials(options: &Options, anchors: Option<&TrustAnchors>, at: At) -> Finding {
     let Some(dir) = &options.cert_dir else {
         return Finding::not_checked(
             Check::Credentials,
@@ -270,7 +270,7 @@ fn own_identity(claims: &Claims, identity: Option<&str>) -> Option<String> {
 }
 
 /// Check 6: the token file, and meshca's verdict on it (`None`: not asked).
-pub fn token(
+pub(crate) fn token(
     options: &Options,
     identity: Option<&str>,
     at: At,

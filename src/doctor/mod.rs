@@ -19,10 +19,10 @@
 //! from an injected [`Clock`], so clock offsets and expiry are tested without
 //! waiting; timeouts use the monotonic clock.
 
-pub mod local;
-pub mod net;
-pub mod probe;
-pub mod tls;
+pub(crate) mod local;
+pub(crate) mod net;
+pub(crate) mod probe;
+pub(crate) mod tls;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -32,10 +32,10 @@ use crate::clock::Clock;
 
 /// meshca's own name for the default trust domain and control-plane namespace:
 /// the server name expected unless `--server-name` says otherwise.
-pub const DEFAULT_SERVER_NAME: &str =
+pub(crate) const DEFAULT_SERVER_NAME: &str =
     "meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local";
 /// Offsets beyond this are worth a warning (the agent warns from here too).
-pub const OFFSET_WARNING: Duration = Duration::from_secs(30);
+pub(crate) const OFFSET_WARNING: Duration = Duration::from_secs(30);
 
 /// What to check and with which inputs; every input is optional.
 #[derive(Clone, Debug)]
@@ -143,7 +143,7 @@ impl Finding {
         Finding { check, status: Status::Fail, found: found.into(), fix: Some(fix.into()) }
     }
     /// A check that could not run: its input is missing or a prerequisite failed.
-    pub fn not_checked(check: Check, why: &str, fix: impl Into<String>) -> Self {
+    pub(crate) fn not_checked(check: Check, why: &str, fix: impl Into<String>) -> Self {
         Self::warn(check, format!("not checked: {why}"), fix)
     }
 }
@@ -213,7 +213,7 @@ impl std::fmt::Display for Report {
 
 /// The time a judgement was made at, and whose clock it came from.
 #[derive(Clone, Copy, Debug)]
-pub struct At {
+pub(crate) struct At {
     pub time: SystemTime,
     /// True when it is meshca's clock (from the probe), false for this host's.
     pub server: bool,
@@ -377,7 +377,7 @@ pub async fn run(options: &Options, clock: &dyn Clock) -> Report {
 }
 
 /// `d` for people: to the nearest second (`10m 3s`), or milliseconds below a second.
-pub fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         return format!("{} ms", d.as_millis());
     }
@@ -391,7 +391,7 @@ pub fn when(t: SystemTime) -> String {
 }
 
 /// How to fix this host's clock, for the platform doctor runs on.
-pub fn clock_fix() -> &'static str {
+pub(crate) fn clock_fix() -> &'static str {
     if cfg!(windows) {
         "resync this host's clock: `w32tm /resync`, and check the Windows Time service \
          (`w32tm /query /status`; domain members sync from the domain hierarchy: \

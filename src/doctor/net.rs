@@ -16,7 +16,7 @@ use super::{human, Check, Error, Finding};
 
 /// meshca's address, taken apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// As given, for the gRPC client.
     pub url: String,
     /// `https://` (true) or `http://` (false).
@@ -28,7 +28,7 @@ pub struct Target {
 
 impl Target {
     /// Parses `https://HOST[:PORT]` or `http://HOST[:PORT]` (default ports 443, 80).
-    pub fn parse(addr: &str) -> Result<Target, Error> {
+    pub(crate) fn parse(addr: &str) -> Result<Target, Error> {
         let bad = |reason| Error::Address { addr: addr.to_owned(), reason };
         let uri: http::Uri = addr.parse().map_err(|_| bad("not a URL; use https://HOST:PORT"))?;
         let tls = match uri.scheme_str() {
@@ -88,7 +88,7 @@ async fn lookup(target: &Target, timeout: Duration) -> Result<Vec<SocketAddr>, S
 }
 
 /// Check 1: every address the host resolves to, and how long it took.
-pub async fn resolve(target: &Target, timeout: Duration) -> (Finding, Option<Vec<SocketAddr>>) {
+pub(crate) async fn resolve(target: &Target, timeout: Duration) -> (Finding, Option<Vec<SocketAddr>>) {
     if let Ok(ip) = target.host.parse::<IpAddr>() {
         let addr = SocketAddr::new(ip, target.port);
         return (
@@ -169,7 +169,10 @@ async fn attempt(addr: SocketAddr, timeout: Duration) -> Attempt {
 
 /// Check 2: a TCP connection to every address at once; returns the first address
 /// (in resolver order) that accepted, with its connection.
-pub async fn reach(addrs: &[SocketAddr], timeout: Duration) -> (Finding, Option<(SocketAddr, TcpStream)>) {
+pub(crate) async fn reach(
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> (Finding, Option<(SocketAddr, TcpStream)>) {
     let mut set = tokio::task::JoinSet::new();
     for (i, &addr) in addrs.iter().enumerate() {
         set.spawn(async move { (i, attempt(addr, timeout).await) });

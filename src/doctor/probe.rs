@@ -23,7 +23,7 @@ use crate::wire::DRY_RUN_HEADER;
 
 /// What the probe sends.
 #[derive(Debug)]
-pub struct Call<'a> {
+pub(crate) struct Call<'a> {
     pub url: &'a str,
     pub anchors: &'a TrustAnchors,
     pub server_name: &'a str,
@@ -36,7 +36,7 @@ pub struct Call<'a> {
 
 /// meshca's verdict on the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The dry run passed: meshca would issue.
     WouldIssue,
     /// meshca does not know dry runs and issued a real certificate (key discarded).
@@ -48,7 +48,7 @@ pub enum Verdict {
 
 /// The answer to the probe.
 #[derive(Clone, Debug)]
-pub struct Probe {
+pub(crate) struct Probe {
     /// meshca's clock at the request, when it said.
     pub server_time: Option<SystemTime>,
     /// meshca's clock minus this host's, in milliseconds.
@@ -65,7 +65,7 @@ fn signed_millis(a: SystemTime, b: SystemTime) -> i64 {
 }
 
 /// Makes the call. `Err` says why there was no answer at all.
-pub async fn certify(call: Call<'_>, clock: &dyn Clock) -> Result<Probe, String> {
+pub(crate) async fn certify(call: Call<'_>, clock: &dyn Clock) -> Result<Probe, String> {
     let channel =
         tokio::time::timeout(call.timeout, client::connect(call.url, call.anchors, call.server_name))
             .await
@@ -142,7 +142,7 @@ pub async fn certify(call: Call<'_>, clock: &dyn Clock) -> Result<Probe, String>
 }
 
 /// Check 4 from the probe's answer (`None`: no probe was possible).
-pub fn clock_finding(probe: Option<&Result<Probe, String>>, allowance: Duration) -> Finding {
+pub(crate) fn clock_finding(probe: Option<&Result<Probe, String>>, allowance: Duration) -> Finding {
     let probe = match probe {
         None => {
             return Finding::not_checked(

@@ -22,7 +22,7 @@ use super::{clock_fix, human, when, Check, Finding};
 use crate::ca::issuer::{to_system_time, TrustAnchors};
 
 /// Check 3 for an `http://` address: there is no TLS to check.
-pub fn plaintext_finding(target: &Target) -> Finding {
+pub(crate) fn plaintext_finding(target: &Target) -> Finding {
     Finding::warn(
         Check::Tls,
         format!(
@@ -89,7 +89,7 @@ impl ServerCertVerifier for Recording {
 }
 
 /// The subject alternative names of a certificate, as `DNS:…`, `URI:…`.
-pub fn names(der: &CertificateDer<'_>) -> Vec<String> {
+pub(crate) fn names(der: &CertificateDer<'_>) -> Vec<String> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
     let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
@@ -106,14 +106,14 @@ pub fn names(der: &CertificateDer<'_>) -> Vec<String> {
 }
 
 /// A certificate's notAfter, when it parses.
-pub fn not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
+pub(crate) fn not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     Some(to_system_time(cert.validity().not_after))
 }
 
 /// Check 3: the TLS handshake on `stream` (to `addr`) against `anchors` for
 /// `server_name`, verified at `now`.
-pub async fn handshake(
+pub(crate) async fn handshake(
     stream: TcpStream,
     addr: SocketAddr,
     anchors: &TrustAnchors,

@@ -36,13 +36,12 @@ use crate::ca::store::Store;
 use crate::clock::Clock;
 use crate::metrics::{Metrics, Registry, ScrapeGauge};
 
-pub use crate::config::DEFAULT_API_UNREACHABLE_THRESHOLD;
 /// How long `/ready` waits for a probe of the backend before answering from what
 /// it knows; a slower probe goes on and the next check sees its result.
 const PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// What `/ready` and `meshca_ready` check.
-pub struct Readiness {
+pub(crate) struct Readiness {
     serving: AtomicBool,
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
@@ -64,7 +63,7 @@ impl std::fmt::Debug for Readiness {
 
 impl Readiness {
     /// Not serving until [`Self::set_serving`].
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<Store>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
@@ -83,12 +82,12 @@ impl Readiness {
     }
 
     /// gRPC is served (`true` once listening, `false` from shutdown on).
-    pub fn set_serving(&self, serving: bool) {
+    pub(crate) fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Ordering::Release);
     }
 
     /// `Ok`, or why this replica should get no traffic; asks nothing of anyone.
-    pub fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if !self.serving.load(Ordering::Acquire) {
             return Err("gRPC is not being served (starting or shutting down)".into());
         }
@@ -126,7 +125,7 @@ impl Readiness {
 
     /// Like [`Self::check`], after probing the backend when it has been unreachable
     /// too long (bounded by [`PROBE_WAIT`]); logs when the answer changes.
-    pub async fn check_probing(&self) -> Result<(), String> {
+    pub(crate) async fn check_probing(&self) -> Result<(), String> {
         let now = self.clock.now();
         if self.unreachable_for(now).is_some() {
             let authenticator = self.authenticator.clone();
@@ -147,7 +146,7 @@ impl Readiness {
     }
 
     /// Registers `meshca_ready`.
-    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+    pub(crate) fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
         let readiness = self.clone();
         registry.register(
             "meshca_ready",
@@ -183,7 +182,7 @@ async fn scrape(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,

@@ -19,7 +19,7 @@ use crate::v1::{GetTrustBundleRequest, GetTrustBundleResponse};
 
 /// Serves the anchors of whatever snapshot is current at each call.
 #[derive(Debug)]
-pub struct Bundles {
+pub(crate) struct Bundles {
     pub store: Arc<Store>,
 }
 

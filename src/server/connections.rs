@@ -36,17 +36,15 @@ use tokio::time::{Instant, Sleep};
 use crate::coalesce::Coalesce;
 use crate::metrics::ScrapeGauge;
 
-pub use crate::config::{DEFAULT_MAX_AGE, DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT};
-
 /// Connections the kernel may hold, TCP handshake done, for the accept loop (capped
 /// by `net.core.somaxconn`, 4,096 by default on Linux). Beyond it new connections'
 /// SYNs are dropped and retried by the client after 1, 3, 7, 15 s; a deep backlog
 /// keeps a herd waiting for a slot out of that backoff.
-pub const LISTEN_BACKLOG: u32 = 4096;
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
 
 /// A TCP listener on `addr` with a [`LISTEN_BACKLOG`] backlog (tokio's `bind` asks
 /// for 1,024).
-pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     // As tokio's bind: a restarted server can bind while old connections linger.
     #[cfg(not(windows))]
@@ -55,13 +53,9 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// `--max-connections`, `--max-connection-age` and `--request-timeout` (settings
-/// are defined with the configuration, which depends on nothing here).
-pub use crate::config::ConnectionSettings as Settings;
-
 /// The slots of one listener.
 #[derive(Clone, Debug)]
-pub struct Limit {
+pub(crate) struct Limit {
     slots: Arc<Semaphore>,
     /// Slots given to accepted connections (not counting the one an accept loop
     /// holds while it waits for the next connection).
@@ -71,13 +65,13 @@ pub struct Limit {
 
 impl Limit {
     /// `max` slots (at least 1).
-    pub fn new(max: usize) -> Limit {
+    pub(crate) fn new(max: usize) -> Limit {
         let max = max.max(1);
         Limit { slots: Arc::new(Semaphore::new(max)), open: Arc::default(), max }
     }
 
     /// A free slot, once there is one; counted as open from [`Reserved::open`].
-    pub async fn reserve(&self) -> Reserved {
+    pub(crate) async fn reserve(&self) -> Reserved {
         // The semaphore is never closed, so acquiring cannot fail.
         match self.slots.clone().acquire_owned().await {
             Ok(permit) => Reserved { permit, open: self.open.clone() },
@@ -86,19 +80,19 @@ impl Limit {
     }
 
     /// Connections open now (accepted, TLS handshakes in progress included).
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 
     /// The limit.
-    pub fn max(&self) -> usize {
+    pub(crate) fn max(&self) -> usize {
         self.max
     }
 }
 
 /// Registers `meshca_connections_open` and `meshca_connections_max`, read from
 /// `limit` at scrape time.
-pub fn register_metrics(registry: &mut prometheus_client::registry::Registry, limit: &Limit) {
+pub(crate) fn register_metrics(registry: &mut prometheus_client::registry::Registry, limit: &Limit) {
     let open = limit.clone();
     registry.register(
         "meshca_connections_open",
@@ -115,14 +109,14 @@ pub fn register_metrics(registry: &mut prometheus_client::registry::Registry, li
 
 /// A slot taken for the next connection, not yet given to one.
 #[derive(Debug)]
-pub struct Reserved {
+pub(crate) struct Reserved {
     permit: OwnedSemaphorePermit,
     open: Arc<AtomicUsize>,
 }
 
 impl Reserved {
     /// Gives the slot to an accepted connection.
-    pub fn open(self) -> Slot {
+    pub(crate) fn open(self) -> Slot {
         self.open.fetch_add(1, Ordering::Relaxed);
         Slot { _permit: self.permit, open: self.open }
     }
@@ -130,7 +124,7 @@ impl Reserved {
 
 /// The slot of an open connection; dropping it frees it.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
     open: Arc<AtomicUsize>,
 }
@@ -154,7 +148,7 @@ const H2_PREFACE_LEN: usize = 24;
 /// limits (`server::run_with`) and the connection age. Its writes are held and
 /// passed on together ([`Coalesce`]).
 #[derive(Debug)]
-pub struct Held<S> {
+pub(crate) struct Held<S> {
     inner: Coalesce<S>,
     _slot: Slot,
     /// Preface bytes still expected, and the deadline; `None` once they arrived.
@@ -162,7 +156,7 @@ pub struct Held<S> {
 }
 
 impl<S> Held<S> {
-    pub fn new(inner: S, slot: Slot, deadline: Instant) -> Held<S> {
+    pub(crate) fn new(inner: S, slot: Slot, deadline: Instant) -> Held<S> {
         Held {
             inner: Coalesce::new(inner),
             _slot: slot,
@@ -242,7 +236,7 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 /// Accepts a TCP connection when `limit` has a free slot, and hands it on with its
 /// slot; stops when `closed` resolves. An accept error (a connection reset before it
 /// was accepted, no file descriptors left) is logged and the loop goes on.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     limit: &Limit,
     closed: impl Future<Output = ()>,
@@ -272,7 +266,7 @@ pub async fn accept(
 /// The plaintext listener's connections (`--plaintext`), within `limit`; each must
 /// send the HTTP/2 preface within `first_bytes` of its accept. Stops when the
 /// returned receiver is dropped.
-pub fn plaintext(
+pub(crate) fn plaintext(
     listener: TcpListener,
     limit: Limit,
     first_bytes: Duration,

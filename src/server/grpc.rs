@@ -19,9 +19,10 @@ use crate::issuance::{Application, Decision, Granted, Issuance, NamePolicy};
 use crate::proto::identity_server::Identity;
 use crate::proto::{CertifyRequest, CertifyResponse};
 
-pub use crate::issuance::{new_request_id, DRY_RUN_REASON, MAX_REQUEST_LEN};
+pub(crate) use crate::issuance::new_request_id;
+pub use crate::issuance::MAX_REQUEST_LEN;
 
-pub use crate::wire::{DRY_RUN_HEADER, SERVER_TIME_HEADER};
+pub(crate) use crate::wire::{DRY_RUN_HEADER, SERVER_TIME_HEADER};
 
 fn unix_millis(t: SystemTime) -> u128 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)

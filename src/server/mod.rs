@@ -20,11 +20,11 @@
 //! [`crate::admission`] (in-flight bound, rate limits, signing workers),
 //! [`crate::cluster`] (Events, node OS) and [`crate::metrics`].
 
-pub mod admin;
-pub mod bundle;
-pub mod connections;
+pub(crate) mod admin;
+pub(crate) mod bundle;
+pub(crate) mod connections;
 pub mod grpc;
-pub mod istio;
+pub(crate) mod istio;
 pub mod tls;
 
 use std::future::Future;
@@ -57,7 +57,7 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Streams the client opened and reset before meshca accepted them, per connection,
 /// beyond which it gets `GOAWAY ENHANCE_YOUR_CALM` (the HTTP/2 rapid-reset attack,
 /// CVE-2023-44487). h2's default, set here so it stays.
-pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+pub(crate) const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// Streams meshca reset because of the client's errors (refused streams included),
 /// per connection, beyond which it gets `GOAWAY ENHANCE_YOUR_CALM` (RUSTSEC-2024-0003,
 /// "MadeYouReset"). h2's default, which tonic otherwise replaces with no limit at all.

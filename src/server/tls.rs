@@ -80,7 +80,7 @@ impl Resolver {
 }
 
 /// Issues a serving certificate for `identity` with a new key, and audits it.
-pub async fn issue_serving(
+pub(crate) async fn issue_serving(
     snapshot: &Snapshot,
     identity: &Identity,
     lifetimes: &Lifetimes,
@@ -130,12 +130,12 @@ pub async fn issue_serving(
 /// — is decided per request by `auth::peer`, so a refusal is a gRPC status with an
 /// audit record rather than a bare TLS alert.
 #[derive(Debug)]
-pub struct PossessionVerifier {
+pub(crate) struct PossessionVerifier {
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
 impl PossessionVerifier {
-    pub fn new(provider: &rustls::crypto::CryptoProvider) -> Self {
+    pub(crate) fn new(provider: &rustls::crypto::CryptoProvider) -> Self {
         PossessionVerifier { algorithms: provider.signature_verification_algorithms }
     }
 }
@@ -207,7 +207,7 @@ pub fn server_config(resolver: Arc<Resolver>) -> Result<rustls::ServerConfig, Er
 /// which x86-64's SHA extensions compute in hardware, where AES-256-GCM's SHA-384
 /// runs in software (ring's SHA-512 code was 3% of the server's CPU in a herd of
 /// new connections). The other suites keep their order behind them.
-pub fn server_provider() -> rustls::crypto::CryptoProvider {
+pub(crate) fn server_provider() -> rustls::crypto::CryptoProvider {
     use rustls::CipherSuite::{
         TLS13_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
         TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
@@ -229,7 +229,7 @@ pub fn server_provider() -> rustls::crypto::CryptoProvider {
 /// returned receiver is dropped. From the TCP accept, a client has
 /// [`HANDSHAKE_TIMEOUT`] to finish the handshake and send the HTTP/2 preface; a
 /// client that does not is disconnected (and its slot freed).
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     limit: Limit,

@@ -13,9 +13,9 @@
 //! variant (unless it resolves to an existing one, as [`dev`] does), and its arm in
 //! [`TokenFlags::resolve`], [`TokenConfig::connect`] and [`TokenConfig::kubernetes`].
 
-pub mod dev;
-pub mod jwks;
-pub mod tokenreview;
+pub(crate) mod dev;
+pub(crate) mod jwks;
+pub(crate) mod tokenreview;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,7 +68,7 @@ pub struct TokenFlags {
 
 /// What every source is given besides its own flags.
 #[derive(Debug, Clone)]
-pub struct Common {
+pub(crate) struct Common {
     /// Accepted `aud` values: none empty, at least one.
     pub audiences: Vec<String>,
     /// Leeway on `exp`, `nbf` and `iat`.
