@@ -183,6 +183,9 @@ pub struct ConnectionSettings {
     /// waits for its requests, so this also bounds how long a client that never
     /// finishes sending a request keeps its slot past the age.
     pub request_timeout: Duration,
+    /// Bytes of request messages not yet received whole (so not yet authenticated)
+    /// held at once, process-wide (`server::budget`).
+    pub unfinished_budget: usize,
 }
 
 impl Default for ConnectionSettings {
@@ -191,6 +194,7 @@ impl Default for ConnectionSettings {
             max: DEFAULT_MAX_CONNECTIONS,
             max_age: Some(DEFAULT_MAX_AGE),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            unfinished_budget: memory::unfinished_budget_for(None),
         }
     }
 }
@@ -477,8 +481,12 @@ fn capacity(
             });
         }
     }
-    let connections =
-        ConnectionSettings { max: max_connections, max_age: max_connection_age, request_timeout };
+    let connections = ConnectionSettings {
+        max: max_connections,
+        max_age: max_connection_age,
+        request_timeout,
+        unfinished_budget: memory::unfinished_budget_for(memory_limit),
+    };
 
     Ok((admission, connections, memory_limit))
 }
@@ -660,7 +668,8 @@ mod tests {
             ConnectionSettings {
                 max: 1024,
                 max_age: Some(Duration::from_secs(600)),
-                request_timeout: thirty
+                request_timeout: thirty,
+                unfinished_budget: memory::unfinished_budget_for(memory::limit()),
             }
         );
         let file = || {
@@ -671,7 +680,12 @@ mod tests {
         let five = Duration::from_secs(5);
         assert_eq!(
             c.connections,
-            ConnectionSettings { max: 100, max_age: Some(Duration::from_secs(3600)), request_timeout: five }
+            ConnectionSettings {
+                max: 100,
+                max_age: Some(Duration::from_secs(3600)),
+                request_timeout: five,
+                ..c.connections
+            }
         );
         let args = ServeArgs {
             max_connections: Some(7),
@@ -679,7 +693,10 @@ mod tests {
             ..Default::default()
         };
         let c = Config::resolve(in_dev(args), file()).unwrap();
-        assert_eq!(c.connections, ConnectionSettings { max: 7, max_age: None, request_timeout: five });
+        assert_eq!(
+            c.connections,
+            ConnectionSettings { max: 7, max_age: None, request_timeout: five, ..c.connections }
+        );
         let args = ServeArgs { max_connections: Some(0), ..Default::default() };
         let err = Config::resolve(in_dev(args), FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("--max-connections:"), "{err}");

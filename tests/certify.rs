@@ -295,8 +295,8 @@ fn refusals(server: &TestServer) -> Vec<Refused> {
             reason: "csr_unsupported_key",
         },
         Refused {
-            name: "request over 64 KiB",
-            request: req(token.clone(), good_csr.clone(), &"a".repeat(70 * 1024)),
+            name: "request over 64 KiB (within the decoding limit)",
+            request: req(token.clone(), good_csr.clone(), &"a".repeat(66 * 1024)),
             code: Code::InvalidArgument,
             reason: "request_too_large",
         },

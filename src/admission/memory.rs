@@ -26,12 +26,29 @@ pub(crate) const PER_REQUEST_BYTES: u64 = 20 << 10;
 /// Limits at or above this are "no limit" (cgroup v1 reports one near `i64::MAX`).
 const UNLIMITED: u64 = 1 << 60;
 
+/// The process-wide budget for request messages not yet received whole
+/// (`server::budget`): an eighth of the memory limit, from 2 MiB to
+/// [`MAX_UNFINISHED_BUDGET`], which is also the budget without a limit.
+pub fn unfinished_budget_for(limit: Option<u64>) -> usize {
+    let Some(limit) = limit else { return MAX_UNFINISHED_BUDGET };
+    usize::try_from(limit / 8).unwrap_or(usize::MAX).clamp(MIN_UNFINISHED_BUDGET, MAX_UNFINISHED_BUDGET)
+}
+
+/// The largest budget for unfinished request messages.
+pub const MAX_UNFINISHED_BUDGET: usize = 64 << 20;
+/// The smallest: room for about thirty connections' shares.
+const MIN_UNFINISHED_BUDGET: usize = 2 << 20;
+
 /// The in-flight bound for a replica with `limit` bytes of memory (None: no limit)
-/// that holds up to `max_connections` connections.
+/// that holds up to `max_connections` connections: what is left of three quarters of
+/// the limit after the idle server, the connections and the budget for unfinished
+/// request messages ([`unfinished_budget_for`]).
 pub fn max_in_flight_for(limit: Option<u64>, max_connections: usize) -> usize {
     let Some(limit) = limit else { return DEFAULT_MAX_IN_FLIGHT };
     let connections = PER_CONNECTION_BYTES.saturating_mul(max_connections as u64);
-    let for_requests = (limit / 4 * 3).saturating_sub(BASE_BYTES).saturating_sub(connections);
+    let unfinished = unfinished_budget_for(Some(limit)) as u64;
+    let for_requests =
+        (limit / 4 * 3).saturating_sub(BASE_BYTES).saturating_sub(connections).saturating_sub(unfinished);
     usize::try_from(for_requests / PER_REQUEST_BYTES)
         .unwrap_or(usize::MAX)
         .clamp(MIN_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT)
@@ -210,7 +227,13 @@ mod tests {
     fn the_bound_fits_the_limit_and_stays_within_its_floor_and_ceiling() {
         assert_eq!(max_in_flight_for(None, 1024), DEFAULT_MAX_IN_FLIGHT);
         // 160 MiB with 1,024 connections: 120 MiB − 16 MiB − 40 MiB = 64 MiB of requests.
-        assert_eq!(max_in_flight_for(Some(160 << 20), 1024), (64 << 20) / (20 << 10));
+        // 120 MiB, less 16 for the idle server, 40 for 1,024 connections and 20 for
+        // unfinished messages, leaves 44 MiB for requests.
+        assert_eq!(max_in_flight_for(Some(160 << 20), 1024), (44 << 20) / (20 << 10));
+        assert_eq!(unfinished_budget_for(Some(160 << 20)), 20 << 20);
+        assert_eq!(unfinished_budget_for(Some(8 << 20)), 2 << 20);
+        assert_eq!(unfinished_budget_for(Some(64 << 30)), MAX_UNFINISHED_BUDGET);
+        assert_eq!(unfinished_budget_for(None), MAX_UNFINISHED_BUDGET);
         let worst = |n: usize| BASE_BYTES + 1024 * PER_CONNECTION_BYTES + n as u64 * PER_REQUEST_BYTES;
         for mib in [96u64, 128, 160, 256, 512] {
             let n = max_in_flight_for(Some(mib << 20), 1024);

@@ -585,7 +585,8 @@ mod tests {
         for bad in [&skipped.to_string(), "{}", "[]", short, r#"{"keys":[],"keys":[]}"#] {
             refused!(Jwks::from_json(bad.as_bytes()), Error::Config { .. });
         }
-        let err = JwksAuthenticator::from_file(std::path::Path::new("/nonexistent/jwks.json"), settings()).unwrap_err();
+        let err = JwksAuthenticator::from_file(std::path::Path::new("/nonexistent/jwks.json"), settings())
+            .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/jwks.json"), "{err}");
         let path = std::env::temp_dir().join(format!("meshca-jwks-test-{}.json", std::process::id()));
         std::fs::write(&path, short).unwrap();

@@ -21,6 +21,7 @@
 //! [`crate::cluster`] (Events, node OS) and [`crate::metrics`].
 
 pub(crate) mod admin;
+pub(crate) mod budget;
 pub(crate) mod bundle;
 pub(crate) mod connections;
 pub mod grpc;
@@ -47,13 +48,24 @@ use crate::metrics::{self, Metrics};
 use crate::proto::identity_server::IdentityServer;
 use crate::v1::trust_bundle_server::TrustBundleServer;
 
-/// Hard cap on a decoded gRPC message; requests between the Certify limit
-/// (64 KiB) and this are decoded only to be refused and audited.
-pub const MAX_DECODED_MESSAGE: usize = 1024 * 1024;
+/// Hard cap on a decoded gRPC message: the largest valid request (64 KiB) and a
+/// little more, so that slightly larger ones are decoded to be refused and audited;
+/// beyond it tonic refuses the message (`OUT_OF_RANGE`) as its length prefix comes
+/// in, before buffering it. Also the HTTP/2 receive window of one stream.
+pub const MAX_DECODED_MESSAGE: usize = crate::issuance::MAX_REQUEST_LEN + 4 * 1024;
 
 /// HTTP/2 streams one connection may have open at once; more are refused
-/// (`REFUSED_STREAM`), and each refusal counts as a local reset (below).
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// (`REFUSED_STREAM`), and each refusal counts as a local reset (below). A proxy
+/// has one request at a time; the load generator up to 128 on each connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+
+/// Bytes of unfinished request messages one connection may hold at once
+/// (`budget`): four of the largest. Also the connection's HTTP/2 receive window.
+pub const UNFINISHED_PER_CONNECTION: usize = 4 * MAX_DECODED_MESSAGE;
+
+/// Longest time from a request's headers to the end of its message, whatever
+/// `--request-timeout` says: proxies send theirs in one write.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams the client opened and reset before meshca accepted them, per connection,
 /// beyond which it gets `GOAWAY ENHANCE_YOUR_CALM` (the HTTP/2 rapid-reset attack,
 /// CVE-2023-44487). h2's default, set here so it stays.
@@ -229,8 +241,16 @@ pub async fn run_with(
     let service = IdentityServer::new(certifier.clone())
         .max_decoding_message_size(MAX_DECODED_MESSAGE)
         .max_encoding_message_size(MAX_DECODED_MESSAGE);
+    let budget = budget::Budget::new(budget::Settings {
+        total: config.connections.unfinished_budget,
+        per_connection: UNFINISHED_PER_CONNECTION,
+        body_timeout: BODY_TIMEOUT,
+    });
+    metrics.register(|r| budget.register_metrics(r));
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(MAX_DECODED_MESSAGE as u32))
+        .initial_connection_window_size(Some(UNFINISHED_PER_CONNECTION as u32))
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
@@ -244,6 +264,7 @@ pub async fn run_with(
             .max_decoding_message_size(MAX_DECODED_MESSAGE)
             .max_encoding_message_size(MAX_DECODED_MESSAGE);
     let router = builder
+        .layer(budget::BudgetLayer(budget))
         .add_service(service)
         .add_service(istio)
         .add_service(TrustBundleServer::new(bundle::Bundles { store: store.clone() }));
