@@ -12,6 +12,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(descriptors)?;
+    // Every service and client decodes with meshca's codec (`wire::Codec`: a small
+    // first buffer, which bounds what a stream that never sends its message holds).
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::wire::Codec")
+        .compile_fds(descriptors)?;
     Ok(())
 }

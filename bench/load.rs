@@ -76,7 +76,7 @@ struct Args {
     /// Concurrent in-flight Certify calls.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// HTTP/2 connections the calls are spread over [default: min(concurrency, 8)].
+    /// HTTP/2 connections the calls are spread over [default: min(concurrency, 8), or more so that each carries at most meshca's 100 streams].
     #[arg(long)]
     connections: Option<usize>,
     /// PKCS#8 PEM key that signs the pool's tokens: an RSA key makes RS256 tokens
@@ -381,7 +381,9 @@ fn load(args: &Args) -> Result<()> {
     }
     // Each task's interval between calls, so that all of them together make --rate.
     let pace = args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r));
-    let connections = args.connections.unwrap_or(args.concurrency.min(8)).clamp(1, args.concurrency);
+    let streams = meshca::server::MAX_CONCURRENT_STREAMS as usize;
+    let fewest = args.concurrency.min(8).max(args.concurrency.div_ceil(streams));
+    let connections = args.connections.unwrap_or(fewest).clamp(1, args.concurrency);
     let (signer, issuer) = token_signer(args)?;
     let anchors_path = args.trust_anchors.clone().unwrap_or_else(|| args.data_dir.join("trust-anchors.pem"));
     let anchors = TrustAnchors::load(&anchors_path)?;

@@ -21,7 +21,7 @@
 use meshca_test_support as support;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+
 use std::time::Duration;
 
 use meshca::auth::dev::{compact_jws, DevSigner};
@@ -40,7 +40,11 @@ use support::der::{
     integer, oid, rdn, rsa_spki, san, seq, sha256_rsa, tlv, uri, utf8, NULL, OID_BASIC_CONSTRAINTS,
     OID_ECDSA_SHA256, OID_EC_PUBLIC_KEY, OID_EMAIL, OID_MS_EXTENSION_REQUEST, OID_P256, OID_SAN, TRUE,
 };
-use support::{request_id, Options, TestServer, AUDIENCE, SERVER_NAME, TOKEN_ISSUER};
+use support::h2::{
+    certify_headers, frame, RawH2, CANCEL, END_HEADERS, ENHANCE_YOUR_CALM, HEADERS, REFUSED_STREAM,
+    RST_STREAM,
+};
+use support::{Options, TestServer, AUDIENCE, SERVER_NAME, TOKEN_ISSUER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -1001,146 +1005,10 @@ async fn thousands_of_idle_connections_do_not_keep_a_good_client_out_and_are_clo
     assert_eq!(closed_by(idle, deadline).await, IDLE, "idle connections closed after the handshake timeout");
 }
 
-// ---- HTTP/2, frame by frame ----
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const END_HEADERS: u8 = 0x4;
-const ACK: u8 = 0x1;
-const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
-const REFUSED_STREAM: u32 = 0x7;
-const CANCEL: u32 = 0x8;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = (payload.len() as u32).to_be_bytes();
-    [&len[1..], &[kind, flags], &stream.to_be_bytes(), payload].concat()
-}
-
-/// A Certify request's header block: HPACK literals without indexing, no Huffman.
-fn certify_headers(extra: &[(&str, &str)]) -> Vec<u8> {
-    let mut block = Vec::new();
-    let fields = [
-        (":method", "POST"),
-        (":scheme", "https"),
-        (":path", "/io.linkerd.proxy.identity.Identity/Certify"),
-        (":authority", SERVER_NAME),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ];
-    for (name, value) in fields.iter().chain(extra) {
-        block.push(0x00);
-        block.push(name.len() as u8);
-        block.extend(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend(value.as_bytes());
-    }
-    block
-}
-
-/// What the server sent on a raw HTTP/2 connection, until it closed it.
-#[derive(Debug, Default)]
-struct Seen {
-    max_concurrent_streams: Option<u32>,
-    resets: std::collections::BTreeMap<u32, usize>,
-    goaway: Option<(u32, u32)>,
-    closed: bool,
-}
-
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<(u8, u8, u32, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    r.read_exact(&mut head).await.ok()?;
-    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-    let mut payload = vec![0; len];
-    r.read_exact(&mut payload).await.ok()?;
-    Some((head[3], head[4], stream, payload))
-}
-
-type RawWriter = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>>>;
-
-/// An HTTP/2 connection past the settings exchange, its frames read by a task
-/// (so the server is never blocked writing to us) until the server closes it. The
-/// reader answers PINGs, as a live client does (a server closing gracefully waits
-/// for that answer).
-struct RawH2 {
-    writer: RawWriter,
-    reader: tokio::task::JoinHandle<Seen>,
-}
+// ---- HTTP/2, frame by frame (support::h2) ----
 
 async fn raw_h2(server: &TestServer) -> RawH2 {
-    let mut stream = server.tls(&server.tls_config(rustls::crypto::ring::default_provider())).await;
-    stream.write_all(&[PREFACE, &frame(SETTINGS, 0, 0, &[])].concat()).await.unwrap();
-    let mut seen = Seen::default();
-    loop {
-        let (kind, flags, _, payload) = read_frame(&mut stream).await.expect("the server's SETTINGS");
-        if kind == SETTINGS && flags & ACK == 0 {
-            for setting in payload.chunks(6) {
-                if u16::from_be_bytes([setting[0], setting[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS {
-                    seen.max_concurrent_streams =
-                        Some(u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]));
-                }
-            }
-            break;
-        }
-    }
-    stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
-    let (mut read, writer) = tokio::io::split(stream);
-    let writer: RawWriter = Arc::new(tokio::sync::Mutex::new(writer));
-    let pong = writer.clone();
-    let reader = tokio::spawn(async move {
-        while let Some((kind, flags, _, payload)) = read_frame(&mut read).await {
-            match kind {
-                PING if flags & ACK == 0 => {
-                    let _ = pong.lock().await.write_all(&frame(PING, ACK, 0, &payload)).await;
-                }
-                RST_STREAM => {
-                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
-                    *seen.resets.entry(code).or_default() += 1;
-                }
-                GOAWAY => {
-                    let last = u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff;
-                    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
-                    seen.goaway = Some((last, code));
-                }
-                _ => {}
-            }
-        }
-        seen.closed = true;
-        seen
-    });
-    RawH2 { writer, reader }
-}
-
-impl RawH2 {
-    /// Writes frames in batches; stops quietly once the server has closed the connection.
-    async fn send(&mut self, frames: impl Iterator<Item = Vec<u8>>) -> usize {
-        let mut sent = 0;
-        let mut batch = Vec::new();
-        for f in frames {
-            batch.extend(f);
-            sent += 1;
-            if batch.len() > 16 * 1024 {
-                if self.writer.lock().await.write_all(&batch).await.is_err() {
-                    return sent;
-                }
-                batch.clear();
-            }
-        }
-        let mut writer = self.writer.lock().await;
-        let _ = writer.write_all(&batch).await;
-        let _ = writer.flush().await;
-        sent
-    }
-
-    /// What the server sent, once it has closed the connection (at most `bound` from now).
-    async fn outcome(self, bound: Duration) -> Seen {
-        timeout(bound, self.reader).await.expect("the server did not close the connection").unwrap()
-    }
+    RawH2::handshake(server.tls(&server.tls_config(rustls::crypto::ring::default_provider())).await).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1148,7 +1016,7 @@ async fn a_stream_flood_is_refused_beyond_the_stream_limit_and_then_cut_off() {
     let server = TestServer::start().await;
     let mut h2 = raw_h2(&server).await;
     let limit = MAX_CONCURRENT_STREAMS as usize;
-    let block = certify_headers(&[]);
+    let block = certify_headers(SERVER_NAME, &[]);
     // Streams opened and never finished (no END_STREAM, no message): the limit's worth,
     // then as many again and more, which must be refused.
     let streams = limit + MAX_LOCAL_ERROR_RESETS + 100;
@@ -1177,7 +1045,7 @@ async fn an_unfinished_request_is_cancelled_at_the_request_timeout_so_an_aged_co
     // A request's headers, then nothing: no message, no END_STREAM. Past its age the
     // connection is asked to close (GOAWAY) but waits for this request, which only
     // the request timeout ends.
-    h2.send(std::iter::once(frame(HEADERS, END_HEADERS, 1, &certify_headers(&[])))).await;
+    h2.send(std::iter::once(frame(HEADERS, END_HEADERS, 1, &certify_headers(SERVER_NAME, &[])))).await;
     let seen = h2.outcome(request_timeout + Duration::from_secs(20)).await;
     assert!(seen.goaway.is_some(), "{seen:?}");
     let held = opened.elapsed();
@@ -1192,7 +1060,7 @@ async fn an_unfinished_request_is_cancelled_at_the_request_timeout_so_an_aged_co
 async fn rapid_resets_are_cut_off_with_enhance_your_calm() {
     let server = TestServer::start().await;
     let mut h2 = raw_h2(&server).await;
-    let block = certify_headers(&[]);
+    let block = certify_headers(SERVER_NAME, &[]);
     // CVE-2023-44487: open a stream and cancel it at once, over and over.
     let pairs = (0..20_000u32).flat_map(|i| {
         let id = 2 * i + 1;
@@ -1214,7 +1082,7 @@ async fn streams_the_server_must_reset_are_bounded_per_connection() {
     // stream error: the server resets the stream itself, and the stream never counts
     // against the concurrency limit. Without a bound on such resets a client could
     // keep the server resetting forever ("MadeYouReset"); with it, it is cut off.
-    let block = certify_headers(&[("connection", "keep-alive")]);
+    let block = certify_headers(SERVER_NAME, &[("connection", "keep-alive")]);
     let streams = MAX_LOCAL_ERROR_RESETS as u32 + 200;
     h2.send((0..streams).map(|i| frame(HEADERS, END_HEADERS, 2 * i + 1, &block))).await;
     assert_served(&server, Duration::from_secs(5), "a reset-provoking flood on another connection").await;
@@ -1234,4 +1102,64 @@ fn the_limits_the_corpus_is_built_around_are_the_servers() {
     assert_eq!(meshca::ca::csr::MAX_CSR_LEN, 16 * 1024);
     assert_eq!(meshca::auth::MAX_TOKEN_LEN, 16 * 1024);
     assert!(HANDSHAKE_TIMEOUT <= Duration::from_secs(10), "the transport tests wait this long");
+}
+
+/// A Certify whose message is `first`, then one byte every `every` (or nothing more
+/// when `every` is `None`), never finished; the gRPC status it gets and when.
+async fn unfinished_call(server: &TestServer, first: Vec<u8>, every: Option<Duration>) -> (String, Duration) {
+    use http_body_util::BodyExt;
+    use tower_service::Service;
+    let mut channel =
+        meshca::agent::client::connect(&server.url(), &server.anchors, SERVER_NAME).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>(8);
+    let body = tonic::body::Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    let request = http::Request::post(format!("{}/io.linkerd.proxy.identity.Identity/Certify", server.url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    tx.send(Ok(http_body::Frame::data(first.into()))).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        while let Some(every) = every {
+            tokio::time::sleep(every).await;
+            if tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"a")))).await.is_err() {
+                return;
+            }
+        }
+        tx.closed().await;
+    });
+    let started = std::time::Instant::now();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+    let response = timeout(Duration::from_secs(30), channel.call(request)).await.unwrap().unwrap();
+    let (parts, body) = response.into_parts();
+    let trailers = timeout(Duration::from_secs(30), body.collect())
+        .await
+        .unwrap()
+        .ok()
+        .and_then(|b| b.trailers().cloned());
+    let status = trailers.as_ref().and_then(|t| t.get("grpc-status")).or(parts.headers.get("grpc-status"));
+    trickle.abort();
+    (status.map(|s| s.to_str().unwrap().to_owned()).unwrap_or_default(), started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stalled_or_trickled_is_cut_at_the_body_deadline_and_service_goes_on() {
+    let server = TestServer::start().await;
+    let before = server.audit_records().len();
+    // Half of a message announcing 40,000 bytes, then nothing, or a byte every 200 ms.
+    let start = support::h2::unfinished_message(40_000, 20_000);
+    let stalled = unfinished_call(&server, start.clone(), None);
+    let trickled = unfinished_call(&server, start, Some(Duration::from_millis(200)));
+    let ((stalled, stalled_after), (trickled, trickled_after)) = tokio::join!(stalled, trickled);
+    assert_eq!(server.audit_records().len(), before, "nothing was decoded, so nothing to record");
+    assert_served(&server, Duration::from_secs(5), "after the body deadline").await;
+    let deadline_exceeded = (tonic::Code::DeadlineExceeded as i32).to_string();
+    for (what, status, after) in [("stalled", stalled, stalled_after), ("trickled", trickled, trickled_after)]
+    {
+        assert_eq!(status, deadline_exceeded, "{what}");
+        assert!(after >= meshca::server::BODY_TIMEOUT, "{what}: cut after {after:?}");
+        assert!(after < meshca::server::BODY_TIMEOUT + Duration::from_secs(5), "{what}: cut after {after:?}");
+    }
 }

@@ -250,7 +250,7 @@ async fn hostile_requests_are_refused_with_certifys_codes_and_audited() {
         ("not PEM", csr_request("MIIB...".into()), Some(&web), Code::InvalidArgument, "csr_malformed"),
         (
             "an oversized request",
-            csr_request(format!("{}{}", plain(), "x".repeat(70 * 1024))),
+            csr_request(format!("{}{}", plain(), "x".repeat(65 * 1024))),
             Some(&web),
             Code::InvalidArgument,
             "request_too_large",

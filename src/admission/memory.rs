@@ -17,11 +17,11 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 8192;
 /// The least the bound is sized to, however small the limit.
 pub(crate) const MIN_MAX_IN_FLIGHT: usize = 64;
 /// Resident memory of a started server before any request (12.0–12.5 MiB idle).
-pub(crate) const BASE_BYTES: u64 = 16 << 20;
+pub const BASE_BYTES: u64 = 16 << 20;
 /// One open connection: 34–48 KiB measured with 250 to 2,000 connections.
-pub(crate) const PER_CONNECTION_BYTES: u64 = 40 << 10;
+pub const PER_CONNECTION_BYTES: u64 = 40 << 10;
 /// One request in flight: 14–20 KiB measured at 1,024 to 4,096 in flight.
-pub(crate) const PER_REQUEST_BYTES: u64 = 20 << 10;
+pub const PER_REQUEST_BYTES: u64 = 20 << 10;
 
 /// Limits at or above this are "no limit" (cgroup v1 reports one near `i64::MAX`).
 const UNLIMITED: u64 = 1 << 60;

@@ -134,6 +134,8 @@ fn peer(request: &Request<Body>) -> Option<SocketAddr> {
         .and_then(TcpConnectInfo::remote_addr)
 }
 
+use crate::wire::DECODER_BUFFER;
+
 /// A request body charged to the budget as it arrives, and cut at the body deadline.
 struct Charged {
     inner: Body,
@@ -144,6 +146,43 @@ struct Charged {
     permit: Option<OwnedSemaphorePermit>,
     /// `None` once the body is complete.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes received, and the first message's 5-byte gRPC prefix as it comes in.
+    received: usize,
+    prefix: Vec<u8>,
+    /// The refusal to answer at the first poll, when even the decoder's first buffer
+    /// did not fit.
+    refused: Option<Status>,
+}
+
+impl Charged {
+    /// A body charged from the start with the decoder's first buffer, which tonic
+    /// allocates for every request, message or not.
+    fn new(inner: Body, budget: Arc<Budget>, peer: Option<SocketAddr>) -> Charged {
+        let deadline = Some(Box::pin(tokio::time::sleep(budget.settings.body_timeout)));
+        let (permit, refused, bytes) = match budget.charge(peer, DECODER_BUFFER) {
+            Ok(permit) => (permit, None, DECODER_BUFFER),
+            Err(status) => (None, Some(status), 0),
+        };
+        Charged { inner, budget, peer, bytes, permit, deadline, received: 0, prefix: Vec::new(), refused }
+    }
+
+    /// What the decoder holds for this request once `data` is in: at least its initial
+    /// buffer, and from the message's length prefix on, the whole announced message
+    /// (the decoder reserves that much as soon as it reads the prefix).
+    fn holding(&mut self, data: &[u8]) -> usize {
+        self.received += data.len();
+        if self.prefix.len() < 5 {
+            let take = (5 - self.prefix.len()).min(data.len());
+            self.prefix.extend_from_slice(&data[..take]);
+        }
+        let announced = match self.prefix[..] {
+            [_, a, b, c, d] => 5 + u32::from_be_bytes([a, b, c, d]) as usize,
+            _ => 0,
+        };
+        // Beyond the decoding limit the decoder refuses the message without reserving it.
+        let announced = if announced > 5 + super::MAX_DECODED_MESSAGE { 0 } else { announced };
+        self.received.max(announced).max(DECODER_BUFFER)
+    }
 }
 
 impl HttpBody for Charged {
@@ -152,6 +191,10 @@ impl HttpBody for Charged {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
+        if let Some(status) = this.refused.take() {
+            this.deadline = None;
+            return Poll::Ready(Some(Err(status)));
+        }
         let Some(deadline) = this.deadline.as_mut() else {
             return Pin::new(&mut this.inner).poll_frame(cx);
         };
@@ -165,7 +208,10 @@ impl HttpBody for Charged {
             }
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                let n = frame.data_ref().map_or(0, Bytes::len);
+                let n = match frame.data_ref() {
+                    Some(data) if !data.is_empty() => this.holding(data).saturating_sub(this.bytes),
+                    _ => 0,
+                };
                 if n > 0 {
                     match this.budget.charge(this.peer, n) {
                         Ok(permit) => {
@@ -241,12 +287,11 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let peer = peer(&request);
         let budget = self.budget.clone();
-        let deadline = Some(Box::pin(tokio::time::sleep(budget.settings.body_timeout)));
         let request = request.map(|inner| {
             if inner.is_end_stream() {
                 return inner;
             }
-            Body::new(Charged { inner, budget, peer, bytes: 0, permit: None, deadline })
+            Body::new(Charged::new(inner, budget, peer))
         });
         Box::pin(self.inner.call(request))
     }
@@ -279,6 +324,20 @@ mod tests {
         assert!(b.held.lock().unwrap().get(&a.unwrap()).is_none(), "no entry for an idle connection");
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_is_charged_what_the_decoder_holds_for_it() {
+        let b = budget(1 << 20, 1 << 20);
+        let mut c = Charged::new(Body::empty(), b, None);
+        assert_eq!(c.holding(&[0, 0]), DECODER_BUFFER, "the decoder's initial buffer, prefix unfinished");
+        assert_eq!(c.holding(&[0, 0x40, 0]), 5 + 0x4000, "the announced message");
+        let mut small = Charged::new(Body::empty(), budget(1 << 20, 1 << 20), None);
+        assert_eq!(small.holding(&[0, 0, 0, 0, 10, 1, 2]), DECODER_BUFFER);
+        let mut huge = Charged::new(Body::empty(), budget(1 << 20, 1 << 20), None);
+        assert_eq!(huge.holding(&[0, 0x7f, 0xff, 0xff, 0xff]), DECODER_BUFFER, "refused, never reserved");
+        let mut many = Charged::new(Body::empty(), budget(1 << 20, 1 << 20), None);
+        assert_eq!(many.holding(&[7; 30_000]), 30_000, "what came in, however the prefix reads");
+    }
+
     #[test]
     fn the_process_wide_budget_refuses_once_spent_and_takes_nothing_from_the_connection() {
         let b = budget(150, 100);
@@ -301,12 +360,15 @@ mod tests {
         let inner =
             Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
         let peer = Some("10.0.0.1:1".parse().unwrap());
-        let deadline = Some(Box::pin(tokio::time::sleep(Duration::from_secs(10))));
-        let mut body = Charged { inner, budget: b.clone(), peer, bytes: 0, permit: None, deadline };
-        tx.send(Ok(Frame::data(Bytes::from(vec![0; 500])))).await.unwrap();
+        let mut body = Charged::new(inner, b.clone(), peer);
+        // A message announcing 20,000 bytes, 500 of them sent: the decoder reserves them all.
+        let mut start = vec![0u8];
+        start.extend(20_000u32.to_be_bytes());
+        start.resize(500, b'a');
+        tx.send(Ok(Frame::data(Bytes::from(start)))).await.unwrap();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.data_ref().map(Bytes::len), Some(500));
-        assert_eq!(b.held(), 500);
+        assert_eq!(b.held(), 20_005);
         let started = tokio::time::Instant::now();
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);

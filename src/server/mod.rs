@@ -56,12 +56,16 @@ pub const MAX_DECODED_MESSAGE: usize = crate::issuance::MAX_REQUEST_LEN + 4 * 10
 
 /// HTTP/2 streams one connection may have open at once; more are refused
 /// (`REFUSED_STREAM`), and each refusal counts as a local reset (below). A proxy
-/// has one request at a time; the load generator up to 128 on each connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// has one request at a time; 100 is what HTTP/2 clients assume before they have
+/// the server's settings (RFC 9113 §6.5.2's advice), so a burst at connection start
+/// is never refused.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// Bytes of unfinished request messages one connection may hold at once
-/// (`budget`): four of the largest. Also the connection's HTTP/2 receive window.
-pub const UNFINISHED_PER_CONNECTION: usize = 4 * MAX_DECODED_MESSAGE;
+/// (`budget`): four of the largest, and the decoder's first buffer (1 KiB) for each
+/// of its streams. Also the connection's HTTP/2 receive window.
+pub const UNFINISHED_PER_CONNECTION: usize =
+    4 * MAX_DECODED_MESSAGE + MAX_CONCURRENT_STREAMS as usize * crate::wire::DECODER_BUFFER;
 
 /// Longest time from a request's headers to the end of its message, whatever
 /// `--request-timeout` says: proxies send theirs in one write.

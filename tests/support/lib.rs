@@ -13,6 +13,7 @@
 
 pub mod apiserver;
 pub mod der;
+pub mod h2;
 pub mod process;
 
 use std::net::SocketAddr;
