@@ -207,7 +207,7 @@ pub struct ServeArgs {
     /// Threads that check CSRs and sign; admitted Certify requests queue for them in arrival order [default: the number of cores].
     #[arg(long, env = "MESHCA_SIGNING_WORKERS", value_name = "N")]
     pub signing_workers: Option<usize>,
-    /// gRPC connections open at once; beyond it, new ones wait in the listen backlog until one closes (about 36 KiB each) [default: 1024].
+    /// gRPC connections open at once; beyond it, new ones wait in the listen backlog until one closes (about 36 KiB each); with the admin listener's 32 and a reserve of 64 they must fit in the file-descriptor limit [default: 1024, or fewer to fit].
     #[arg(long, env = "MESHCA_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Age after which a gRPC connection is asked to close (GOAWAY; it closes once its requests in progress are answered), so idle clients free their slots and connections spread over new replicas, or "off" [default: 10m].

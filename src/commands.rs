@@ -169,6 +169,8 @@ fn kubernetes_objects(namespace: &str, h: &hierarchy::Hierarchy) -> String {
 /// `meshca serve`: resolves the configuration, binds, and runs until SIGTERM/Ctrl-C.
 pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     survive_file_size_limit()?;
+    // As many descriptors as the hard limit allows; --max-connections is sized below it.
+    crate::admission::descriptors::raise();
     let file = config_file(&args.issuer)?;
     let config = Config::resolve(args, file).map_err(Failure::usage)?;
     let shutdown = shutdown_signal("finishing in-flight requests")?;

@@ -422,10 +422,28 @@ fn capacity(
     args: &ServeArgs,
     token: &TokenConfig,
 ) -> Result<(AdmissionSettings, ConnectionSettings, Option<u64>), Error> {
-    let max_connections = args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-    if max_connections == 0 {
-        return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() });
-    }
+    // gRPC connections, the admin listener's and a reserve must fit in the descriptors.
+    let nofile = admission::descriptors::limit();
+    let fit = admission::descriptors::max_connections_for(nofile);
+    let max_connections = match (args.max_connections, fit) {
+        (Some(0), _) => {
+            return Err(Error::Invalid { setting: "max-connections", reason: "must be at least 1".into() })
+        }
+        (Some(n), Some(fit)) if n > fit => {
+            return Err(Error::Invalid {
+                setting: "max-connections",
+                reason: format!(
+                    "{n} connections need more file descriptors than the limit of {} leaves (at most {fit} \
+                     beside the admin listener and a reserve of {}): raise the limit (ulimit -n, \
+                     LimitNOFILE=) or lower --max-connections",
+                    nofile.unwrap_or_default(),
+                    admission::descriptors::RESERVED
+                ),
+            })
+        }
+        (Some(n), _) => n,
+        (None, fit) => DEFAULT_MAX_CONNECTIONS.min(fit.unwrap_or(usize::MAX)).max(1),
+    };
     let memory_limit = memory::limit();
     let max_in_flight = match args.max_in_flight {
         Some(0) => {
@@ -666,7 +684,9 @@ mod tests {
         assert_eq!(
             c.connections,
             ConnectionSettings {
-                max: 1024,
+                // 1,024, unless fewer fit in this process's descriptor limit.
+                max: admission::descriptors::max_connections_for(admission::descriptors::limit())
+                    .map_or(1024, |fit| fit.min(1024)),
                 max_age: Some(Duration::from_secs(600)),
                 request_timeout: thirty,
                 unfinished_budget: memory::unfinished_budget_for(memory::limit()),

@@ -154,3 +154,64 @@ async fn the_server_chooses_aes_128_gcm_over_the_clients_first_choice_and_serves
         CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
     );
 }
+
+/// Descriptors open in process `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_flood_under_a_low_descriptor_limit_leaves_grpc_and_the_probes_served() {
+    use meshca::admission::descriptors::{max_connections_for, ADMIN_CONNECTIONS, RESERVED};
+    use support::process::ServeBin;
+    const NOFILE: u64 = 256;
+    let limit = format!("--nofile={NOFILE}:{NOFILE}");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut serve = ServeBin::start(&["prlimit", &limit, "--"], "exec \"$@\"", &data, &[]).await;
+    let fit = max_connections_for(Some(NOFILE)).unwrap();
+    let (_, metrics) = support::http_get(serve.admin, "/metrics").await;
+    assert_eq!(
+        support::sample(&metrics, "meshca_connections_max"),
+        fit as u64,
+        "the default, lowered to fit"
+    );
+
+    // Four times the descriptor limit in idle admin connections, held open.
+    let mut idle = Vec::new();
+    for _ in 0..4 * NOFILE {
+        let connect = tokio::net::TcpStream::connect(serve.admin);
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(stream) => idle.push(stream.unwrap()),
+            Err(_) => break, // the listen backlog is full: the server stopped accepting
+        }
+    }
+    assert_eq!(idle.len() as u64, 4 * NOFILE, "the admin listener kept accepting");
+    // The probes and Certify on new connections are still answered, promptly.
+    let five = Duration::from_secs(5);
+    for path in ["/live", "/ready"] {
+        let probe = tokio::time::timeout(five, support::http_get(serve.admin, path)).await;
+        assert_eq!(probe.expect("a probe answered within 5 s during the admin flood").0, 200, "{path}");
+    }
+    let certify = async { serve.client().await.certify(serve.request("web")).await };
+    let answer = tokio::time::timeout(five, certify).await.expect("Certify answered within 5 s");
+    answer.expect("Certify during the admin flood");
+    let open = descriptors(serve.pid());
+    assert!(open as u64 <= RESERVED + ADMIN_CONNECTIONS as u64 + 8, "{open} descriptors open");
+    drop(idle);
+    let log = serve.process.stderr.text();
+    assert!(!log.contains("Too many open files"), "{log}");
+    serve.stop().await;
+
+    // A --max-connections that does not fit is refused at start, naming the fix.
+    let mut cmd = support::process::command("prlimit");
+    cmd.args([&limit, "--", support::process::bin(), "serve", "--dev", "--listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0", "--max-connections", "1024", "--data-dir"])
+        .arg(&data)
+        .env("NO_COLOR", "1");
+    let out = support::process::output(&mut cmd, PATIENCE);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-connections") && stderr.contains("ulimit -n"), "{stderr}");
+}

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::ca::csr::KeyType;
 use crate::metrics::{Registry, ScrapeCounter, ScrapeGauge};
+pub mod descriptors;
 pub mod memory;
 pub(crate) mod workers;
 

@@ -16,7 +16,8 @@
 //! gets no Certify calls to find out that the API server is back.
 //!
 //! `/metrics` is the Prometheus text format ([`Metrics::render`]). Nothing here can
-//! issue a certificate.
+//! issue a certificate. Connections are few and short-lived
+//! ([`super::admin_listener`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -193,5 +194,5 @@ pub(crate) async fn serve(
         .route("/ready", get(ready))
         .route("/metrics", get(scrape))
         .with_state(AdminState { metrics, readiness });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(super::admin_listener::Limited::new(listener), app).with_graceful_shutdown(shutdown).await
 }

@@ -21,6 +21,7 @@
 //! [`crate::cluster`] (Events, node OS) and [`crate::metrics`].
 
 pub(crate) mod admin;
+pub mod admin_listener;
 pub(crate) mod budget;
 pub(crate) mod bundle;
 pub(crate) mod connections;
@@ -190,6 +191,7 @@ pub async fn run_with(
         max_in_flight = config.admission.max_in_flight,
         signing_workers = config.admission.workers,
         max_connections = config.connections.max,
+        descriptor_limit = crate::admission::descriptors::limit(),
         memory_limit_mib = config.memory_limit.map(|bytes| bytes >> 20),
         "admission bounds"
     );
