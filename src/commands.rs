@@ -41,7 +41,7 @@ fn say(message: impl std::fmt::Display) {
     if json_output() {
         tracing::info!(target: "meshca", "{message}");
     } else {
-        eprintln!("{message}");
+        crate::logging::line(format_args!("{message}"));
     }
 }
 
@@ -51,7 +51,7 @@ pub fn report_failure(failure: &Failure) {
     if json_output() {
         tracing::error!(target: "meshca", exit_code = failure.exit_code(), "{}", failure.message);
     } else {
-        eprintln!("meshca: {}", failure.message);
+        crate::logging::line(format_args!("meshca: {}", failure.message));
     }
 }
 

@@ -21,7 +21,7 @@
 //!
 //! Beside the path: [`cluster`] (Kubernetes Events, node OS), [`metrics`] (the
 //! `/metrics` registry), [`files`] (atomic writes), [`jose`] (compact JWS, base64url, key ids), [`config`] and [`cli`]
-//! (settings; [`setting`], one value's checks), [`clock`] (injected time),
+//! (settings; [`setting`], one value's checks), [`clock`] (injected time), [`logging`] (log lines that never fail a thread),
 //! [`coalesce`] (HTTP/2 writes held until a flush, for server and client),
 //! [`agent`] (the client side: key, CSR, Certify, verify, write files), [`doctor`]
 //! (what stands between a host and its certificate), [`dev`] (the embedded default)
@@ -46,6 +46,7 @@ pub(crate) mod files;
 pub mod identity;
 pub mod issuance;
 pub mod jose;
+pub mod logging;
 pub mod metrics;
 pub mod server;
 pub(crate) mod setting;

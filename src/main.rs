@@ -9,18 +9,7 @@ use meshca::commands::{self, Failure};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Colours only for a terminal that has not asked for none (https://no-color.org).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    );
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        // One object a line: timestamp, level, target, then the event's fields
-        // (message, request_id, ...) at the top level, for log pipelines.
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+    meshca::logging::init(cli.log_format);
     commands::set_json_output(cli.log_format == LogFormat::Json);
     let result = match cli.command {
         Command::Init(args) => commands::init(args),

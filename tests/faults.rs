@@ -644,3 +644,38 @@ async fn sigkill_during_a_burst_leaves_a_record_of_every_certificate_handed_out(
     );
     assert!(!stderr.contains("incomplete"), "{stderr}");
 }
+
+#[tokio::test]
+async fn logs_that_cannot_be_written_are_dropped_and_counted_and_the_audit_writer_recovers() {
+    // stderr is /dev/full: every log line fails to be written. The audit log then
+    // reaches a file size limit, which the audit writer logs as it fails closed.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut serve = ServeBin::start_quiet(&[], "exec \"$@\" 2>/dev/full", &data, &[]).await;
+    let log = data.join("audit.jsonl");
+    let mut client = serve.client().await;
+    let mut handed_out = vec![issue_one(&serve, &mut client).await];
+    let limit = std::fs::metadata(&log).unwrap().len() + 1200;
+    let prlimit = |value: &str| {
+        let status = Command::new("prlimit")
+            .args(["--pid", &serve.pid().to_string(), &format!("--fsize={value}:")])
+            .status();
+        assert!(status.expect("prlimit (util-linux) is needed for this test").success());
+    };
+    prlimit(&limit.to_string());
+    let (issued, status) = issue_until_refused(&serve, &mut client, 10).await;
+    handed_out.extend(issued);
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    wait_ready(serve.admin, 503).await;
+
+    prlimit("unlimited");
+    wait_ready(serve.admin, 200).await;
+    let resp = client.certify(serve.request("web")).await.expect("issuing again once the limit is lifted");
+    handed_out.push(sha256_hex(&resp.into_inner().leaf_certificate));
+    let (_, metrics) = support::http_get(serve.admin, "/metrics").await;
+    let dropped = support::sample(&metrics, "meshca_log_write_failures_total");
+    assert!(dropped > 0, "the failed log lines are counted: {dropped}");
+    assert!(serve.process.child.try_wait().unwrap().is_none(), "meshca is still running");
+    serve.stop().await;
+    assert_gap_recovered(&log, &handed_out, 1, "os error 27");
+}

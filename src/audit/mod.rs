@@ -259,6 +259,23 @@ pub struct AuditLog {
     failing: Arc<AtomicBool>,
 }
 
+/// Exit status of a process whose audit writer died (`EX_SOFTWARE`).
+pub const EXIT_AUDIT_WRITER_DIED: i32 = 70;
+
+/// Runs the writer; if it panics anyway, the process exits with
+/// [`EXIT_AUDIT_WRITER_DIED`] rather than live on unable to issue (every append would
+/// be [`Error::Closed`]): the orchestrator restarts it, and the next start continues
+/// the chain from the file, repairing an interrupted last line.
+fn supervised(run: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"meshca: the audit writer died; exiting so that a restart continues the audit log\n",
+        );
+        std::process::exit(EXIT_AUDIT_WRITER_DIED);
+    }
+}
+
 impl AuditLog {
     /// Opens the sink and continues its chain. A file is first locked (an
     /// exclusive lock on `PATH.lock`, which holds this process's pid) until the log
@@ -281,7 +298,7 @@ impl AuditLog {
         std::thread::Builder::new()
             .name("meshca-audit".into())
             .spawn(move || match Writer::open(sink, writer_failing) {
-                Ok(writer) => writer.run(rx, ready_tx),
+                Ok(writer) => supervised(|| writer.run(rx, ready_tx)),
                 Err(e) => drop(ready_tx.send(Err(e))),
             })
             .map_err(|source| Error::Spawn { source })?;

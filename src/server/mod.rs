@@ -253,6 +253,13 @@ pub async fn run_with(
         body_timeout: BODY_TIMEOUT,
     });
     metrics.register(|r| budget.register_metrics(r));
+    metrics.register(|r| {
+        r.register(
+            "meshca_log_write_failures",
+            "Log lines dropped because stderr refused them (a full disk, a closed pipe)",
+            metrics::ScrapeCounter::new(crate::logging::write_failures),
+        )
+    });
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(MAX_DECODED_MESSAGE as u32))

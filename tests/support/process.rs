@@ -251,6 +251,33 @@ impl ServeBin {
         ServeBin { process, data: data.to_owned(), grpc, admin }
     }
 
+    /// As [`ServeBin::start`], for a wrapper that sends meshca's stderr elsewhere (e.g.
+    /// `exec "$@" 2>/dev/full`): the ports are picked here, not read from the banner.
+    pub async fn start_quiet(prefix: &[&str], wrapper: &str, data: &Path, extra: &[&str]) -> ServeBin {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (grpc, admin) = (free(), free());
+        let (grpc_arg, admin_arg) = (grpc.to_string(), admin.to_string());
+        let mut argv: Vec<&str> = prefix.to_vec();
+        argv.extend(["sh", "-c", wrapper, "sh", bin(), "serve", "--dev", "--data-dir"]);
+        argv.push(data.to_str().unwrap());
+        argv.extend(["--listen", &grpc_arg, "--admin-listen", &admin_arg]);
+        argv.extend(extra);
+        let mut cmd = command(argv[0]);
+        cmd.args(&argv[1..]).env("NO_COLOR", "1");
+        let mut process = Process::spawn(&mut cmd);
+        // No banner to wait for: poll until the admin listener accepts.
+        let deadline = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(admin).await.is_err() {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                panic!("meshca exited with {status} before listening");
+            }
+            assert!(Instant::now() < deadline, "meshca did not listen on {admin}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        wait_ready(admin, 200).await;
+        ServeBin { process, data: data.to_owned(), grpc: format!("https://{grpc}"), admin }
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.child.id()
     }
