@@ -176,6 +176,13 @@ fn assert_gap_recovered(log: &Path, issued: &[String], refused: u64, error: &str
     assert!(stderr.contains("gap(s) recorded"), "{stderr}");
 }
 
+/// Sets process `pid`'s file size limit (`RLIMIT_FSIZE`) with util-linux's prlimit.
+fn set_file_size_limit(pid: u32, value: &str) {
+    let status =
+        Command::new("prlimit").args(["--pid", &pid.to_string(), &format!("--fsize={value}:")]).status();
+    assert!(status.expect("prlimit (util-linux) is needed for this test").success());
+}
+
 #[tokio::test]
 async fn a_file_size_limit_reached_mid_record_fails_closed_and_recovers_when_lifted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -187,12 +194,7 @@ async fn a_file_size_limit_reached_mid_record_fails_closed_and_recovers_when_lif
     let mut handed_out = vec![issue_one(&serve, &mut client).await];
     // Room for about one more record: the next write is cut off mid-line.
     let limit = std::fs::metadata(&log).unwrap().len() + 1200;
-    let prlimit = |value: &str| {
-        let status = Command::new("prlimit")
-            .args(["--pid", &serve.pid().to_string(), &format!("--fsize={value}:")])
-            .status();
-        assert!(status.expect("prlimit (util-linux) is needed for this test").success());
-    };
+    let prlimit = |value: &str| set_file_size_limit(serve.pid(), value);
     prlimit(&limit.to_string());
 
     let (issued, status) = issue_until_refused(&serve, &mut client, 10).await;
@@ -656,12 +658,7 @@ async fn logs_that_cannot_be_written_are_dropped_and_counted_and_the_audit_write
     let mut client = serve.client().await;
     let mut handed_out = vec![issue_one(&serve, &mut client).await];
     let limit = std::fs::metadata(&log).unwrap().len() + 1200;
-    let prlimit = |value: &str| {
-        let status = Command::new("prlimit")
-            .args(["--pid", &serve.pid().to_string(), &format!("--fsize={value}:")])
-            .status();
-        assert!(status.expect("prlimit (util-linux) is needed for this test").success());
-    };
+    let prlimit = |value: &str| set_file_size_limit(serve.pid(), value);
     prlimit(&limit.to_string());
     let (issued, status) = issue_until_refused(&serve, &mut client, 10).await;
     handed_out.extend(issued);
