@@ -342,6 +342,9 @@ pub struct CertifyArgs {
     /// Key algorithm of the new key [default: p256].
     #[arg(long, env = "MESHCA_KEY_TYPE", value_enum)]
     pub key_type: Option<LeafKeyArg>,
+    /// Allow an http:// --addr on another host: the token then crosses the network in clear and meshca's certificate is not checked (only behind a TLS-terminating sidecar). Loopback http:// needs no flag.
+    #[arg(long, env = "MESHCA_CLIENT_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    pub plaintext: bool,
 }
 
 /// `meshca certify`: the request flags, and optionally a CSR made elsewhere.
@@ -389,6 +392,7 @@ pub(crate) struct AgentFile {
     pub out: Option<PathBuf>,
     pub server_name: Option<String>,
     pub key_type: Option<LeafKeyArg>,
+    pub plaintext: Option<bool>,
     pub renew_at: Option<f64>,
     pub jitter: Option<f64>,
     pub on_renew: Option<String>,

@@ -514,7 +514,10 @@ fn agent_settings(args: CertifyArgs, file: &AgentFile, policy: Policy) -> Result
             Some(n) => n,
             None => default_server_name()?,
         },
-        addr: args.addr.or(file.addr.clone()).ok_or_else(|| missing("addr"))?,
+        addr: plaintext_allowed(
+            args.addr.or(file.addr.clone()).ok_or_else(|| missing("addr"))?,
+            args.plaintext || file.plaintext.unwrap_or(false),
+        )?,
         trust_anchors,
         token_file: args.token_file.or(file.token_file.clone()).ok_or_else(|| missing("token-file"))?,
         identity: args.identity.or(file.identity.clone()).ok_or_else(|| missing("identity"))?,
@@ -524,6 +527,24 @@ fn agent_settings(args: CertifyArgs, file: &AgentFile, policy: Policy) -> Result
         offset_warning: Duration::from_secs(30),
         on_renew: None,
     })
+}
+
+/// `addr`, unless it would send the token in clear to another host without
+/// `--plaintext` saying so (or names `--plaintext` for an https:// address).
+fn plaintext_allowed(addr: String, plaintext: bool) -> Result<String, Failure> {
+    let target = crate::doctor::net::Target::parse(&addr).map_err(Failure::usage)?;
+    let loopback = target.host == "localhost"
+        || target.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match (target.tls, plaintext) {
+        (true, true) => Err(Failure::usage(format!(
+            "--plaintext is for an http:// --addr; {addr} is TLS (leave --plaintext out)"
+        ))),
+        (false, false) if !loopback => Err(Failure::usage(format!(
+            "--addr {addr}: http:// would send the token in clear to another host and not check meshca's \
+             certificate; use https://, or pass --plaintext if meshca sits behind a TLS-terminating sidecar"
+        ))),
+        _ => Ok(addr),
+    }
 }
 
 fn round_failure(e: agent_run::Error, settings: &AgentSettings) -> Failure {

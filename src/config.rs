@@ -270,7 +270,7 @@ impl Config {
         let (events, node_os) = kubernetes_reports(&args, &token)?;
         let (admission, connections, memory_limit) = capacity(&args, &token)?;
         let (reload, ready_api_unreachable_threshold) = reload(&args)?;
-        let leeway = duration("token-leeway", args.token.token_leeway.as_deref(), Duration::from_secs(60))?;
+        let leeway = crate::auth::source::leeway(args.token.token_leeway.as_deref())?;
         let bootstrap = bootstrap(
             args.bootstrap_tokens.unwrap_or(dev_paths.is_some()),
             args.bootstrap_replay_store,
@@ -878,6 +878,15 @@ mod tests {
             cache_failure_ttl: Duration::from_secs(3),
         });
         assert_eq!(c.token, expected);
+    }
+
+    #[test]
+    fn a_token_leeway_over_five_minutes_is_refused() {
+        let ok = Config::resolve(in_dev(from_toml("token-leeway = \"5m\"")), FileConfig::default()).unwrap();
+        assert_eq!(ok.bootstrap.map(|b| b.leeway), Some(Duration::from_secs(300)));
+        let err =
+            Config::resolve(in_dev(from_toml("token-leeway = \"301s\"")), FileConfig::default()).unwrap_err();
+        assert_eq!(err.to_string(), "--token-leeway: must be at most 5m");
     }
 
     #[test]

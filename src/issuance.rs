@@ -255,7 +255,7 @@ impl Issuance {
             Err(refusal) => {
                 let code = refusal.code();
                 if code == tonic::Code::Internal {
-                    tracing::error!(%request_id, error = %refusal, "certify failed");
+                    tracing::error!(%request_id, error = %crate::logging::Escaped(&refusal.to_string()), "certify failed");
                 }
                 record.outcome = Outcome::Denied;
                 record.issued = None;
@@ -411,7 +411,8 @@ impl Issuance {
             request_id,
             outcome = if reason.is_none() { "issued" } else { "denied" },
             reason = reason.unwrap_or(""),
-            identity = %truncate(identity, MAX_AUDITED_NAME),
+            // The caller's bytes, quoted and escaped: no forged lines, no terminal escapes.
+            identity = %crate::logging::Escaped(&truncate(identity, MAX_AUDITED_NAME)),
             latency_ms = latency.as_secs_f64() * 1e3,
             "certify"
         );

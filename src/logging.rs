@@ -36,6 +36,17 @@ impl Write for Stderr {
     }
 }
 
+/// A string a caller chose, for a log field (`%Escaped(&name)`): line breaks, quotes,
+/// backslashes and control characters (terminal escapes) written as Rust escapes, so
+/// that it can neither forge a log line nor drive a terminal; ordinary text unchanged.
+pub(crate) struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.escape_debug())
+    }
+}
+
 /// One line for the person at the terminal, on stderr, as [`Stderr`] writes: where
 /// `eprintln!` would panic on a failing stderr, this drops the line and counts it.
 pub fn line(text: std::fmt::Arguments<'_>) {
@@ -60,5 +71,17 @@ pub fn init(format: LogFormat) {
         // One object a line: timestamp, level, target, then the event's fields
         // (message, request_id, ...) at the top level, for log pipelines.
         LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_text_keeps_ordinary_names_and_defuses_breaks_and_escapes() {
+        let name = "web.default.serviceaccount.identity.meshca-system.cluster.local";
+        assert_eq!(Escaped(name).to_string(), name);
+        assert_eq!(Escaped("a\nb\u{1b}[2J\"").to_string(), r#"a\nb\u{1b}[2J\""#);
     }
 }

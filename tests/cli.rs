@@ -333,6 +333,27 @@ fn usage_errors_exit_2() {
         output(cmd.args(["--token-file", p(&token_file), "--identity", WEB, "--out", p(&missing)]), PATIENCE);
     assert_exit(&certify, 2, "certify with a missing --trust-anchors file");
     assert_exit(&run(&["no-such-command"]), 2, "unknown subcommand");
+
+    // http:// to another host needs --plaintext (the token would cross in clear), and
+    // --plaintext is refused for https://; both before any connection is tried.
+    let anchors = tmp.path().join("anchors");
+    assert_exit(&run(&["init", "--dir", p(&anchors)]), 0, "init");
+    let certify_at = |addr: &str, extra: &[&str]| {
+        let mut cmd = meshca();
+        cmd.args(["certify", "--addr", addr, "--trust-anchors", p(&anchors.join("trust-anchors.pem"))]);
+        cmd.args(["--token-file", p(&token_file), "--identity", WEB, "--out", p(&missing)]).args(extra);
+        output(&mut cmd, PATIENCE)
+    };
+    let clear = certify_at("http://meshca.invalid:8080", &[]);
+    assert_exit(&clear, 2, "http:// to another host without --plaintext");
+    assert!(
+        stderr(&clear).contains("in clear") && stderr(&clear).contains("--plaintext"),
+        "{}",
+        stderr(&clear)
+    );
+    let both = certify_at("https://127.0.0.1:1", &["--plaintext"]);
+    assert_exit(&both, 2, "--plaintext with https://");
+    assert!(stderr(&both).contains("--plaintext is for an http://"), "{}", stderr(&both));
 }
 
 #[test]

@@ -333,3 +333,20 @@ mod binary {
         assert!(count >= 4, "serving, two decisions, shutdown:\n{}", serve.stderr.seen.join("\n"));
     }
 }
+
+#[tokio::test]
+async fn a_requested_name_with_line_breaks_and_escapes_is_logged_quoted_never_as_forged_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wrapper = "MESHCA_LOG=debug exec \"$@\"";
+    let mut serve = support::process::ServeBin::start(&[], wrapper, &tmp.path().join("data"), &[]).await;
+    let forged = "web\n2026-01-01T00:00:00Z DEBUG certify outcome=\"issued\" identity=admin\u{1b}[2J";
+    let request = CertifyRequest { identity: forged.into(), ..serve.request("web") };
+    let status = serve.client().await.certify(request).await.unwrap_err();
+    let id = request_id(status.metadata());
+    let line = serve.process.stderr.wait_for(&id, std::time::Instant::now() + support::process::PATIENCE);
+    serve.stop().await;
+    let text = serve.process.stderr.text();
+    assert!(!text.contains('\u{1b}'), "an escape reached the log: {text:?}");
+    assert!(!text.lines().any(|l| l.starts_with("2026-01-01")), "a forged line: {text}");
+    assert!(line.contains(r#"identity=web\n2026-01-01"#), "{line}");
+}

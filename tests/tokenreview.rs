@@ -287,3 +287,19 @@ fn serve_without_a_reachable_cluster_configuration_exits_1_naming_kubeconfig() {
         assert!(line.contains("--kubeconfig"), "{extra:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn a_deleted_pods_token_is_refused_within_30_s_of_the_deletion_despite_the_cache() {
+    let c = cluster().await;
+    let token = c.token("web");
+    let mut client = c.server.client().await;
+    client.certify(c.request("web", token.clone())).await.unwrap();
+    c.api.delete_pod_tokens("0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c");
+    // Remembered for now, without asking again...
+    client.certify(c.request("web", token.clone())).await.unwrap();
+    assert_eq!(c.api.calls(), 1);
+    // ...but not past 30 s, although --token-cache-ttl is 5 minutes.
+    c.server.clock.advance(Duration::from_secs(31));
+    c.refused(c.request("web", token), Code::Unauthenticated).await;
+    assert_eq!(c.api.calls(), 2, "asked again once the acceptance was 30 s old");
+}

@@ -510,8 +510,9 @@ impl BootstrapTokens {
         let verified = self.verify(token, now)?;
         let replay = self.replay.as_ref().ok_or(Error::BootstrapDisabled)?;
         let claims = &verified.claims;
-        // The last moment any verifier accepts the token: the record need not outlive it.
-        let expires = claims.expires_at + self.leeway;
+        // The last moment any verifier, under any leeway meshca accepts, accepts the
+        // token: the record need not outlive it, and must not die before it.
+        let expires = claims.expires_at + super::MAX_TOKEN_LEEWAY;
         replay.consume(&claims.token_id, claims.uses, expires).await.map_err(Error::from)
     }
 

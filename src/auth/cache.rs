@@ -36,6 +36,10 @@ pub(crate) const DEFAULT_MAX_ENTRIES: usize = 100_000;
 /// Upper bounds of the inner-call latency histogram, in seconds.
 const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
+/// Longest an acceptance of a pod-bound token is remembered: the staleness bound of
+/// `--jwks-confirm-pod`'s pod lookups (`auth::pods`), whatever `--token-cache-ttl` says.
+pub(crate) const POD_BOUND_TTL: Duration = super::pods::DEFAULT_TTL;
+
 /// How long answers are kept and how often the inner authenticator may be asked.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
@@ -233,9 +237,16 @@ impl Shared {
         let kept = match outcome {
             Err(Error::Unavailable { .. }) => None,
             Err(_) => Some((now + s.failure_ttl, s.failure_ttl)),
-            Ok(_) => {
-                let by_ttl = now + s.ttl;
-                Some((expiry(token).map_or(by_ttl, |exp| exp.min(by_ttl)), s.ttl))
+            Ok(subject) => {
+                // A token bound to a pod dies with it: remember its acceptance no longer
+                // than `--jwks-confirm-pod` trusts a pod lookup, so a deleted pod's token
+                // is refused as soon in tokenreview mode as in jwks mode with the check.
+                let ttl = match subject.pod_uid {
+                    Some(_) => s.ttl.min(POD_BOUND_TTL),
+                    None => s.ttl,
+                };
+                let by_ttl = now + ttl;
+                Some((expiry(token).map_or(by_ttl, |exp| exp.min(by_ttl)), ttl))
             }
         };
         let mut entries = lock(&self.entries);

@@ -35,6 +35,11 @@ use crate::metrics::Registry;
 /// Largest token accepted, in bytes, before whitespace is trimmed.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
+/// The largest `--token-leeway` meshca accepts. A spent bootstrap token's record is
+/// kept until its expiry plus this, whatever leeway was in force when it was spent, so
+/// that no restart with a larger leeway finds it accepted and forgotten.
+pub const MAX_TOKEN_LEEWAY: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Who the caller proved to be: defined with the names it maps to (`identity`),
 /// which decide what it may hold.
 pub use crate::identity::Subject;

@@ -246,7 +246,9 @@ pub(crate) fn incoming(
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(Held::new(stream, slot, deadline))).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %crate::logging::Escaped(&e.to_string()), "TLS handshake failed")
+                    }
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });

@@ -94,6 +94,9 @@ struct State {
     anonymous_oidc: AtomicBool,
     /// (namespace, name) → (uid, node name).
     pods: Mutex<std::collections::HashMap<(String, String), (String, String)>>,
+    /// Uids of deleted pods: TokenReviews of tokens bound to them fail, as
+    /// kube-apiserver's do once the pod a token is bound to is gone.
+    deleted: Mutex<std::collections::HashSet<String>>,
     /// node name → `kubernetes.io/os` label, if any.
     nodes: Mutex<std::collections::HashMap<String, Option<String>>>,
     pod_gets: AtomicUsize,
@@ -193,6 +196,7 @@ impl ApiServer {
             events_mode: watch::channel(Mode::Answer).0,
             anonymous_oidc: AtomicBool::new(false),
             pods: Mutex::default(),
+            deleted: Mutex::default(),
             nodes: Mutex::default(),
             pod_gets: AtomicUsize::new(0),
             node_gets: AtomicUsize::new(0),
@@ -295,6 +299,11 @@ impl ApiServer {
     /// Deletes pod `namespace/name`: GETs of it answer 404 from now on.
     pub fn remove_pod(&self, namespace: &str, name: &str) {
         self.state.pods.lock().unwrap().remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// The pod with `uid` is gone: TokenReviews of tokens bound to it fail from now on.
+    pub fn delete_pod_tokens(&self, uid: &str) {
+        self.state.deleted.lock().unwrap().insert(uid.to_owned());
     }
 
     /// A node, labelled `kubernetes.io/os: OS` when `os` is given.
@@ -572,6 +581,11 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         many => many.as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect(),
     };
     let status = match verifier.verify(token.as_bytes(), SystemClock.now()) {
+        Ok(subject)
+            if subject.pod_uid.as_ref().is_some_and(|uid| state.deleted.lock().unwrap().contains(uid)) =>
+        {
+            json!({"user": {}, "error": "[invalid bearer token, pod does not exist]"})
+        }
         Ok(subject) => {
             let granted: Vec<&String> = requested.iter().filter(|r| aud.contains(r)).collect();
             let (ns, sa) = (&subject.namespace, &subject.service_account);

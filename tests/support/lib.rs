@@ -106,7 +106,8 @@ pub struct TestServer {
     /// What the running server lends (reloader, metrics, serving certificate);
     /// `None` when it failed to start.
     pub handles: Option<meshca::server::Handles>,
-    opts: Options,
+    /// What the server was started with; a test may change it before [`Self::restart`].
+    pub opts: Options,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), meshca::server::Error>>>,
 }

@@ -55,7 +55,7 @@ pub struct TokenFlags {
     /// Accepted token audiences, comma-separated [default: identity.l5d.io].
     #[arg(long, env = "MESHCA_TOKEN_AUDIENCES", value_name = "AUD,...", value_delimiter = ',')]
     pub token_audiences: Option<Vec<String>>,
-    /// Leeway applied to token exp/nbf/iat [default: 60s].
+    /// Leeway applied to token exp/nbf/iat, at most 5m [default: 60s].
     #[arg(long, env = "MESHCA_TOKEN_LEEWAY", value_name = "DURATION")]
     pub token_leeway: Option<String>,
     /// kubeconfig for the Kubernetes API server (tokenreview mode; jwks discovery; --jwks-confirm-pod; Events; node lookups) [default: KUBECONFIG, ~/.kube/config, or in-cluster].
@@ -88,6 +88,12 @@ pub enum TokenConfig {
     TokenReview(tokenreview::Settings),
 }
 
+/// `--token-leeway`: 60 s unless given, at most [`super::MAX_TOKEN_LEEWAY`].
+pub(crate) fn leeway(value: Option<&str>) -> Result<Duration, setting::Error> {
+    let leeway = duration("token-leeway", value, Duration::from_secs(60))?;
+    crate::setting::within("token-leeway", leeway, Duration::ZERO, super::MAX_TOKEN_LEEWAY, "at most 5m")
+}
+
 impl TokenFlags {
     /// The source's settings, each checked against the mode. `dev_jwks` is `Some` with
     /// `--dev`, which makes `dev` the default mode.
@@ -105,7 +111,7 @@ impl TokenFlags {
         }
         let common = Common {
             audiences,
-            leeway: duration("token-leeway", self.token_leeway.as_deref(), Duration::from_secs(60))?,
+            leeway: leeway(self.token_leeway.as_deref())?,
             kubeconfig: self.kubeconfig.clone(),
             dev_jwks: dev_jwks.map(Path::to_path_buf),
         };
