@@ -48,6 +48,10 @@ use crate::status::{code_name, Refusal, RequestError};
 /// Largest application accepted, as its front end encodes it (a Certify request's
 /// protobuf encoding).
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+
+/// Reason code of the records that count unauthenticated refusals over the quota
+/// (`audit::quota`).
+pub(crate) const SUPPRESSED_REASON: &str = "suppressed";
 /// Largest requested-identity string copied into an audit record.
 const MAX_AUDITED_NAME: usize = 256;
 /// The shortest lifetime a caller may ask for (`Application::lifetime`); the
@@ -75,6 +79,9 @@ pub struct Issuance {
     pub events: Option<Emitter>,
     /// Tells the OS of the caller's node for its audit record, when on.
     pub nodes: Option<Arc<NodeOs>>,
+    /// How fast refusals of unauthenticated requests are recorded one by one
+    /// (`audit::quota`); [`Issuance::flush_suppressed`] writes the rest's counts.
+    pub quota: Arc<audit::quota::Quota>,
 }
 
 /// How an API names its leaves (`ca::profile::Names`), from the identity authorized.
@@ -264,7 +271,12 @@ impl Issuance {
                 record.reason = Some(format!("{}: {}{marker}", refusal.reason_code(), refusal));
                 let notice = (self.events.as_ref())
                     .and_then(|_| Notice::denied(&record, refusal.reason_code(), refusal.to_string()));
-                if let Err(e) = self.audit.append(record).await {
+                // A caller that proved nothing is recorded one by one only within the quota.
+                let anonymous = record.subject.is_none();
+                let peer_ip = app.peer.map(|a| a.ip());
+                if anonymous && !self.quota.record(peer_ip, now, code_name(code), refusal.reason_code()) {
+                    self.metrics.record_suppressed();
+                } else if let Err(e) = self.audit.append(record).await {
                     tracing::error!(%request_id, error = %e, "audit write failed for a denial");
                 }
                 self.emit(notice);
@@ -416,6 +428,27 @@ impl Issuance {
             latency_ms = latency.as_secs_f64() * 1e3,
             "certify"
         );
+    }
+
+    /// Writes one `suppressed` record for each peer whose unauthenticated refusals
+    /// went over the quota since the last flush: how many, since when, the last reason.
+    pub(crate) async fn flush_suppressed(&self) {
+        for s in self.quota.flush() {
+            let now = self.clock.now();
+            let peer = s.peer.map(|ip| ip.to_string());
+            let mut record =
+                Record::begin(now, format!("suppressed-{}", new_request_id()), peer, String::new());
+            record.code = Some(s.code);
+            let since = humantime::format_rfc3339_millis(s.since);
+            record.reason = Some(format!(
+                "{SUPPRESSED_REASON}: {} refusals of unauthenticated requests from this address since {since} \
+                 were not recorded one by one (over the quota); the last: {}",
+                s.count, s.reason
+            ));
+            if let Err(e) = self.audit.append(record).await {
+                tracing::error!(error = %e, count = s.count, "audit write failed for the suppressed refusals' count");
+            }
+        }
     }
 
     /// Queues an Event for a recorded decision; never waits.

@@ -73,6 +73,8 @@ pub struct Metrics {
     serving_not_after: Arc<AtomicU64>,
     reloads: Counter,
     reload_failures: Counter,
+    /// Unauthenticated refusals over the audit quota (counted, not recorded one by one).
+    suppressed: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -101,6 +103,7 @@ impl Metrics {
             anchors_not_after: Arc::default(),
             serving_not_after: Arc::default(),
             reloads: Counter::default(),
+            suppressed: Counter::default(),
             reload_failures: Counter::default(),
         };
         m.register(|r| {
@@ -152,6 +155,11 @@ impl Metrics {
             }
             r.register("meshca_reloads", "Issuer and trust-anchor reloads swapped in", m.reloads.clone());
             r.register(
+                "meshca_audit_suppressed",
+                "Refusals of unauthenticated requests over the audit quota: counted in a suppressed record, not recorded one by one",
+                m.suppressed.clone(),
+            );
+            r.register(
                 "meshca_reload_failures",
                 "Reload attempts whose files could not be used (the previous issuer stayed)",
                 m.reload_failures.clone(),
@@ -173,6 +181,11 @@ impl Metrics {
     pub(crate) fn record_denied(&self, reason: &'static str, latency: Duration) {
         self.certify.get_or_create(&CertifyLabels { outcome: "denied", reason }).inc();
         self.latency.observe(latency);
+    }
+
+    /// One unauthenticated refusal over the audit quota.
+    pub(crate) fn record_suppressed(&self) {
+        self.suppressed.inc();
     }
 
     /// Certificates issued since start.

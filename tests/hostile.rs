@@ -1163,3 +1163,39 @@ async fn a_message_stalled_or_trickled_is_cut_at_the_body_deadline_and_service_g
         assert!(after < meshca::server::BODY_TIMEOUT + Duration::from_secs(5), "{what}: cut after {after:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_anonymous_refusals_is_recorded_up_to_the_quota_and_counted_beyond() {
+    use meshca::audit::quota::PER_PEER_BURST;
+    let mut server = TestServer::start().await;
+    let mut client = server.client().await;
+    let (_key, good) = server.request("default", "web");
+    let flood = 3 * PER_PEER_BURST as usize;
+    for _ in 0..flood {
+        let request = CertifyRequest { token: b"not.a.token".to_vec(), ..good.clone() };
+        assert_eq!(client.certify(request).await.unwrap_err().code(), Code::Unauthenticated);
+    }
+    // An authenticated caller's decisions are recorded, quota or not.
+    let issued = client.certify(good).await.expect("a good request is served");
+    let id = support::request_id(issued.metadata());
+    server.stop().await.unwrap();
+    let records = server.audit_records();
+    assert!(records.iter().any(|r| r["request_id"] == id.as_str() && r["outcome"] == "issued"));
+    let one_by_one = records
+        .iter()
+        .filter(|r| r["reason"].as_str().is_some_and(|r| r.starts_with("token_malformed")))
+        .count();
+    assert_eq!(one_by_one, PER_PEER_BURST as usize, "recorded one by one up to the burst");
+    let counts: Vec<_> = records
+        .iter()
+        .filter(|r| r["reason"].as_str().is_some_and(|r| r.starts_with("suppressed:")))
+        .collect();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    let reason = counts[0]["reason"].as_str().unwrap();
+    let expected = format!("suppressed: {} refusals", flood - PER_PEER_BURST as usize);
+    assert!(reason.starts_with(&expected) && reason.ends_with("token_malformed"), "{reason}");
+    assert_eq!(counts[0]["peer"].as_str().unwrap(), "127.0.0.1");
+    assert_eq!(counts[0]["code"], "Unauthenticated");
+    let report = meshca::audit::verify_file(&server.audit_path).expect("the log verifies");
+    assert_eq!(report.records as usize, records.len());
+}

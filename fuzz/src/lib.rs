@@ -319,6 +319,7 @@ pub mod certify {
                 .into(),
                 events: None,
                 nodes: None,
+                quota: Arc::new(meshca::audit::quota::Quota::new(clock.now())),
             });
             Harness { runtime, certifier, authenticator, naming, anchors, lifetimes, audit_path }
         }

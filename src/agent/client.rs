@@ -7,7 +7,7 @@
 //! [`trust_bundle`] asks the same server (`meshca.v1.TrustBundle/Get`) for the
 //! anchors it currently trusts; what to do with them is the caller's decision.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use rustls_pki_types::CertificateDer;
@@ -218,6 +218,12 @@ fn explain_tls(e: &rustls::Error, place: &str) -> String {
     }
 }
 
+/// Longest a Certify call waits for its answer: longer than meshca's own
+/// `--request-timeout` (30 s by default), after which it answers itself.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(40);
+/// The message of a call [`CALL_TIMEOUT`] cut.
+const TIMED_OUT: &str = "no answer within the call timeout";
+
 /// A refused call to `addr`: the status as the server sent it, except a plaintext
 /// call that hit a TLS port, which fails inside HTTP/2 before any server answers.
 /// How it fails depends on how far the call got when the TLS alert closed the
@@ -225,11 +231,17 @@ fn explain_tls(e: &rustls::Error, place: &str) -> String {
 /// cancelled because the connection closed first, or a transport error (a broken
 /// pipe) once it was sent on a new connection.
 pub(crate) fn refused_at(addr: &str, status: tonic::Status) -> Error {
+    if status.message() == TIMED_OUT && status.metadata().is_empty() && !addr.starts_with("http://") {
+        return Error::Connect {
+            addr: addr.to_owned(),
+            reason: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
+        };
+    }
     let client_side = matches!(
         status.code(),
         tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
     ) && status.metadata().get(crate::wire::REQUEST_ID_HEADER).is_none();
-    let transport = ["h2 protocol error", "operation was canceled", "transport error"]
+    let transport = ["h2 protocol error", "operation was canceled", "transport error", TIMED_OUT]
         .iter()
         .any(|failure| status.message().contains(failure));
     if addr.starts_with("http://") && client_side && transport {
@@ -388,14 +400,18 @@ pub(crate) async fn submit_on(
     now: SystemTime,
 ) -> Result<Credentials, Error> {
     let addr = req.addr;
-    let response = IdentityClient::new(channel)
-        .certify(CertifyRequest {
-            identity: req.identity.to_owned(),
-            token: req.token,
-            certificate_signing_request: csr,
-        })
-        .await
-        .map_err(|status| refused_at(addr, status))?;
+    let mut client = IdentityClient::new(channel);
+    let call = client.certify(CertifyRequest {
+        identity: req.identity.to_owned(),
+        token: req.token,
+        certificate_signing_request: csr,
+    });
+    // Never wait forever: not for a server that stopped answering, nor for a
+    // connection that closed before the call could go out on it.
+    let response = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(answer) => answer.map_err(|status| refused_at(addr, status))?,
+        Err(_) => return Err(refused_at(addr, tonic::Status::cancelled(TIMED_OUT))),
+    };
     let server_time = server_time(response.metadata());
     let response = response.into_inner();
     if response.leaf_certificate.is_empty() {

@@ -370,6 +370,7 @@ impl std::fmt::Debug for AuditLog {
 
 mod format;
 mod open;
+pub mod quota;
 mod verify;
 mod writer;
 

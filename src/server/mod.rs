@@ -243,6 +243,16 @@ pub async fn run_with(
         admission: admission.clone(),
         events,
         nodes,
+        quota: Arc::new(crate::audit::quota::Quota::new(clock.now())),
+    });
+    // The counts of unauthenticated refusals over the quota, every FLUSH.
+    let flushing = certifier.clone();
+    beside.spawn(async move {
+        let mut every = tokio::time::interval(crate::audit::quota::FLUSH);
+        loop {
+            every.tick().await;
+            flushing.flush_suppressed().await;
+        }
     });
     let service = IdentityServer::new(certifier.clone())
         .max_decoding_message_size(MAX_DECODED_MESSAGE)
@@ -325,7 +335,8 @@ pub async fn run_with(
         router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())).await
     };
     readiness.set_serving(false);
-    // In-flight requests have finished; make sure every record is on disk.
+    // In-flight requests have finished: the last counts, then every record on disk.
+    certifier.flush_suppressed().await;
     let closed = audit.close().await;
     match admin_task.await {
         Ok(Err(e)) => return Err(Error::Admin(e)),
