@@ -676,3 +676,56 @@ async fn logs_that_cannot_be_written_are_dropped_and_counted_and_the_audit_write
     serve.stop().await;
     assert_gap_recovered(&log, &handed_out, 1, "os error 27");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_refusal_flood_grows_the_audit_log_by_the_quota_not_by_its_rate() {
+    use meshca::audit::quota::{PER_PEER_BURST, PER_PEER_RATE};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut serve = ServeBin::start(&[], "exec \"$@\"", &data, &[]).await;
+    let log = data.join("audit.jsonl");
+    let client = serve.client().await;
+    let bad = CertifyRequest { token: b"not.a.token".to_vec(), ..serve.request("web") };
+    let before = std::fs::metadata(&log).unwrap().len();
+    // Eight callers on one connection, refusing as fast as meshca answers, for 5 s.
+    let seconds = 5.0;
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let floods: Vec<_> = (0..8)
+        .map(|_| {
+            let (mut client, bad) = (client.clone(), bad.clone());
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                while tokio::time::Instant::now() < until {
+                    assert_eq!(client.certify(bad.clone()).await.unwrap_err().code(), Code::Unauthenticated);
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    for flood in floods {
+        sent += flood.await.unwrap();
+    }
+    serve.stop().await;
+    let grown = std::fs::metadata(&log).unwrap().len() - before;
+    let records = records(&log);
+    let one_by_one =
+        records.iter().filter(|r| r["reason"].as_str().is_some_and(|r| r.starts_with("token_"))).count();
+    let counted: u64 = records
+        .iter()
+        .filter_map(|r| r["reason"].as_str()?.strip_prefix("suppressed: "))
+        .map(|r| r.split(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    eprintln!(
+        "{sent} refusals in {seconds} s ({:.0}/s): {one_by_one} recorded one by one, {counted} counted; the log grew \
+         {grown} bytes ({:.0} bytes/s; {:.0} bytes per refusal sent)",
+        sent as f64 / seconds,
+        grown as f64 / seconds,
+        grown as f64 / sent as f64
+    );
+    assert!(sent > 2 * PER_PEER_BURST as u64, "the flood did not get going: {sent}");
+    assert_eq!(one_by_one as u64 + counted, sent, "every refusal is recorded or counted");
+    let most = PER_PEER_BURST + PER_PEER_RATE * (seconds + 1.0);
+    assert!(one_by_one as f64 <= most, "{one_by_one} recorded one by one, at most {most}");
+}
