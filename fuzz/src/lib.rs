@@ -319,7 +319,11 @@ pub mod certify {
                 .into(),
                 events: None,
                 nodes: None,
-                quota: Arc::new(meshca::audit::quota::Quota::new(clock.now())),
+                // Every refusal recorded: the target checks one record per decision.
+                quota: Arc::new(meshca::audit::quota::Quota::with_limits(
+                    meshca::audit::quota::Limits::UNLIMITED,
+                    clock.now(),
+                )),
             });
             Harness { runtime, certifier, authenticator, naming, anchors, lifetimes, audit_path }
         }

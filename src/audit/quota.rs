@@ -28,6 +28,38 @@ pub const FLUSH: Duration = Duration::from_secs(10);
 /// Peer addresses tracked; beyond them, the rest share one entry (`None`).
 pub const MAX_PEERS: usize = 1_000;
 
+/// The rates and bursts a [`Quota`] holds refusals to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub per_peer_rate: f64,
+    pub per_peer_burst: f64,
+    pub total_rate: f64,
+    pub total_burst: f64,
+}
+
+impl Default for Limits {
+    /// [`PER_PEER_RATE`], [`PER_PEER_BURST`], [`TOTAL_RATE`], [`TOTAL_BURST`].
+    fn default() -> Limits {
+        Limits {
+            per_peer_rate: PER_PEER_RATE,
+            per_peer_burst: PER_PEER_BURST,
+            total_rate: TOTAL_RATE,
+            total_burst: TOTAL_BURST,
+        }
+    }
+}
+
+impl Limits {
+    /// Every refusal recorded one by one (the fuzz harness checks one record per
+    /// decision, whatever the rate).
+    pub const UNLIMITED: Limits = Limits {
+        per_peer_rate: f64::INFINITY,
+        per_peer_burst: f64::INFINITY,
+        total_rate: f64::INFINITY,
+        total_burst: f64::INFINITY,
+    };
+}
+
 /// A token bucket, refilled by the clock's time.
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
@@ -43,7 +75,10 @@ impl Bucket {
     /// Refills for the time since the last take (none for a clock that went back).
     fn refill(&mut self, rate: f64, burst: f64, now: SystemTime) {
         let elapsed = now.duration_since(self.at).unwrap_or_default().as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        // (An infinite bucket stays infinite: no 0 × ∞.)
+        if self.tokens < burst {
+            self.tokens = (self.tokens + elapsed * rate).min(burst);
+        }
         self.at = self.at.max(now);
     }
 }
@@ -76,26 +111,33 @@ struct State {
 /// The quota (`Issuance` asks it before recording an unauthenticated refusal).
 #[derive(Debug)]
 pub struct Quota {
+    limits: Limits,
     state: Mutex<State>,
 }
 
 impl Quota {
+    /// The default [`Limits`].
     pub fn new(now: SystemTime) -> Quota {
-        let state = State { total: Bucket::full(TOTAL_BURST, now), peers: HashMap::new() };
-        Quota { state: Mutex::new(state) }
+        Quota::with_limits(Limits::default(), now)
+    }
+
+    pub fn with_limits(limits: Limits, now: SystemTime) -> Quota {
+        let state = State { total: Bucket::full(limits.total_burst, now), peers: HashMap::new() };
+        Quota { limits, state: Mutex::new(state) }
     }
 
     /// Whether this unauthenticated refusal from `peer` is recorded one by one
     /// (`true`), or counted for the next flush (`false`).
     pub fn record(&self, peer: Option<IpAddr>, now: SystemTime, code: &str, reason: &'static str) -> bool {
+        let l = self.limits;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *state;
         // Peers beyond the bound share one entry; idle full ones are forgotten first.
         let mut key = peer;
         if !state.peers.contains_key(&key) && state.peers.len() >= MAX_PEERS {
             state.peers.retain(|_, p| {
-                p.bucket.refill(PER_PEER_RATE, PER_PEER_BURST, now);
-                p.pending.is_some() || p.bucket.tokens < PER_PEER_BURST
+                p.bucket.refill(l.per_peer_rate, l.per_peer_burst, now);
+                p.pending.is_some() || p.bucket.tokens < l.per_peer_burst
             });
             if state.peers.len() >= MAX_PEERS {
                 key = None;
@@ -104,9 +146,9 @@ impl Quota {
         let entry = state
             .peers
             .entry(key)
-            .or_insert_with(|| Peer { bucket: Bucket::full(PER_PEER_BURST, now), pending: None });
-        entry.bucket.refill(PER_PEER_RATE, PER_PEER_BURST, now);
-        state.total.refill(TOTAL_RATE, TOTAL_BURST, now);
+            .or_insert_with(|| Peer { bucket: Bucket::full(l.per_peer_burst, now), pending: None });
+        entry.bucket.refill(l.per_peer_rate, l.per_peer_burst, now);
+        state.total.refill(l.total_rate, l.total_burst, now);
         if entry.bucket.tokens >= 1.0 && state.total.tokens >= 1.0 {
             entry.bucket.tokens -= 1.0;
             state.total.tokens -= 1.0;
@@ -193,6 +235,13 @@ mod tests {
         // Flushed and refilled, the tracked peers are idle: a newcomer gets its own entry.
         assert!(q.record(newcomer, at(3_600.0), "Unauthenticated", "y"));
         assert!(q.state.lock().unwrap().peers.contains_key(&newcomer));
+    }
+
+    #[test]
+    fn unlimited_records_everything() {
+        let q = Quota::with_limits(Limits::UNLIMITED, at(0.0));
+        assert!((0..10_000).all(|_| q.record(None, at(0.0), "Unauthenticated", "x")));
+        assert!(q.flush().is_empty());
     }
 
     #[test]
