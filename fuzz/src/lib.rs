@@ -249,15 +249,15 @@ pub fn requested_names(der: &[u8]) -> Option<RequestedNames> {
 /// a frozen clock and an audit log in a scratch file, on a current-thread runtime.
 pub mod certify {
     use super::*;
+    use meshca::admission::{Admission, Settings as AdmissionSettings};
     use meshca::audit::{AuditLog, Sink};
+    use meshca::auth::bootstrap::BootstrapTokens;
     use meshca::ca::csr::KeyPolicy;
     use meshca::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
     use meshca::ca::issuer::TrustAnchors;
     use meshca::ca::profile::Lifetimes;
     use meshca::ca::store::{Snapshot, Store};
     use meshca::clock::{Clock, FakeClock};
-    use meshca::admission::{Admission, Settings as AdmissionSettings};
-    use meshca::auth::bootstrap::BootstrapTokens;
     use meshca::issuance::Issuance as Certifier;
     use meshca::metrics::Metrics;
 
