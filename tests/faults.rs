@@ -183,6 +183,23 @@ fn set_file_size_limit(pid: u32, value: &str) {
     assert!(status.expect("prlimit (util-linux) is needed for this test").success());
 }
 
+/// Sets `serve`'s file size limit to room for about one more record after `log`'s
+/// end (the next write is cut off mid-line) and issues until refused, adding what
+/// was handed out; the limit, and the refusal, which must be `Unavailable`.
+async fn refused_at_a_file_size_limit(
+    serve: &ServeBin,
+    client: &mut IdentityClient<Channel>,
+    log: &Path,
+    handed_out: &mut Vec<String>,
+) -> (u64, tonic::Status) {
+    let limit = std::fs::metadata(log).unwrap().len() + 1200;
+    set_file_size_limit(serve.pid(), &limit.to_string());
+    let (issued, status) = issue_until_refused(serve, client, 10).await;
+    handed_out.extend(issued);
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    (limit, status)
+}
+
 #[tokio::test]
 async fn a_file_size_limit_reached_mid_record_fails_closed_and_recovers_when_lifted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -192,14 +209,7 @@ async fn a_file_size_limit_reached_mid_record_fails_closed_and_recovers_when_lif
     let log = data.join("audit.jsonl");
     let mut client = serve.client().await;
     let mut handed_out = vec![issue_one(&serve, &mut client).await];
-    // Room for about one more record: the next write is cut off mid-line.
-    let limit = std::fs::metadata(&log).unwrap().len() + 1200;
-    let prlimit = |value: &str| set_file_size_limit(serve.pid(), value);
-    prlimit(&limit.to_string());
-
-    let (issued, status) = issue_until_refused(&serve, &mut client, 10).await;
-    handed_out.extend(issued);
-    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    let (limit, status) = refused_at_a_file_size_limit(&serve, &mut client, &log, &mut handed_out).await;
     assert!(status.message().contains("audit"), "{}", status.message());
     let body = wait_ready(serve.admin, 503).await;
     assert!(body.contains("audit log is failing"), "{body}");
@@ -209,7 +219,7 @@ async fn a_file_size_limit_reached_mid_record_fails_closed_and_recovers_when_lif
     let report = verify_file(&log).unwrap();
     assert_eq!((report.gaps, report.incomplete_tail), (0, None), "{report:?}");
 
-    prlimit("unlimited");
+    set_file_size_limit(serve.pid(), "unlimited");
     wait_ready(serve.admin, 200).await;
     let resp = client.certify(serve.request("web")).await.unwrap().into_inner();
     handed_out.push(sha256_hex(&resp.leaf_certificate));
@@ -657,15 +667,10 @@ async fn logs_that_cannot_be_written_are_dropped_and_counted_and_the_audit_write
     let log = data.join("audit.jsonl");
     let mut client = serve.client().await;
     let mut handed_out = vec![issue_one(&serve, &mut client).await];
-    let limit = std::fs::metadata(&log).unwrap().len() + 1200;
-    let prlimit = |value: &str| set_file_size_limit(serve.pid(), value);
-    prlimit(&limit.to_string());
-    let (issued, status) = issue_until_refused(&serve, &mut client, 10).await;
-    handed_out.extend(issued);
-    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    refused_at_a_file_size_limit(&serve, &mut client, &log, &mut handed_out).await;
     wait_ready(serve.admin, 503).await;
 
-    prlimit("unlimited");
+    set_file_size_limit(serve.pid(), "unlimited");
     wait_ready(serve.admin, 200).await;
     let resp = client.certify(serve.request("web")).await.expect("issuing again once the limit is lifted");
     handed_out.push(sha256_hex(&resp.into_inner().leaf_certificate));

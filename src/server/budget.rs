@@ -146,9 +146,10 @@ struct Charged {
     permit: Option<OwnedSemaphorePermit>,
     /// `None` once the body is complete.
     deadline: Option<Pin<Box<Sleep>>>,
-    /// Bytes received, and the first message's 5-byte gRPC prefix as it comes in.
+    /// Bytes received, and the first message's 5-byte gRPC prefix as it comes in
+    /// (`received` says how much of it is in).
     received: usize,
-    prefix: Vec<u8>,
+    prefix: [u8; 5],
     /// The refusal to answer at the first poll, when even the decoder's first buffer
     /// did not fit.
     refused: Option<Status>,
@@ -163,20 +164,20 @@ impl Charged {
             Ok(permit) => (permit, None, DECODER_BUFFER),
             Err(status) => (None, Some(status), 0),
         };
-        Charged { inner, budget, peer, bytes, permit, deadline, received: 0, prefix: Vec::new(), refused }
+        Charged { inner, budget, peer, bytes, permit, deadline, received: 0, prefix: [0; 5], refused }
     }
 
     /// What the decoder holds for this request once `data` is in: at least its initial
     /// buffer, and from the message's length prefix on, the whole announced message
     /// (the decoder reserves that much as soon as it reads the prefix).
     fn holding(&mut self, data: &[u8]) -> usize {
-        self.received += data.len();
-        if self.prefix.len() < 5 {
-            let take = (5 - self.prefix.len()).min(data.len());
-            self.prefix.extend_from_slice(&data[..take]);
+        if self.received < 5 {
+            let take = (5 - self.received).min(data.len());
+            self.prefix[self.received..self.received + take].copy_from_slice(&data[..take]);
         }
-        let announced = match self.prefix[..] {
-            [_, a, b, c, d] => 5 + u32::from_be_bytes([a, b, c, d]) as usize,
+        self.received += data.len();
+        let announced = match (self.received >= 5, self.prefix) {
+            (true, [_, a, b, c, d]) => 5 + u32::from_be_bytes([a, b, c, d]) as usize,
             _ => 0,
         };
         // Beyond the decoding limit the decoder refuses the message without reserving it.

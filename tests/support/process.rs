@@ -232,14 +232,7 @@ impl ServeBin {
     /// shell (e.g. `unshare -m`, or nothing). Reads the addresses from the dev-mode
     /// banner and waits for `/ready` to answer 200.
     pub async fn start(prefix: &[&str], wrapper: &str, data: &Path, extra: &[&str]) -> ServeBin {
-        let mut argv: Vec<&str> = prefix.to_vec();
-        argv.extend(["sh", "-c", wrapper, "sh", bin(), "serve", "--dev", "--data-dir"]);
-        argv.push(data.to_str().unwrap());
-        argv.extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
-        argv.extend(extra);
-        let mut cmd = command(argv[0]);
-        cmd.args(&argv[1..]).env("NO_COLOR", "1");
-        let mut process = Process::spawn(&mut cmd);
+        let mut process = Self::spawn(prefix, wrapper, data, ("127.0.0.1:0", "127.0.0.1:0"), extra);
         let first = process.stderr.wait_for("meshca dev mode:", Instant::now() + PATIENCE);
         let after = |from: &str, to: &str| {
             let rest = &first[first.find(from).unwrap() + from.len()..];
@@ -256,15 +249,7 @@ impl ServeBin {
     pub async fn start_quiet(prefix: &[&str], wrapper: &str, data: &Path, extra: &[&str]) -> ServeBin {
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (grpc, admin) = (free(), free());
-        let (grpc_arg, admin_arg) = (grpc.to_string(), admin.to_string());
-        let mut argv: Vec<&str> = prefix.to_vec();
-        argv.extend(["sh", "-c", wrapper, "sh", bin(), "serve", "--dev", "--data-dir"]);
-        argv.push(data.to_str().unwrap());
-        argv.extend(["--listen", &grpc_arg, "--admin-listen", &admin_arg]);
-        argv.extend(extra);
-        let mut cmd = command(argv[0]);
-        cmd.args(&argv[1..]).env("NO_COLOR", "1");
-        let mut process = Process::spawn(&mut cmd);
+        let mut process = Self::spawn(prefix, wrapper, data, (&grpc.to_string(), &admin.to_string()), extra);
         // No banner to wait for: poll until the admin listener accepts.
         let deadline = Instant::now() + PATIENCE;
         while tokio::net::TcpStream::connect(admin).await.is_err() {
@@ -276,6 +261,25 @@ impl ServeBin {
         }
         wait_ready(admin, 200).await;
         ServeBin { process, data: data.to_owned(), grpc: format!("https://{grpc}"), admin }
+    }
+
+    /// `PREFIX... sh -c WRAPPER sh BIN serve --dev --data-dir DATA --listen GRPC
+    /// --admin-listen ADMIN EXTRA...`, started.
+    fn spawn(
+        prefix: &[&str],
+        wrapper: &str,
+        data: &Path,
+        (grpc, admin): (&str, &str),
+        extra: &[&str],
+    ) -> Process {
+        let mut argv: Vec<&str> = prefix.to_vec();
+        argv.extend(["sh", "-c", wrapper, "sh", bin(), "serve", "--dev", "--data-dir"]);
+        argv.push(data.to_str().unwrap());
+        argv.extend(["--listen", grpc, "--admin-listen", admin]);
+        argv.extend(extra);
+        let mut cmd = command(argv[0]);
+        cmd.args(&argv[1..]).env("NO_COLOR", "1");
+        Process::spawn(&mut cmd)
     }
 
     pub fn pid(&self) -> u32 {
