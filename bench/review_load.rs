@@ -203,6 +203,8 @@ async fn start(
         lifetimes: Lifetimes::default(),
         token,
         audit_log: audit.display().to_string(),
+        // Checkpoints on the default schedule, as a production file log has them.
+        audit_checkpoints: Some(meshca_test_support::audit_checkpoints(dir, naming)),
         admission: meshca::config::AdmissionSettings::new(8192),
         connections: Default::default(),
         memory_limit: None,

@@ -128,10 +128,31 @@ pub enum BootstrapReplayStore {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check a hash-chained audit log; exit 0 only when intact (recorded gaps, a continuation from a rotated file and an incomplete final line are reported, not failures).
+    /// Check an audit log: every record's hash and chain, and with --key its signed checkpoints (FILE.checkpoint, and --checkpoint); exit 0 only when intact. Records after the last checkpoint are reported as not yet covered, never as proven.
     Verify {
         /// The audit log (JSON lines).
         file: PathBuf,
+        /// Verifier key file (NAME+HASH+BASE64, e.g. DATA_DIR/audit.pub); repeat for a rotated key. Without it only the chain is checked, which proves nothing against someone who can rewrite the file.
+        #[arg(long = "key", value_name = "VKEYFILE")]
+        keys: Vec<PathBuf>,
+        /// A checkpoint saved earlier (anywhere): the log must be an append-only extension of it (checked with a consistency proof).
+        #[arg(long, value_name = "CHECKPOINTFILE", requires = "keys")]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Print an RFC 6962 proof as JSON, after checking the log as `verify --key` does: with --serial, the inclusion of that certificate's `issued` record under FILE.checkpoint; with --checkpoint, the consistency of FILE.checkpoint with that earlier one.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["serial", "checkpoint"])))]
+    Prove {
+        /// The audit log (JSON lines).
+        file: PathBuf,
+        /// Verifier key file; repeat for a rotated key.
+        #[arg(long = "key", value_name = "VKEYFILE", required = true)]
+        keys: Vec<PathBuf>,
+        /// The certificate's serial number (hex; colons allowed).
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+        /// An earlier checkpoint: prove FILE.checkpoint extends it.
+        #[arg(long, value_name = "CHECKPOINTFILE")]
+        checkpoint: Option<PathBuf>,
     },
 }
 
@@ -148,7 +169,7 @@ pub enum CaKeyArg {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
-    /// Directory to create: DIR/trust-anchors.pem, DIR/trust-anchor.key, DIR/issuer/tls.{crt,key} (with --kubernetes: the anchor's two files only).
+    /// Directory to create: DIR/trust-anchors.pem, DIR/trust-anchor.key, DIR/issuer/tls.{crt,key}, and the audit log's signing key DIR/audit-signing.key with its verifier key DIR/audit.pub (with --kubernetes: the anchor's two files only).
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
     /// Print the issuer as Secret meshca-issuer (kubernetes.io/tls) and the anchor as ConfigMap meshca-trust-anchors, YAML on stdout for `kubectl apply -f -`. The anchor's key goes to --dir (mode 0600), never into the cluster.
@@ -200,6 +221,18 @@ pub struct ServeArgs {
     /// Audit log path, or - for stdout [default: DATA_DIR/audit.jsonl in dev, - otherwise].
     #[arg(long, env = "MESHCA_AUDIT_LOG", value_name = "PATH")]
     pub audit_log: Option<String>,
+    /// Ed25519 PKCS#8 key (PEM) that signs the audit log's checkpoints; required for a file --audit-log outside dev [default: DATA_DIR/audit-signing.key in dev, created with DATA_DIR/audit.pub].
+    #[arg(long, env = "MESHCA_AUDIT_SIGNING_KEY", value_name = "FILE")]
+    pub audit_signing_key: Option<PathBuf>,
+    /// Sign an audit checkpoint after this many records [default: 1000].
+    #[arg(long, env = "MESHCA_AUDIT_CHECKPOINT_EVERY", value_name = "N")]
+    pub audit_checkpoint_every: Option<u64>,
+    /// ...or this long after a record no checkpoint covers, whichever comes first, e.g. 10s [default: 10s].
+    #[arg(long, env = "MESHCA_AUDIT_CHECKPOINT_INTERVAL", value_name = "DURATION")]
+    pub audit_checkpoint_interval: Option<String>,
+    /// Start a new audit log where the old one is missing or empty although its checkpoint remains (without it such a log is refused); the new log's first record holds the old checkpoint. No effect while a log is present.
+    #[arg(long, env = "MESHCA_AUDIT_NEW_LOG", value_parser = clap::builder::BoolishValueParser::new())]
+    pub audit_new_log: bool,
     /// Certify requests in flight beyond which callers get ResourceExhausted
     /// [default: sized to the cgroup's memory limit, at most 8192].
     #[arg(long, env = "MESHCA_MAX_IN_FLIGHT", value_name = "N")]

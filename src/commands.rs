@@ -88,6 +88,7 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
     if args.dir.join("trust-anchors.pem").exists()
         || args.dir.join("trust-anchor.key").exists()
         || args.dir.join("issuer").exists()
+        || args.dir.join("audit-signing.key").exists()
     {
         return Err(Failure::usage(format!(
             "{} already holds a CA; refusing to overwrite (choose an empty --dir)",
@@ -105,9 +106,12 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
         return init_kubernetes(&args.dir, namespace, &h);
     }
     crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
+    crate::dev::write_audit_key(&args.dir, &args.trust_domain).map_err(Failure::other)?;
     say(format_args!(
         "wrote {dir}/trust-anchors.pem, {dir}/issuer/tls.crt and {dir}/issuer/tls.key\n\
-         {dir}/trust-anchor.key signs new issuers: keep it offline.",
+         {dir}/trust-anchor.key signs new issuers: keep it offline.\n\
+         wrote {dir}/audit-signing.key (serve --audit-signing-key) and its verifier key {dir}/audit.pub \
+         (audit verify --key): give auditors audit.pub.",
         dir = args.dir.display()
     ));
     Ok(())
@@ -694,37 +698,114 @@ pub async fn doctor(args: crate::cli::DoctorArgs) -> Result<(), Failure> {
     }
 }
 
-/// `meshca audit verify FILE`.
-pub fn audit_verify(file: &Path) -> Result<(), Failure> {
-    match crate::audit::verify_file(file) {
-        Ok(report) => {
-            let name = file.display();
-            say(format_args!("{name}: intact, {} records", report.records));
-            if report.gaps > 0 {
-                say(format_args!(
-                    "{name}: {} gap(s) recorded: {} decision(s) refused unrecorded while the audit sink failed, \
-                     {} interrupted write(s) cut off at start; no certificate was returned for any of them",
-                    report.gaps, report.refused, report.torn
-                ));
-            }
-            if let Some(c) = &report.continues {
-                say(format_args!(
-                    "{name}: record {} continues a previous file ({}) that ends at seq {}, hash {}",
-                    c.seq, c.previous_file, c.previous_seq, c.previous_hash
-                ));
-            }
-            if let Some(bytes) = report.incomplete_tail {
-                say(format_args!(
-                    "{name}: the final line is incomplete ({bytes} bytes, not counted): an interrupted write, \
-                     never acknowledged, so no certificate was returned for it; `meshca serve` cuts it off \
-                     and records a gap at its next start"
-                ));
-            }
-            Ok(())
+/// Reads the verifier keys `--key` names.
+fn verifier_keys(paths: &[std::path::PathBuf]) -> Result<Vec<crate::audit::checkpoint::VerifierKey>, Failure> {
+    paths
+        .iter()
+        .map(|p| {
+            crate::audit::checkpoint::VerifierKey::read(p)
+                .map_err(|e| Failure::usage(format!("--key {}: {e}", p.display())))
+        })
+        .collect()
+}
+
+/// [`crate::audit::prove::check`], its errors as failures: unreadable input is a usage error.
+fn audit_check(
+    file: &Path,
+    keys: &[std::path::PathBuf],
+    checkpoint: Option<&Path>,
+) -> Result<crate::audit::prove::Checked, Failure> {
+    use crate::audit::prove::CheckError;
+    let keys = verifier_keys(keys)?;
+    crate::audit::prove::check(file, &keys, checkpoint).map_err(|e| match e {
+        CheckError::Log(crate::audit::VerifyError::Io(e)) => {
+            Failure::usage(format!("cannot read {}: {e}", file.display()))
         }
-        Err(crate::audit::VerifyError::Io(e)) => {
-            Err(Failure::usage(format!("cannot read {}: {e}", file.display())))
+        e => Failure::other(format!("{}: {e}", file.display())),
+    })
+}
+
+/// `meshca audit verify FILE [--key VKEYFILE]... [--checkpoint CHECKPOINTFILE]`.
+pub fn audit_verify(file: &Path, keys: &[std::path::PathBuf], checkpoint: Option<&Path>) -> Result<(), Failure> {
+    let checked = audit_check(file, keys, checkpoint)?;
+    let report = &checked.report;
+    let name = file.display();
+    let covered = checked.covered();
+    if keys.is_empty() {
+        say(format_args!(
+            "{name}: chain intact, {} records; without --key nothing is proven: anyone who can write the file \
+             can recompute the chain",
+            report.records
+        ));
+    } else {
+        say(format_args!("{name}: intact, {} records; {covered} proven by signed checkpoints", report.records));
+        for opened in [&checked.latest, &checked.saved].into_iter().flatten() {
+            let cp = &opened.checkpoint;
+            say(format_args!(
+                "{name}: checkpoint {}: {} records, origin {}{}",
+                opened.path.display(),
+                cp.size,
+                cp.origin,
+                if cp.closed() { ", written as meshca closed the log" } else { "" }
+            ));
         }
-        Err(e) => Err(Failure::other(format!("{}: {e}", file.display()))),
+        if let (Some(latest), Some(saved)) = (&checked.latest, &checked.saved) {
+            say(format_args!(
+                "{name}: append-only since {} (consistency proof from {} to {} records)",
+                saved.path.display(),
+                saved.checkpoint.size,
+                latest.checkpoint.size
+            ));
+        }
+        if report.records > covered {
+            say(format_args!(
+                "{name}: records {}..={} are not yet covered by a checkpoint: not proven",
+                covered + 1,
+                report.records
+            ));
+        }
     }
+    if report.gaps > 0 {
+        say(format_args!(
+            "{name}: {} gap(s) recorded: {} decision(s) refused unrecorded while the audit sink failed (no \
+             certificate was returned for them), {} incomplete line(s) cut off at start",
+            report.gaps, report.refused, report.torn
+        ));
+    }
+    if report.uncovered > 0 {
+        say(format_args!(
+            "{name}: {} record(s) were written before a checkpoint could cover them (an unclean stop, or before \
+             checkpoints were kept): only the file vouches for them (see the `uncovered` records)",
+            report.uncovered
+        ));
+    }
+    if let Some(c) = &report.continues {
+        say(format_args!(
+            "{name}: record {} continues a previous log ({}) that ends at seq {}{}",
+            c.seq,
+            c.previous_file,
+            c.previous_seq,
+            if c.previous_hash.is_empty() { String::new() } else { format!(", hash {}", c.previous_hash) }
+        ));
+    }
+    if let Some(bytes) = report.incomplete_tail {
+        say(format_args!(
+            "{name}: the final line is incomplete ({bytes} bytes, not counted) and no checkpoint covers it: \
+             an interrupted write or a tail cut short, so the log cannot tell whether a certificate was \
+             returned for it; `meshca serve` cuts it off and records a gap at its next start"
+        ));
+    }
+    Ok(())
+}
+
+/// `meshca audit prove FILE --key VKEYFILE (--serial HEX | --checkpoint CHECKPOINTFILE)`.
+pub fn audit_prove(file: &Path, keys: &[std::path::PathBuf], serial: Option<&str>, checkpoint: Option<&Path>) -> Result<(), Failure> {
+    let checked = audit_check(file, keys, checkpoint)?;
+    let proof = match serial {
+        Some(serial) => crate::audit::prove::inclusion(file, &checked, serial),
+        None => crate::audit::prove::consistency(&checked),
+    }
+    .map_err(|e| Failure::other(format!("{}: {e}", file.display())))?;
+    println!("{proof:#}");
+    Ok(())
 }

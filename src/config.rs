@@ -122,6 +122,12 @@ impl DevPaths {
     pub fn audit_log(&self) -> PathBuf {
         self.data_dir.join("audit.jsonl")
     }
+    pub fn audit_signing_key(&self) -> PathBuf {
+        self.data_dir.join("audit-signing.key")
+    }
+    pub fn audit_verifier_key(&self) -> PathBuf {
+        self.data_dir.join("audit.pub")
+    }
     pub(crate) fn bootstrap_replay_file(&self) -> PathBuf {
         self.data_dir.join("bootstrap-used.jsonl")
     }
@@ -142,6 +148,8 @@ pub struct Config {
     pub token: TokenConfig,
     /// "-" for stdout, else a path.
     pub audit_log: String,
+    /// How the audit log's checkpoints are signed (none: no checkpoints).
+    pub audit_checkpoints: Option<AuditCheckpoints>,
     /// In-flight bound, signing workers and rate limits (`admission`).
     pub admission: AdmissionSettings,
     /// Connection limit and age of the gRPC listener (`server::connections`).
@@ -160,6 +168,15 @@ pub struct Config {
     pub node_os: bool,
     /// Accept bootstrap tokens (`auth::bootstrap`), and where their uses are recorded.
     pub bootstrap: Option<BootstrapConfig>,
+}
+
+/// `--audit-signing-key` and the checkpoint schedule (`audit::checkpointer`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditCheckpoints {
+    pub signing_key: PathBuf,
+    pub every: u64,
+    pub interval: Duration,
+    pub new_log: bool,
 }
 
 /// Default `--max-connections`.
@@ -267,6 +284,7 @@ impl Config {
         let lifetimes = lifetimes(&args)?;
         let token = args.token.resolve(dev_paths.as_ref().map(DevPaths::jwks).as_deref())?;
         let audit_log = audit_log(&args, dev_paths.as_ref())?;
+        let audit_checkpoints = audit_checkpoints(&args, dev_paths.as_ref(), &audit_log)?;
         let (events, node_os) = kubernetes_reports(&args, &token)?;
         let (admission, connections, memory_limit) = capacity(&args, &token)?;
         let (reload, ready_api_unreachable_threshold) = reload(&args)?;
@@ -289,6 +307,7 @@ impl Config {
             lifetimes,
             token,
             audit_log,
+            audit_checkpoints,
             admission,
             connections,
             memory_limit,
@@ -388,6 +407,45 @@ fn audit_log(args: &ServeArgs, dev_paths: Option<&DevPaths>) -> Result<String, E
     }
 
     Ok(audit_log)
+}
+
+/// The audit key and checkpoint schedule: required for a file log outside dev (a
+/// file's history is only as good as the checkpoints that sign it); optional for
+/// stdout, where the log pipeline keeps the records.
+fn audit_checkpoints(
+    args: &ServeArgs,
+    dev_paths: Option<&DevPaths>,
+    audit_log: &str,
+) -> Result<Option<AuditCheckpoints>, Error> {
+    let every = args.audit_checkpoint_every.unwrap_or(crate::audit::DEFAULT_EVERY);
+    if every == 0 {
+        return Err(Error::Invalid { setting: "audit-checkpoint-every", reason: "must be at least 1".into() });
+    }
+    let interval = crate::setting::duration(
+        "audit-checkpoint-interval",
+        args.audit_checkpoint_interval.as_deref(),
+        crate::audit::DEFAULT_INTERVAL,
+    )?;
+    crate::setting::within(
+        "audit-checkpoint-interval",
+        interval,
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
+        "between 100ms and 24h",
+    )?;
+    let signing_key = match (&args.audit_signing_key, dev_paths) {
+        (Some(path), _) => path.clone(),
+        (None, Some(dev)) => dev.audit_signing_key(),
+        (None, None) if audit_log == "-" => return Ok(None),
+        (None, None) => {
+            return Err(Error::Missing {
+                setting: "audit-signing-key",
+                when: "when the audit log is a file (make one with `meshca init --dir DIR`, which writes \
+                       DIR/audit-signing.key and DIR/audit.pub)",
+            })
+        }
+    };
+    Ok(Some(AuditCheckpoints { signing_key, every, interval, new_log: args.audit_new_log }))
 }
 
 /// Events and node-OS lookups: on only where the token validation has a Kubernetes client.

@@ -1,7 +1,8 @@
 //! The embedded default (`meshca serve --dev`): state created on first start.
 //!
-//! In the data directory: a trust anchor and its key, an issuer, and a dev
-//! token-signing key with its JWKS. Later starts reuse whatever is there, so
+//! In the data directory: a trust anchor and its key, an issuer, a dev
+//! token-signing key with its JWKS, and the audit log's signing key with its
+//! verifier key (`audit-signing.key`, `audit.pub`). Later starts reuse whatever is there, so
 //! certificates and tokens from earlier runs stay valid. `meshca dev-token` signs
 //! with the same key. Nothing here is meant for production: the anchor key sits
 //! next to the issuer.
@@ -39,9 +40,10 @@ fn write(path: &Path, contents: &str, access: Access) -> Result<(), Error> {
 pub struct Prepared {
     pub created_ca: bool,
     pub created_token_key: bool,
+    pub created_audit_key: bool,
 }
 
-/// Creates the dev CA and token key in `paths.data_dir` unless they exist.
+/// Creates the dev CA, token key and audit key in `paths.data_dir` unless they exist.
 pub fn prepare(paths: &DevPaths, naming: &Naming, now: SystemTime) -> Result<Prepared, Error> {
     let anchors = paths.trust_anchors();
     let issuer_dir = paths.issuer_dir();
@@ -68,7 +70,24 @@ pub fn prepare(paths: &DevPaths, naming: &Naming, now: SystemTime) -> Result<Pre
         let signer = DevSigner::from_pem(&pem)?;
         write(&paths.jwks(), &signer.jwks_json(), Access::Public)?;
     }
-    Ok(Prepared { created_ca, created_token_key })
+    let created_audit_key = !paths.audit_signing_key().exists();
+    if created_audit_key {
+        write_audit_key(&paths.data_dir, naming.trust_domain())?;
+    }
+    Ok(Prepared { created_ca, created_token_key, created_audit_key })
+}
+
+/// Writes a new audit signing key to DIR/audit-signing.key (0600) and its verifier
+/// key to DIR/audit.pub; refuses to overwrite either.
+pub fn write_audit_key(dir: &Path, trust_domain: &str) -> Result<(), Error> {
+    let name = crate::audit::checkpoint::key_name(trust_domain);
+    let (key, pem) = crate::audit::checkpoint::SigningKey::generate(&name).map_err(|e| Error::Write {
+        path: dir.join("audit-signing.key").display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
+    let _ = std::fs::remove_file(dir.join("audit.pub"));
+    write(&dir.join("audit-signing.key"), &pem, Access::Private)?;
+    write(&dir.join("audit.pub"), &format!("{}\n", key.verifier()), Access::Public)
 }
 
 /// Writes DIR/trust-anchors.pem, DIR/trust-anchor.key, DIR/issuer/tls.{crt,key};

@@ -72,7 +72,7 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], access: Access) -> std:
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut suffix = [0u8; 6];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix);
-    let tmp = dir.join(format!(".{name}.tmp-{}", crate::audit::hex(&suffix)));
+    let tmp = dir.join(format!(".{name}.tmp-{}", crate::digest::hex(&suffix)));
     let result = (|| {
         let mut f = open_options(access).create_new(true).open(&tmp)?;
         f.write_all(contents)?;

@@ -41,6 +41,7 @@ pub(crate) mod coalesce;
 pub mod commands;
 pub mod config;
 pub mod dev;
+pub mod digest;
 pub mod doctor;
 pub(crate) mod files;
 pub mod identity;

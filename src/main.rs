@@ -17,7 +17,12 @@ fn main() -> ExitCode {
         Command::BootstrapToken { command: BootstrapTokenCommand::Create(args) } => {
             commands::bootstrap_token_create(args).map(|token| println!("{token}"))
         }
-        Command::Audit { command: AuditCommand::Verify { file } } => commands::audit_verify(&file),
+        Command::Audit { command: AuditCommand::Verify { file, keys, checkpoint } } => {
+            commands::audit_verify(&file, &keys, checkpoint.as_deref())
+        }
+        Command::Audit { command: AuditCommand::Prove { file, keys, serial, checkpoint } } => {
+            commands::audit_prove(&file, &keys, serial.as_deref(), checkpoint.as_deref())
+        }
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(commands::serve(*args))),
         Command::Certify(args) => runtime().and_then(|rt| rt.block_on(commands::certify(args))),
         Command::Agent(args) => runtime().and_then(|rt| rt.block_on(commands::agent(args))),

@@ -223,6 +223,8 @@ fn serve_in_jwks_mode_without_a_key_source_or_cluster_exits_1_naming_kubeconfig(
         ])
         .arg("--audit-log")
         .arg(tmp.path().join("audit.jsonl"))
+        .arg("--audit-signing-key")
+        .arg(support::audit_key(tmp.path()))
         .arg("--trust-anchors")
         .arg(tmp.path().join("trust-anchors.pem"))
         .arg("--issuer-dir")

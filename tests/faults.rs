@@ -324,7 +324,7 @@ async fn an_audit_file_removed_underneath_is_recreated_and_an_unopenable_path_fa
     let (code, stderr) = audit_verify(&server.audit_path);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        stderr.contains("continues a previous file (removed)") && stderr.contains("1 gap(s)"),
+        stderr.contains("continues a previous log (removed)") && stderr.contains("1 gap(s)"),
         "{stderr}"
     );
 }
@@ -651,10 +651,10 @@ async fn sigkill_during_a_burst_leaves_a_record_of_every_certificate_handed_out(
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains("1 gap(s) recorded: 0 decision(s) refused")
-            && stderr.contains("1 interrupted write(s)"),
+            && stderr.contains("1 incomplete line(s) cut off at start"),
         "{stderr}"
     );
-    assert!(!stderr.contains("incomplete"), "{stderr}");
+    assert!(!stderr.contains("final line is incomplete"), "{stderr}");
 }
 
 #[tokio::test]

@@ -28,6 +28,8 @@ fi
 #   python3-pip                    to install kubernetes-validate
 #   x86_64-w64-mingw32-gcc (gcc-mingw-w64-x86-64)  links the Windows binary (tests/wine.rs)
 #   wine64                         runs it (tests/wine.rs): the 64-bit loader only, no recommends
+#   go (golang-go), golang-golang-x-mod-dev  Go's sumdb/note and sumdb/tlog, the independent
+#                                  checker of the audit log's checkpoints and proofs (tests/transparency.rs)
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have openssl || need+=(openssl)
@@ -38,6 +40,8 @@ have prlimit || need+=(util-linux)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 have x86_64-w64-mingw32-gcc || need+=(gcc-mingw-w64-x86-64)
 { [ -x /usr/lib/wine/wine64 ] || have wine64; } || need+=(wine64)
+have go || need+=(golang-go)
+[ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need+=(golang-golang-x-mod-dev)
 if [ "${#need[@]}" -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -268,6 +268,8 @@ fn serve_without_a_reachable_cluster_configuration_exits_1_naming_kubeconfig() {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meshca"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--audit-log"])
             .arg(tmp.path().join("audit.jsonl"))
+            .arg("--audit-signing-key")
+            .arg(support::audit_key(tmp.path()))
             .arg("--trust-anchors")
             .arg(&anchors)
             .arg("--issuer-dir")

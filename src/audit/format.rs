@@ -26,6 +26,12 @@ pub(super) struct MarkerBody<'a> {
     pub(super) previous_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) previous_hash: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) previous_checkpoint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) uncovered_from: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) uncovered_to: Option<u64>,
 }
 
 pub(super) fn encode_marker(
@@ -48,6 +54,9 @@ pub(super) fn encode_marker(
         previous_file: None,
         previous_seq: None,
         previous_hash: None,
+        previous_checkpoint: None,
+        uncovered_from: None,
+        uncovered_to: None,
     };
     match marker {
         Marker::Refused { refused, since, error } => {
@@ -60,20 +69,43 @@ pub(super) fn encode_marker(
         }
         Marker::Torn { bytes } => {
             body.reason = format!(
-                "interrupted_write: an incomplete final line of {bytes} bytes was cut off at open \
-                 (never acknowledged: no certificate was returned for it)"
+                "interrupted_write: an incomplete final line of {bytes} bytes was cut off at open; no checkpoint \
+                 covered it, so the log cannot tell whether a certificate was returned for it"
             );
             body.torn_bytes = Some(*bytes);
         }
-        Marker::Continued { previous_file, previous_seq, previous_hash } => {
+        Marker::Continued { previous_file, previous_seq, previous_hash, previous_checkpoint } => {
             body.request_id = CONTINUED_ID;
             body.outcome = "continued";
-            body.reason = format!(
-                "file_{previous_file}: the previous audit file was {previous_file} underneath meshca; \
-                 this file continues its chain"
-            );
+            body.reason = match *previous_file {
+                "replaced" => "log_replaced: a new log started with --audit-new-log where the previous one was \
+                     missing or empty; previous_checkpoint is that log's last checkpoint"
+                    .into(),
+                _ => format!(
+                    "file_{previous_file}: the previous audit file was {previous_file} underneath meshca; \
+                     this file continues its chain"
+                ),
+            };
             body.previous_file = Some(previous_file);
-            (body.previous_seq, body.previous_hash) = (Some(*previous_seq), Some(previous_hash.as_str()));
+            body.previous_seq = Some(*previous_seq);
+            body.previous_hash = Some(previous_hash.as_str()).filter(|h| !h.is_empty());
+            body.previous_checkpoint = previous_checkpoint.as_deref();
+        }
+        Marker::Uncovered { from, to, why } => {
+            body.request_id = UNCOVERED_ID;
+            body.outcome = "uncovered";
+            body.reason = match *why {
+                "unclean_stop" => format!(
+                    "unclean_stop: records {from}..={to} were written after the last checkpoint before meshca \
+                     stopped without closing the log; checkpoints cover them from here on, but only the file \
+                     vouches that meshca wrote them"
+                ),
+                _ => format!(
+                    "{why}: records {from}..={to} were written before any checkpoint; checkpoints cover them \
+                     from here on, but only the file vouches that meshca wrote them"
+                ),
+            };
+            (body.uncovered_from, body.uncovered_to) = (Some(*from), Some(*to));
         }
     }
     finish_line(serde_json::to_vec(&body)?)
@@ -157,18 +189,6 @@ pub(super) fn finish_line(mut line: Vec<u8>) -> Result<(Vec<u8>, String), serde_
 pub(super) fn rfc3339(t: SystemTime) -> String {
     let max = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
     humantime::format_rfc3339_millis(t.clamp(UNIX_EPOCH, max)).to_string()
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    pub(super) const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digits = |b: &u8| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]];
-    bytes.iter().flat_map(digits).map(char::from).collect()
-}
-
-/// Lowercase hex SHA-256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 pub(super) struct Parsed {

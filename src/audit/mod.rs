@@ -104,6 +104,7 @@ const RETRY_WHILE_FAILING: Duration = Duration::from_secs(1);
 /// `request_id` of the records the writer adds on its own account.
 const GAP_ID: &str = "audit-gap";
 const CONTINUED_ID: &str = "audit-continued";
+const UNCOVERED_ID: &str = "audit-uncovered";
 
 /// Decision recorded in `outcome`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -214,10 +215,25 @@ pub enum Error {
     /// is still failing): it is not durable. The next append tries again.
     #[error("cannot write audit log: {source}")]
     Write { source: io::Error },
-    /// The existing file's last record is unreadable (`line` is an excerpt),
-    /// so the chain cannot be continued.
-    #[error("audit log {} ends in an unreadable record {line:?}; refusing to extend it, run `meshca audit verify {}`", path.display(), path.display())]
-    TailCorrupt { path: PathBuf, line: String },
+    /// The existing file fails verification (`error` names the first broken record):
+    /// meshca does not append to a log it cannot vouch for.
+    #[error(
+        "audit log {} is broken: {error}; refusing to extend it. Keep it as evidence: move it aside \
+         (with its .checkpoint), check it with `meshca audit verify`, and start a new log with --audit-new-log",
+        path.display()
+    )]
+    Broken { path: PathBuf, error: String },
+    /// The log disagrees with its last signed checkpoint (`problem` says how), or
+    /// the checkpoint cannot be read or is not signed by the audit key.
+    #[error(
+        "audit log {} disagrees with its signed checkpoint {}: {problem}. Refusing to extend it: keep both as \
+         evidence (move them aside) and start a new log with --audit-new-log, whose first record names the checkpoint",
+        path.display(), checkpoint.display()
+    )]
+    Checkpoint { path: PathBuf, checkpoint: PathBuf, problem: String },
+    /// The audit signing key cannot be used.
+    #[error("--audit-signing-key: {0}")]
+    SigningKey(String),
     /// The writer thread could not be started.
     #[error("cannot start the audit writer thread: {source}")]
     Spawn { source: io::Error },
@@ -282,22 +298,29 @@ impl AuditLog {
     /// is closed: a second writer, here or in another process, would interleave its
     /// chain with this one's and is refused with [`Error::InUse`]. A file is opened in append
     /// mode, created with mode 0600 (unix) along with its parent directories;
-    /// an existing file's last line (read backwards, never the whole file)
-    /// gives the seq and hash to continue from, and an empty file starts at
-    /// seq 1. A final line without newline (an interrupted write) is cut off
-    /// and a `gap` record written in its place; a last line with a malformed
-    /// hash suffix or a wrong digest (with or without newline) is
-    /// [`Error::TailCorrupt`], and the file is left as it is. Standard output
+    /// an existing file is read through (every record's hash and chain, and the
+    /// Merkle tree) and gives the seq and hash to continue from; an empty file
+    /// starts at seq 1. A final line without newline (an interrupted write) is
+    /// cut off and a `gap` record written in its place; any record with a
+    /// malformed hash suffix, a wrong digest or a broken chain is
+    /// [`Error::Broken`], and the file is left as it is. With checkpoints, the
+    /// file is first checked against its last signed checkpoint (see `checkpointer`). Standard output
     /// always starts a new chain at seq 1. The writer runs on a dedicated
     /// thread, so this works under any tokio runtime flavour.
     pub async fn open(sink: Sink) -> Result<AuditLog, Error> {
+        AuditLog::open_with(sink, None).await
+    }
+
+    /// [`AuditLog::open`] with signed checkpoints (see `checkpointer`): a file is
+    /// first checked against its last checkpoint and refused if it disagrees.
+    pub async fn open_with(sink: Sink, checkpoints: Option<Checkpoints>) -> Result<AuditLog, Error> {
         let (tx, rx) = mpsc::channel(CAPACITY);
         let (ready_tx, ready_rx) = oneshot::channel();
         let failing = Arc::new(AtomicBool::new(false));
         let writer_failing = failing.clone();
         std::thread::Builder::new()
             .name("meshca-audit".into())
-            .spawn(move || match Writer::open(sink, writer_failing) {
+            .spawn(move || match Writer::open(sink, writer_failing, checkpoints) {
                 Ok(writer) => supervised(|| writer.run(rx, ready_tx)),
                 Err(e) => drop(ready_tx.send(Err(e))),
             })
@@ -368,16 +391,23 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+pub mod checkpoint;
+mod checkpointer;
 mod format;
+pub mod merkle;
 mod open;
+pub mod prove;
 pub mod quota;
 mod verify;
 mod writer;
 
+use checkpointer::*;
+pub use checkpointer::{checkpoint_path, Checkpoints, DEFAULT_EVERY, DEFAULT_INTERVAL};
 use format::*;
-pub use format::{hex, sha256_hex};
+pub use crate::digest::{hex, sha256_hex};
 use open::*;
 pub use verify::{verify, verify_file, Continuation, VerifyError, VerifyReport};
+pub(crate) use verify::scan;
 use writer::*;
 
 #[cfg(test)]
@@ -775,7 +805,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn open_refuses_a_corrupt_tail() {
+    async fn open_refuses_a_log_broken_anywhere() {
         let dir = tempfile::tempdir().unwrap();
         let path = log_with(dir.path(), 2).await;
         let good = std::fs::read_to_string(&path).unwrap();
@@ -787,11 +817,13 @@ mod tests {
         for bad in [format!("{good}not a record\n"), format!("{good}\n"), edited_last] {
             std::fs::write(&path, &bad).unwrap();
             let err = AuditLog::open(Sink::File(path.clone())).await.err();
-            assert!(matches!(err, Some(Error::TailCorrupt { .. })), "{bad:?}: {err:?}");
+            assert!(matches!(err, Some(Error::Broken { .. })), "{bad:?}: {err:?}");
             assert_eq!(std::fs::read_to_string(&path).unwrap(), bad, "left as it was");
         }
-        std::fs::write(&path, good.replace("\"denied\"", "\"issued\"")).unwrap();
-        assert!(matches!(AuditLog::open(Sink::File(path)).await, Err(Error::TailCorrupt { .. })));
+        // The first record edited, the last one intact: the whole file is read at open.
+        std::fs::write(&path, good.replacen("\"req-1\"", "\"req-X\"", 1)).unwrap();
+        let err = AuditLog::open(Sink::File(path)).await.err().unwrap();
+        assert!(matches!(&err, Error::Broken { error, .. } if error.contains("line 1")), "{err}");
     }
 
     #[tokio::test]

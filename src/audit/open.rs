@@ -1,5 +1,5 @@
-//! Opening a file sink: its lock (one writer per log), and where its chain stands,
-//! read off its last line; an interrupted final write is cut off here.
+//! Opening a file sink: its lock (one writer per log), and where its chain and tree
+//! stand, read through from the first record; an interrupted final write is cut off here.
 
 use super::*;
 
@@ -10,8 +10,13 @@ pub(super) struct Opened {
     pub(super) len: u64,
     pub(super) seq: u64,
     pub(super) hash: String,
-    /// Bytes of an incomplete final line that were cut off.
+    /// Bytes of an incomplete final line (cut off by [`cut_torn`]).
     pub(super) torn: Option<u64>,
+    /// The tree over the complete records.
+    pub(super) tree: super::merkle::Frontier,
+    pub(super) first_hash: Option<String>,
+    /// The tree's root at the size asked for.
+    pub(super) root_at: Option<super::merkle::Hash>,
 }
 
 /// `PATH.lock`, beside the audit log `PATH`.
@@ -59,9 +64,11 @@ pub(super) fn lock_file(path: &Path) -> Result<File, Error> {
     }
 }
 
-/// Opens (or creates) the file and reads the chain state off its last line,
-/// cutting off an incomplete final line (see the module docs).
-pub(super) fn open_file(path: &Path) -> Result<Opened, Error> {
+/// Opens (or creates) the file and reads it through ([`scan`]): every record's hash
+/// and chain, and the Merkle tree (with its root at `root_at` records, if asked).
+/// Nothing is changed yet: an incomplete final line is reported in `torn` and cut
+/// off by [`cut_torn`] once the caller has checked the file against its checkpoint.
+pub(super) fn open_file(path: &Path, root_at: Option<u64>) -> Result<Opened, Error> {
     let open_err = |source| Error::Open { path: path.to_path_buf(), source };
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     let parent = parent.unwrap_or(Path::new("."));
@@ -78,62 +85,45 @@ pub(super) fn open_file(path: &Path) -> Result<Opened, Error> {
         // Make the new directory entry itself durable.
         File::open(parent).and_then(|dir| dir.sync_all()).map_err(open_err)?;
     }
-    let corrupt = |line: &[u8]| {
-        let excerpt = String::from_utf8_lossy(&line[..line.len().min(120)]).into_owned();
-        Error::TailCorrupt { path: path.to_path_buf(), line: excerpt }
+    // A device (/dev/full, /dev/null) has no records to read; reading one could go on forever.
+    let regular = file.metadata().map_err(open_err)?.is_file();
+    file.seek(SeekFrom::Start(0)).map_err(open_err)?;
+    let scanned = match regular {
+        true => scan(io::BufReader::with_capacity(TAIL_CHUNK as usize, &file), false, root_at),
+        false => scan(io::empty(), false, root_at),
     };
-    let mut last = last_line(&mut file).map_err(open_err)?;
-    let mut torn = None;
-    if let Some(fragment) = last.as_ref().filter(|l| !l.ends_with(b"\n")) {
-        // An interrupted write (never acknowledged), unless it is a whole record
-        // that fails its own hash: that is an edit, not a crash.
-        if fragment.len() > MAX_LINE || (has_hash_suffix(fragment) && parse_line(fragment).is_err()) {
-            return Err(corrupt(fragment));
-        }
-        let bytes = fragment.len() as u64;
-        let keep = file.seek(SeekFrom::End(0)).map_err(open_err)? - bytes;
-        file.set_len(keep).and_then(|()| file.sync_data()).map_err(open_err)?;
-        tracing::warn!(
-            path = %path.display(),
-            bytes,
-            "the audit log ended in an incomplete line (an interrupted write, never acknowledged); cut off, gap recorded"
-        );
-        torn = Some(bytes);
-        last = last_line(&mut file).map_err(open_err)?;
-    }
-    let (seq, hash) = match last {
-        None => (0, ZERO_HASH.to_string()),
-        Some(line) => {
-            let body = line.strip_suffix(b"\n").filter(|_| line.len() <= MAX_LINE);
-            let parsed = body.and_then(|body| parse_line(body).ok());
-            let Some(Parsed { seq, hash, .. }) = parsed else {
-                return Err(corrupt(&line));
-            };
-            (seq, hash)
-        }
+    let scanned = match scanned {
+        Ok(scanned) => scanned,
+        Err(VerifyError::Io(source)) => return Err(open_err(source)),
+        Err(e) => return Err(Error::Broken { path: path.to_path_buf(), error: e.to_string() }),
     };
     let len = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-    tracing::info!(path = %path.display(), next_seq = seq + 1, "audit log opened");
-    Ok(Opened { file, len, seq, hash, torn })
+    let report = scanned.report;
+    Ok(Opened {
+        file,
+        len,
+        seq: report.records,
+        hash: report.last_hash.unwrap_or_else(|| ZERO_HASH.to_string()),
+        torn: report.incomplete_tail,
+        tree: scanned.tree,
+        first_hash: report.first_hash,
+        root_at: scanned.root_at,
+    })
 }
 
-/// Last line of `file` including its newline if any; `None` for an empty file.
-/// Stops reading backwards past [`MAX_LINE`] (the caller rejects the result).
-pub(super) fn last_line(file: &mut File) -> io::Result<Option<Vec<u8>>> {
-    let mut pos = file.seek(SeekFrom::End(0))?;
-    let mut tail = Vec::new();
-    while pos > 0 && tail.len() <= MAX_LINE {
-        let n = TAIL_CHUNK.min(pos);
-        pos -= n;
-        let mut chunk = vec![0; n as usize];
-        file.seek(SeekFrom::Start(pos))?;
-        file.read_exact(&mut chunk)?;
-        chunk.append(&mut tail);
-        tail = chunk;
-        // A newline other than the file's final byte ends the previous line.
-        if let Some(i) = tail[..tail.len() - 1].iter().rposition(|&b| b == b'\n') {
-            return Ok(Some(tail.split_off(i + 1)));
-        }
-    }
-    Ok((!tail.is_empty()).then_some(tail))
+/// Cuts off the incomplete final line [`open_file`] found (an interrupted write,
+/// or a tail cut short by someone else: either way not covered by a checkpoint).
+pub(super) fn cut_torn(opened: &mut Opened, path: &Path) -> Result<(), Error> {
+    let Some(bytes) = opened.torn else { return Ok(()) };
+    let open_err = |source| Error::Open { path: path.to_path_buf(), source };
+    let keep = opened.len - bytes;
+    opened.file.set_len(keep).and_then(|()| opened.file.sync_data()).map_err(open_err)?;
+    opened.len = keep;
+    tracing::warn!(
+        path = %path.display(),
+        bytes,
+        "the audit log ended in an incomplete line, not covered by a checkpoint (an interrupted write, \
+         or a tail cut short); cut off, gap recorded"
+    );
+    Ok(())
 }

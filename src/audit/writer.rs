@@ -99,7 +99,16 @@ pub(super) struct Failure {
 #[derive(Clone, Debug)]
 pub(super) enum Marker {
     /// First record of a file opened because the previous one went away.
-    Continued { previous_file: &'static str, previous_seq: u64, previous_hash: String },
+    /// `previous_checkpoint`: the previous file's last checkpoint, signed as it was left.
+    Continued {
+        previous_file: &'static str,
+        previous_seq: u64,
+        previous_hash: String,
+        previous_checkpoint: Option<String>,
+    },
+    /// Records `from..=to` are not covered by any checkpoint meshca signed before
+    /// they were written (`why`: `unclean_stop` or `no_checkpoint`).
+    Uncovered { from: u64, to: u64, why: &'static str },
     /// An incomplete final line of this many bytes was cut off at open.
     Torn { bytes: u64 },
     /// Appends were refused while the sink failed.
@@ -120,37 +129,74 @@ pub(super) struct Writer {
     pub(super) pending: Vec<Marker>,
     pub(super) failing: Arc<AtomicBool>,
     pub(super) fail_syncs: bool,
+    /// The Merkle tree over the lines of the current file (its size is `seq`).
+    pub(super) tree: super::merkle::Frontier,
+    /// The first record's hash (the log id), once there is one.
+    pub(super) first_hash: Option<String>,
+    /// Signed checkpoints, when an audit key is configured.
+    pub(super) checkpoints: Option<Checkpointer>,
 }
 
 impl Writer {
-    pub(super) fn open(sink: Sink, failing: Arc<AtomicBool>) -> Result<Writer, Error> {
-        let (lock, out, seq, prev_hash, torn) = match sink {
-            Sink::Stdout => (None, Out::Stdout, 0, ZERO_HASH.to_string(), None),
+    pub(super) fn open(sink: Sink, failing: Arc<AtomicBool>, checkpoints: Option<Checkpoints>) -> Result<Writer, Error> {
+        let (lock, out, opened, markers) = match &sink {
+            Sink::Stdout => (None, Out::Stdout, None, Vec::new()),
             Sink::File(path) => {
                 // Before anything is read or cut: the tail belongs to whoever holds the lock.
-                let lock = lock_file(&path)?;
-                let opened = open_file(&path)?;
-                let out = FileOut { file: opened.file, len: opened.len, path };
-                (Some(lock), Out::File(out), opened.seq, opened.hash, opened.torn)
+                let lock = lock_file(path)?;
+                let (mut opened, markers) = match &checkpoints {
+                    Some(cp) => {
+                        let start = open_checked(path, cp)?;
+                        (start.opened, start.markers)
+                    }
+                    None => {
+                        let mut opened = open_file(path, None)?;
+                        cut_torn(&mut opened, path)?;
+                        let markers = opened.torn.map(|bytes| Marker::Torn { bytes }).into_iter().collect();
+                        (opened, markers)
+                    }
+                };
+                let file = opened.file.try_clone().map_err(|source| Error::Open { path: path.clone(), source })?;
+                let out = FileOut { file, len: opened.len, path: path.clone() };
+                opened.torn = None;
+                (Some(lock), Out::File(out), Some(opened), markers)
             }
         };
         let mut writer = Writer {
             _lock: lock,
             out,
-            seq,
-            prev_hash,
+            seq: 0,
+            prev_hash: ZERO_HASH.to_string(),
             failure: None,
-            pending: Vec::new(),
+            pending: markers,
             failing,
             fail_syncs: false,
+            tree: Default::default(),
+            first_hash: None,
+            checkpoints: None,
         };
-        if let Some(bytes) = torn {
-            // Recorded before anything else, so a crash now cannot hide the cut;
-            // if the sink fails already, like any failure: retried with the next append.
-            writer.pending.push(Marker::Torn { bytes });
+        if let Some(opened) = opened {
+            (writer.seq, writer.prev_hash) = (opened.seq, opened.hash);
+            (writer.tree, writer.first_hash) = (opened.tree, opened.first_hash);
+        }
+        if !writer.pending.is_empty() {
+            // Recorded before anything else, so a crash now cannot hide the cut; if
+            // the sink fails already, like any failure: retried with the next append.
             if let Err(e) = writer.write_batch(&mut Vec::new()) {
                 writer.failed(&e, 0);
             }
+        }
+        if let Some(settings) = checkpoints {
+            let file = match &sink {
+                Sink::File(path) => Some(checkpoint_path(path)),
+                Sink::Stdout => None,
+            };
+            let mut checkpointer = Checkpointer::new(settings, file.clone());
+            checkpointer.start(&writer.tree, writer.first_hash.as_deref()).map_err(|source| Error::Open {
+                path: file.unwrap_or_else(|| PathBuf::from("-")),
+                source,
+            })?;
+            writer.checkpoints = Some(checkpointer);
         }
         Ok(writer)
     }
@@ -161,17 +207,10 @@ impl Writer {
         // A timer for the retries while failing (built when first needed).
         let mut timer = None;
         loop {
-            let first = if self.failure.is_some() {
-                match self.next_or_retry(&mut rx, &mut timer) {
-                    Some(Some(msg)) => msg,
-                    Some(None) => continue,
-                    None => return,
-                }
-            } else {
-                match rx.blocking_recv() {
-                    Some(msg) => msg,
-                    None => return,
-                }
+            let first = match self.next_or_timer(&mut rx, &mut timer) {
+                Some(Some(msg)) => msg,
+                Some(None) => continue,
+                None => return,
             };
             batch.push(first);
             while batch.len() < CAPACITY {
@@ -185,6 +224,12 @@ impl Writer {
                     Some(ref f) => Err(Error::Write { source: io::Error::other(f.error.clone()) }),
                     None => self.out.write_durably(&[], false).map_err(|source| Error::Write { source }),
                 };
+                if let Some(checkpoints) = self.checkpoints.as_mut() {
+                    // The last checkpoint says the log was closed: nothing may follow it.
+                    if let Err(e) = checkpoints.close(&self.tree, self.first_hash.as_deref()) {
+                        tracing::error!(error = %e, "cannot write the closing audit checkpoint");
+                    }
+                }
                 // The file and its lock go before the answer: once `close` returns,
                 // another writer may open the log.
                 drop(self);
@@ -194,30 +239,48 @@ impl Writer {
         }
     }
 
-    /// While failing: the next message, or, after [`RETRY_WHILE_FAILING`] without
-    /// one, a retry of its own (`Some(None)`): a replica that readiness took out
-    /// of traffic must recover, and record the gap, without an append to do it.
+    /// The next message; or, when a timer is due first, `Some(None)` after acting on
+    /// it: while failing, a retry of its own after [`RETRY_WHILE_FAILING`] without a
+    /// message (a replica that readiness took out of traffic must recover, and record
+    /// the gap, without an append to do it); a checkpoint whose interval has passed.
     /// `None` once every handle is gone.
-    pub(super) fn next_or_retry(
+    pub(super) fn next_or_timer(
         &mut self,
         rx: &mut mpsc::Receiver<Msg>,
         timer: &mut Option<tokio::runtime::Runtime>,
     ) -> Option<Option<Msg>> {
+        let now = std::time::Instant::now();
+        let retry = self.failure.is_some().then(|| now + RETRY_WHILE_FAILING);
+        let checkpoint = self.checkpoints.as_ref().and_then(Checkpointer::deadline);
+        let Some(deadline) = retry.into_iter().chain(checkpoint).min() else {
+            return rx.blocking_recv().map(Some);
+        };
         if timer.is_none() {
             *timer = tokio::runtime::Builder::new_current_thread().enable_time().build().ok();
         }
         let Some(runtime) = timer.as_ref() else {
             return rx.blocking_recv().map(Some); // no timer: retried with the next append only
         };
-        match runtime.block_on(async { tokio::time::timeout(RETRY_WHILE_FAILING, rx.recv()).await }) {
+        let wait = deadline.saturating_duration_since(now);
+        match runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
             Ok(msg) => msg.map(Some),
             Err(_) => {
-                match self.write_batch(&mut Vec::new()) {
-                    Ok(_) => self.recovered(),
-                    Err(e) => self.failed(&e, 0),
+                if retry.is_some_and(|at| at <= std::time::Instant::now()) {
+                    match self.write_batch(&mut Vec::new()) {
+                        Ok(_) => self.recovered(),
+                        Err(e) => self.failed(&e, 0),
+                    }
                 }
+                self.checkpoint_if_due();
                 Some(None)
             }
+        }
+    }
+
+    /// Hands a checkpoint to the publisher if one is due (never before a reply).
+    pub(super) fn checkpoint_if_due(&mut self) {
+        if let Some(checkpoints) = self.checkpoints.as_mut() {
+            checkpoints.after_batch(&self.tree, self.first_hash.as_deref());
         }
     }
 
@@ -287,6 +350,7 @@ impl Writer {
                 for (reply, appended) in written {
                     let _ = reply.send(Ok(appended));
                 }
+                self.checkpoint_if_due();
             }
             Err(e) => {
                 self.failed(&e, waiters);
@@ -319,9 +383,15 @@ impl Writer {
         }
         let now = SystemClock.now();
         let (mut seq, mut prev_hash) = (self.seq, self.prev_hash.clone());
+        let (mut tree, mut first_hash) = (self.tree.clone(), self.first_hash.clone());
+        let mut leaf = |line: &[u8], hash: &str| {
+            tree.push(super::merkle::leaf_hash(line.strip_suffix(b"\n").unwrap_or(line)));
+            first_hash.get_or_insert_with(|| hash.to_owned());
+        };
         let mut bytes = Vec::new();
         for marker in &markers {
             let (line, hash) = encode_marker(marker, now, seq + 1, &prev_hash).map_err(io::Error::other)?;
+            leaf(&line, &hash);
             bytes.extend_from_slice(&line);
             seq += 1;
             prev_hash = hash;
@@ -330,6 +400,7 @@ impl Writer {
         for (record, reply) in appends.drain(..) {
             match encode(&record, seq + 1, &prev_hash) {
                 Ok((line, hash)) => {
+                    leaf(&line, &hash);
                     bytes.extend_from_slice(&line);
                     seq += 1;
                     prev_hash.clone_from(&hash);
@@ -351,6 +422,7 @@ impl Writer {
             out.len += bytes.len() as u64;
         }
         (self.seq, self.prev_hash) = (seq, prev_hash);
+        (self.tree, self.first_hash) = (tree, first_hash);
         self.pending.clear();
         Ok(encoded.into_iter().map(|(_, reply, appended)| (reply, appended)).collect())
     }
@@ -371,7 +443,8 @@ impl Writer {
             let _ = out.cut_back();
         }
         let previous_file = if out.removed() { "removed" } else { "renamed" };
-        let opened = open_file(&out.path).map_err(io::Error::other)?;
+        let mut opened = open_file(&out.path, None).map_err(io::Error::other)?;
+        cut_torn(&mut opened, &out.path).map_err(io::Error::other)?;
         tracing::warn!(
             path = %out.path.display(),
             previous_file,
@@ -383,10 +456,15 @@ impl Writer {
         // interrupted write in a file given up before it was written is dropped.
         self.pending.retain(|m| matches!(m, Marker::Continued { .. }));
         if self.pending.is_empty() {
+            let previous_checkpoint = self
+                .checkpoints
+                .as_mut()
+                .and_then(|c| c.hand_over(&self.tree, self.first_hash.as_deref()));
             self.pending.push(Marker::Continued {
                 previous_file,
                 previous_seq: self.seq,
                 previous_hash: self.prev_hash.clone(),
+                previous_checkpoint,
             });
         }
         if let Some(bytes) = opened.torn {
@@ -394,6 +472,10 @@ impl Writer {
         }
         *out = FileOut { file: opened.file, path: out.path.clone(), len: opened.len };
         (self.seq, self.prev_hash) = (opened.seq, opened.hash);
+        (self.tree, self.first_hash) = (opened.tree, opened.first_hash);
+        if let Some(checkpoints) = self.checkpoints.as_mut() {
+            checkpoints.restart_at(opened.seq);
+        }
         Ok(())
     }
 }

@@ -387,7 +387,7 @@ impl Issuer {
 
         let signer = rcgen::Issuer::from_ca_cert_der(issuer_der, key)
             .map_err(|e| Error::BadCertificate { path: crt_path.into(), reason: e.to_string() })?;
-        let fingerprint = crate::audit::sha256_hex(issuer_der);
+        let fingerprint = crate::digest::sha256_hex(issuer_der);
         drop(issuer_cert);
         // Never hand out a trust anchor as an intermediate.
         let chain: Vec<_> = certs.into_iter().filter(|c| !anchors.certificates().contains(c)).collect();

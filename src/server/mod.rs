@@ -138,6 +138,29 @@ pub async fn run(
     run_with(config, clock, listener, admin_listener, shutdown, None).await
 }
 
+/// The audit key and schedule, loaded (none: records are chained but no checkpoint is signed).
+fn audit_checkpoints(config: &Config) -> Result<Option<crate::audit::Checkpoints>, Error> {
+    use crate::audit::checkpoint::{key_name, SigningKey};
+    let Some(settings) = &config.audit_checkpoints else {
+        tracing::warn!(
+            "audit records are chained but no checkpoint is signed (no --audit-signing-key): anyone who can \
+             rewrite the log can recompute its chain"
+        );
+        return Ok(None);
+    };
+    let trust_domain = config.naming.trust_domain().to_owned();
+    let key = SigningKey::read(&key_name(&trust_domain), &settings.signing_key)
+        .map_err(|e| crate::audit::Error::SigningKey(e.to_string()))?;
+    tracing::info!(verifier_key = %key.verifier(), "audit checkpoints are signed by this key");
+    Ok(Some(crate::audit::Checkpoints {
+        key: Arc::new(key),
+        trust_domain,
+        every: settings.every,
+        interval: settings.interval,
+        new_log: settings.new_log,
+    }))
+}
+
 /// Like [`run`]; `handles` receives the [`Handles`] just before serving starts
 /// (dropped unsent when start-up fails).
 pub async fn run_with(
@@ -150,7 +173,7 @@ pub async fn run_with(
 ) -> Result<(), Error> {
     // First: its lock says whether another meshca writes here, before anything else
     // in a shared data directory (the bootstrap replay file) is touched.
-    let audit = AuditLog::open(Sink::parse(&config.audit_log)).await?;
+    let audit = AuditLog::open_with(Sink::parse(&config.audit_log), audit_checkpoints(&config)?).await?;
     let metrics = Arc::new(Metrics::new(clock.clone()));
     let store = Arc::new(Store::default());
     let reloader = Arc::new(

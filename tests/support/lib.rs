@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod apiserver;
+pub mod audit;
 pub mod der;
 pub mod h2;
 pub mod process;
@@ -118,6 +119,30 @@ pub fn write_ca(dir: &std::path::Path, naming: &Naming, opts: &Options, now: Sys
     meshca::dev::write_hierarchy(dir, &h).unwrap();
 }
 
+/// `dir/audit-signing.key` for the trust domain `cluster.local`, with `dir/audit.pub`
+/// (made once, as `meshca init` makes them).
+pub fn audit_key(dir: &std::path::Path) -> std::path::PathBuf {
+    audit_key_for(dir, "cluster.local")
+}
+
+fn audit_key_for(dir: &std::path::Path, trust_domain: &str) -> std::path::PathBuf {
+    if !dir.join("audit-signing.key").exists() {
+        meshca::dev::write_audit_key(dir, trust_domain).expect("audit signing key");
+    }
+    dir.join("audit-signing.key")
+}
+
+/// A signing key for the audit log's checkpoints in `dir` (made once), on the
+/// default schedule.
+pub fn audit_checkpoints(dir: &std::path::Path, naming: &Naming) -> meshca::config::AuditCheckpoints {
+    meshca::config::AuditCheckpoints {
+        signing_key: audit_key_for(dir, naming.trust_domain()),
+        every: meshca::audit::DEFAULT_EVERY,
+        interval: meshca::audit::DEFAULT_INTERVAL,
+        new_log: false,
+    }
+}
+
 /// The configuration a test server runs with.
 pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config {
     Config {
@@ -140,6 +165,7 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
             })
         }),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
+        audit_checkpoints: Some(audit_checkpoints(dir, naming)),
         admission: meshca::config::AdmissionSettings {
             max_in_flight: opts.max_in_flight,
             // Tests that hammer one identity must not meet the production per-identity

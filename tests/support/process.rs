@@ -93,9 +93,9 @@ pub fn jwks_file(dir: &Path) -> PathBuf {
 }
 
 /// Adds `serve` with the trust anchors `anchors` and the issuer in `issuer_dir`
-/// (as `meshca init` writes them), tokens checked against the JWKS file `jwks` for
-/// the issuer `https://issuer.example`, and both listeners on ephemeral loopback
-/// ports.
+/// (as `meshca init` writes them, with the audit signing key beside the anchors),
+/// tokens checked against the JWKS file `jwks` for the issuer
+/// `https://issuer.example`, and both listeners on ephemeral loopback ports.
 pub fn serve_with_jwks<'a>(
     cmd: &'a mut Command,
     anchors: &Path,
@@ -110,6 +110,8 @@ pub fn serve_with_jwks<'a>(
         .args(["--token-validation", "jwks", "--jwks-file"])
         .arg(jwks)
         .args(["--token-issuer", "https://issuer.example"])
+        .arg("--audit-signing-key")
+        .arg(anchors.with_file_name("audit-signing.key"))
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
 }
 
