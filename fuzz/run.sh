@@ -20,7 +20,7 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
     echo "usage: fuzz/run.sh [SECONDS]   (whole seconds per target, default 60)" >&2
     exit 2
 fi
-targets=(${FUZZ_TARGETS:-csr certify jwt pem audit_verify})
+targets=(${FUZZ_TARGETS:-csr certify jwt pem audit_verify checkpoint})
 sanitizer=${FUZZ_SANITIZER:-none}
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

@@ -230,6 +230,18 @@ pub struct ServeArgs {
     /// ...or this long after a record no checkpoint covers, whichever comes first, e.g. 10s [default: 10s].
     #[arg(long, env = "MESHCA_AUDIT_CHECKPOINT_INTERVAL", value_name = "DURATION")]
     pub audit_checkpoint_interval: Option<String>,
+    /// Also keep each audit log's latest checkpoint in ConfigMap meshca-audit-<log id> in the control-plane namespace, through the Kubernetes client: --audit-checkpoint-configmap or --audit-checkpoint-configmap=BOOL [default: true when the token validation has a Kubernetes client and checkpoints are signed].
+    #[arg(
+        long,
+        env = "MESHCA_AUDIT_CHECKPOINT_CONFIGMAP",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub audit_checkpoint_configmap: Option<bool>,
     /// Start a new audit log where the old one is missing or empty although its checkpoint remains (without it such a log is refused); the new log's first record holds the old checkpoint. No effect while a log is present.
     #[arg(long, env = "MESHCA_AUDIT_NEW_LOG", value_parser = clap::builder::BoolishValueParser::new())]
     pub audit_new_log: bool,

@@ -103,7 +103,7 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
     let h = hierarchy::generate(&naming, key_type, SystemClock.now(), HierarchyLifetimes::default())
         .map_err(Failure::other)?;
     if args.kubernetes {
-        return init_kubernetes(&args.dir, namespace, &h);
+        return init_kubernetes(&args.dir, namespace, &args.trust_domain, &h);
     }
     crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
     crate::dev::write_audit_key(&args.dir, &args.trust_domain).map_err(Failure::other)?;
@@ -120,7 +120,7 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
 /// `meshca init --kubernetes`: the anchor (certificate and key) to `dir`, key first,
 /// so nothing it signed is published before its key is safe; then the issuer and the
 /// anchor as Kubernetes objects on stdout. The anchor's key is never printed.
-fn init_kubernetes(dir: &Path, namespace: &str, h: &hierarchy::Hierarchy) -> Result<(), Failure> {
+fn init_kubernetes(dir: &Path, namespace: &str, trust_domain: &str, h: &hierarchy::Hierarchy) -> Result<(), Failure> {
     use crate::files::{write_new, Access};
     use std::io::Write as _;
     let write = |name: &str, contents: &str, access| {
@@ -130,43 +130,54 @@ fn init_kubernetes(dir: &Path, namespace: &str, h: &hierarchy::Hierarchy) -> Res
     };
     write("trust-anchor.key", &h.anchor_key_pem, Access::Private)?;
     write("trust-anchors.pem", &h.anchor_cert_pem, Access::Public)?;
+    let name = crate::audit::checkpoint::key_name(trust_domain);
+    let (audit_key, audit_pem) = crate::audit::checkpoint::SigningKey::generate(&name).map_err(Failure::other)?;
+    write("audit.pub", &format!("{}\n", audit_key.verifier()), Access::Public)?;
     let mut stdout = std::io::stdout().lock();
     stdout
-        .write_all(kubernetes_objects(namespace, h).as_bytes())
+        .write_all(kubernetes_objects(namespace, h, &audit_pem).as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(|e| Failure::other(format!("cannot write to stdout: {e}")))?;
     say(format_args!(
-        "printed Secret {namespace}/meshca-issuer and ConfigMap {namespace}/meshca-trust-anchors\n\
-         wrote {dir}/trust-anchors.pem and {dir}/trust-anchor.key: the key signs new issuers, keep it offline.",
+        "printed Secrets {namespace}/meshca-issuer and {namespace}/meshca-audit-key and ConfigMap \
+         {namespace}/meshca-trust-anchors\n\
+         wrote {dir}/trust-anchors.pem and {dir}/trust-anchor.key: the key signs new issuers, keep it offline.\n\
+         wrote {dir}/audit.pub: the verifier key of the audit log's checkpoints, for auditors.",
         dir = dir.display()
     ));
     Ok(())
 }
 
 /// The issuer as a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`) and
-/// the anchor as a ConfigMap (`ca-bundle.crt`), the names `deploy/base` mounts. The
-/// namespace is a checked DNS label and the rest is base64 or PEM, so nothing needs
-/// quoting.
-fn kubernetes_objects(namespace: &str, h: &hierarchy::Hierarchy) -> String {
+/// the anchor as a ConfigMap (`ca-bundle.crt`), and the audit signing key as an
+/// Opaque Secret (`audit-signing.key`), the names `deploy/base` mounts. The namespace
+/// is a checked DNS label and the rest is base64 or PEM, so nothing needs quoting.
+fn kubernetes_objects(namespace: &str, h: &hierarchy::Hierarchy, audit_key_pem: &str) -> String {
     use base64::Engine as _;
     let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
     let bundle: String = h.anchor_cert_pem.lines().map(|line| format!("    {line}\n")).collect();
-    let metadata = |name: &str| {
+    // `component` tells the CA (ca) from the audit key (audit-key), so that
+    // `kubectl apply -l app.kubernetes.io/component=ca` replaces one and not the other.
+    let metadata = |name: &str, component: &str| {
         format!(
             "metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    \
-             app.kubernetes.io/name: meshca\n    app.kubernetes.io/part-of: meshca\n"
+             app.kubernetes.io/name: meshca\n    app.kubernetes.io/part-of: meshca\n    \
+             app.kubernetes.io/component: {component}\n"
         )
     };
     format!(
         "# meshca init --kubernetes: a new issuer and its trust anchor. The anchor's key is not here.\n\
          apiVersion: v1\nkind: Secret\n{secret}type: kubernetes.io/tls\ndata:\n  \
          tls.crt: {crt}\n  tls.key: {key}\n  ca.crt: {ca}\n---\n\
-         apiVersion: v1\nkind: ConfigMap\n{config_map}data:\n  ca-bundle.crt: |\n{bundle}",
-        secret = metadata("meshca-issuer"),
+         apiVersion: v1\nkind: ConfigMap\n{config_map}data:\n  ca-bundle.crt: |\n{bundle}---\n\
+         apiVersion: v1\nkind: Secret\n{audit_secret}type: Opaque\ndata:\n  audit-signing.key: {audit_key}\n",
+        secret = metadata("meshca-issuer", "ca"),
         crt = b64(&h.issuer_cert_pem),
         key = b64(&h.issuer_key_pem),
         ca = b64(&h.anchor_cert_pem),
-        config_map = metadata("meshca-trust-anchors"),
+        config_map = metadata("meshca-trust-anchors", "ca"),
+        audit_secret = metadata("meshca-audit-key", "audit-key"),
+        audit_key = b64(audit_key_pem),
     )
 }
 

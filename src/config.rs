@@ -177,6 +177,8 @@ pub struct AuditCheckpoints {
     pub every: u64,
     pub interval: Duration,
     pub new_log: bool,
+    /// Keep the latest checkpoint in a ConfigMap too (needs [`TokenConfig::kubernetes`]).
+    pub configmap: bool,
 }
 
 /// Default `--max-connections`.
@@ -284,7 +286,7 @@ impl Config {
         let lifetimes = lifetimes(&args)?;
         let token = args.token.resolve(dev_paths.as_ref().map(DevPaths::jwks).as_deref())?;
         let audit_log = audit_log(&args, dev_paths.as_ref())?;
-        let audit_checkpoints = audit_checkpoints(&args, dev_paths.as_ref(), &audit_log)?;
+        let audit_checkpoints = audit_checkpoints(&args, dev_paths.as_ref(), &audit_log, &token)?;
         let (events, node_os) = kubernetes_reports(&args, &token)?;
         let (admission, connections, memory_limit) = capacity(&args, &token)?;
         let (reload, ready_api_unreachable_threshold) = reload(&args)?;
@@ -416,7 +418,20 @@ fn audit_checkpoints(
     args: &ServeArgs,
     dev_paths: Option<&DevPaths>,
     audit_log: &str,
+    token: &TokenConfig,
 ) -> Result<Option<AuditCheckpoints>, Error> {
+    let configmap = match (args.audit_checkpoint_configmap, token.kubernetes()) {
+        (Some(true), None) => {
+            return Err(Error::Invalid {
+                setting: "audit-checkpoint-configmap",
+                reason: "ConfigMaps need a Kubernetes client: --token-validation tokenreview, or jwks without \
+                         --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod; or pass \
+                         --audit-checkpoint-configmap=false"
+                    .into(),
+            })
+        }
+        (explicit, kubernetes) => explicit.unwrap_or(kubernetes.is_some()),
+    };
     let every = args.audit_checkpoint_every.unwrap_or(crate::audit::DEFAULT_EVERY);
     if every == 0 {
         return Err(Error::Invalid { setting: "audit-checkpoint-every", reason: "must be at least 1".into() });
@@ -445,7 +460,7 @@ fn audit_checkpoints(
             })
         }
     };
-    Ok(Some(AuditCheckpoints { signing_key, every, interval, new_log: args.audit_new_log }))
+    Ok(Some(AuditCheckpoints { signing_key, every, interval, new_log: args.audit_new_log, configmap }))
 }
 
 /// Events and node-OS lookups: on only where the token validation has a Kubernetes client.

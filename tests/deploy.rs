@@ -50,10 +50,14 @@ const RBAC_RULES: [(&str, &[&str], &[&str]); 4] = [
     ("", &["pods", "nodes"], &["get"]),
 ];
 const RBAC_URLS: [&str; 2] = ["/.well-known/openid-configuration", "/openid/v1/jwks"];
-/// meshca's Role in its own namespace (bootstrap token uses as Leases), rule by
-/// rule. docs/RUNBOOK.md lists the same set.
-const NAMESPACED_RBAC_RULES: [(&str, &[&str], &[&str]); 1] =
-    [("coordination.k8s.io", &["leases"], &["create", "list", "delete"])];
+/// meshca's Role in its own namespace (bootstrap token uses as Leases, audit
+/// checkpoints as ConfigMaps), rule by rule. docs/RUNBOOK.md lists the same set.
+const NAMESPACED_RBAC_RULES: [(&str, &[&str], &[&str]); 2] = [
+    ("coordination.k8s.io", &["leases"], &["create", "list", "delete"]),
+    ("", &["configmaps"], &["create", "patch"]),
+];
+/// The Secret holding the audit log's signing key, and where it is mounted.
+const AUDIT_KEY_SECRET: &str = "meshca-audit-key";
 
 const MISSING_TOOLS: &str =
     "run `bash tests/run.sh`, which checks for kubectl (v1.27 or later, with kustomize v5) \
@@ -379,9 +383,10 @@ fn check_install(docs: &[Value], install: &Install) -> String {
         .collect();
     assert_eq!(ports, BTreeMap::from([("grpc".to_owned(), 8080), ("admin".to_owned(), 9990)]));
 
-    // Volumes: the issuer Secret and the trust-anchor ConfigMap, read-only; nothing writable.
+    // Volumes: the issuer Secret, the trust-anchor ConfigMap and the audit key Secret,
+    // read-only; nothing writable.
     let volumes = pod["volumes"].as_array().unwrap();
-    assert_eq!(volumes.len(), 2, "only the issuer and the trust anchors are mounted: {volumes:?}");
+    assert_eq!(volumes.len(), 3, "only the issuer, the trust anchors and the audit key are mounted: {volumes:?}");
     let volume = |source: &str, key: &str, name: &str| -> String {
         let v = volumes
             .iter()
@@ -395,27 +400,26 @@ fn check_install(docs: &[Value], install: &Install) -> String {
     };
     let issuer_dir = volume("secret", "secretName", install.issuer_secret);
     let anchors_dir = volume("configMap", "name", install.trust_roots);
-    // The kubelet's default mode (0644) lets every user read the issuer key, and meshca
-    // refuses to start with such a key: the Secret must be mounted owner/group-only.
-    let secret =
-        &volumes.iter().find(|v| v["secret"]["secretName"] == install.issuer_secret).unwrap()["secret"];
-    let modes = std::iter::once(&secret["defaultMode"])
-        .chain(secret["items"].as_array().into_iter().flatten().map(|item| &item["mode"]));
-    for mode in modes.filter(|m| !m.is_null()) {
-        let mode = mode.as_i64().unwrap();
-        assert_eq!(
-            mode & 0o007,
-            0,
-            "issuer Secret mounted with mode {mode:o}: every user could read the key"
-        );
+    let audit_dir = volume("secret", "secretName", AUDIT_KEY_SECRET);
+    // The kubelet's default mode (0644) lets every user read a key, and meshca refuses
+    // to start with such a key: both Secrets must be mounted owner/group-only.
+    for name in [install.issuer_secret, AUDIT_KEY_SECRET] {
+        let secret = &volumes.iter().find(|v| v["secret"]["secretName"] == name).unwrap()["secret"];
+        let modes = std::iter::once(&secret["defaultMode"])
+            .chain(secret["items"].as_array().into_iter().flatten().map(|item| &item["mode"]));
+        for mode in modes.filter(|m| !m.is_null()) {
+            let mode = mode.as_i64().unwrap();
+            assert_eq!(mode & 0o007, 0, "{name} mounted with mode {mode:o}: every user could read the key");
+        }
+        assert!(secret["defaultMode"].is_i64(), "the {name} Secret volume must set defaultMode (e.g. 0440)");
     }
-    assert!(secret["defaultMode"].is_i64(), "the issuer Secret volume must set defaultMode (e.g. 0440)");
 
     // Arguments: `serve`, then --flag=value with flags serve knows.
     let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| str_of(a, "arg")).collect();
     assert!(c.get("command").is_none(), "the image's entrypoint is meshca");
     let flags = parse_args(&args, "serve");
     let trust_anchors = format!("{anchors_dir}/ca-bundle.crt");
+    let audit_key = format!("{audit_dir}/audit-signing.key");
     let expected = [
         ("listen", "0.0.0.0:8080"),
         ("admin-listen", "0.0.0.0:9990"),
@@ -424,6 +428,7 @@ fn check_install(docs: &[Value], install: &Install) -> String {
         ("token-validation", "tokenreview"),
         ("token-audiences", "identity.l5d.io"),
         ("audit-log", "-"),
+        ("audit-signing-key", audit_key.as_str()),
         ("max-in-flight", "4096"),
         ("max-connections", "1024"),
         ("control-plane-namespace", install.namespace),
@@ -631,13 +636,16 @@ fn source_text(dir: &Path) -> String {
 #[test]
 fn documented_rbac_in_the_runbook_is_the_tested_set() {
     let runbook = std::fs::read_to_string(repo().join("docs/RUNBOOK.md")).unwrap();
-    for (group, resources, verbs) in RBAC_RULES {
+    let row = |group: &str, resources: &[&str], verbs: &[&str]| {
         let group = if group.is_empty() { "core (`\"\"`)".to_owned() } else { format!("`{group}`") };
-        let row = format!("| {group} | `{}` | `{}` |", resources.join("`, `"), verbs.join("`, `"));
+        format!("| {group} | `{}` | `{}` |", resources.join("`, `"), verbs.join("`, `"))
+    };
+    for (group, resources, verbs) in RBAC_RULES {
+        let row = row(group, resources, verbs);
         assert!(runbook.contains(&row), "docs/RUNBOOK.md lacks the RBAC row {row}");
     }
     for (group, resources, verbs) in NAMESPACED_RBAC_RULES {
-        let row = format!("| `{group}` | `{}` | `{}` |", resources.join("`, `"), verbs.join("`, `"));
+        let row = row(group, resources, verbs);
         assert!(runbook.contains(&row), "docs/RUNBOOK.md lacks the namespaced RBAC row {row}");
     }
     let urls = format!("| non-resource URLs | `{}` | `get` |", RBAC_URLS.join("`, `"));
@@ -664,9 +672,31 @@ fn init_kubernetes_prints_valid_objects_whose_issuer_chains_to_the_anchor_and_ke
     assert!(out.status.success(), "init --kubernetes: {}", String::from_utf8_lossy(&out.stderr));
     let yaml = String::from_utf8(out.stdout).unwrap();
     let docs = validate(&yaml, "meshca init --kubernetes");
-    assert_eq!(docs.len(), 2);
+    assert_eq!(docs.len(), 3);
+    let named = |name: &str| docs.iter().find(|d| d["metadata"]["name"] == name).unwrap_or_else(|| panic!("{name}"));
 
-    let secret = one(&docs, "Secret");
+    // The audit key: an Opaque Secret of its own, its verifier key in --dir for auditors.
+    let audit = named("meshca-audit-key");
+    assert_eq!((&audit["kind"], &audit["type"]), (&"Secret".into(), &"Opaque".into()));
+    assert_eq!(audit["metadata"]["namespace"], "meshca-system");
+    // Labelled apart, so that `kubectl apply -l` installs or replaces one without the other.
+    let components: BTreeSet<(&str, &str)> = docs
+        .iter()
+        .map(|d| (str_of(&d["metadata"]["name"], "name"), str_of(&d["metadata"]["labels"]["app.kubernetes.io/component"], "component")))
+        .collect();
+    let expected = [("meshca-issuer", "ca"), ("meshca-trust-anchors", "ca"), ("meshca-audit-key", "audit-key")];
+    assert_eq!(components, BTreeSet::from(expected));
+    let audit_pem = base64::engine::general_purpose::STANDARD
+        .decode(str_of(&audit["data"]["audit-signing.key"], "audit-signing.key"))
+        .unwrap();
+    let audit_key_file = tmp.path().join("audit-signing.key");
+    std::fs::write(&audit_key_file, &audit_pem).unwrap();
+    std::fs::set_permissions(&audit_key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let signing = meshca::audit::checkpoint::SigningKey::read("meshca/cluster.local", &audit_key_file).unwrap();
+    let published = std::fs::read_to_string(dir.join("audit.pub")).unwrap();
+    assert_eq!(published.trim(), signing.verifier().to_string(), "audit.pub verifies the key in the Secret");
+
+    let secret = named("meshca-issuer");
     assert_eq!(secret["type"], "kubernetes.io/tls");
     assert_eq!(secret["metadata"]["name"], "meshca-issuer");
     assert_eq!(secret["metadata"]["namespace"], "meshca-system");
@@ -676,8 +706,8 @@ fn init_kubernetes_prints_valid_objects_whose_issuer_chains_to_the_anchor_and_ke
     let decode = |k: &str| base64::engine::general_purpose::STANDARD.decode(str_of(&data[k], k)).unwrap();
     let (crt, key, ca) = (decode("tls.crt"), decode("tls.key"), decode("ca.crt"));
 
-    let config_map = one(&docs, "ConfigMap");
-    assert_eq!(config_map["metadata"]["name"], "meshca-trust-anchors");
+    let config_map = named("meshca-trust-anchors");
+    assert_eq!(config_map["kind"], "ConfigMap");
     assert_eq!(config_map["metadata"]["namespace"], "meshca-system");
     let bundle = str_of(&config_map["data"]["ca-bundle.crt"], "ca-bundle.crt");
     let anchors_file = std::fs::read_to_string(dir.join("trust-anchors.pem")).unwrap();

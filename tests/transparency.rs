@@ -16,6 +16,7 @@ use meshca_test_support as support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use support::apiserver::ApiServer;
 use support::audit::{forge, lines};
 use support::process::{meshca, output, ServeBin, PATIENCE};
 
@@ -256,6 +257,35 @@ async fn a_new_log_starts_only_when_asked_and_its_first_record_holds_the_old_che
     assert_eq!(lines(&data.join("audit.jsonl")).len(), before + 1, "one more record: the serving certificate");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_checkpoint_is_also_one_json_log_line_that_jq_style_extraction_gets_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let json = ["--log-format", "json", "--audit-checkpoint-every", "1"];
+    let mut serve = ServeBin::start_quiet(&[], RUN, &data, &json).await;
+    certify(&serve, 2).await;
+    serve.stop().await;
+    assert!(serve.process.stderr.read_to_end(std::time::Instant::now() + PATIENCE));
+    let notes: Vec<String> = serve
+        .process
+        .stderr
+        .seen
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["message"] == "audit checkpoint")
+        .map(|v| v["checkpoint"].as_str().expect("the note as a string").to_owned())
+        .collect();
+    let key: meshca::audit::checkpoint::VerifierKey =
+        std::fs::read_to_string(data.join("audit.pub")).unwrap().trim().parse().unwrap();
+    let sizes: Vec<u64> = notes
+        .iter()
+        .map(|note| meshca::audit::checkpoint::Checkpoint::open(note, std::slice::from_ref(&key)).unwrap().size)
+        .collect();
+    // One a record (the serving certificate, two issuances), then the closing one again at 3.
+    assert_eq!(sizes, [1, 2, 3, 3], "{notes:?}");
+    assert_eq!(notes.last().unwrap(), &std::fs::read_to_string(data.join("audit.jsonl.checkpoint")).unwrap());
+}
+
 #[test]
 fn init_writes_an_audit_key_and_a_file_log_outside_dev_requires_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -281,6 +311,51 @@ fn init_writes_an_audit_key_and_a_file_log_outside_dev_requires_one() {
     let out = output(&mut without_key, PATIENCE);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--audit-signing-key is required when the audit log is a file"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_kubernetes_client_each_logs_latest_checkpoint_is_kept_in_a_configmap() {
+    let api = ApiServer::start().await;
+    let opts = support::Options {
+        token: Some(api.tokenreview_config()),
+        audit_checkpoint_every: 2,
+        audit_configmap: true,
+        ..Default::default()
+    };
+    let server = support::TestServer::start_with(opts).await;
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        let (_key, request) = server.request("default", "web");
+        let token = api.token(&server.claims("default", "web"));
+        let request = meshca::proto::CertifyRequest { token, ..request };
+        client.certify(request).await.unwrap();
+    }
+    // Records, one batch each: the serving certificate and three issuances; a
+    // checkpoint at 2 and at 4. A newer one may replace one not yet applied.
+    let log_id = lines(&server.audit_path)[0][..].split("\"hash\":\"").nth(1).unwrap()[..16].to_owned();
+    let name = meshca::cluster::checkpoints::configmap_name(&log_id);
+    let stored = tokio::time::timeout(PATIENCE, async {
+        for applies in 1.. {
+            api.configmap_applies_reach(applies).await;
+            let stored = api.configmap("meshca-system", &name).expect("the ConfigMap");
+            if stored["data"]["checkpoint"].as_str().unwrap().contains("\n4\n") {
+                return stored;
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("the checkpoint of 4 records reaches the ConfigMap");
+    assert_eq!(stored["metadata"]["labels"]["app.kubernetes.io/component"], "audit-checkpoint");
+    let note = stored["data"]["checkpoint"].as_str().unwrap();
+    let key: meshca::audit::checkpoint::VerifierKey =
+        std::fs::read_to_string(server.dir.path().join("audit.pub")).unwrap().trim().parse().unwrap();
+    let checkpoint = meshca::audit::checkpoint::Checkpoint::open(note, &[key]).unwrap();
+    assert_eq!(stored["metadata"]["annotations"]["meshca.io/audit-origin"], checkpoint.origin.as_str());
+    assert_eq!(checkpoint.log_id(), log_id);
+    assert_eq!(checkpoint.size, 4, "{note}");
+    let file = std::fs::read_to_string(meshca::audit::checkpoint_path(&server.audit_path)).unwrap();
+    assert_eq!(file, note, "the same note beside the log");
 }
 
 // ---------------------------------------------------------------------------

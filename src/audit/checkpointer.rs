@@ -40,8 +40,12 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 /// Checkpoints waiting for the publisher; a newer one supersedes any dropped.
 const PUBLISH_QUEUE: usize = 4;
 
+/// Somewhere else each checkpoint goes (e.g. a ConfigMap), called on the
+/// publisher thread with the checkpoint and its signed note; it must not block long.
+pub type PublishHook = Arc<dyn Fn(&Checkpoint, &str) + Send + Sync>;
+
 /// How a log is checkpointed.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Checkpoints {
     pub key: Arc<SigningKey>,
     /// Named in the origin line.
@@ -52,6 +56,20 @@ pub struct Checkpoints {
     pub interval: Duration,
     /// Start a new log where the old one is missing (see the module docs).
     pub new_log: bool,
+    /// Also hand every checkpoint published to this.
+    pub also: Option<PublishHook>,
+}
+
+impl std::fmt::Debug for Checkpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoints")
+            .field("key", &self.key)
+            .field("every", &self.every)
+            .field("interval", &self.interval)
+            .field("new_log", &self.new_log)
+            .field("also", &self.also.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// `PATH.checkpoint`, beside the audit log `PATH`.
@@ -210,6 +228,7 @@ pub(super) struct Checkpointer {
     settings: Checkpoints,
     /// `PATH.checkpoint` (none for stdout).
     file: Option<PathBuf>,
+    also: Option<PublishHook>,
     /// Tree size the last checkpoint signed.
     pub(super) covered: u64,
     /// When the first record the last checkpoint does not cover was written.
@@ -220,7 +239,8 @@ pub(super) struct Checkpointer {
 
 impl Checkpointer {
     pub(super) fn new(settings: Checkpoints, file: Option<PathBuf>) -> Checkpointer {
-        Checkpointer { settings, file, covered: 0, uncovered_since: None, queue: None, publisher: None }
+        let also = settings.also.clone();
+        Checkpointer { settings, file, also, covered: 0, uncovered_since: None, queue: None, publisher: None }
     }
 
     /// Signs the tree as it stands.
@@ -240,16 +260,16 @@ impl Checkpointer {
     pub(super) fn start(&mut self, tree: &Frontier, first_hash: Option<&str>) -> io::Result<()> {
         if tree.size() > 0 {
             let (note, cp) = self.sign(tree, first_hash, false);
-            publish(self.file.as_deref(), &note, &cp)?;
+            publish(self.file.as_deref(), self.also.as_ref(), &note, &cp)?;
         }
         self.covered = tree.size();
         let (tx, rx) = std_mpsc::sync_channel(PUBLISH_QUEUE);
-        let file = self.file.clone();
+        let (file, also) = (self.file.clone(), self.also.clone());
         let publisher = std::thread::Builder::new().name("meshca-audit-checkpoint".into()).spawn(move || {
             for msg in rx {
                 match msg {
                     Publish::Note(note, cp) => {
-                        if let Err(e) = publish(file.as_deref(), &note, &cp) {
+                        if let Err(e) = publish(file.as_deref(), also.as_ref(), &note, &cp) {
                             tracing::error!(error = %e, size = cp.size, "cannot write the audit checkpoint; retried with the next one");
                         }
                     }
@@ -297,7 +317,7 @@ impl Checkpointer {
             return Ok(());
         }
         let (note, cp) = self.sign(tree, first_hash, true);
-        publish(self.file.as_deref(), &note, &cp)?;
+        publish(self.file.as_deref(), self.also.as_ref(), &note, &cp)?;
         self.covered = tree.size();
         Ok(())
     }
@@ -330,18 +350,23 @@ impl Checkpointer {
 }
 
 /// Puts a checkpoint where verifiers find it: the file beside the log (replaced
-/// atomically) and one log line.
-fn publish(file: Option<&Path>, note: &str, cp: &Checkpoint) -> io::Result<()> {
-    if let Some(path) = file {
-        crate::files::write_atomic(path, note.as_bytes(), crate::files::Access::Public)?;
+/// atomically), one log line, and the hook.
+fn publish(file: Option<&Path>, also: Option<&PublishHook>, note: &str, cp: &Checkpoint) -> io::Result<()> {
+    let written = match file {
+        Some(path) => crate::files::write_atomic(path, note.as_bytes(), crate::files::Access::Public),
+        None => Ok(()),
+    };
+    if let Some(hook) = also {
+        hook(cp, note);
     }
     tracing::info!(
         origin = %cp.origin,
         size = cp.size,
         root = %base64::Engine::encode(&base64::engine::general_purpose::STANDARD, cp.root),
         closed = cp.closed(),
-        checkpoint = ?note,
+        // A &str: JSON logs carry it as a string, text logs quoted and escaped on one line.
+        checkpoint = note,
         "audit checkpoint"
     );
-    Ok(())
+    written
 }

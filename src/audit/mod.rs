@@ -402,7 +402,7 @@ mod verify;
 mod writer;
 
 use checkpointer::*;
-pub use checkpointer::{checkpoint_path, Checkpoints, DEFAULT_EVERY, DEFAULT_INTERVAL};
+pub use checkpointer::{checkpoint_path, Checkpoints, PublishHook, DEFAULT_EVERY, DEFAULT_INTERVAL};
 use format::*;
 pub use crate::digest::{hex, sha256_hex};
 use open::*;
@@ -737,6 +737,44 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_file_renamed_away_keeps_its_final_checkpoint_in_the_next_files_first_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (key, _) = checkpoint::SigningKey::generate("meshca/cluster.local").unwrap();
+        let vkey = key.verifier();
+        let settings = Checkpoints {
+            key: Arc::new(key),
+            trust_domain: "cluster.local".into(),
+            every: 1000,
+            interval: Duration::from_secs(3600),
+            new_log: false,
+            also: None,
+        };
+        let log = AuditLog::open_with(Sink::File(path.clone()), Some(settings)).await.unwrap();
+        for i in 1..=3 {
+            log.append(record(i)).await.unwrap();
+        }
+        let rotated = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.append(record(4)).await.unwrap();
+        log.close().await.unwrap();
+        let first = &records(&path)[0];
+        assert_eq!((first["outcome"].as_str(), first["previous_file"].as_str()), (Some("continued"), Some("renamed")));
+        let note = first["previous_checkpoint"].as_str().unwrap();
+        let old = checkpoint::Checkpoint::open(note, std::slice::from_ref(&vkey)).unwrap();
+        // It signs the whole renamed file, and verifies it as a saved checkpoint would.
+        let saved = dir.path().join("old.checkpoint");
+        std::fs::write(&saved, note).unwrap();
+        let checked = prove::check(&rotated, std::slice::from_ref(&vkey), Some(&saved)).unwrap();
+        assert_eq!((old.size, checked.covered(), checked.report.records), (3, 3, 3));
+        // And the new file's own checkpoint (written at close) covers its two records.
+        let new = prove::check(&path, &[vkey], None).unwrap();
+        assert_eq!((new.covered(), new.report.records), (2, 2));
+        assert!(new.latest.unwrap().checkpoint.closed());
     }
 
     #[cfg(unix)]

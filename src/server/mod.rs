@@ -138,27 +138,38 @@ pub async fn run(
     run_with(config, clock, listener, admin_listener, shutdown, None).await
 }
 
-/// The audit key and schedule, loaded (none: records are chained but no checkpoint is signed).
-fn audit_checkpoints(config: &Config) -> Result<Option<crate::audit::Checkpoints>, Error> {
+/// The audit key and schedule, loaded (none: records are chained but no checkpoint
+/// is signed), and the ConfigMap publisher when there is one.
+fn audit_checkpoints(
+    config: &Config,
+) -> Result<(Option<crate::audit::Checkpoints>, Option<crate::cluster::checkpoints::Publisher>), Error> {
     use crate::audit::checkpoint::{key_name, SigningKey};
     let Some(settings) = &config.audit_checkpoints else {
         tracing::warn!(
             "audit records are chained but no checkpoint is signed (no --audit-signing-key): anyone who can \
              rewrite the log can recompute its chain"
         );
-        return Ok(None);
+        return Ok((None, None));
     };
     let trust_domain = config.naming.trust_domain().to_owned();
     let key = SigningKey::read(&key_name(&trust_domain), &settings.signing_key)
         .map_err(|e| crate::audit::Error::SigningKey(e.to_string()))?;
     tracing::info!(verifier_key = %key.verifier(), "audit checkpoints are signed by this key");
-    Ok(Some(crate::audit::Checkpoints {
+    // Connected once the token validation's own client is (its errors come first).
+    let publisher = config
+        .token
+        .kubernetes()
+        .filter(|_| settings.configmap)
+        .map(|_| crate::cluster::checkpoints::Publisher::default());
+    let checkpoints = crate::audit::Checkpoints {
         key: Arc::new(key),
         trust_domain,
         every: settings.every,
         interval: settings.interval,
         new_log: settings.new_log,
-    }))
+        also: publisher.as_ref().map(|p| p.hook()),
+    };
+    Ok((Some(checkpoints), publisher))
 }
 
 /// Like [`run`]; `handles` receives the [`Handles`] just before serving starts
@@ -173,8 +184,12 @@ pub async fn run_with(
 ) -> Result<(), Error> {
     // First: its lock says whether another meshca writes here, before anything else
     // in a shared data directory (the bootstrap replay file) is touched.
-    let audit = AuditLog::open_with(Sink::parse(&config.audit_log), audit_checkpoints(&config)?).await?;
+    let (checkpoints, configmaps) = audit_checkpoints(&config)?;
+    let audit = AuditLog::open_with(Sink::parse(&config.audit_log), checkpoints).await?;
     let metrics = Arc::new(Metrics::new(clock.clone()));
+    if let Some(configmaps) = &configmaps {
+        metrics.register(|r| configmaps.register_metrics(r));
+    }
     let store = Arc::new(Store::default());
     let reloader = Arc::new(
         Reloader::new(
@@ -189,6 +204,11 @@ pub async fn run_with(
     );
     metrics.set_snapshot(reloader.load()?.as_ref());
     let authenticator = config.token.connect().await?;
+    if let (Some(configmaps), Some(kubeconfig)) = (&configmaps, config.token.kubernetes()) {
+        let namespace = config.naming.control_plane_namespace();
+        configmaps.connect(kubeconfig, namespace).await?;
+        tracing::info!(namespace, "audit checkpoints are also kept in ConfigMaps meshca-audit-<log id>");
+    }
     let bootstrap = Arc::new(
         crate::auth::bootstrap::open(config.bootstrap.as_ref(), &store, &config.naming, &clock).await?,
     );

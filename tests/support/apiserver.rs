@@ -29,6 +29,13 @@
 //! name get exactly one 201; `GET` lists them (with a `labelSelector` of `k=v` and
 //! `k` terms) and `DELETE …/leases/NAME` removes one (404 when absent).
 //!
+//! It applies core/v1 ConfigMaps the way server-side apply does:
+//! `PATCH /api/v1/namespaces/NS/configmaps/NAME?fieldManager=M` with content type
+//! `application/apply-patch+yaml` creates the object or replaces its fields (201 or
+//! 200 with the stored object); anything else on ConfigMaps is refused as the real
+//! one refuses it (415 for another patch type, 422 for a name that differs, 400
+//! without a field manager). [`ApiServer::configmap`] reads one back.
+//!
 //! Failure modes switch at run time, separately for reviews, the discovery
 //! endpoints, Events, pod/node GETs and Leases: answer 500 or 403, answer garbage, hold answers until released; or stop
 //! listening (connection refused). It counts what it was asked for.
@@ -106,6 +113,8 @@ struct State {
     leases: Mutex<std::collections::BTreeMap<(String, String), Value>>,
     lease_calls: AtomicUsize,
     lease_creates: watch::Sender<usize>,
+    configmaps: Mutex<std::collections::BTreeMap<(String, String), Value>>,
+    configmap_applies: watch::Sender<usize>,
     leases_mode: watch::Sender<Mode>,
     released: watch::Sender<bool>,
     down: watch::Sender<bool>,
@@ -204,6 +213,8 @@ impl ApiServer {
             leases: Mutex::default(),
             lease_calls: AtomicUsize::new(0),
             lease_creates: watch::channel(0).0,
+            configmaps: Mutex::default(),
+            configmap_applies: watch::channel(0).0,
             leases_mode: watch::channel(Mode::Answer).0,
             released: watch::channel(false).0,
             down: watch::channel(false).0,
@@ -386,6 +397,16 @@ impl ApiServer {
         let _ = self.state.lease_creates.subscribe().wait_for(|creates| *creates >= n).await;
     }
 
+    /// The ConfigMap `namespace/name`, as stored.
+    pub fn configmap(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state.configmaps.lock().unwrap().get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Waits until `n` ConfigMap applies have been stored.
+    pub async fn configmap_applies_reach(&self, n: usize) {
+        let _ = self.state.configmap_applies.subscribe().wait_for(|applies| *applies >= n).await;
+    }
+
     /// Lets held answers go.
     pub fn release(&self) {
         self.state.released.send_replace(true);
@@ -527,6 +548,12 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
             }
             return get_object(state, lookup).await;
+        }
+        (Method::PATCH, configmap) if configmap.starts_with("/api/v1/namespaces/") && configmap.contains("/configmaps/") => {
+            if !authorized {
+                return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+            }
+            return apply_configmap(state, req).await;
         }
         (method, leases) if leases.starts_with(LEASES) => {
             if !authorized {
@@ -778,6 +805,42 @@ async fn lease_call(state: &State, method: Method, req: Request<Incoming>) -> Re
             "the server does not allow this method",
         ),
     }
+}
+
+/// Server-side apply of a ConfigMap: creates it or replaces the applied fields.
+async fn apply_configmap(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().trim_start_matches("/api/v1/namespaces/").to_owned();
+    let Some((namespace, name)) = path.split_once("/configmaps/") else { return not_found() };
+    let (namespace, name) = (namespace.to_owned(), name.to_owned());
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if content_type != "application/apply-patch+yaml" {
+        return failure(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", "unsupported patch type");
+    }
+    if !query.split('&').any(|kv| kv.starts_with("fieldManager=") && kv.len() > "fieldManager=".len()) {
+        return failure(StatusCode::BAD_REQUEST, "BadRequest", "PATCH requests with apply must have a fieldManager");
+    }
+    let Ok(body) = req.into_body().collect().await else {
+        return failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    // YAML is a superset of JSON; kube sends the object as JSON.
+    let mut object: Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+    if object["apiVersion"] != "v1" || object["kind"] != "ConfigMap" || object["metadata"]["name"] != name.as_str() {
+        return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "ConfigMap is invalid: metadata.name");
+    }
+    let size: usize = object["data"].as_object().map_or(0, |d| d.iter().map(|(k, v)| k.len() + v.to_string().len()).sum());
+    if size > 1024 * 1024 {
+        return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "ConfigMap is invalid: data: Too long");
+    }
+    let mut configmaps = state.configmaps.lock().unwrap();
+    let created = !configmaps.contains_key(&(namespace.clone(), name.clone()));
+    let version = state.configmap_applies.borrow().to_owned() + 1;
+    object["metadata"]["namespace"] = json!(namespace);
+    object["metadata"]["resourceVersion"] = json!(version.to_string());
+    configmaps.insert((namespace, name), object.clone());
+    drop(configmaps);
+    state.configmap_applies.send_modify(|n| *n += 1);
+    respond(if created { StatusCode::CREATED } else { StatusCode::OK }, object)
 }
 
 /// Creates a Lease unless its name is taken, checked and stored under one lock.

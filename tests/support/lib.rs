@@ -69,6 +69,10 @@ pub struct Options {
     pub bootstrap: Option<meshca::config::BootstrapConfig>,
     /// `--token-audiences` of the default (JWKS) token validation; default [`AUDIENCE`].
     pub audiences: Option<Vec<String>>,
+    /// `--audit-checkpoint-every`; default 1000.
+    pub audit_checkpoint_every: u64,
+    /// `--audit-checkpoint-configmap` (only with a token mode that has a Kubernetes client).
+    pub audit_configmap: bool,
 }
 
 impl Default for Options {
@@ -89,6 +93,8 @@ impl Default for Options {
             ready_api_unreachable_threshold: Duration::from_secs(60),
             bootstrap: None,
             audiences: None,
+            audit_checkpoint_every: meshca::audit::DEFAULT_EVERY,
+            audit_configmap: false,
         }
     }
 }
@@ -140,6 +146,7 @@ pub fn audit_checkpoints(dir: &std::path::Path, naming: &Naming) -> meshca::conf
         every: meshca::audit::DEFAULT_EVERY,
         interval: meshca::audit::DEFAULT_INTERVAL,
         new_log: false,
+        configmap: false,
     }
 }
 
@@ -165,7 +172,11 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
             })
         }),
         audit_log: opts.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl").display().to_string()),
-        audit_checkpoints: Some(audit_checkpoints(dir, naming)),
+        audit_checkpoints: Some(meshca::config::AuditCheckpoints {
+            every: opts.audit_checkpoint_every,
+            configmap: opts.audit_configmap,
+            ..audit_checkpoints(dir, naming)
+        }),
         admission: meshca::config::AdmissionSettings {
             max_in_flight: opts.max_in_flight,
             // Tests that hammer one identity must not meet the production per-identity
