@@ -10,8 +10,10 @@
 # instead). It measures start-to-ready time and idle RSS, runs
 # `meshca-load --crypto-bound` (in-process CSR check + leaf sign on all cores), then
 # `meshca-load` at 16, 64 and 1024 concurrent streams against the server, stops the
-# server with SIGTERM, verifies the audit log's hash chain, and prints a markdown
-# table. Client and server run on the same machine and share its cores.
+# server with SIGTERM, verifies the audit log against its signed checkpoints, measures
+# what the log's Merkle tree and checkpoints cost per record (bench/audit_cost.rs),
+# and prints a markdown table. Client and server run on the same machine and share
+# its cores.
 #
 # Then the herd: MESHCA_BENCH_HERD proxies (default 10,000) each asking once within
 # 1 s, and within 10 s, over 1,000 shared connections, retrying after the server's
@@ -276,10 +278,12 @@ else
 fi
 
 log "verifying the audit log"
-AUDIT="$("$MESHCA" audit verify "$DATA/audit.jsonl" 2>&1)" || {
+AUDIT="$("$MESHCA" audit verify "$DATA/audit.jsonl" --key "$DATA/audit.pub" 2>&1)" || {
   echo "$AUDIT" >&2
   exit 1
 }
+log "measuring the audit log's tree and checkpoints"
+AUDIT_COST="$(target/release/audit_cost --dir "$DATA" --records 20000 --rounds 3 --start-records 200000)"
 
 if [ -n "$LOADED" ]; then
   echo "refusing to report: other processes kept loading the machine at levels:$LOADED" >&2
@@ -303,6 +307,12 @@ Herd: simulated proxies, one request each, retrying after the pushback hint
 | herd | all served after s | served | failed | retries | most retries by one proxy | most in flight at the server | server peak RSS MiB | server CPU µs per proxy |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 ${HERD_ROWS}
+
+The audit log's Merkle tree and signed checkpoints (bench/audit_cost.rs, in-process):
+
+\`\`\`
+${AUDIT_COST}
+\`\`\`
 EOF
 if [ -n "$CFSSL_ROWS" ]; then
   cat <<EOF
