@@ -30,6 +30,7 @@ fi
 #   wine64                         runs it (tests/wine.rs): the 64-bit loader only, no recommends
 #   go (golang-go), golang-golang-x-mod-dev  Go's sumdb/note and sumdb/tlog, the independent
 #                                  checker of the audit log's checkpoints and proofs (tests/transparency.rs)
+#   softhsm2                       a real PKCS#11 token for issuer keys that stay in it (tests/token.rs)
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have openssl || need+=(openssl)
@@ -42,6 +43,7 @@ have x86_64-w64-mingw32-gcc || need+=(gcc-mingw-w64-x86-64)
 { [ -x /usr/lib/wine/wine64 ] || have wine64; } || need+=(wine64)
 have go || need+=(golang-go)
 [ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need+=(golang-golang-x-mod-dev)
+{ have softhsm2-util && [ -f /usr/lib/softhsm/libsofthsm2.so ]; } || need+=(softhsm2)
 if [ "${#need[@]}" -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -20,6 +20,7 @@ pub mod profile;
 pub mod reload;
 pub(crate) mod rsa_keygen;
 pub mod store;
+pub mod token;
 
 use std::path::PathBuf;
 use std::time::SystemTime;

@@ -16,6 +16,7 @@ pub mod audit;
 pub mod der;
 pub mod h2;
 pub mod process;
+pub mod softhsm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,192 @@
+//! Issuer keys in a real PKCS#11 token: SoftHSM2 (Debian's `softhsm2`) loaded
+//! through meshca's `ca::token`, keys made inside the token, signatures made there
+//! and checked with ring, certificates signed through rcgen and checked with
+//! x509-parser, and the failures an operator meets (wrong PIN, module, token, key)
+//! named with the PKCS#11 function and return code, never the PIN.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![cfg(target_os = "linux")]
+
+use meshca_test_support as support;
+
+use std::sync::OnceLock;
+
+use cryptoki::context::Pkcs11;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use meshca::ca::token::{Kind, TokenKey, Uri};
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, RSA_PKCS1_2048_8192_SHA256};
+use support::softhsm::{SoftHsm, MODULE, PIN};
+
+/// Every token these tests use, made before the module is first loaded (it reads
+/// its configuration and token list then).
+const TOKENS: [&str; 5] = ["p256", "p384", "rsa", "failures", "pool"];
+
+fn store() -> &'static SoftHsm {
+    static STORE: OnceLock<SoftHsm> = OnceLock::new();
+    STORE.get_or_init(|| {
+        let store = SoftHsm::default();
+        for token in TOKENS {
+            store.init_token(token);
+        }
+        store.use_in_this_process();
+        store
+    })
+}
+
+fn uri(token: &str, object: &str) -> Uri {
+    store().uri(token, object).parse().unwrap()
+}
+
+fn check(kind: Kind, key: &TokenKey, msg: &[u8], signature: &[u8]) {
+    let alg: &dyn ring::signature::VerificationAlgorithm = match kind {
+        Kind::EcP256 => &ECDSA_P256_SHA256_ASN1,
+        Kind::EcP384 => &ECDSA_P384_SHA384_ASN1,
+        Kind::Rsa => &RSA_PKCS1_2048_8192_SHA256,
+    };
+    UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(key)).verify(msg, signature).expect("ring verifies");
+}
+
+#[test]
+fn keys_made_in_the_token_sign_inside_it_and_ring_verifies_each_kind() {
+    for (token, kind) in [("p256", Kind::EcP256), ("p384", Kind::EcP384), ("rsa", Kind::Rsa)] {
+        let key = TokenKey::generate(&uri(token, "issuer"), kind).unwrap();
+        assert_eq!(key.kind(), kind);
+        let msg = format!("a TBSCertificate for {token}");
+        let signature = key.sign_message(msg.as_bytes()).unwrap();
+        check(kind, &key, msg.as_bytes(), &signature);
+        let other = key.sign_message(b"something else").unwrap();
+        let alg: &dyn ring::signature::VerificationAlgorithm = match kind {
+            Kind::EcP256 => &ECDSA_P256_SHA256_ASN1,
+            Kind::EcP384 => &ECDSA_P384_SHA384_ASN1,
+            Kind::Rsa => &RSA_PKCS1_2048_8192_SHA256,
+        };
+        let public = UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(&key));
+        assert!(public.verify(msg.as_bytes(), &other).is_err(), "a signature of another message must not verify");
+
+        // Reopened by its URI, the same key.
+        let again = TokenKey::open(&uri(token, "issuer")).unwrap();
+        assert_eq!(rcgen::PublicKeyData::der_bytes(&again), rcgen::PublicKeyData::der_bytes(&key));
+        // A second key under the same name is refused.
+        let err = TokenKey::generate(&uri(token, "issuer"), kind).unwrap_err().to_string();
+        assert!(err.contains("already holds"), "{err}");
+    }
+}
+
+#[test]
+fn the_private_key_is_sensitive_not_extractable_and_signs_only() {
+    let key = TokenKey::generate(&uri("pool", "attributes"), Kind::EcP256).unwrap();
+    drop(key);
+    let ctx = Pkcs11::new(MODULE).unwrap();
+    // The module is initialised already (by meshca in this process).
+    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(cryptoki::context::CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == "pool")
+        .unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    session.login(cryptoki::session::UserType::User, Some(&cryptoki::types::AuthPin::from(PIN.to_owned()))).ok();
+    let template = [Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(b"attributes".to_vec())];
+    let key = session.find_objects(&template).unwrap()[0];
+    let wanted = [
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+        AttributeType::Sign,
+        AttributeType::Decrypt,
+        AttributeType::Derive,
+        AttributeType::Unwrap,
+    ];
+    let attrs = session.get_attributes(key, &wanted).unwrap();
+    let flags: Vec<(String, bool)> = attrs
+        .iter()
+        .filter_map(|a| match a {
+            Attribute::Sensitive(v) => Some(("sensitive".into(), *v)),
+            Attribute::Extractable(v) => Some(("extractable".into(), *v)),
+            Attribute::Sign(v) => Some(("sign".into(), *v)),
+            Attribute::Decrypt(v) => Some(("decrypt".into(), *v)),
+            Attribute::Derive(v) => Some(("derive".into(), *v)),
+            Attribute::Unwrap(v) => Some(("unwrap".into(), *v)),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<(String, bool)> = [
+        ("sensitive", true),
+        ("extractable", false),
+        ("sign", true),
+        ("decrypt", false),
+        ("derive", false),
+        ("unwrap", false),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(flags, expected);
+    // The token refuses to reveal the private value.
+    assert!(session.get_attributes(key, &[AttributeType::Value]).map(|a| a.is_empty()).unwrap_or(true));
+}
+
+#[test]
+fn a_certificate_signed_through_rcgen_with_the_token_key_verifies_against_its_public_key() {
+    let key = TokenKey::generate(&uri("pool", "rcgen"), Kind::EcP256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["issuer.example".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+    parsed.verify_signature(None).expect("self-signed with the token's key");
+    assert_eq!(parsed.public_key().subject_public_key.data.as_ref(), rcgen::PublicKeyData::der_bytes(&key));
+}
+
+#[test]
+fn concurrent_signers_each_get_a_session_of_their_own_and_the_pool_stays_at_their_number() {
+    let key = std::sync::Arc::new(TokenKey::generate(&uri("pool", "concurrent"), Kind::EcP256).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let msg = format!("thread {t} message {i}");
+                    let signature = key.sign_message(msg.as_bytes()).unwrap();
+                    check(Kind::EcP256, &key, msg.as_bytes(), &signature);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let pooled = key.pooled_sessions();
+    assert!((1..=8).contains(&pooled), "{pooled} sessions pooled for 8 signers");
+}
+
+#[test]
+fn failures_name_the_flag_the_function_and_the_return_code_never_the_pin() {
+    let store = store();
+    TokenKey::generate(&uri("failures", "issuer"), Kind::EcP256).unwrap();
+    let wrong_pin = store.dir.path().join("wrong-pin");
+    std::fs::write(&wrong_pin, "not-the-pin-9876\n").unwrap();
+    let with_pin_file = |pin: &std::path::Path| -> Uri {
+        format!("pkcs11:token=failures;object=issuer?module-path={MODULE}&pin-source=file:{}", pin.display())
+            .parse()
+            .unwrap()
+    };
+    let cases: Vec<(Uri, &str)> = vec![
+        (with_pin_file(&wrong_pin), "PinIncorrect"),
+        (
+            format!("pkcs11:token=failures;object=issuer?module-path=/nonexistent/libpkcs11.so&pin-value={PIN}")
+                .parse()
+                .unwrap(),
+            "cannot load the PKCS#11 module /nonexistent/libpkcs11.so",
+        ),
+        (uri("no-such-token", "issuer"), "no token labelled \"no-such-token\""),
+        (uri("failures", "no-such-key"), "no private key"),
+        (with_pin_file(&store.dir.path().join("missing-pin")), "cannot read the PIN file"),
+    ];
+    for (uri, says) in cases {
+        let err = TokenKey::open(&uri).unwrap_err();
+        let text = format!("{err} {err:?} {uri:?}");
+        assert!(err.to_string().contains(says), "{uri:?}: {err}");
+        assert!(!text.contains(PIN) && !text.contains("not-the-pin-9876"), "the PIN leaked: {text}");
+    }
+    let err = TokenKey::open(&with_pin_file(&wrong_pin)).unwrap_err().to_string();
+    assert!(err.contains("Login"), "names the function: {err}");
+}
