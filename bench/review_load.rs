@@ -200,6 +200,7 @@ async fn start(
         service_account: "meshca".into(),
         trust_anchors: dir.join("trust-anchors.pem"),
         issuer_dir: dir.join("issuer"),
+        issuer_key: None,
         lifetimes: Lifetimes::default(),
         token,
         audit_log: audit.display().to_string(),

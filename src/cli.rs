@@ -111,9 +111,32 @@ pub struct IssuerArgs {
     /// Issuer directory: tls.crt + tls.key (or crt.pem + key.pem) [required unless --dev].
     #[arg(long, env = "MESHCA_ISSUER_DIR", value_name = "DIR")]
     pub issuer_dir: Option<PathBuf>,
+    /// The issuer's private key in a PKCS#11 token instead of ISSUER_DIR/tls.key, as an RFC 7512 URI: pkcs11:token=LABEL;object=LABEL;type=private?module-path=MODULE.so&pin-source=file:PINFILE (the certificate still comes from ISSUER_DIR/tls.crt).
+    #[arg(long, env = "MESHCA_ISSUER_KEY", value_name = "URI")]
+    pub issuer_key: Option<SecretText>,
     /// Accept an issuer chain with keys or signatures Windows Server 2016 cannot verify (Ed25519, RSA-PSS, ...); without it such an issuer is refused at start and on reload.
     #[arg(long, env = "MESHCA_ALLOW_NON_WINDOWS_ALGORITHMS", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_non_windows_algorithms: bool,
+}
+
+/// A setting that may carry a secret (a PKCS#11 URI with `pin-value`): `Debug`
+/// shows only what precedes a `?`.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.0.split('?').next().unwrap_or_default();
+        write!(f, "{shown:?}{}", if shown.len() < self.0.len() { " (query hidden)" } else { "" })
+    }
+}
+
+impl std::str::FromStr for SecretText {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretText(s.to_owned()))
+    }
 }
 
 /// Where used bootstrap tokens are recorded (`--bootstrap-replay-store`).
@@ -187,6 +210,9 @@ pub struct InitArgs {
     /// Key algorithm for anchor and issuer.
     #[arg(long, value_enum, default_value = "p256")]
     pub key_type: CaKeyArg,
+    /// Make the issuer's key inside a PKCS#11 token instead (an RFC 7512 URI, as `serve --issuer-key` takes it): sensitive, not extractable, for signing only; DIR/issuer gets tls.crt and no tls.key.
+    #[arg(long, value_name = "URI", conflicts_with = "kubernetes")]
+    pub issuer_key: Option<SecretText>,
 }
 
 /// `meshca serve`'s settings, defined once: as flags (with their `MESHCA_*`

@@ -100,6 +100,9 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
         CaKeyArg::P384 => CaKeyType::P384,
         CaKeyArg::Rsa3072 => CaKeyType::Rsa3072,
     };
+    if let Some(uri) = &args.issuer_key {
+        return init_in_token(&args, &naming, key_type, uri);
+    }
     let h = hierarchy::generate(&naming, key_type, SystemClock.now(), HierarchyLifetimes::default())
         .map_err(Failure::other)?;
     if args.kubernetes {
@@ -112,6 +115,39 @@ pub fn init(args: InitArgs) -> Result<(), Failure> {
          {dir}/trust-anchor.key signs new issuers: keep it offline.\n\
          wrote {dir}/audit-signing.key (serve --audit-signing-key) and its verifier key {dir}/audit.pub \
          (audit verify --key): give auditors audit.pub.",
+        dir = args.dir.display()
+    ));
+    Ok(())
+}
+
+/// `meshca init --issuer-key URI`: the issuer's key made in the token, its
+/// certificate signed by a new anchor as usual; DIR/issuer holds tls.crt only.
+fn init_in_token(
+    args: &InitArgs,
+    naming: &Naming,
+    key_type: CaKeyType,
+    uri: &crate::cli::SecretText,
+) -> Result<(), Failure> {
+    use crate::ca::token::{Kind, TokenKey, Uri};
+    let uri: Uri = uri.0.parse().map_err(|e| Failure::usage(format!("--issuer-key: {e}")))?;
+    let kind = match key_type {
+        CaKeyType::P256 => Kind::EcP256,
+        CaKeyType::P384 => Kind::EcP384,
+        CaKeyType::Rsa3072 => Kind::Rsa,
+    };
+    let key = TokenKey::generate(&uri, kind).map_err(|e| Failure::usage(format!("--issuer-key {}: {e}", uri.display())))?;
+    let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
+        hierarchy::generate_for_key(naming, key_type, SystemClock.now(), HierarchyLifetimes::default(), &key)
+            .map_err(Failure::other)?;
+    let h = hierarchy::Hierarchy { anchor_cert_pem, anchor_key_pem, issuer_cert_pem, issuer_key_pem: String::new() };
+    crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
+    crate::dev::write_audit_key(&args.dir, &args.trust_domain).map_err(Failure::other)?;
+    say(format_args!(
+        "made the issuer key in the token ({uri}) and wrote {dir}/trust-anchors.pem and {dir}/issuer/tls.crt \
+         (no tls.key: serve with --issuer-key)\n\
+         {dir}/trust-anchor.key signs new issuers: keep it offline.\n\
+         wrote {dir}/audit-signing.key (serve --audit-signing-key) and its verifier key {dir}/audit.pub.",
+        uri = uri.display(),
         dir = args.dir.display()
     ));
     Ok(())
@@ -249,6 +285,7 @@ fn start_failure(e: crate::server::Error, anchors: &Path, issuer_dir: &Path) -> 
         Server::Issuer(inner @ (Ca::NotCa { .. } | Ca::KeyMismatch | Ca::KeyWorldReadable { .. })) => {
             Failure::usage(format!("{issuer_flag}: {inner}"))
         }
+        inner @ Server::IssuerKey { .. } => Failure::usage(inner),
         other => Failure::other(other),
     }
 }
@@ -451,6 +488,12 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
              use SA.NS.serviceaccount.identity.{ns}.{td}"
         )));
     }
+    if config.issuer_key.is_some() {
+        return Err(Failure::usage(
+            "--issuer-key: bootstrap tokens are signed with the issuer key, and bootstrap-token create \
+             cannot yet sign in a PKCS#11 token; run it where the issuer key is a file",
+        ));
+    }
     let now = SystemClock.now();
     let hint = if config.dev.is_some() { " (start `meshca serve --dev` once first)" } else { "" };
     let snapshot = crate::ca::store::Snapshot::load_with(
@@ -458,6 +501,7 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
         &config.issuer_dir,
         now,
         config.reload.issuer_algorithms,
+        None,
     )
     .map_err(|e| Failure::usage(format!("{e}{hint}")))?;
     let key = crate::ca::material::read_pkcs8_key(&issuer_files(&config.issuer_dir).1)

@@ -144,6 +144,8 @@ pub struct Config {
     pub service_account: String,
     pub trust_anchors: PathBuf,
     pub issuer_dir: PathBuf,
+    /// The issuer key in a PKCS#11 token (`--issuer-key`), instead of `tls.key`.
+    pub issuer_key: Option<crate::ca::token::Uri>,
     pub lifetimes: Lifetimes,
     pub token: TokenConfig,
     /// "-" for stdout, else a path.
@@ -283,6 +285,7 @@ impl Config {
         let (listen, admin_listen) = listeners(&args)?;
         let (naming, service_account) = names(&args)?;
         let (trust_anchors, issuer_dir) = ca_files(&args, dev_paths.as_ref())?;
+        let issuer_key = issuer_key(&args)?;
         let lifetimes = lifetimes(&args)?;
         let token = args.token.resolve(dev_paths.as_ref().map(DevPaths::jwks).as_deref())?;
         let audit_log = audit_log(&args, dev_paths.as_ref())?;
@@ -306,6 +309,7 @@ impl Config {
             service_account,
             trust_anchors,
             issuer_dir,
+            issuer_key,
             lifetimes,
             token,
             audit_log,
@@ -372,6 +376,19 @@ fn ca_files(args: &ServeArgs, dev_paths: Option<&DevPaths>) -> Result<(PathBuf, 
             })?,
         ),
     })
+}
+
+/// `--issuer-key`: a PKCS#11 URI, checked here (the token is opened at start).
+fn issuer_key(args: &ServeArgs) -> Result<Option<crate::ca::token::Uri>, Error> {
+    let Some(text) = &args.issuer.issuer_key else { return Ok(None) };
+    if !crate::ca::token::is_uri(&text.0) {
+        return Err(Error::Invalid {
+            setting: "issuer-key",
+            reason: "not a pkcs11: URI (a key file goes in --issuer-dir as tls.key)".into(),
+        });
+    }
+    let uri = text.0.parse().map_err(|e: crate::ca::token::Error| Error::Invalid { setting: "issuer-key", reason: e.to_string() })?;
+    Ok(Some(uri))
 }
 
 /// Leaf lifetime and backdate, bounded.

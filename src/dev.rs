@@ -107,7 +107,10 @@ pub fn write_hierarchy(dir: &Path, h: &hierarchy::Hierarchy) -> Result<(), Error
             });
         }
     }
-    write(&dir.join("issuer/tls.key"), &h.issuer_key_pem, Access::Private)?;
+    // No key file for an issuer whose key stays in a token.
+    if !h.issuer_key_pem.is_empty() {
+        write(&dir.join("issuer/tls.key"), &h.issuer_key_pem, Access::Private)?;
+    }
     write(&dir.join("issuer/tls.crt"), &h.issuer_cert_pem, Access::Public)?;
     write(&dir.join("trust-anchor.key"), &h.anchor_key_pem, Access::Private)?;
     write(&dir.join("trust-anchors.pem"), &h.anchor_cert_pem, Access::Public)?;

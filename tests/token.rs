@@ -190,3 +190,82 @@ fn failures_name_the_flag_the_function_and_the_return_code_never_the_pin() {
     let err = TokenKey::open(&with_pin_file(&wrong_pin)).unwrap_err().to_string();
     assert!(err.contains("Login"), "names the function: {err}");
 }
+
+/// The `addr=` of a start-up log line.
+fn logged_addr(line: &str) -> std::net::SocketAddr {
+    let field = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+    field.trim_start_matches("Some(").trim_end_matches(')').parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_stops_it_naming_the_flag() {
+    use meshca::auth::dev::{DevSigner, TokenClaims};
+    use meshca::clock::Clock as _;
+    use support::process::{meshca, output, serve_with_jwks, Process, PATIENCE};
+
+    // A token store of its own, for the child processes only: SoftHSM2 does not
+    // share a store between processes that use it at once.
+    let store = SoftHsm::default();
+    store.init_token("serve");
+    let meshca = || {
+        let mut cmd = meshca();
+        cmd.env("SOFTHSM2_CONF", &store.conf);
+        cmd
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    let uri = store.uri("serve", "issuer");
+    let out = output(meshca().args(["init", "--dir", ca.to_str().unwrap(), "--issuer-key", &uri]), PATIENCE);
+    assert!(out.status.success(), "init --issuer-key: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(ca.join("issuer/tls.crt").is_file() && !ca.join("issuer/tls.key").exists(), "no key file");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(PIN));
+
+    let (signer, _) = DevSigner::generate().unwrap();
+    let jwks = tmp.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks_json()).unwrap();
+    let audit = tmp.path().join("audit.jsonl");
+    let serve = |uri: &str| {
+        let mut cmd = meshca();
+        serve_with_jwks(&mut cmd, &ca.join("trust-anchors.pem"), &ca.join("issuer"), &jwks)
+            .args(["--issuer-key", uri, "--audit-log", audit.to_str().unwrap()]);
+        cmd
+    };
+
+    // A wrong PIN: start-up stops, naming the flag and the return code, not the PIN.
+    let wrong = uri.replace(&format!("pin-source=file:{}", store.pin_file().display()), "pin-value=wrong-pin-5555");
+    let out = output(&mut serve(&wrong), PATIENCE);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("--issuer-key pkcs11:token=serve;object=issuer") && said.contains("PinIncorrect"), "{said}");
+    assert!(!said.contains("wrong-pin-5555"), "the PIN leaked: {said}");
+
+    let mut process = Process::spawn(&mut serve(&uri));
+    let serving = process.stderr.wait_for("serving gRPC over TLS", std::time::Instant::now() + PATIENCE);
+    assert!(process.stderr.seen.iter().any(|l| l.contains("the issuer key is in a PKCS#11 token")));
+    let grpc = format!("https://{}", logged_addr(&serving));
+    let anchors = meshca::ca::issuer::TrustAnchors::load(&ca.join("trust-anchors.pem")).unwrap();
+    let channel = meshca::agent::client::connect(&grpc, &anchors, support::SERVER_NAME).await.unwrap();
+    let mut client = meshca::proto::identity_client::IdentityClient::new(channel);
+    let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
+    let identity = naming.identity("default", "web").unwrap().dns_name;
+    let now = meshca::clock::SystemClock.now();
+    let claims = TokenClaims::projected("https://issuer.example", meshca::config::DEFAULT_AUDIENCE, "default", "web", now, std::time::Duration::from_secs(600));
+    for _ in 0..3 {
+        let (_key, csr) = meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
+        let request = meshca::proto::CertifyRequest {
+            identity: identity.clone(),
+            token: signer.sign(&claims).unwrap().into_bytes(),
+            certificate_signing_request: csr,
+        };
+        let response = client.certify(request).await.unwrap().into_inner();
+        // The leaf verifies under the anchor through the issuer whose key is in the token.
+        let chain: Vec<_> = response.intermediate_certificates.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+        let leaf = rustls_pki_types::CertificateDer::from(response.leaf_certificate);
+        anchors.verify(&leaf, &chain, now, None).expect("the leaf chains to the anchor");
+        // Signed by the issuer init wrote, whose key exists only in the token.
+        let written = std::fs::read(ca.join("issuer/tls.crt")).unwrap();
+        let written = rustls_pki_types::pem::PemObject::from_pem_slice(&written).map(|c: rustls_pki_types::CertificateDer<'static>| c).unwrap();
+        assert_eq!(chain[0], written);
+    }
+    assert!(process.signal("TERM"));
+}

@@ -103,6 +103,32 @@ pub fn generate(
     now: SystemTime,
     lifetimes: HierarchyLifetimes,
 ) -> Result<Hierarchy, Error> {
+    let issuer_key = key_type.generate_key()?;
+    let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
+        sign_hierarchy(naming, key_type, now, lifetimes, &issuer_key)?;
+    Ok(Hierarchy { anchor_cert_pem, anchor_key_pem, issuer_cert_pem, issuer_key_pem: issuer_key.serialize_pem() })
+}
+
+/// A new anchor of `key_type` and an issuer certificate, signed by it, for a key
+/// that stays elsewhere (a PKCS#11 token): the anchor's certificate and key, and
+/// the issuer's certificate, as PEM.
+pub fn generate_for_key(
+    naming: &Naming,
+    key_type: CaKeyType,
+    now: SystemTime,
+    lifetimes: HierarchyLifetimes,
+    issuer_key: &impl rcgen::PublicKeyData,
+) -> Result<(String, String, String), Error> {
+    sign_hierarchy(naming, key_type, now, lifetimes, issuer_key)
+}
+
+fn sign_hierarchy(
+    naming: &Naming,
+    key_type: CaKeyType,
+    now: SystemTime,
+    lifetimes: HierarchyLifetimes,
+    issuer_key: &impl rcgen::PublicKeyData,
+) -> Result<(String, String, String), Error> {
     let sign_err = |e: rcgen::Error| Error::Sign { reason: e.to_string() };
     let start = now - Duration::from_secs(3600);
     let suffix = format!("{}.{}", naming.control_plane_namespace(), naming.trust_domain());
@@ -112,19 +138,12 @@ pub fn generate(
     anchor_params.serial_number = Some(random_serial()?);
     let anchor = anchor_params.self_signed(&anchor_key).map_err(sign_err)?;
 
-    let issuer_key = key_type.generate_key()?;
     let issuer_end = (now + lifetimes.issuer).min(now + lifetimes.anchor);
     let mut issuer_params = ca_params(format!("identity.{suffix}"), start, issuer_end, Some(0));
     issuer_params.serial_number = Some(random_serial()?);
     let signer = rcgen::Issuer::new(anchor_params, &anchor_key);
-    let issuer = issuer_params.signed_by(&issuer_key, &signer).map_err(sign_err)?;
-
-    Ok(Hierarchy {
-        anchor_cert_pem: anchor.pem(),
-        anchor_key_pem: anchor_key.serialize_pem(),
-        issuer_cert_pem: issuer.pem(),
-        issuer_key_pem: issuer_key.serialize_pem(),
-    })
+    let issuer = issuer_params.signed_by(issuer_key, &signer).map_err(sign_err)?;
+    Ok((anchor.pem(), anchor_key.serialize_pem(), issuer.pem()))
 }
 
 fn random_serial() -> Result<rcgen::SerialNumber, Error> {

@@ -154,9 +154,43 @@ pub struct Leaf {
     pub not_after: SystemTime,
 }
 
+/// The issuer's private key: in memory (read from `tls.key`), or in a PKCS#11 token
+/// (`--issuer-key pkcs11:…`, [`super::token`]), where it signs without leaving it.
+/// One per issuer, never moved on a hot path: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum IssuerKey {
+    File(KeyPair),
+    Token(std::sync::Arc<super::token::TokenKey>),
+}
+
+impl rcgen::PublicKeyData for IssuerKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            IssuerKey::File(key) => key.der_bytes(),
+            IssuerKey::Token(key) => key.der_bytes(),
+        }
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        match self {
+            IssuerKey::File(key) => key.algorithm(),
+            IssuerKey::Token(key) => rcgen::PublicKeyData::algorithm(key.as_ref()),
+        }
+    }
+}
+
+impl rcgen::SigningKey for IssuerKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            IssuerKey::File(key) => key.sign(msg),
+            IssuerKey::Token(key) => key.sign(msg),
+        }
+    }
+}
+
 /// Certificate, key and chain that sign leaves.
 pub struct Issuer {
-    signer: rcgen::Issuer<'static, KeyPair>,
+    signer: rcgen::Issuer<'static, IssuerKey>,
     /// Issuer certificate, then any further intermediates: what Certify returns.
     chain: Vec<CertificateDer<'static>>,
     window: ChainWindow,
@@ -287,20 +321,30 @@ impl Issuer {
     /// Loads and checks the issuer in `dir` against `anchors` at `now`, allowing only
     /// algorithms Windows verifies ([`Algorithms::WindowsCompatible`]).
     pub fn load(dir: &Path, anchors: &TrustAnchors, now: SystemTime) -> Result<Self, Error> {
-        Self::load_with(dir, anchors, now, Algorithms::WindowsCompatible)
+        Self::load_with(dir, anchors, now, Algorithms::WindowsCompatible, None)
     }
 
-    /// Like [`Issuer::load`], with the algorithms the chain may use.
+    /// Like [`Issuer::load`], with the algorithms the chain may use, and the key in
+    /// `token` instead of `tls.key` when there is one.
     pub(crate) fn load_with(
         dir: &Path,
         anchors: &TrustAnchors,
         now: SystemTime,
         algorithms: Algorithms,
+        token: Option<&std::sync::Arc<super::token::TokenKey>>,
     ) -> Result<Self, Error> {
         let (crt_path, key_path) = issuer_files(dir);
         let certs = read_certificates(&crt_path)?;
-        let key = read_pkcs8_key(&key_path)?;
-        Self::from_parts_with(certs, &key, anchors, now, (&crt_path, &key_path), algorithms)
+        match token {
+            Some(token) => {
+                let key = IssuerKey::Token(token.clone());
+                Self::from_key(certs, key, anchors, now, &crt_path, algorithms)
+            }
+            None => {
+                let key = read_pkcs8_key(&key_path)?;
+                Self::from_parts_with(certs, &key, anchors, now, (&crt_path, &key_path), algorithms)
+            }
+        }
     }
 
     /// Checks and assembles an issuer from its chain (issuer first) and PKCS#8 key,
@@ -336,6 +380,19 @@ impl Issuer {
             path: key_path.into(),
             reason: "not a P-256, P-384, RSA or Ed25519 PKCS#8 private key".into(),
         })?;
+        Self::from_key(certs, IssuerKey::File(key), anchors, now, crt_path, algorithms)
+    }
+
+    /// Checks and assembles an issuer from its chain (issuer first) and its key.
+    fn from_key(
+        certs: Vec<CertificateDer<'static>>,
+        key: IssuerKey,
+        anchors: &TrustAnchors,
+        now: SystemTime,
+        crt_path: &Path,
+        algorithms: Algorithms,
+    ) -> Result<Self, Error> {
+        use rcgen::PublicKeyData as _;
         let issuer_der = certs.first().ok_or(Error::NoCertificate { path: crt_path.into() })?;
         let issuer_cert = parse_cert(issuer_der, crt_path)?;
         match issuer_cert.basic_constraints() {
@@ -460,8 +517,9 @@ impl Issuer {
     /// PKCS#1 RSAPublicKey), to check what it signed besides certificates (bootstrap
     /// tokens, `auth::bootstrap`).
     pub fn public_key(&self) -> (&'static SignatureAlgorithm, &[u8]) {
+        use rcgen::PublicKeyData as _;
         let key = self.signer.key();
-        (key.algorithm(), key.public_key_raw())
+        (key.algorithm(), key.der_bytes())
     }
 }
 

@@ -102,6 +102,8 @@ pub struct Reloader {
     algorithms: Algorithms,
     /// Whether an issuer key file readable by every user is accepted.
     allow_world_readable_key: bool,
+    /// The issuer key in a PKCS#11 token (`--issuer-key`), used instead of `tls.key`.
+    token: Option<Arc<super::token::TokenKey>>,
     /// SHA-256 of the files the current snapshot was loaded from; the lock also
     /// makes checks run one at a time.
     loaded: Mutex<Option<Vec<u8>>>,
@@ -135,8 +137,16 @@ impl Reloader {
             observer,
             algorithms: Algorithms::WindowsCompatible,
             allow_world_readable_key: false,
+            token: None,
             loaded: Mutex::new(None),
         }
+    }
+
+    /// The same reloader, signing with `token`'s key instead of `tls.key` (which is
+    /// then neither read nor watched): a new `tls.crt` must certify the token's key.
+    pub(crate) fn with_token(mut self, token: Option<Arc<super::token::TokenKey>>) -> Self {
+        self.token = token;
+        self
     }
 
     /// The same reloader, accepting issuer chains that use `algorithms`.
@@ -214,9 +224,10 @@ impl Reloader {
     /// issuer key every user may read (after the contents, so that a broken issuer
     /// is reported as such first).
     fn load_snapshot(&self) -> Result<Snapshot, Error> {
+        let now = self.clock.now();
         let snapshot =
-            Snapshot::load_with(&self.trust_anchors, &self.issuer_dir, self.clock.now(), self.algorithms)?;
-        if !self.allow_world_readable_key {
+            Snapshot::load_with(&self.trust_anchors, &self.issuer_dir, now, self.algorithms, self.token.as_ref())?;
+        if !self.allow_world_readable_key && self.token.is_none() {
             check_not_world_readable(&issuer_files(&self.issuer_dir).1)?;
         }
         Ok(snapshot)
@@ -229,12 +240,13 @@ impl Reloader {
     fn digest(&self) -> Result<Vec<u8>, Error> {
         let (crt, key) = issuer_files(&self.issuer_dir);
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-        for path in [&self.trust_anchors, &crt, &key] {
+        let files = if self.token.is_some() { vec![&self.trust_anchors, &crt] } else { vec![&self.trust_anchors, &crt, &key] };
+        for path in files {
             let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.clone(), source })?;
             digest.update(&(bytes.len() as u64).to_be_bytes());
             digest.update(&bytes);
         }
-        if !self.allow_world_readable_key {
+        if !self.allow_world_readable_key && self.token.is_none() {
             digest.update(&[u8::from(check_not_world_readable(&key).is_err())]);
         }
         Ok(digest.finish().as_ref().to_vec())

@@ -32,7 +32,7 @@ impl Snapshot {
     /// Loads the anchors bundle and the issuer directory and checks them at `now`
     /// (Windows-compatible algorithms only).
     pub fn load(trust_anchors: &Path, issuer_dir: &Path, now: SystemTime) -> Result<Self, Error> {
-        Self::load_with(trust_anchors, issuer_dir, now, Algorithms::WindowsCompatible)
+        Self::load_with(trust_anchors, issuer_dir, now, Algorithms::WindowsCompatible, None)
     }
 
     /// Like [`Snapshot::load`], with the algorithms the issuer chain may use.
@@ -41,9 +41,10 @@ impl Snapshot {
         issuer_dir: &Path,
         now: SystemTime,
         algorithms: Algorithms,
+        token: Option<&std::sync::Arc<super::token::TokenKey>>,
     ) -> Result<Self, Error> {
         let anchors = TrustAnchors::load(trust_anchors)?;
-        let issuer = Issuer::load_with(issuer_dir, &anchors, now, algorithms)?;
+        let issuer = Issuer::load_with(issuer_dir, &anchors, now, algorithms, token)?;
         let root = root_of(issuer.intermediates(), anchors.certificates()).cloned();
         Ok(Snapshot { issuer, anchors, root })
     }

@@ -104,6 +104,9 @@ pub enum Error {
     Nodes(#[from] nodes::Error),
     #[error("cannot start the signing workers: {0}")]
     Workers(std::io::Error),
+    /// The token `--issuer-key` names could not be opened (the URI, without its PIN).
+    #[error("--issuer-key {uri}: {source}")]
+    IssuerKey { uri: String, source: crate::ca::token::Error },
 }
 
 /// One start-up line naming where `listener` listens.
@@ -186,6 +189,15 @@ pub async fn run_with(
     // in a shared data directory (the bootstrap replay file) is touched.
     let (checkpoints, configmaps) = audit_checkpoints(&config)?;
     let audit = AuditLog::open_with(Sink::parse(&config.audit_log), checkpoints).await?;
+    let token = match &config.issuer_key {
+        Some(uri) => {
+            let opened = crate::ca::token::TokenKey::open(uri)
+                .map_err(|source| Error::IssuerKey { uri: uri.display(), source })?;
+            tracing::info!(issuer_key = %uri.display(), kind = ?opened.kind(), "the issuer key is in a PKCS#11 token");
+            Some(Arc::new(opened))
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new(clock.clone()));
     if let Some(configmaps) = &configmaps {
         metrics.register(|r| configmaps.register_metrics(r));
@@ -200,6 +212,7 @@ pub async fn run_with(
             metrics.clone(),
         )
         .with_algorithms(config.reload.issuer_algorithms)
+        .with_token(token)
         .allow_world_readable_key(config.reload.allow_world_readable_issuer_key),
     );
     metrics.set_snapshot(reloader.load()?.as_ref());

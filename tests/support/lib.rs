@@ -161,6 +161,7 @@ pub fn config(dir: &std::path::Path, naming: &Naming, opts: &Options) -> Config 
         service_account: "meshca".into(),
         trust_anchors: dir.join("trust-anchors.pem"),
         issuer_dir: dir.join("issuer"),
+        issuer_key: None,
         lifetimes: opts.lifetimes,
         token: opts.token.clone().unwrap_or_else(|| {
             TokenConfig::Jwks(meshca::config::JwksSettings {
