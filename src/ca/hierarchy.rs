@@ -105,7 +105,7 @@ pub fn generate(
 ) -> Result<Hierarchy, Error> {
     let issuer_key = key_type.generate_key()?;
     let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
-        sign_hierarchy(naming, key_type, now, lifetimes, &issuer_key)?;
+        generate_for_key(naming, key_type, now, lifetimes, &issuer_key)?;
     Ok(Hierarchy { anchor_cert_pem, anchor_key_pem, issuer_cert_pem, issuer_key_pem: issuer_key.serialize_pem() })
 }
 
@@ -113,16 +113,6 @@ pub fn generate(
 /// that stays elsewhere (a PKCS#11 token): the anchor's certificate and key, and
 /// the issuer's certificate, as PEM.
 pub fn generate_for_key(
-    naming: &Naming,
-    key_type: CaKeyType,
-    now: SystemTime,
-    lifetimes: HierarchyLifetimes,
-    issuer_key: &impl rcgen::PublicKeyData,
-) -> Result<(String, String, String), Error> {
-    sign_hierarchy(naming, key_type, now, lifetimes, issuer_key)
-}
-
-fn sign_hierarchy(
     naming: &Naming,
     key_type: CaKeyType,
     now: SystemTime,
