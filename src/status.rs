@@ -84,6 +84,7 @@ impl Refusal {
                 ca::Error::Csr(c) if c.is_permission() => Code::PermissionDenied,
                 ca::Error::Csr(_) => Code::InvalidArgument,
                 ca::Error::Sign { .. } => Code::Internal,
+                ca::Error::KeyUnavailable { .. } => Code::Unavailable,
                 _ => Code::FailedPrecondition,
             },
             Refusal::NoIssuer | Refusal::Audit(_) => Code::Unavailable,

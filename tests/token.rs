@@ -267,5 +267,29 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
         let written = rustls_pki_types::pem::PemObject::from_pem_slice(&written).map(|c: rustls_pki_types::CertificateDer<'static>| c).unwrap();
         assert_eq!(chain[0], written);
     }
+
+    // The token goes away (its directory is moved): Certify answers Unavailable, the
+    // decision is audited, and nothing is issued with another key.
+    std::fs::rename(store.dir.path().join("tokens"), store.dir.path().join("tokens-gone")).unwrap();
+    let (_key, csr) = meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
+    let request = meshca::proto::CertifyRequest {
+        identity: identity.clone(),
+        token: signer.sign(&claims).unwrap().into_bytes(),
+        certificate_signing_request: csr,
+    };
+    let status = client.certify(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(process.signal("TERM"));
+    process.stderr.read_to_end(std::time::Instant::now() + PATIENCE);
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let issued = records.iter().filter(|r| r["outcome"] == "issued").count();
+    assert_eq!(issued, 4, "the serving certificate and three leaves");
+    let last = records.iter().rev().find(|r| r["request_id"] != "serving-certificate").unwrap();
+    assert_eq!((last["outcome"].as_str(), last["code"].as_str()), (Some("denied"), Some("Unavailable")), "{last}");
+    assert!(last["reason"].as_str().unwrap().starts_with("issuer_key_unavailable"), "{last}");
 }
+

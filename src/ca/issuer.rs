@@ -494,7 +494,12 @@ impl Issuer {
     ) -> Result<Leaf, Error> {
         let params = profile::leaf_params(names, csr.key_type, &serial, not_before, not_after)?;
         let key = LeafKey::from_csr(csr)?;
-        let cert = params.signed_by(&key, &self.signer).map_err(|e| Error::Sign { reason: e.to_string() })?;
+        let cert = params.signed_by(&key, &self.signer).map_err(|e| match e {
+            rcgen::Error::RemoteKeyError => {
+                Error::KeyUnavailable { reason: "PKCS#11 signing failed (the error is logged)".into() }
+            }
+            e => Error::Sign { reason: e.to_string() },
+        })?;
         Ok(Leaf { der: cert.der().clone(), serial, not_before, not_after })
     }
 

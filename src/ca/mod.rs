@@ -70,6 +70,10 @@ pub enum Error {
     /// Building or signing the certificate failed (an internal fault, not the caller's).
     #[error("signing failed: {reason}")]
     Sign { reason: String },
+    /// The issuer key's PKCS#11 token did not sign (gone, locked, failing): nothing
+    /// is issued with another key; the caller may retry elsewhere.
+    #[error("the issuer key's token did not sign: {reason}")]
+    KeyUnavailable { reason: String },
 }
 
 impl Error {
@@ -80,6 +84,7 @@ impl Error {
             Error::IssuerExpired { .. } => "issuer_expired",
             Error::IssuerNotYetValid { .. } => "issuer_not_yet_valid",
             Error::Sign { .. } => "sign_failed",
+            Error::KeyUnavailable { .. } => "issuer_key_unavailable",
             Error::Untrusted { .. } => "issuer_untrusted",
             _ => "issuer_unusable",
         }
