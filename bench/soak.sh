@@ -24,9 +24,9 @@
 #   server's RSS every DURATION/60 (1 to 5 s);
 # - then stops everything, verifies the audit log, and fails unless: no request
 #   failed, no agent round failed and each renewed at least twice, every rotation
-#   was loaded, every audit file is intact without gaps and each continues the
-#   one before, and the server's mean RSS in the last quarter is at most 20% above
-#   that of the first quarter.
+#   was loaded, every audit file is intact without gaps, proven by a signed
+#   checkpoint, and continues the one before, and the server's mean RSS in the
+#   last quarter is at most 20% above that of the first quarter.
 #
 # Disk: every call is an audit record of about 1 KB, so the data directory
 # (under TMPDIR) needs about rate x duration KB, e.g. 4 GB for 30m at 2,500/s;
@@ -260,15 +260,28 @@ status=0
 kill -TERM "$SERVER_PID"
 wait "$SERVER_PID" || status=$?
 [ "$status" = 0 ] || fail "meshca exited with $status: $(tail -5 "$DATA/server.log")"
-# Every file verifies on its own, records no gap, and continues the one before it.
+# Every file verifies on its own against a signed checkpoint (a rotated file's final
+# checkpoint is in the next file's first record; the last file has its own, written
+# at the clean stop), records no gap, leaves nothing uncovered, and continues the one
+# before it.
 AUDIT=""
 previous=""
-for file in "$DATA"/audit.jsonl.{1..5} "$DATA/audit.jsonl"; do
-  out="$("$MESHCA" audit verify "$file" 2>&1)" || fail "audit log: $out"
+files=("$DATA"/audit.jsonl.{1..5} "$DATA/audit.jsonl")
+for i in "${!files[@]}"; do
+  file="${files[$i]}"
+  args=(audit verify "$file" --key "$DATA/audit.pub")
+  next="${files[$((i + 1))]:-}"
+  if [ -n "$next" ]; then
+    python3 -c 'import json, sys; sys.stdout.write(json.loads(open(sys.argv[1]).readline())["previous_checkpoint"])' \
+      "$next" >"$file.checkpoint-saved" || fail "$(basename "$next") holds no checkpoint of $(basename "$file")"
+    args+=(--checkpoint "$file.checkpoint-saved")
+  fi
+  out="$("$MESHCA" "${args[@]}" 2>&1)" || fail "audit log: $out"
   grep -q "gap" <<<"$out" && fail "the audit log records a gap: $out"
+  grep -q "not yet covered" <<<"$out" && fail "records no checkpoint covers: $out"
   if [ -n "$previous" ]; then
     last="$(tail -n 1 "$previous" | sed -n 's/.*"hash":"\([0-9a-f]*\)"}$/\1/p')"
-    grep -q "continues a previous file (renamed) that ends at seq [0-9]*, hash $last" <<<"$out" ||
+    grep -q "continues a previous log (renamed) that ends at seq [0-9]*, hash $last" <<<"$out" ||
       fail "$(basename "$file") does not continue $(basename "$previous"): $out"
   fi
   previous="$file"
