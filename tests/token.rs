@@ -243,6 +243,8 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     let serving = process.stderr.wait_for("serving gRPC over TLS", std::time::Instant::now() + PATIENCE);
     assert!(process.stderr.seen.iter().any(|l| l.contains("the issuer key is in a PKCS#11 token")));
     let grpc = format!("https://{}", logged_addr(&serving));
+    let admin_line = process.stderr.seen.iter().find(|l| l.contains("/metrics")).unwrap().clone();
+    let admin = logged_addr(&admin_line);
     let anchors = meshca::ca::issuer::TrustAnchors::load(&ca.join("trust-anchors.pem")).unwrap();
     let channel = meshca::agent::client::connect(&grpc, &anchors, support::SERVER_NAME).await.unwrap();
     let mut client = meshca::proto::identity_client::IdentityClient::new(channel);
@@ -279,6 +281,23 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     };
     let status = client.certify(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let body = support::wait_ready(admin, 503).await;
+    assert!(body.contains("PKCS#11 token does not sign"), "{body}");
+
+    // Back: /ready recovers on its own (the token is reopened and probed), and so
+    // does issuance, with the same key.
+    std::fs::rename(store.dir.path().join("tokens-gone"), store.dir.path().join("tokens")).unwrap();
+    support::wait_ready(admin, 200).await;
+    let (_key, csr) = meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
+    let request = meshca::proto::CertifyRequest {
+        identity: identity.clone(),
+        token: signer.sign(&claims).unwrap().into_bytes(),
+        certificate_signing_request: csr,
+    };
+    let response = client.certify(request).await.unwrap().into_inner();
+    let leaf = rustls_pki_types::CertificateDer::from(response.leaf_certificate);
+    let chain: Vec<_> = response.intermediate_certificates.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+    anchors.verify(&leaf, &chain, now, None).expect("after recovery, the same issuer");
     assert!(process.signal("TERM"));
     process.stderr.read_to_end(std::time::Instant::now() + PATIENCE);
     let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
@@ -287,8 +306,8 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let issued = records.iter().filter(|r| r["outcome"] == "issued").count();
-    assert_eq!(issued, 4, "the serving certificate and three leaves");
-    let last = records.iter().rev().find(|r| r["request_id"] != "serving-certificate").unwrap();
+    assert_eq!(issued, 5, "the serving certificate, three leaves, and one after recovery");
+    let last = records.iter().rev().find(|r| r["outcome"] == "denied").unwrap();
     assert_eq!((last["outcome"].as_str(), last["code"].as_str()), (Some("denied"), Some("Unavailable")), "{last}");
     assert!(last["reason"].as_str().unwrap().starts_with("issuer_key_unavailable"), "{last}");
 }

@@ -518,6 +518,24 @@ impl Issuer {
         &self.fingerprint
     }
 
+    /// Why the issuer key's token did not sign last time (none for a key file, or
+    /// a token that signs).
+    pub fn key_failing(&self) -> Option<String> {
+        match self.signer.key() {
+            IssuerKey::Token(token) => token.failing(),
+            IssuerKey::File(_) => None,
+        }
+    }
+
+    /// A failing token key reopened and probed ([`super::token::TokenKey::reopen`]);
+    /// blocks on the token. `true` when the key signs.
+    pub fn reopen_key(&self) -> bool {
+        match self.signer.key() {
+            IssuerKey::Token(token) => token.failing().is_none() || token.reopen(),
+            IssuerKey::File(_) => true,
+        }
+    }
+
     /// The issuer key's algorithm and raw public key (an uncompressed EC point, or a
     /// PKCS#1 RSAPublicKey), to check what it signed besides certificates (bootstrap
     /// tokens, `auth::bootstrap`).

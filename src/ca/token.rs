@@ -25,7 +25,7 @@
 use std::fmt;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
@@ -200,10 +200,20 @@ pub enum Kind {
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 
+/// Finalises the module at `path` and forgets it: the next [`loaded`] initialises
+/// it anew (every session of it ends).
+fn reset(path: &std::path::Path) {
+    let mut modules = MODULES.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(ctx) = modules.remove(path) {
+        let _ = ctx.finalize();
+    }
+}
+
+static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+
 /// A module is loaded and initialised once per process and kept (`C_Initialize` may
 /// be called only once, and `C_Finalize` would end every other user's sessions).
 fn loaded(path: &std::path::Path) -> Result<Pkcs11, Error> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut modules = MODULES.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(ctx) = modules.get(path) {
         return Ok(ctx.clone());
@@ -272,15 +282,29 @@ fn key_template(uri: &Uri, class: ObjectClass) -> Vec<Attribute> {
 
 /// A private key in a token, signing for rcgen (see the module docs).
 pub struct TokenKey {
-    open: Open,
-    key: ObjectHandle,
+    /// The module, the key's handle and the session pool; replaced whole when the
+    /// token is reopened after a failure.
+    handle: std::sync::RwLock<Arc<Handle>>,
     kind: Kind,
     /// The public key as rcgen's `PublicKeyData` gives it: the EC point, or the
-    /// DER `RSAPublicKey`.
+    /// DER `RSAPublicKey`. A reopened token must hold the same key.
     public: Vec<u8>,
-    sessions: Mutex<Vec<Session>>,
     uri: Uri,
+    /// Why the last signature failed, until one succeeds.
+    failing: Mutex<Option<String>>,
+    /// When the token was last reopened (at most one attempt per [`REOPEN_EVERY`]).
+    reopened: Mutex<Option<std::time::Instant>>,
 }
+
+/// An open token: the module, the private key's handle, and pooled sessions.
+struct Handle {
+    open: Open,
+    key: ObjectHandle,
+    sessions: Mutex<Vec<Session>>,
+}
+
+/// A failing token is reopened at most this often.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -292,6 +316,18 @@ impl TokenKey {
     /// Opens the token, logs in and finds the private key the URI names and its
     /// public key (the public-key object with the same label or id).
     pub fn open(uri: &Uri) -> Result<TokenKey, Error> {
+        let (handle, kind, public) = Self::find(uri)?;
+        Ok(TokenKey {
+            handle: std::sync::RwLock::new(Arc::new(handle)),
+            kind,
+            public,
+            uri: uri.clone(),
+            failing: Mutex::new(None),
+            reopened: Mutex::new(None),
+        })
+    }
+
+    fn find(uri: &Uri) -> Result<(Handle, Kind, Vec<u8>), Error> {
         let open = Open::new(uri)?;
         let session = open.session(false)?;
         let keys = session.find_objects(&key_template(uri, ObjectClass::PRIVATE_KEY)).map_err(call)?;
@@ -307,7 +343,7 @@ impl TokenKey {
             None if kind == Kind::Rsa => public_bytes(&session, key, kind)?,
             None => return Err(Error::Token(format!("no public key beside {} in the token", uri.display()))),
         };
-        Ok(TokenKey { open, key, kind, public, sessions: Mutex::new(vec![session]), uri: uri.clone() })
+        Ok((Handle { open, key, sessions: Mutex::new(vec![session]) }, kind, public))
     }
 
     /// Makes a key pair inside the token under the URI's label and id: the private
@@ -371,31 +407,105 @@ impl TokenKey {
 
     /// Signs `msg` inside the token with a pooled session.
     pub fn sign_message(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
-        let session = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        if self.failing().is_some() {
+            self.reopen();
+        }
+        let signed = self.sign_once(msg);
+        let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &signed {
+            Ok(_) if failing.is_some() => {
+                tracing::info!(issuer_key = %self.uri.display(), "the issuer key's token signs again");
+                *failing = None;
+            }
+            Ok(_) => {}
+            Err(e) => *failing = Some(e.to_string()),
+        }
+        signed
+    }
+
+    /// Why the token did not sign last time, until it signs again.
+    pub fn failing(&self) -> Option<String> {
+        self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// After a failure (at most once per [`REOPEN_EVERY`]): finalises and
+    /// reinitialises the module (a token that went away and came back is seen again
+    /// only then), finds the key anew, and uses it only if it is the same key. Then
+    /// signs a probe, so that a token that is back is reported healthy without a
+    /// request. Returns whether the token signs.
+    pub fn reopen(&self) -> bool {
+        {
+            let mut reopened = self.reopened.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if reopened.is_some_and(|at| at.elapsed() < REOPEN_EVERY) {
+                return self.failing().is_none();
+            }
+            *reopened = Some(std::time::Instant::now());
+        }
+        let current = self.handle.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        current.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        reset(&self.uri.module_path);
+        let found = Self::find(&self.uri).and_then(|(handle, _, public)| {
+            if public == self.public {
+                Ok(handle)
+            } else {
+                Err(Error::Token(format!("{} now holds another key than the one tls.crt certifies", self.uri.display())))
+            }
+        });
+        match found {
+            Ok(handle) => {
+                *self.handle.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(handle);
+                let probe = self.sign_once(b"meshca: is the issuer key's token back?");
+                let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match probe {
+                    Ok(_) => {
+                        if failing.take().is_some() {
+                            tracing::info!(issuer_key = %self.uri.display(), "the issuer key's token signs again");
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        *failing = Some(e.to_string());
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(issuer_key = %self.uri.display(), error = %e, "the issuer key's token is still unusable");
+                *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    fn sign_once(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let handle = self.handle.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let session = handle.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let session = match session {
             Some(session) => session,
-            None => self.open.session(false)?,
+            None => handle.open.session(false)?,
         };
         let signed = match self.kind {
-            Kind::Rsa => session.sign(&Mechanism::Sha256RsaPkcs, self.key, msg).map_err(call),
+            Kind::Rsa => session.sign(&Mechanism::Sha256RsaPkcs, handle.key, msg).map_err(call),
             Kind::EcP256 | Kind::EcP384 => {
                 let digest = match self.kind {
                     Kind::EcP256 => ring::digest::digest(&ring::digest::SHA256, msg),
                     _ => ring::digest::digest(&ring::digest::SHA384, msg),
                 };
-                session.sign(&Mechanism::Ecdsa, self.key, digest.as_ref()).map_err(call).and_then(|raw| ecdsa_der(&raw))
+                session.sign(&Mechanism::Ecdsa, handle.key, digest.as_ref()).map_err(call).and_then(|raw| ecdsa_der(&raw))
             }
         };
         // A session whose token went away is dropped, not pooled.
         if signed.is_ok() {
-            self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(session);
+            handle.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(session);
         }
         signed
     }
 
     /// Sessions in the pool now.
     pub fn pooled_sessions(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+        let handle = self.handle.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let sessions = handle.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+        sessions
     }
 }
 

@@ -106,6 +106,9 @@ impl Readiness {
         if self.audit.is_failing() {
             return Err("the audit log is failing: every decision is refused until a write succeeds".into());
         }
+        if let Some(reason) = snapshot.issuer.key_failing() {
+            return Err(format!("the issuer key's PKCS#11 token does not sign ({reason}); retried every second"));
+        }
         if let Some(down) = self.unreachable_for(now) {
             return Err(format!(
                 "the token validation backend (Kubernetes API server) has failed every call for {} \
@@ -127,6 +130,11 @@ impl Readiness {
     /// Like [`Self::check`], after probing the backend when it has been unreachable
     /// too long (bounded by [`PROBE_WAIT`]); logs when the answer changes.
     pub(crate) async fn check_probing(&self) -> Result<(), String> {
+        if let Some(snapshot) = self.store.current().filter(|s| s.issuer.key_failing().is_some()) {
+            // Blocking PKCS#11 calls, off the runtime; bounded like the backend probe.
+            let probe = tokio::task::spawn_blocking(move || snapshot.issuer.reopen_key());
+            let _ = tokio::time::timeout(PROBE_WAIT, probe).await;
+        }
         let now = self.clock.now();
         if self.unreachable_for(now).is_some() {
             let authenticator = self.authenticator.clone();
