@@ -252,14 +252,13 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     let identity = naming.identity("default", "web").unwrap().dns_name;
     let now = meshca::clock::SystemClock.now();
     let claims = TokenClaims::projected("https://issuer.example", meshca::config::DEFAULT_AUDIENCE, "default", "web", now, std::time::Duration::from_secs(600));
-    for _ in 0..3 {
+    let request = || {
         let (_key, csr) = meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
-        let request = meshca::proto::CertifyRequest {
-            identity: identity.clone(),
-            token: signer.sign(&claims).unwrap().into_bytes(),
-            certificate_signing_request: csr,
-        };
-        let response = client.certify(request).await.unwrap().into_inner();
+        let token = signer.sign(&claims).unwrap().into_bytes();
+        meshca::proto::CertifyRequest { identity: identity.clone(), token, certificate_signing_request: csr }
+    };
+    for _ in 0..3 {
+        let response = client.certify(request()).await.unwrap().into_inner();
         // The leaf verifies under the anchor through the issuer whose key is in the token.
         let chain: Vec<_> = response.intermediate_certificates.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
         let leaf = rustls_pki_types::CertificateDer::from(response.leaf_certificate);
@@ -273,13 +272,7 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     // The token goes away (its directory is moved): Certify answers Unavailable, the
     // decision is audited, and nothing is issued with another key.
     std::fs::rename(store.dir.path().join("tokens"), store.dir.path().join("tokens-gone")).unwrap();
-    let (_key, csr) = meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
-    let request = meshca::proto::CertifyRequest {
-        identity: identity.clone(),
-        token: signer.sign(&claims).unwrap().into_bytes(),
-        certificate_signing_request: csr,
-    };
-    let status = client.certify(request).await.unwrap_err();
+    let status = client.certify(request()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     let body = support::wait_ready(admin, 503).await;
     assert!(body.contains("PKCS#11 token does not sign"), "{body}");
@@ -288,13 +281,7 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     // does issuance, with the same key.
     std::fs::rename(store.dir.path().join("tokens-gone"), store.dir.path().join("tokens")).unwrap();
     support::wait_ready(admin, 200).await;
-    let (_key, csr) = meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
-    let request = meshca::proto::CertifyRequest {
-        identity: identity.clone(),
-        token: signer.sign(&claims).unwrap().into_bytes(),
-        certificate_signing_request: csr,
-    };
-    let response = client.certify(request).await.unwrap().into_inner();
+    let response = client.certify(request()).await.unwrap().into_inner();
     let leaf = rustls_pki_types::CertificateDer::from(response.leaf_certificate);
     let chain: Vec<_> = response.intermediate_certificates.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
     anchors.verify(&leaf, &chain, now, None).expect("after recovery, the same issuer");
