@@ -227,7 +227,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let shutdown = shutdown_signal("finishing in-flight requests")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let prepared = match &config.dev {
-        Some(paths) => Some(crate::dev::prepare(paths, &config.naming, clock.now()).map_err(Failure::other)?),
+        Some(paths) => Some(
+            crate::dev::prepare(paths, &config.naming, clock.now(), config.issuer_key.as_ref())
+                .map_err(Failure::other)?,
+        ),
         None => None,
     };
     let listener = crate::server::connections::listen(config.listen)

@@ -26,6 +26,8 @@ pub enum Error {
     Ca(#[from] crate::ca::Error),
     #[error("{0}")]
     Auth(#[from] crate::auth::Error),
+    #[error("{0}")]
+    Token(String),
     #[error("{path} is incomplete ({missing} is missing); remove the directory or restore the file")]
     Incomplete { path: String, missing: String },
 }
@@ -44,7 +46,14 @@ pub struct Prepared {
 }
 
 /// Creates the dev CA, token key and audit key in `paths.data_dir` unless they exist.
-pub fn prepare(paths: &DevPaths, naming: &Naming, now: SystemTime) -> Result<Prepared, Error> {
+/// With `issuer_key` (`serve --dev --issuer-key URI`), a new issuer's key is made in
+/// that PKCS#11 token and no `tls.key` is written.
+pub fn prepare(
+    paths: &DevPaths,
+    naming: &Naming,
+    now: SystemTime,
+    issuer_key: Option<&crate::ca::token::Uri>,
+) -> Result<Prepared, Error> {
     let anchors = paths.trust_anchors();
     let issuer_dir = paths.issuer_dir();
     let created_ca = !anchors.exists();
@@ -55,7 +64,16 @@ pub fn prepare(paths: &DevPaths, naming: &Naming, now: SystemTime) -> Result<Pre
                 missing: "trust-anchors.pem".into(),
             });
         }
-        let h = hierarchy::generate(naming, CaKeyType::P256, now, HierarchyLifetimes::default())?;
+        let h = match issuer_key {
+            None => hierarchy::generate(naming, CaKeyType::P256, now, HierarchyLifetimes::default())?,
+            Some(uri) => {
+                let key = crate::ca::token::TokenKey::generate(uri, crate::ca::token::Kind::EcP256)
+                    .map_err(|e| Error::Token(format!("--issuer-key {}: {e}", uri.display())))?;
+                let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
+                    hierarchy::generate_for_key(naming, CaKeyType::P256, now, HierarchyLifetimes::default(), &key)?;
+                hierarchy::Hierarchy { anchor_cert_pem, anchor_key_pem, issuer_cert_pem, issuer_key_pem: String::new() }
+            }
+        };
         write_hierarchy(&paths.data_dir, &h)?;
     }
     let created_token_key = !paths.token_key().exists();

@@ -299,3 +299,23 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     assert!(last["reason"].as_str().unwrap().starts_with("issuer_key_unavailable"), "{last}");
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_dev_with_an_issuer_key_makes_the_dev_issuer_in_the_token_and_reuses_it() {
+    let store = SoftHsm::default();
+    store.init_token("dev");
+    let env = format!("SOFTHSM2_CONF={}", store.conf.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let uri = store.uri("dev", "issuer");
+    let extra = ["--issuer-key", uri.as_str()];
+    for run in 0..2 {
+        let mut serve = support::process::ServeBin::start(&["env", &env], "exec \"$@\"", &data, &extra).await;
+        assert!(data.join("issuer/tls.crt").is_file() && !data.join("issuer/tls.key").exists(), "run {run}");
+        let mut client = serve.client().await;
+        client.certify(serve.request("web")).await.expect("a leaf signed in the token");
+        // A second start reuses the key: making another under the same name would be
+        // refused ("already holds"), and the server would not start.
+        serve.stop().await;
+    }
+}
