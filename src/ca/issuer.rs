@@ -324,6 +324,17 @@ impl Issuer {
         Self::load_with(dir, anchors, now, Algorithms::WindowsCompatible, None)
     }
 
+    /// Like [`Issuer::load`], signing with the key in `token` instead of `tls.key`
+    /// (`serve --issuer-key`).
+    pub fn load_with_token(
+        dir: &Path,
+        anchors: &TrustAnchors,
+        now: SystemTime,
+        token: &std::sync::Arc<super::token::TokenKey>,
+    ) -> Result<Self, Error> {
+        Self::load_with(dir, anchors, now, Algorithms::WindowsCompatible, Some(token))
+    }
+
     /// Like [`Issuer::load`], with the algorithms the chain may use, and the key in
     /// `token` instead of `tls.key` when there is one.
     pub(crate) fn load_with(
