@@ -239,6 +239,18 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     assert!(said.contains("--issuer-key pkcs11:token=serve;object=issuer") && said.contains("PinIncorrect"), "{said}");
     assert!(!said.contains("wrong-pin-5555"), "the PIN leaked: {said}");
 
+    // A tls.crt for another key (an issuer made with a key file): refused at start,
+    // never served with the token's key.
+    let other = tmp.path().join("other-ca");
+    assert!(output(meshca().args(["init", "--dir", other.to_str().unwrap()]), PATIENCE).status.success());
+    let mut mismatched = meshca();
+    serve_with_jwks(&mut mismatched, &other.join("trust-anchors.pem"), &other.join("issuer"), &jwks)
+        .args(["--issuer-key", &uri, "--audit-log", tmp.path().join("other.jsonl").to_str().unwrap()]);
+    let out = output(&mut mismatched, PATIENCE);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("does not match the issuer certificate"), "{said}");
+
     let mut process = Process::spawn(&mut serve(&uri));
     let serving = process.stderr.wait_for("serving gRPC over TLS", std::time::Instant::now() + PATIENCE);
     assert!(process.stderr.seen.iter().any(|l| l.contains("the issuer key is in a PKCS#11 token")));
@@ -269,6 +281,29 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
         assert_eq!(chain[0], written);
     }
 
+    // Hot reload: a new tls.crt for the same key in the token (signed by the same
+    // anchor) is picked up, and the next leaf chains through it.
+    let anchor_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("trust-anchor.key")).unwrap()).unwrap();
+    let anchor = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(ca.join("trust-anchors.pem")).unwrap(), anchor_key).unwrap();
+    let old = std::fs::read(ca.join("issuer/tls.crt")).unwrap();
+    let old: rustls_pki_types::CertificateDer<'static> = rustls_pki_types::pem::PemObject::from_pem_slice(&old).unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&old).unwrap();
+    let public = rcgen::SubjectPublicKeyInfo::from_der(parsed.public_key().raw).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "identity.meshca-system.cluster.local (renewed)");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = (std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).into();
+    params.not_after = (std::time::SystemTime::now() + std::time::Duration::from_secs(30 * 86400)).into();
+    let renewed = params.signed_by(&public, &anchor).unwrap();
+    let staged = ca.join("issuer/.tls.crt.new");
+    std::fs::write(&staged, renewed.pem()).unwrap();
+    std::fs::rename(&staged, ca.join("issuer/tls.crt")).unwrap();
+    process.stderr.wait_for("issuer and trust anchors reloaded", std::time::Instant::now() + PATIENCE);
+    let response = client.certify(request()).await.unwrap().into_inner();
+    assert_eq!(response.intermediate_certificates[0], renewed.der().to_vec(), "the renewed issuer signs");
+
     // The token goes away (its directory is moved): Certify answers Unavailable, the
     // decision is audited, and nothing is issued with another key.
     std::fs::rename(store.dir.path().join("tokens"), store.dir.path().join("tokens-gone")).unwrap();
@@ -292,8 +327,8 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let issued = records.iter().filter(|r| r["outcome"] == "issued").count();
-    assert_eq!(issued, 5, "the serving certificate, three leaves, and one after recovery");
+    let leaves = records.iter().filter(|r| r["outcome"] == "issued" && r["request_id"] != "serving-certificate").count();
+    assert_eq!(leaves, 5, "three leaves, one after the reload, one after recovery");
     let last = records.iter().rev().find(|r| r["outcome"] == "denied").unwrap();
     assert_eq!((last["outcome"].as_str(), last["code"].as_str()), (Some("denied"), Some("Unavailable")), "{last}");
     assert!(last["reason"].as_str().unwrap().starts_with("issuer_key_unavailable"), "{last}");
