@@ -294,8 +294,8 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    params.not_before = (std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).into();
-    params.not_after = (std::time::SystemTime::now() + std::time::Duration::from_secs(30 * 86400)).into();
+    params.not_before = (now - std::time::Duration::from_secs(3600)).into();
+    params.not_after = (now + std::time::Duration::from_secs(30 * 86400)).into();
     let renewed = params.signed_by(&public, &anchor).unwrap();
     let staged = ca.join("issuer/.tls.crt.new");
     std::fs::write(&staged, renewed.pem()).unwrap();
