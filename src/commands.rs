@@ -491,12 +491,13 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
              use SA.NS.serviceaccount.identity.{ns}.{td}"
         )));
     }
-    if config.issuer_key.is_some() {
-        return Err(Failure::usage(
-            "--issuer-key: bootstrap tokens are signed with the issuer key, and bootstrap-token create \
-             cannot yet sign in a PKCS#11 token; run it where the issuer key is a file",
-        ));
-    }
+    let token = match &config.issuer_key {
+        Some(uri) => Some(std::sync::Arc::new(
+            crate::ca::token::TokenKey::open(uri)
+                .map_err(|e| Failure::usage(format!("--issuer-key {}: {e}", uri.display())))?,
+        )),
+        None => None,
+    };
     let now = SystemClock.now();
     let hint = if config.dev.is_some() { " (start `meshca serve --dev` once first)" } else { "" };
     let snapshot = crate::ca::store::Snapshot::load_with(
@@ -504,13 +505,18 @@ pub fn bootstrap_token_create(args: crate::cli::BootstrapTokenCreateArgs) -> Res
         &config.issuer_dir,
         now,
         config.reload.issuer_algorithms,
-        None,
+        token.as_ref(),
     )
     .map_err(|e| Failure::usage(format!("{e}{hint}")))?;
-    let key = crate::ca::material::read_pkcs8_key(&issuer_files(&config.issuer_dir).1)
-        .map_err(|e| Failure::usage(format!("{e}{hint}")))?;
-    let signer =
-        BootstrapSigner::new(&key, &snapshot.issuer, config.naming.clone()).map_err(Failure::other)?;
+    let signer = match token {
+        Some(token) => BootstrapSigner::with_token(token, &snapshot.issuer, config.naming.clone()),
+        None => {
+            let key = crate::ca::material::read_pkcs8_key(&issuer_files(&config.issuer_dir).1)
+                .map_err(|e| Failure::usage(format!("{e}{hint}")))?;
+            BootstrapSigner::new(&key, &snapshot.issuer, config.naming.clone())
+        }
+    }
+    .map_err(Failure::other)?;
     let (token, claims) = signer.create(identity, ttl, args.uses, now).map_err(Failure::other)?;
     if known && config.bootstrap.is_none() {
         say("warning: this configuration does not enable --bootstrap-tokens: the server refuses the token until it does");

@@ -354,3 +354,49 @@ async fn serve_dev_with_an_issuer_key_makes_the_dev_issuer_in_the_token_and_reus
         serve.stop().await;
     }
 }
+
+#[test]
+fn bootstrap_tokens_signed_in_the_token_verify_with_the_issuers_public_key() {
+    use meshca::clock::Clock as _;
+    for (object, kind, key_type) in [
+        ("bootstrap-p256", Kind::EcP256, meshca::ca::hierarchy::CaKeyType::P256),
+        ("bootstrap-p384", Kind::EcP384, meshca::ca::hierarchy::CaKeyType::P384),
+    ] {
+        let token = std::sync::Arc::new(TokenKey::generate(&uri("pool", object), kind).unwrap());
+        let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
+        let now = meshca::clock::SystemClock.now();
+        let (anchor_cert, anchor_key, issuer_cert) = meshca::ca::hierarchy::generate_for_key(
+            &naming,
+            key_type,
+            now,
+            meshca::ca::hierarchy::HierarchyLifetimes::default(),
+            token.as_ref(),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let h = meshca::ca::hierarchy::Hierarchy {
+            anchor_cert_pem: anchor_cert,
+            anchor_key_pem: anchor_key,
+            issuer_cert_pem: issuer_cert,
+            issuer_key_pem: String::new(),
+        };
+        meshca::dev::write_hierarchy(dir.path(), &h).unwrap();
+        let anchors = meshca::ca::issuer::TrustAnchors::load(&dir.path().join("trust-anchors.pem")).unwrap();
+        let issuer = meshca::ca::issuer::Issuer::load_with_token(&dir.path().join("issuer"), &anchors, now, &token).unwrap();
+        let signer = meshca::auth::bootstrap::BootstrapSigner::with_token(token.clone(), &issuer, naming.clone()).unwrap();
+        let identity = naming.identity("default", "host-1").unwrap().dns_name;
+        let (minted, _) = signer.create(&identity, std::time::Duration::from_secs(600), 1, now).unwrap();
+        let verified = meshca::auth::bootstrap::verify(
+            minted.expose().as_bytes(),
+            &issuer,
+            &naming,
+            std::time::Duration::from_secs(60),
+            now,
+        )
+        .unwrap_or_else(|e| panic!("{object}: {e}"));
+        assert_eq!(verified.claims.identity, identity);
+        // A signature of other claims does not verify.
+        let forged = minted.expose().replacen('.', ".e30", 1);
+        assert!(meshca::auth::bootstrap::verify(forged.as_bytes(), &issuer, &naming, std::time::Duration::from_secs(60), now).is_err());
+    }
+}

@@ -179,6 +179,8 @@ impl fmt::Debug for BootstrapToken {
 enum SigningKey {
     Ecdsa(EcdsaKeyPair),
     Rsa(RsaKeyPair),
+    /// The issuer key in a PKCS#11 token (`--issuer-key`).
+    Token(std::sync::Arc<crate::ca::token::TokenKey>),
 }
 
 /// The issuer key, ready to sign bootstrap tokens for one deployment.
@@ -235,18 +237,39 @@ impl BootstrapSigner {
         let own_public = match &key {
             SigningKey::Ecdsa(k) => ring::signature::KeyPair::public_key(k).as_ref(),
             SigningKey::Rsa(k) => ring::signature::KeyPair::public_key(k).as_ref(),
+            SigningKey::Token(t) => rcgen::PublicKeyData::der_bytes(t.as_ref()),
         };
         if own_public != public {
             return Err(signing("the issuer key does not belong to the issuer certificate"));
         }
-        Ok(BootstrapSigner {
+        Ok(Self::with_key(key, alg, issuer, naming, rng))
+    }
+
+    /// The signer for `issuer` whose key is in a PKCS#11 token: the token signs.
+    pub fn with_token(
+        token: std::sync::Arc<crate::ca::token::TokenKey>,
+        issuer: &Issuer,
+        naming: Naming,
+    ) -> Result<BootstrapSigner, Error> {
+        let (issuer_alg, public) = issuer.public_key();
+        let alg = Algorithm::of_issuer(issuer_alg).ok_or(Error::Config {
+            reason: "bootstrap tokens need a P-256, P-384 or RSA issuer key".into(),
+        })?;
+        if rcgen::PublicKeyData::der_bytes(token.as_ref()) != public {
+            return Err(signing("the issuer key does not belong to the issuer certificate"));
+        }
+        Ok(Self::with_key(SigningKey::Token(token), alg, issuer, naming, SystemRandom::new()))
+    }
+
+    fn with_key(key: SigningKey, alg: Algorithm, issuer: &Issuer, naming: Naming, rng: SystemRandom) -> BootstrapSigner {
+        BootstrapSigner {
             key,
             alg,
             kid: issuer.fingerprint().to_owned(),
             audience: audience(&naming),
             naming,
             rng,
-        })
+        }
     }
 
     pub fn algorithm(&self) -> Algorithm {
@@ -309,6 +332,10 @@ impl BootstrapSigner {
                     .map_err(|_| signing("RSA signing failed"))?;
                 Ok(sig)
             }
+            SigningKey::Token(token) => token.sign_jws(msg).map_err(|e| {
+                tracing::error!(error = %e, "the issuer key's token did not sign the bootstrap token");
+                signing("the issuer key's PKCS#11 token did not sign")
+            }),
         })
     }
 }

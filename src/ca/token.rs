@@ -477,6 +477,19 @@ impl TokenKey {
         }
     }
 
+    /// Signs `msg` as a JWS wants it: ECDSA as the fixed `r ‖ s` (ES256, ES384), RSA
+    /// as PKCS#1 v1.5 with SHA-256 (RS256).
+    pub fn sign_jws(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let der = self.sign_message(msg)?;
+        match self.kind {
+            Kind::Rsa => Ok(der),
+            Kind::EcP256 | Kind::EcP384 => {
+                let width = if self.kind == Kind::EcP256 { 32 } else { 48 };
+                fixed_ecdsa(&der, width)
+            }
+        }
+    }
+
     fn sign_once(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
         let handle = self.handle.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let session = handle.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
@@ -521,6 +534,28 @@ fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, Error> {
             w.next().write_bigint_bytes(s, true);
         })
     }))
+}
+
+/// The DER `Ecdsa-Sig-Value` back to the fixed `r ‖ s` of `width` bytes each.
+fn fixed_ecdsa(der: &[u8], width: usize) -> Result<Vec<u8>, Error> {
+    let bad = || Error::Token("not an ECDSA signature".into());
+    let (r, s) = yasna::parse_der(der, |reader| {
+        reader.read_sequence(|reader| {
+            let r = reader.next().read_bigint_bytes()?.0;
+            let s = reader.next().read_bigint_bytes()?.0;
+            Ok((r, s))
+        })
+    })
+    .map_err(|_| bad())?;
+    let mut out = vec![0u8; 2 * width];
+    for (i, part) in [r, s].iter().enumerate() {
+        let part = part.strip_prefix(&[0u8][..]).unwrap_or(part);
+        if part.len() > width {
+            return Err(bad());
+        }
+        out[(i + 1) * width - part.len()..(i + 1) * width].copy_from_slice(part);
+    }
+    Ok(out)
 }
 
 fn kind_of(session: &Session, key: ObjectHandle) -> Result<Kind, Error> {
@@ -653,5 +688,8 @@ mod tests {
         assert_eq!(&der[..5], &[0x30, 0x26, 0x02, 0x01, 0x01]);
         assert_eq!(&der[5..8], &[0x02, 0x21, 0x00]);
         assert!(ecdsa_der(&[1, 2, 3]).is_err());
+        // And back, zero-padded to the curve's width.
+        assert_eq!(fixed_ecdsa(&der, 32).unwrap(), raw);
+        assert!(fixed_ecdsa(&der[..10], 32).is_err());
     }
 }
