@@ -24,7 +24,11 @@
 # the cores (default 10) during its window; otherwise it is repeated, up to three
 # times, and if the machine stays busy the script refuses to report (exit 3).
 #
-# Environment: MESHCA_BENCH_TOKENS (rs256 | es256, default rs256), MESHCA_BENCH_PORT (gRPC, default 18080), MESHCA_BENCH_ADMIN_PORT
+# MESHCA_BENCH_ISSUER_KEY=softhsm keeps the issuer key in a SoftHSM2 token made in
+# the data directory (`serve --dev --issuer-key`, Debian's softhsm2): every leaf is
+# signed inside the token through PKCS#11.
+#
+# Environment: MESHCA_BENCH_TOKENS (rs256 | es256, default rs256), MESHCA_BENCH_ISSUER_KEY (file | softhsm, default file), MESHCA_BENCH_PORT (gRPC, default 18080), MESHCA_BENCH_ADMIN_PORT
 # (default 19990), MESHCA_BENCH_LEVELS (default "16 64 1024"),
 # MESHCA_BENCH_KEEP=1 keeps the data directory.
 set -euo pipefail
@@ -36,6 +40,7 @@ LEVELS="${MESHCA_BENCH_LEVELS:-16 64 1024}"
 HERD="${MESHCA_BENCH_HERD:-10000}"
 MAX_OTHER="${MESHCA_BENCH_MAX_OTHER:-10}"
 TOKENS="${MESHCA_BENCH_TOKENS:-rs256}"
+ISSUER_KEY="${MESHCA_BENCH_ISSUER_KEY:-file}"
 
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
@@ -120,6 +125,25 @@ if [ "$TOKENS" = rs256 ]; then
 fi
 TOKEN_LABEL="$(tr '[:lower:]' '[:upper:]' <<<"$TOKENS")"
 
+# The issuer key: a file (the dev default), or made in a SoftHSM2 token on first start.
+SERVE_KEY_ARGS=()
+KEY_LABEL="issuer key in a file"
+case "$ISSUER_KEY" in
+  file) ;;
+  softhsm)
+    module=/usr/lib/softhsm/libsofthsm2.so
+    [ -f "$module" ] && command -v softhsm2-util >/dev/null || { echo "MESHCA_BENCH_ISSUER_KEY=softhsm needs softhsm2 (apt-get install softhsm2)" >&2; exit 2; }
+    mkdir -p "$DATA/softhsm/tokens"
+    printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$DATA/softhsm/tokens" >"$DATA/softhsm/softhsm2.conf"
+    export SOFTHSM2_CONF="$DATA/softhsm/softhsm2.conf"
+    printf 'bench-pin\n' >"$DATA/softhsm/pin"
+    softhsm2-util --init-token --free --label bench --pin bench-pin --so-pin bench-so-pin >/dev/null
+    SERVE_KEY_ARGS=(--issuer-key "pkcs11:token=bench;object=issuer;type=private?module-path=$module&pin-source=file:$DATA/softhsm/pin")
+    KEY_LABEL="issuer key in SoftHSM2 (PKCS#11)"
+    ;;
+  *) echo "MESHCA_BENCH_ISSUER_KEY must be file or softhsm" >&2; exit 2 ;;
+esac
+
 log "crypto bound (${DURATION}s per figure, no server running; $TOKEN_LABEL tokens)"
 CRYPTO="$("$LOAD" --crypto-bound --duration "$DURATION" "${BOUND_TOKEN_ARGS[@]}" --json)"
 BOUND="$(field "$CRYPTO" ops_per_s)"
@@ -133,7 +157,7 @@ fi
 start_meshca() {
   local start
   start="$(now_ms)"
-  "$MESHCA" serve --dev --data-dir "$DATA" "${SERVE_TOKEN_ARGS[@]}" \
+  "$MESHCA" serve --dev --data-dir "$DATA" "${SERVE_TOKEN_ARGS[@]}" "${SERVE_KEY_ARGS[@]}" \
     --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" 2>>"$DATA/server.log" &
   SERVER_PID=$!
   wait_ready "$ADMIN_PORT" "$SERVER_PID" "$DATA/server.log" 0.005 || exit 1
@@ -292,7 +316,7 @@ fi
 
 cat <<EOF
 
-meshca Certify benchmark, $(date -u +%F): $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)) shared by client and server (${BUSY}% busy before the run), ${DURATION}s per level after a 2 s warm-up, pool of 10,000 distinct P-256 CSRs and $TOKEN_LABEL tokens (jwks validation)
+meshca Certify benchmark, $(date -u +%F): $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)) shared by client and server (${BUSY}% busy before the run), ${DURATION}s per level after a 2 s warm-up, pool of 10,000 distinct P-256 CSRs and $TOKEN_LABEL tokens (jwks validation), $KEY_LABEL
 
 | level | certs/s | p50 ms | p99 ms | p999 ms | errors | server CPU s / 1k certs | client CPU s / 1k | server RSS / peak MiB | vs crypto bound | vs bound with token | other load % |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
