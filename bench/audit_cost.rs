@@ -119,12 +119,16 @@ async fn append(path: &Path, settings: Option<Checkpoints>, n: usize, concurrenc
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
-    let tmp = tempfile::tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir)).expect("temporary directory");
+    let tmp = tempfile::tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))
+        .expect("temporary directory");
     let (key, _) = SigningKey::generate(&key_name("cluster.local")).expect("key");
     let key = Arc::new(key);
     let path = tmp.path().join("audit.jsonl");
-    let settings: [(&str, Option<u64>); 3] =
-        [("chain only", None), ("checkpoints every 1000 / 10 s", Some(1000)), ("a checkpoint every batch", Some(1))];
+    let settings: [(&str, Option<u64>); 3] = [
+        ("chain only", None),
+        ("checkpoints every 1000 / 10 s", Some(1000)),
+        ("a checkpoint every batch", Some(1)),
+    ];
     let mut results = vec![Vec::new(); settings.len()];
     for _ in 0..args.rounds {
         for (i, (_, every)) in settings.iter().enumerate() {
@@ -144,7 +148,8 @@ async fn main() {
 
     // The parts on their own: a leaf (a line of the size just written) into the
     // tree, and signing a checkpoint.
-    let line = vec![b'x'; std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) as usize / args.records.max(1)];
+    let line =
+        vec![b'x'; std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) as usize / args.records.max(1)];
     let mut tree = meshca::audit::merkle::Frontier::default();
     let started = Instant::now();
     for _ in 0..1_000_000 {
@@ -176,7 +181,8 @@ async fn main() {
     append(&path, Some(checkpoints(&key, 1000)), args.start_records, args.concurrency).await;
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let started = Instant::now();
-    let log = AuditLog::open_with(Sink::File(path.clone()), Some(checkpoints(&key, 1000))).await.expect("reopen");
+    let log =
+        AuditLog::open_with(Sink::File(path.clone()), Some(checkpoints(&key, 1000))).await.expect("reopen");
     let open = started.elapsed().as_secs_f64();
     log.close().await.expect("close");
     let started = Instant::now();

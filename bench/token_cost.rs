@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rcgen::PublicKeyData as _;
 use meshca::ca::csr::{CheckedCsr, KeyType};
 use meshca::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
 use meshca::ca::issuer::{Issuer, TrustAnchors};
@@ -25,6 +24,7 @@ use meshca::ca::profile::{Lifetimes, Names};
 use meshca::ca::token::{Kind, TokenKey};
 use meshca::clock::{Clock, SystemClock};
 use meshca::identity::Naming;
+use rcgen::PublicKeyData as _;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
@@ -82,7 +82,13 @@ fn main() {
     assert!(Path::new(MODULE).is_file(), "{MODULE} is missing: apt-get install softhsm2");
     let tmp = tempfile::tempdir().expect("temporary directory");
     let conf = tmp.path().join("softhsm2.conf");
-    write(&conf, &format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tmp.path().join("tokens").display()));
+    write(
+        &conf,
+        &format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tmp.path().join("tokens").display()
+        ),
+    );
     std::fs::create_dir_all(tmp.path().join("tokens")).expect("tokens");
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let init = Command::new("softhsm2-util")
@@ -90,19 +96,31 @@ fn main() {
         .output()
         .expect("softhsm2-util");
     assert!(init.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&init.stderr));
-    let uri = format!("pkcs11:token=bench;object=issuer?module-path={MODULE}&pin-value=1234").parse().expect("uri");
+    let uri =
+        format!("pkcs11:token=bench;object=issuer?module-path={MODULE}&pin-value=1234").parse().expect("uri");
     let token = Arc::new(TokenKey::generate(&uri, Kind::EcP256).expect("a key in the token"));
 
     let naming = Naming::new("cluster.local", "meshca-system").expect("naming");
     let now = SystemClock.now();
     let file_dir = tmp.path().join("file");
-    let h = hierarchy::generate(&naming, CaKeyType::P256, now, HierarchyLifetimes::default()).expect("hierarchy");
+    let h =
+        hierarchy::generate(&naming, CaKeyType::P256, now, HierarchyLifetimes::default()).expect("hierarchy");
     meshca::dev::write_hierarchy(&file_dir, &h).expect("write");
     let token_dir = tmp.path().join("token");
-    let (anchor_cert, anchor_key, issuer_cert) =
-        hierarchy::generate_for_key(&naming, CaKeyType::P256, now, HierarchyLifetimes::default(), token.as_ref())
-            .expect("hierarchy");
-    let h = hierarchy::Hierarchy { anchor_cert_pem: anchor_cert, anchor_key_pem: anchor_key, issuer_cert_pem: issuer_cert, issuer_key_pem: String::new() };
+    let (anchor_cert, anchor_key, issuer_cert) = hierarchy::generate_for_key(
+        &naming,
+        CaKeyType::P256,
+        now,
+        HierarchyLifetimes::default(),
+        token.as_ref(),
+    )
+    .expect("hierarchy");
+    let h = hierarchy::Hierarchy {
+        anchor_cert_pem: anchor_cert,
+        anchor_key_pem: anchor_key,
+        issuer_cert_pem: issuer_cert,
+        issuer_key_pem: String::new(),
+    };
     meshca::dev::write_hierarchy(&token_dir, &h).expect("write");
 
     let load = |dir: &Path, token: Option<&Arc<TokenKey>>| {
@@ -113,16 +131,24 @@ fn main() {
         };
         Arc::new(issuer.expect("issuer"))
     };
-    let issuers = [("key in memory (ring)", load(&file_dir, None)), ("key in SoftHSM2 (PKCS#11)", load(&token_dir, Some(&token)))];
+    let issuers = [
+        ("key in memory (ring)", load(&file_dir, None)),
+        ("key in SoftHSM2 (PKCS#11)", load(&token_dir, Some(&token))),
+    ];
     let mut results = vec![Vec::new(); issuers.len()];
     for _ in 0..args.rounds {
         for (i, (_, issuer)) in issuers.iter().enumerate() {
             results[i].push(run(issuer, args.leaves, args.threads));
         }
     }
-    println!("leaves signed by Issuer::issue, {} a run, {} threads, {} interleaved rounds", args.leaves, args.threads, args.rounds);
+    println!(
+        "leaves signed by Issuer::issue, {} a run, {} threads, {} interleaved rounds",
+        args.leaves, args.threads, args.rounds
+    );
     for ((name, _), runs) in issuers.iter().zip(&results) {
-        let show = |f: fn(&(f64, f64, f64)) -> f64, fmt: fn(f64) -> String| runs.iter().map(|r| fmt(f(r))).collect::<Vec<_>>().join(" ");
+        let show = |f: fn(&(f64, f64, f64)) -> f64, fmt: fn(f64) -> String| {
+            runs.iter().map(|r| fmt(f(r))).collect::<Vec<_>>().join(" ")
+        };
         println!(
             "  {name:28} leaves/s {:24} p50 µs {:18} p99 µs {}",
             show(|r| r.0, |v| format!("{v:.0}")),

@@ -135,11 +135,17 @@ fn init_in_token(
         CaKeyType::P384 => Kind::EcP384,
         CaKeyType::Rsa3072 => Kind::Rsa,
     };
-    let key = TokenKey::generate(&uri, kind).map_err(|e| Failure::usage(format!("--issuer-key {}: {e}", uri.display())))?;
+    let key = TokenKey::generate(&uri, kind)
+        .map_err(|e| Failure::usage(format!("--issuer-key {}: {e}", uri.display())))?;
     let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
         hierarchy::generate_for_key(naming, key_type, SystemClock.now(), HierarchyLifetimes::default(), &key)
             .map_err(Failure::other)?;
-    let h = hierarchy::Hierarchy { anchor_cert_pem, anchor_key_pem, issuer_cert_pem, issuer_key_pem: String::new() };
+    let h = hierarchy::Hierarchy {
+        anchor_cert_pem,
+        anchor_key_pem,
+        issuer_cert_pem,
+        issuer_key_pem: String::new(),
+    };
     crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
     crate::dev::write_audit_key(&args.dir, &args.trust_domain).map_err(Failure::other)?;
     say(format_args!(
@@ -156,7 +162,12 @@ fn init_in_token(
 /// `meshca init --kubernetes`: the anchor (certificate and key) to `dir`, key first,
 /// so nothing it signed is published before its key is safe; then the issuer and the
 /// anchor as Kubernetes objects on stdout. The anchor's key is never printed.
-fn init_kubernetes(dir: &Path, namespace: &str, trust_domain: &str, h: &hierarchy::Hierarchy) -> Result<(), Failure> {
+fn init_kubernetes(
+    dir: &Path,
+    namespace: &str,
+    trust_domain: &str,
+    h: &hierarchy::Hierarchy,
+) -> Result<(), Failure> {
     use crate::files::{write_new, Access};
     use std::io::Write as _;
     let write = |name: &str, contents: &str, access| {
@@ -167,7 +178,8 @@ fn init_kubernetes(dir: &Path, namespace: &str, trust_domain: &str, h: &hierarch
     write("trust-anchor.key", &h.anchor_key_pem, Access::Private)?;
     write("trust-anchors.pem", &h.anchor_cert_pem, Access::Public)?;
     let name = crate::audit::checkpoint::key_name(trust_domain);
-    let (audit_key, audit_pem) = crate::audit::checkpoint::SigningKey::generate(&name).map_err(Failure::other)?;
+    let (audit_key, audit_pem) =
+        crate::audit::checkpoint::SigningKey::generate(&name).map_err(Failure::other)?;
     write("audit.pub", &format!("{}\n", audit_key.verifier()), Access::Public)?;
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -763,7 +775,9 @@ pub async fn doctor(args: crate::cli::DoctorArgs) -> Result<(), Failure> {
 }
 
 /// Reads the verifier keys `--key` names.
-fn verifier_keys(paths: &[std::path::PathBuf]) -> Result<Vec<crate::audit::checkpoint::VerifierKey>, Failure> {
+fn verifier_keys(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<crate::audit::checkpoint::VerifierKey>, Failure> {
     paths
         .iter()
         .map(|p| {
@@ -790,7 +804,11 @@ fn audit_check(
 }
 
 /// `meshca audit verify FILE [--key VKEYFILE]... [--checkpoint CHECKPOINTFILE]`.
-pub fn audit_verify(file: &Path, keys: &[std::path::PathBuf], checkpoint: Option<&Path>) -> Result<(), Failure> {
+pub fn audit_verify(
+    file: &Path,
+    keys: &[std::path::PathBuf],
+    checkpoint: Option<&Path>,
+) -> Result<(), Failure> {
     let checked = audit_check(file, keys, checkpoint)?;
     let report = &checked.report;
     let name = file.display();
@@ -802,7 +820,10 @@ pub fn audit_verify(file: &Path, keys: &[std::path::PathBuf], checkpoint: Option
             report.records
         ));
     } else {
-        say(format_args!("{name}: intact, {} records; {covered} proven by signed checkpoints", report.records));
+        say(format_args!(
+            "{name}: intact, {} records; {covered} proven by signed checkpoints",
+            report.records
+        ));
         for opened in [&checked.latest, &checked.saved].into_iter().flatten() {
             let cp = &opened.checkpoint;
             say(format_args!(
@@ -863,7 +884,12 @@ pub fn audit_verify(file: &Path, keys: &[std::path::PathBuf], checkpoint: Option
 }
 
 /// `meshca audit prove FILE --key VKEYFILE (--serial HEX | --checkpoint CHECKPOINTFILE)`.
-pub fn audit_prove(file: &Path, keys: &[std::path::PathBuf], serial: Option<&str>, checkpoint: Option<&Path>) -> Result<(), Failure> {
+pub fn audit_prove(
+    file: &Path,
+    keys: &[std::path::PathBuf],
+    serial: Option<&str>,
+    checkpoint: Option<&Path>,
+) -> Result<(), Failure> {
     let checked = audit_check(file, keys, checkpoint)?;
     let proof = match serial {
         Some(serial) => crate::audit::prove::inclusion(file, &checked, serial),

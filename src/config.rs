@@ -387,7 +387,10 @@ fn issuer_key(args: &ServeArgs) -> Result<Option<crate::ca::token::Uri>, Error> 
             reason: "not a pkcs11: URI (a key file goes in --issuer-dir as tls.key)".into(),
         });
     }
-    let uri = text.0.parse().map_err(|e: crate::ca::token::Error| Error::Invalid { setting: "issuer-key", reason: e.to_string() })?;
+    let uri = text.0.parse().map_err(|e: crate::ca::token::Error| Error::Invalid {
+        setting: "issuer-key",
+        reason: e.to_string(),
+    })?;
     Ok(Some(uri))
 }
 
@@ -437,21 +440,24 @@ fn audit_checkpoints(
     audit_log: &str,
     token: &TokenConfig,
 ) -> Result<Option<AuditCheckpoints>, Error> {
-    let configmap = match (args.audit_checkpoint_configmap, token.kubernetes()) {
-        (Some(true), None) => {
-            return Err(Error::Invalid {
+    let configmap =
+        match (args.audit_checkpoint_configmap, token.kubernetes()) {
+            (Some(true), None) => return Err(Error::Invalid {
                 setting: "audit-checkpoint-configmap",
-                reason: "ConfigMaps need a Kubernetes client: --token-validation tokenreview, or jwks without \
+                reason:
+                    "ConfigMaps need a Kubernetes client: --token-validation tokenreview, or jwks without \
                          --jwks-file and --jwks-url (discovery) or with --jwks-confirm-pod; or pass \
                          --audit-checkpoint-configmap=false"
-                    .into(),
-            })
-        }
-        (explicit, kubernetes) => explicit.unwrap_or(kubernetes.is_some()),
-    };
+                        .into(),
+            }),
+            (explicit, kubernetes) => explicit.unwrap_or(kubernetes.is_some()),
+        };
     let every = args.audit_checkpoint_every.unwrap_or(crate::audit::DEFAULT_EVERY);
     if every == 0 {
-        return Err(Error::Invalid { setting: "audit-checkpoint-every", reason: "must be at least 1".into() });
+        return Err(Error::Invalid {
+            setting: "audit-checkpoint-every",
+            reason: "must be at least 1".into(),
+        });
     }
     let interval = crate::setting::duration(
         "audit-checkpoint-interval",

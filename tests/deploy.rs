@@ -386,7 +386,11 @@ fn check_install(docs: &[Value], install: &Install) -> String {
     // Volumes: the issuer Secret, the trust-anchor ConfigMap and the audit key Secret,
     // read-only; nothing writable.
     let volumes = pod["volumes"].as_array().unwrap();
-    assert_eq!(volumes.len(), 3, "only the issuer, the trust anchors and the audit key are mounted: {volumes:?}");
+    assert_eq!(
+        volumes.len(),
+        3,
+        "only the issuer, the trust anchors and the audit key are mounted: {volumes:?}"
+    );
     let volume = |source: &str, key: &str, name: &str| -> String {
         let v = volumes
             .iter()
@@ -673,7 +677,8 @@ fn init_kubernetes_prints_valid_objects_whose_issuer_chains_to_the_anchor_and_ke
     let yaml = String::from_utf8(out.stdout).unwrap();
     let docs = validate(&yaml, "meshca init --kubernetes");
     assert_eq!(docs.len(), 3);
-    let named = |name: &str| docs.iter().find(|d| d["metadata"]["name"] == name).unwrap_or_else(|| panic!("{name}"));
+    let named =
+        |name: &str| docs.iter().find(|d| d["metadata"]["name"] == name).unwrap_or_else(|| panic!("{name}"));
 
     // The audit key: an Opaque Secret of its own, its verifier key in --dir for auditors.
     let audit = named("meshca-audit-key");
@@ -682,9 +687,15 @@ fn init_kubernetes_prints_valid_objects_whose_issuer_chains_to_the_anchor_and_ke
     // Labelled apart, so that `kubectl apply -l` installs or replaces one without the other.
     let components: BTreeSet<(&str, &str)> = docs
         .iter()
-        .map(|d| (str_of(&d["metadata"]["name"], "name"), str_of(&d["metadata"]["labels"]["app.kubernetes.io/component"], "component")))
+        .map(|d| {
+            (
+                str_of(&d["metadata"]["name"], "name"),
+                str_of(&d["metadata"]["labels"]["app.kubernetes.io/component"], "component"),
+            )
+        })
         .collect();
-    let expected = [("meshca-issuer", "ca"), ("meshca-trust-anchors", "ca"), ("meshca-audit-key", "audit-key")];
+    let expected =
+        [("meshca-issuer", "ca"), ("meshca-trust-anchors", "ca"), ("meshca-audit-key", "audit-key")];
     assert_eq!(components, BTreeSet::from(expected));
     let audit_pem = base64::engine::general_purpose::STANDARD
         .decode(str_of(&audit["data"]["audit-signing.key"], "audit-signing.key"))
@@ -692,7 +703,8 @@ fn init_kubernetes_prints_valid_objects_whose_issuer_chains_to_the_anchor_and_ke
     let audit_key_file = tmp.path().join("audit-signing.key");
     std::fs::write(&audit_key_file, &audit_pem).unwrap();
     std::fs::set_permissions(&audit_key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let signing = meshca::audit::checkpoint::SigningKey::read("meshca/cluster.local", &audit_key_file).unwrap();
+    let signing =
+        meshca::audit::checkpoint::SigningKey::read("meshca/cluster.local", &audit_key_file).unwrap();
     let published = std::fs::read_to_string(dir.join("audit.pub")).unwrap();
     assert_eq!(published.trim(), signing.verifier().to_string(), "audit.pub verifies the key in the Secret");
 

@@ -323,10 +323,7 @@ async fn an_audit_file_removed_underneath_is_recreated_and_an_unopenable_path_fa
     assert!(issued_fingerprints(&server.audit_records()).contains(&third));
     let (code, stderr) = audit_verify(&server.audit_path);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(
-        stderr.contains("continues a previous log (removed)") && stderr.contains("1 gap(s)"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("continues a previous log (removed)") && stderr.contains("1 gap(s)"), "{stderr}");
 }
 
 #[tokio::test]

@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 use cryptoki::context::Pkcs11;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use meshca::ca::token::{Kind, TokenKey, Uri};
-use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, RSA_PKCS1_2048_8192_SHA256};
+use ring::signature::{
+    UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, RSA_PKCS1_2048_8192_SHA256,
+};
 use support::softhsm::{SoftHsm, MODULE, PIN};
 
 /// Every token these tests use, made before the module is first loaded (it reads
@@ -42,7 +44,9 @@ fn check(kind: Kind, key: &TokenKey, msg: &[u8], signature: &[u8]) {
         Kind::EcP384 => &ECDSA_P384_SHA384_ASN1,
         Kind::Rsa => &RSA_PKCS1_2048_8192_SHA256,
     };
-    UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(key)).verify(msg, signature).expect("ring verifies");
+    UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(key))
+        .verify(msg, signature)
+        .expect("ring verifies");
 }
 
 #[test]
@@ -60,7 +64,10 @@ fn keys_made_in_the_token_sign_inside_it_and_ring_verifies_each_kind() {
             Kind::Rsa => &RSA_PKCS1_2048_8192_SHA256,
         };
         let public = UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(&key));
-        assert!(public.verify(msg.as_bytes(), &other).is_err(), "a signature of another message must not verify");
+        assert!(
+            public.verify(msg.as_bytes(), &other).is_err(),
+            "a signature of another message must not verify"
+        );
 
         // Reopened by its URI, the same key.
         let again = TokenKey::open(&uri(token, "issuer")).unwrap();
@@ -77,7 +84,9 @@ fn the_private_key_is_sensitive_not_extractable_and_signs_only() {
     drop(key);
     let ctx = Pkcs11::new(MODULE).unwrap();
     // The module is initialised already (by meshca in this process).
-    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(cryptoki::context::CInitializeFlags::OS_LOCKING_OK));
+    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
+        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
+    ));
     let slot = ctx
         .get_slots_with_token()
         .unwrap()
@@ -85,7 +94,9 @@ fn the_private_key_is_sensitive_not_extractable_and_signs_only() {
         .find(|s| ctx.get_token_info(*s).unwrap().label() == "pool")
         .unwrap();
     let session = ctx.open_ro_session(slot).unwrap();
-    session.login(cryptoki::session::UserType::User, Some(&cryptoki::types::AuthPin::from(PIN.to_owned()))).ok();
+    session
+        .login(cryptoki::session::UserType::User, Some(&cryptoki::types::AuthPin::from(PIN.to_owned())))
+        .ok();
     let template = [Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(b"attributes".to_vec())];
     let key = session.find_objects(&template).unwrap()[0];
     let wanted = [
@@ -172,9 +183,11 @@ fn failures_name_the_flag_the_function_and_the_return_code_never_the_pin() {
     let cases: Vec<(Uri, &str)> = vec![
         (with_pin_file(&wrong_pin), "PinIncorrect"),
         (
-            format!("pkcs11:token=failures;object=issuer?module-path=/nonexistent/libpkcs11.so&pin-value={PIN}")
-                .parse()
-                .unwrap(),
+            format!(
+                "pkcs11:token=failures;object=issuer?module-path=/nonexistent/libpkcs11.so&pin-value={PIN}"
+            )
+            .parse()
+            .unwrap(),
             "cannot load the PKCS#11 module /nonexistent/libpkcs11.so",
         ),
         (uri("no-such-token", "issuer"), "no token labelled \"no-such-token\""),
@@ -226,17 +239,25 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     let audit = tmp.path().join("audit.jsonl");
     let serve = |uri: &str| {
         let mut cmd = meshca();
-        serve_with_jwks(&mut cmd, &ca.join("trust-anchors.pem"), &ca.join("issuer"), &jwks)
-            .args(["--issuer-key", uri, "--audit-log", audit.to_str().unwrap()]);
+        serve_with_jwks(&mut cmd, &ca.join("trust-anchors.pem"), &ca.join("issuer"), &jwks).args([
+            "--issuer-key",
+            uri,
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ]);
         cmd
     };
 
     // A wrong PIN: start-up stops, naming the flag and the return code, not the PIN.
-    let wrong = uri.replace(&format!("pin-source=file:{}", store.pin_file().display()), "pin-value=wrong-pin-5555");
+    let wrong =
+        uri.replace(&format!("pin-source=file:{}", store.pin_file().display()), "pin-value=wrong-pin-5555");
     let out = output(&mut serve(&wrong), PATIENCE);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{said}");
-    assert!(said.contains("--issuer-key pkcs11:token=serve;object=issuer") && said.contains("PinIncorrect"), "{said}");
+    assert!(
+        said.contains("--issuer-key pkcs11:token=serve;object=issuer") && said.contains("PinIncorrect"),
+        "{said}"
+    );
     assert!(!said.contains("wrong-pin-5555"), "the PIN leaked: {said}");
 
     // A tls.crt for another key (an issuer made with a key file): refused at start,
@@ -244,8 +265,12 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     let other = tmp.path().join("other-ca");
     assert!(output(meshca().args(["init", "--dir", other.to_str().unwrap()]), PATIENCE).status.success());
     let mut mismatched = meshca();
-    serve_with_jwks(&mut mismatched, &other.join("trust-anchors.pem"), &other.join("issuer"), &jwks)
-        .args(["--issuer-key", &uri, "--audit-log", tmp.path().join("other.jsonl").to_str().unwrap()]);
+    serve_with_jwks(&mut mismatched, &other.join("trust-anchors.pem"), &other.join("issuer"), &jwks).args([
+        "--issuer-key",
+        &uri,
+        "--audit-log",
+        tmp.path().join("other.jsonl").to_str().unwrap(),
+    ]);
     let out = output(&mut mismatched, PATIENCE);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{said}");
@@ -263,36 +288,62 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
     let identity = naming.identity("default", "web").unwrap().dns_name;
     let now = meshca::clock::SystemClock.now();
-    let claims = TokenClaims::projected("https://issuer.example", meshca::config::DEFAULT_AUDIENCE, "default", "web", now, std::time::Duration::from_secs(600));
+    let claims = TokenClaims::projected(
+        "https://issuer.example",
+        meshca::config::DEFAULT_AUDIENCE,
+        "default",
+        "web",
+        now,
+        std::time::Duration::from_secs(600),
+    );
     let request = || {
-        let (_key, csr) = meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
+        let (_key, csr) =
+            meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
         let token = signer.sign(&claims).unwrap().into_bytes();
         meshca::proto::CertifyRequest { identity: identity.clone(), token, certificate_signing_request: csr }
     };
     for _ in 0..3 {
         let response = client.certify(request()).await.unwrap().into_inner();
         // The leaf verifies under the anchor through the issuer whose key is in the token.
-        let chain: Vec<_> = response.intermediate_certificates.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+        let chain: Vec<_> = response
+            .intermediate_certificates
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect();
         let leaf = rustls_pki_types::CertificateDer::from(response.leaf_certificate);
         anchors.verify(&leaf, &chain, now, None).expect("the leaf chains to the anchor");
         // Signed by the issuer init wrote, whose key exists only in the token.
         let written = std::fs::read(ca.join("issuer/tls.crt")).unwrap();
-        let written = rustls_pki_types::pem::PemObject::from_pem_slice(&written).map(|c: rustls_pki_types::CertificateDer<'static>| c).unwrap();
+        let written = rustls_pki_types::pem::PemObject::from_pem_slice(&written)
+            .map(|c: rustls_pki_types::CertificateDer<'static>| c)
+            .unwrap();
         assert_eq!(chain[0], written);
     }
 
     // Hot reload: a new tls.crt for the same key in the token (signed by the same
     // anchor) is picked up, and the next leaf chains through it.
-    let anchor_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("trust-anchor.key")).unwrap()).unwrap();
-    let anchor = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(ca.join("trust-anchors.pem")).unwrap(), anchor_key).unwrap();
+    let anchor_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("trust-anchor.key")).unwrap()).unwrap();
+    let anchor = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(ca.join("trust-anchors.pem")).unwrap(),
+        anchor_key,
+    )
+    .unwrap();
     let old = std::fs::read(ca.join("issuer/tls.crt")).unwrap();
-    let old: rustls_pki_types::CertificateDer<'static> = rustls_pki_types::pem::PemObject::from_pem_slice(&old).unwrap();
+    let old: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::from_pem_slice(&old).unwrap();
     let (_, parsed) = x509_parser::parse_x509_certificate(&old).unwrap();
     let public = rcgen::SubjectPublicKeyInfo::from_der(parsed.public_key().raw).unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "identity.meshca-system.cluster.local (renewed)");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "identity.meshca-system.cluster.local (renewed)");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     params.use_authority_key_identifier_extension = true;
     params.not_before = (now - std::time::Duration::from_secs(3600)).into();
     params.not_after = (now + std::time::Duration::from_secs(30 * 86400)).into();
@@ -318,22 +369,26 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     support::wait_ready(admin, 200).await;
     let response = client.certify(request()).await.unwrap().into_inner();
     let leaf = rustls_pki_types::CertificateDer::from(response.leaf_certificate);
-    let chain: Vec<_> = response.intermediate_certificates.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
+    let chain: Vec<_> =
+        response.intermediate_certificates.into_iter().map(rustls_pki_types::CertificateDer::from).collect();
     anchors.verify(&leaf, &chain, now, None).expect("after recovery, the same issuer");
     assert!(process.signal("TERM"));
     process.stderr.read_to_end(std::time::Instant::now() + PATIENCE);
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let leaves = records.iter().filter(|r| r["outcome"] == "issued" && r["request_id"] != "serving-certificate").count();
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&audit).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let leaves = records
+        .iter()
+        .filter(|r| r["outcome"] == "issued" && r["request_id"] != "serving-certificate")
+        .count();
     assert_eq!(leaves, 5, "three leaves, one after the reload, one after recovery");
     let last = records.iter().rev().find(|r| r["outcome"] == "denied").unwrap();
-    assert_eq!((last["outcome"].as_str(), last["code"].as_str()), (Some("denied"), Some("Unavailable")), "{last}");
+    assert_eq!(
+        (last["outcome"].as_str(), last["code"].as_str()),
+        (Some("denied"), Some("Unavailable")),
+        "{last}"
+    );
     assert!(last["reason"].as_str().unwrap().starts_with("issuer_key_unavailable"), "{last}");
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_dev_with_an_issuer_key_makes_the_dev_issuer_in_the_token_and_reuses_it() {
@@ -382,8 +437,12 @@ fn bootstrap_tokens_signed_in_the_token_verify_with_the_issuers_public_key() {
         };
         meshca::dev::write_hierarchy(dir.path(), &h).unwrap();
         let anchors = meshca::ca::issuer::TrustAnchors::load(&dir.path().join("trust-anchors.pem")).unwrap();
-        let issuer = meshca::ca::issuer::Issuer::load_with_token(&dir.path().join("issuer"), &anchors, now, &token).unwrap();
-        let signer = meshca::auth::bootstrap::BootstrapSigner::with_token(token.clone(), &issuer, naming.clone()).unwrap();
+        let issuer =
+            meshca::ca::issuer::Issuer::load_with_token(&dir.path().join("issuer"), &anchors, now, &token)
+                .unwrap();
+        let signer =
+            meshca::auth::bootstrap::BootstrapSigner::with_token(token.clone(), &issuer, naming.clone())
+                .unwrap();
         let identity = naming.identity("default", "host-1").unwrap().dns_name;
         let (minted, _) = signer.create(&identity, std::time::Duration::from_secs(600), 1, now).unwrap();
         let verified = meshca::auth::bootstrap::verify(
@@ -397,6 +456,13 @@ fn bootstrap_tokens_signed_in_the_token_verify_with_the_issuers_public_key() {
         assert_eq!(verified.claims.identity, identity);
         // A signature of other claims does not verify.
         let forged = minted.expose().replacen('.', ".e30", 1);
-        assert!(meshca::auth::bootstrap::verify(forged.as_bytes(), &issuer, &naming, std::time::Duration::from_secs(60), now).is_err());
+        assert!(meshca::auth::bootstrap::verify(
+            forged.as_bytes(),
+            &issuer,
+            &naming,
+            std::time::Duration::from_secs(60),
+            now
+        )
+        .is_err());
     }
 }

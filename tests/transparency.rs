@@ -106,11 +106,20 @@ async fn a_clean_log_verifies_against_both_checkpoints_and_proves_each_certifica
     let out = verify(&data, Some(&saved));
     assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
-    assert!(said.contains(&format!("intact, {records} records; {records} proven by signed checkpoints")), "{said}");
-    assert!(said.contains("written as meshca closed the log") && said.contains("append-only since"), "{said}");
+    assert!(
+        said.contains(&format!("intact, {records} records; {records} proven by signed checkpoints")),
+        "{said}"
+    );
+    assert!(
+        said.contains("written as meshca closed the log") && said.contains("append-only since"),
+        "{said}"
+    );
     assert!(!said.contains("not yet covered"), "{said}");
     let checkpoint = std::fs::read_to_string(data.join("audit.jsonl.checkpoint")).unwrap();
-    assert!(checkpoint.starts_with("meshca/cluster.local/") && checkpoint.contains("\nclosed\n\n"), "{checkpoint}");
+    assert!(
+        checkpoint.starts_with("meshca/cluster.local/") && checkpoint.contains("\nclosed\n\n"),
+        "{checkpoint}"
+    );
 
     for serial in serials(&log) {
         let key = data.join("audit.pub");
@@ -156,7 +165,11 @@ async fn forgeries_with_a_recomputed_chain_fail_verify_and_stop_serve_naming_wha
             }),
             "and an incomplete line",
         ),
-        ("the log emptied", Box::new(|log| std::fs::write(log, "").unwrap()), "the log has 0 complete record(s)"),
+        (
+            "the log emptied",
+            Box::new(|log| std::fs::write(log, "").unwrap()),
+            "the log has 0 complete record(s)",
+        ),
     ];
     for (i, (what, edit, says)) in forgeries.iter().enumerate() {
         let data = tmp.path().join(format!("forged-{i}"));
@@ -165,10 +178,17 @@ async fn forgeries_with_a_recomputed_chain_fail_verify_and_stop_serve_naming_wha
         // The chain alone is fooled by a recomputed chain; the checkpoints are not.
         let out = verify(&data, Some(&saved));
         assert_eq!(out.status.code(), Some(1), "{what}: verify must fail: {}", text(&out));
-        assert!(text(&out).contains("audit.jsonl.checkpoint") && text(&out).contains(says), "{what}: {}", text(&out));
+        assert!(
+            text(&out).contains("audit.jsonl.checkpoint") && text(&out).contains(says),
+            "{what}: {}",
+            text(&out)
+        );
         let out = serve_refused(&data);
         let said = text(&out);
-        assert!(said.contains("disagrees with its signed checkpoint") && said.contains(says), "{what}: {said}");
+        assert!(
+            said.contains("disagrees with its signed checkpoint") && said.contains(says),
+            "{what}: {said}"
+        );
         assert!(said.contains("--audit-new-log"), "{what}: names the way out: {said}");
         // Nothing was changed by the refused start.
         assert_eq!(lines(&data.join("audit.jsonl")), {
@@ -186,14 +206,23 @@ async fn forgeries_with_a_recomputed_chain_fail_verify_and_stop_serve_naming_wha
     forge(&data.join("audit.jsonl"), |l| l[1] = l[1].replace("\"web.default.", "\"admin.default."));
     let out = verify(&data, Some(&saved));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("witness.checkpoint") && text(&out).contains("do not hash to the root"), "{}", text(&out));
+    assert!(
+        text(&out).contains("witness.checkpoint") && text(&out).contains("do not hash to the root"),
+        "{}",
+        text(&out)
+    );
     // And a missing log is refused at start too.
     let data = tmp.path().join("deleted");
     copy_dir(&original, &data);
     std::fs::remove_file(data.join("audit.jsonl")).unwrap();
     let said = text(&serve_refused(&data));
-    assert!(said.contains("the log has 0 complete record(s)") && said.contains("deleted or replaced"), "{said}");
-    assert!(!data.join("audit.jsonl").exists() || std::fs::read(data.join("audit.jsonl")).unwrap().is_empty());
+    assert!(
+        said.contains("the log has 0 complete record(s)") && said.contains("deleted or replaced"),
+        "{said}"
+    );
+    assert!(
+        !data.join("audit.jsonl").exists() || std::fs::read(data.join("audit.jsonl")).unwrap().is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +258,10 @@ async fn an_unclean_stop_is_recorded_and_its_uncovered_records_are_covered_from_
     assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
     let covered = records - uncovered[0]["uncovered_from"].as_u64().unwrap() + 1;
-    assert!(said.contains(&format!("{covered} record(s) were written before a checkpoint could cover them")), "{said}");
+    assert!(
+        said.contains(&format!("{covered} record(s) were written before a checkpoint could cover them")),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,15 +278,26 @@ async fn a_new_log_starts_only_when_asked_and_its_first_record_holds_the_old_che
     certify(&serve, 1).await;
     serve.stop().await;
     let first: serde_json::Value = serde_json::from_str(&lines(&data.join("audit.jsonl"))[0]).unwrap();
-    assert_eq!((first["outcome"].as_str(), first["previous_file"].as_str()), (Some("continued"), Some("replaced")));
+    assert_eq!(
+        (first["outcome"].as_str(), first["previous_file"].as_str()),
+        (Some("continued"), Some("replaced"))
+    );
     assert_eq!(first["previous_checkpoint"], old.as_str());
     let out = verify(&data, None);
-    assert!(out.status.success() && text(&out).contains("continues a previous log (replaced)"), "{}", text(&out));
+    assert!(
+        out.status.success() && text(&out).contains("continues a previous log (replaced)"),
+        "{}",
+        text(&out)
+    );
     // Left in place, the flag does nothing to a log that is there.
     let before = lines(&data.join("audit.jsonl")).len();
     let mut serve = ServeBin::start(&[], RUN, &data, &["--audit-new-log"]).await;
     serve.stop().await;
-    assert_eq!(lines(&data.join("audit.jsonl")).len(), before + 1, "one more record: the serving certificate");
+    assert_eq!(
+        lines(&data.join("audit.jsonl")).len(),
+        before + 1,
+        "one more record: the serving certificate"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,7 +322,9 @@ async fn every_checkpoint_is_also_one_json_log_line_that_jq_style_extraction_get
         std::fs::read_to_string(data.join("audit.pub")).unwrap().trim().parse().unwrap();
     let sizes: Vec<u64> = notes
         .iter()
-        .map(|note| meshca::audit::checkpoint::Checkpoint::open(note, std::slice::from_ref(&key)).unwrap().size)
+        .map(|note| {
+            meshca::audit::checkpoint::Checkpoint::open(note, std::slice::from_ref(&key)).unwrap().size
+        })
         .collect();
     // One a record (the serving certificate, two issuances), then the closing one again at 3.
     assert_eq!(sizes, [1, 2, 3, 3], "{notes:?}");
@@ -310,7 +355,11 @@ fn init_writes_an_audit_key_and_a_file_log_outside_dev_requires_one() {
     without_key.args(&args[..key_at]).args(&args[key_at + 2..]).args(["--audit-log", p(&audit)]);
     let out = output(&mut without_key, PATIENCE);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("--audit-signing-key is required when the audit log is a file"), "{}", text(&out));
+    assert!(
+        text(&out).contains("--audit-signing-key is required when the audit log is a file"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,7 +443,8 @@ async fn go_sumdb_accepts_meshcas_checkpoints_and_proofs_and_rejects_tampered_on
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let saved = two_runs(&data).await;
-    let (log, key, checkpoint) = (data.join("audit.jsonl"), data.join("audit.pub"), data.join("audit.jsonl.checkpoint"));
+    let (log, key, checkpoint) =
+        (data.join("audit.jsonl"), data.join("audit.pub"), data.join("audit.jsonl.checkpoint"));
     let ok = |out: Output, what: &str| {
         assert!(out.status.success(), "{what}: {}", text(&out));
         assert!(text(&out).starts_with("ok "), "{what}: {}", text(&out));
@@ -427,7 +477,8 @@ async fn go_sumdb_accepts_meshcas_checkpoints_and_proofs_and_rejects_tampered_on
     std::fs::copy(&log, &forged).unwrap();
     forge(&forged, |l| l[2] = l[2].replace("\"web.default.", "\"admin.default."));
     refused(go_check(&bin, &[Path::new("tree"), &key, &forged, &checkpoint]), "a forged log");
-    let mut proof: serde_json::Value = serde_json::from_slice(&std::fs::read(&inclusions[3]).unwrap()).unwrap();
+    let mut proof: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&inclusions[3]).unwrap()).unwrap();
     proof["record"] = proof["record"].as_str().unwrap().replace("\"web.default.", "\"admin.default.").into();
     let bad = tmp.path().join("bad-inclusion.json");
     std::fs::write(&bad, proof.to_string()).unwrap();
@@ -440,8 +491,11 @@ async fn go_sumdb_accepts_meshcas_checkpoints_and_proofs_and_rejects_tampered_on
     let note = std::fs::read_to_string(&checkpoint).unwrap();
     let size = note.lines().nth(1).unwrap();
     let bigger = tmp.path().join("bigger.checkpoint");
-    std::fs::write(&bigger, note.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size.parse::<u64>().unwrap() + 1), 1))
-        .unwrap();
+    std::fs::write(
+        &bigger,
+        note.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size.parse::<u64>().unwrap() + 1), 1),
+    )
+    .unwrap();
     refused(go_check(&bin, &[Path::new("tree"), &key, &log, &bigger]), "a checkpoint with its size changed");
     let other = tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();

@@ -21,7 +21,10 @@ fn key() -> &'static SigningKey {
 fuzz_target!(|data: &[u8]| {
     let key = key();
     let text = String::from_utf8_lossy(data);
-    assert!(Checkpoint::open(&text, &[key.verifier()]).is_err(), "accepted a note signed by no one: {text:?}");
+    assert!(
+        Checkpoint::open(&text, &[key.verifier()]).is_err(),
+        "accepted a note signed by no one: {text:?}"
+    );
     if let Ok(vkey) = text.trim().parse::<VerifierKey>() {
         assert_eq!(vkey.to_string(), text.trim(), "a verifier key prints back as read");
     }

@@ -99,7 +99,8 @@ impl SigningKey {
         if !valid_name(name) {
             return Err("the key name is empty or holds a space or a plus");
         }
-        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|_| "not an Ed25519 PKCS#8 key")?;
+        let pair =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|_| "not an Ed25519 PKCS#8 key")?;
         Ok(SigningKey { name: name.to_owned(), pair })
     }
 
@@ -235,7 +236,8 @@ impl Checkpoint {
 
     fn parse_text(text: &str) -> Result<Checkpoint, Error> {
         let bad = Error::Malformed;
-        let mut lines = text.strip_suffix('\n').ok_or(bad("the text does not end in a line feed"))?.split('\n');
+        let mut lines =
+            text.strip_suffix('\n').ok_or(bad("the text does not end in a line feed"))?.split('\n');
         let origin = lines.next().filter(|o| !o.is_empty()).ok_or(bad("no origin line"))?;
         let size = lines.next().and_then(|s| s.parse().ok()).ok_or(bad("no tree size line"))?;
         let root = lines
@@ -263,7 +265,8 @@ impl Checkpoint {
             let Some(rest) = line.strip_prefix("\u{2014} ") else {
                 return Err(Error::Malformed("a signature line does not start with an em dash"));
             };
-            let (name, blob) = rest.split_once(' ').ok_or(Error::Malformed("a signature line without a name"))?;
+            let (name, blob) =
+                rest.split_once(' ').ok_or(Error::Malformed("a signature line without a name"))?;
             let blob = BASE64.decode(blob).map_err(|_| Error::Malformed("a signature is not base64"))?;
             if blob.len() < 4 {
                 return Err(Error::Malformed("a signature too short"));
@@ -360,6 +363,9 @@ mod tests {
         let debug = format!("{key:?}");
         assert!(debug.contains(&key.verifier().to_string()));
         // PKCS#8 v2 for Ed25519: the 32-byte seed follows a 16-byte header.
-        assert!(!debug.contains(&BASE64.encode(&der[16..48])) && !debug.contains(&crate::audit::hex(&der[16..48])));
+        assert!(
+            !debug.contains(&BASE64.encode(&der[16..48]))
+                && !debug.contains(&crate::audit::hex(&der[16..48]))
+        );
     }
 }

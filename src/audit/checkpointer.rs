@@ -121,7 +121,11 @@ pub(super) struct Start {
 /// module docs) before anything is changed, then cuts an incomplete tail.
 pub(super) fn open_checked(path: &Path, cp: &Checkpoints) -> Result<Start, Error> {
     let cp_path = checkpoint_path(path);
-    let refuse = |problem: String| Error::Checkpoint { path: path.to_path_buf(), checkpoint: cp_path.clone(), problem };
+    let refuse = |problem: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        checkpoint: cp_path.clone(),
+        problem,
+    };
     let previous = read_previous(path, &cp.key);
     let mut markers = Vec::new();
     let present = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
@@ -244,7 +248,12 @@ impl Checkpointer {
     }
 
     /// Signs the tree as it stands.
-    pub(super) fn sign(&self, tree: &Frontier, first_hash: Option<&str>, closed: bool) -> (String, Checkpoint) {
+    pub(super) fn sign(
+        &self,
+        tree: &Frontier,
+        first_hash: Option<&str>,
+        closed: bool,
+    ) -> (String, Checkpoint) {
         let log_id = first_hash.map(checkpoint::log_id).unwrap_or_default();
         let cp = Checkpoint {
             origin: checkpoint::origin(&self.settings.trust_domain, &log_id),

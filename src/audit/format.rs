@@ -78,9 +78,11 @@ pub(super) fn encode_marker(
             body.request_id = CONTINUED_ID;
             body.outcome = "continued";
             body.reason = match *previous_file {
-                "replaced" => "log_replaced: a new log started with --audit-new-log where the previous one was \
+                "replaced" => {
+                    "log_replaced: a new log started with --audit-new-log where the previous one was \
                      missing or empty; previous_checkpoint is that log's last checkpoint"
-                    .into(),
+                        .into()
+                }
                 _ => format!(
                     "file_{previous_file}: the previous audit file was {previous_file} underneath meshca; \
                      this file continues its chain"

@@ -401,13 +401,13 @@ pub mod quota;
 mod verify;
 mod writer;
 
+pub use crate::digest::{hex, sha256_hex};
 use checkpointer::*;
 pub use checkpointer::{checkpoint_path, Checkpoints, PublishHook, DEFAULT_EVERY, DEFAULT_INTERVAL};
 use format::*;
-pub use crate::digest::{hex, sha256_hex};
 use open::*;
-pub use verify::{verify, verify_file, Continuation, VerifyError, VerifyReport};
 pub(crate) use verify::scan;
+pub use verify::{verify, verify_file, Continuation, VerifyError, VerifyReport};
 use writer::*;
 
 #[cfg(test)]
@@ -763,7 +763,10 @@ mod tests {
         log.append(record(4)).await.unwrap();
         log.close().await.unwrap();
         let first = &records(&path)[0];
-        assert_eq!((first["outcome"].as_str(), first["previous_file"].as_str()), (Some("continued"), Some("renamed")));
+        assert_eq!(
+            (first["outcome"].as_str(), first["previous_file"].as_str()),
+            (Some("continued"), Some("renamed"))
+        );
         let note = first["previous_checkpoint"].as_str().unwrap();
         let old = checkpoint::Checkpoint::open(note, std::slice::from_ref(&vkey)).unwrap();
         // It signs the whole renamed file, and verifies it as a saved checkpoint would.

@@ -66,7 +66,12 @@ pub struct Checked {
 impl Checked {
     /// Records the checkpoints cover (the largest size).
     pub fn covered(&self) -> u64 {
-        [&self.latest, &self.saved].iter().filter_map(|o| o.as_ref()).map(|o| o.checkpoint.size).max().unwrap_or(0)
+        [&self.latest, &self.saved]
+            .iter()
+            .filter_map(|o| o.as_ref())
+            .map(|o| o.checkpoint.size)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The checkpoint proofs are made against: the latest, else the saved one.
@@ -174,18 +179,24 @@ fn b64(hash: &Hash) -> String {
 pub fn inclusion(file: &Path, checked: &Checked, serial: &str) -> Result<serde_json::Value, CheckError> {
     use std::io::BufRead as _;
     let wanted: String = serial.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
-    let head = checked.head().ok_or_else(|| CheckError::NotProvable("no checkpoint to prove against".into()))?;
+    let head =
+        checked.head().ok_or_else(|| CheckError::NotProvable("no checkpoint to prove against".into()))?;
     let mut found = None;
     for (index, line) in io::BufReader::new(File::open(file)?).split(b'\n').enumerate() {
         let line = line?;
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) else { break };
-        if value["outcome"] == "issued" && value["serial"].as_str().is_some_and(|s| s.eq_ignore_ascii_case(&wanted)) {
+        if value["outcome"] == "issued"
+            && value["serial"].as_str().is_some_and(|s| s.eq_ignore_ascii_case(&wanted))
+        {
             found = Some((index as u64, line));
             break;
         }
     }
     let Some((index, line)) = found else {
-        return Err(CheckError::NotProvable(format!("no issued record with serial {wanted} in {}", file.display())));
+        return Err(CheckError::NotProvable(format!(
+            "no issued record with serial {wanted} in {}",
+            file.display()
+        )));
     };
     let cp = &head.checkpoint;
     if index >= cp.size {
@@ -214,7 +225,9 @@ pub fn inclusion(file: &Path, checked: &Checked, serial: &str) -> Result<serde_j
 /// A consistency proof from the saved checkpoint to the latest, as JSON.
 pub fn consistency(checked: &Checked) -> Result<serde_json::Value, CheckError> {
     let (Some(latest), Some(saved)) = (&checked.latest, &checked.saved) else {
-        return Err(CheckError::NotProvable("a consistency proof needs the log's checkpoint and --checkpoint".into()));
+        return Err(CheckError::NotProvable(
+            "a consistency proof needs the log's checkpoint and --checkpoint".into(),
+        ));
     };
     let (old, new) = (&saved.checkpoint, &latest.checkpoint);
     let proof = checked.leaves.consistency_proof(old.size, new.size).unwrap_or_default();

@@ -76,7 +76,11 @@ pub fn verify(reader: impl io::BufRead) -> Result<VerifyReport, VerifyError> {
 
 /// [`verify`], building the tree; `keep_leaves` keeps every leaf hash, `root_at`
 /// asks for the root of the tree of that many records.
-pub(crate) fn scan(mut reader: impl io::BufRead, keep_leaves: bool, root_at: Option<u64>) -> Result<Scan, VerifyError> {
+pub(crate) fn scan(
+    mut reader: impl io::BufRead,
+    keep_leaves: bool,
+    root_at: Option<u64>,
+) -> Result<Scan, VerifyError> {
     let mut buf = Vec::new();
     let mut scan = Scan { leaves: keep_leaves.then(Leaves::default), ..Scan::default() };
     if root_at == Some(0) {

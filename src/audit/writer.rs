@@ -138,7 +138,11 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn open(sink: Sink, failing: Arc<AtomicBool>, checkpoints: Option<Checkpoints>) -> Result<Writer, Error> {
+    pub(super) fn open(
+        sink: Sink,
+        failing: Arc<AtomicBool>,
+        checkpoints: Option<Checkpoints>,
+    ) -> Result<Writer, Error> {
         let (lock, out, opened, markers) = match &sink {
             Sink::Stdout => (None, Out::Stdout, None, Vec::new()),
             Sink::File(path) => {
@@ -156,7 +160,8 @@ impl Writer {
                         (opened, markers)
                     }
                 };
-                let file = opened.file.try_clone().map_err(|source| Error::Open { path: path.clone(), source })?;
+                let file =
+                    opened.file.try_clone().map_err(|source| Error::Open { path: path.clone(), source })?;
                 let out = FileOut { file, len: opened.len, path: path.clone() };
                 opened.torn = None;
                 (Some(lock), Out::File(out), Some(opened), markers)
@@ -192,10 +197,9 @@ impl Writer {
                 Sink::Stdout => None,
             };
             let mut checkpointer = Checkpointer::new(settings, file.clone());
-            checkpointer.start(&writer.tree, writer.first_hash.as_deref()).map_err(|source| Error::Open {
-                path: file.unwrap_or_else(|| PathBuf::from("-")),
-                source,
-            })?;
+            checkpointer
+                .start(&writer.tree, writer.first_hash.as_deref())
+                .map_err(|source| Error::Open { path: file.unwrap_or_else(|| PathBuf::from("-")), source })?;
             writer.checkpoints = Some(checkpointer);
         }
         Ok(writer)
@@ -456,10 +460,8 @@ impl Writer {
         // interrupted write in a file given up before it was written is dropped.
         self.pending.retain(|m| matches!(m, Marker::Continued { .. }));
         if self.pending.is_empty() {
-            let previous_checkpoint = self
-                .checkpoints
-                .as_mut()
-                .and_then(|c| c.hand_over(&self.tree, self.first_hash.as_deref()));
+            let previous_checkpoint =
+                self.checkpoints.as_mut().and_then(|c| c.hand_over(&self.tree, self.first_hash.as_deref()));
             self.pending.push(Marker::Continued {
                 previous_file,
                 previous_seq: self.seq,

@@ -261,7 +261,13 @@ impl BootstrapSigner {
         Ok(Self::with_key(SigningKey::Token(token), alg, issuer, naming, SystemRandom::new()))
     }
 
-    fn with_key(key: SigningKey, alg: Algorithm, issuer: &Issuer, naming: Naming, rng: SystemRandom) -> BootstrapSigner {
+    fn with_key(
+        key: SigningKey,
+        alg: Algorithm,
+        issuer: &Issuer,
+        naming: Naming,
+        rng: SystemRandom,
+    ) -> BootstrapSigner {
         BootstrapSigner {
             key,
             alg,

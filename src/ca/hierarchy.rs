@@ -106,7 +106,12 @@ pub fn generate(
     let issuer_key = key_type.generate_key()?;
     let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
         generate_for_key(naming, key_type, now, lifetimes, &issuer_key)?;
-    Ok(Hierarchy { anchor_cert_pem, anchor_key_pem, issuer_cert_pem, issuer_key_pem: issuer_key.serialize_pem() })
+    Ok(Hierarchy {
+        anchor_cert_pem,
+        anchor_key_pem,
+        issuer_cert_pem,
+        issuer_key_pem: issuer_key.serialize_pem(),
+    })
 }
 
 /// A new anchor of `key_type` and an issuer certificate, signed by it, for a key

@@ -225,8 +225,13 @@ impl Reloader {
     /// is reported as such first).
     fn load_snapshot(&self) -> Result<Snapshot, Error> {
         let now = self.clock.now();
-        let snapshot =
-            Snapshot::load_with(&self.trust_anchors, &self.issuer_dir, now, self.algorithms, self.token.as_ref())?;
+        let snapshot = Snapshot::load_with(
+            &self.trust_anchors,
+            &self.issuer_dir,
+            now,
+            self.algorithms,
+            self.token.as_ref(),
+        )?;
         if !self.allow_world_readable_key && self.token.is_none() {
             check_not_world_readable(&issuer_files(&self.issuer_dir).1)?;
         }
@@ -240,7 +245,11 @@ impl Reloader {
     fn digest(&self) -> Result<Vec<u8>, Error> {
         let (crt, key) = issuer_files(&self.issuer_dir);
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-        let files = if self.token.is_some() { vec![&self.trust_anchors, &crt] } else { vec![&self.trust_anchors, &crt, &key] };
+        let files = if self.token.is_some() {
+            vec![&self.trust_anchors, &crt]
+        } else {
+            vec![&self.trust_anchors, &crt, &key]
+        };
         for path in files {
             let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.clone(), source })?;
             digest.update(&(bytes.len() as u64).to_be_bytes());

@@ -22,8 +22,8 @@
 //! signers at once. [`TokenKey::generate`] makes a key pair inside the token
 //! (`CKA_SENSITIVE`, not `CKA_EXTRACTABLE`, `CKA_SIGN` only).
 
-use std::fmt;
 use std::collections::HashMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -54,7 +54,9 @@ pub enum Error {
 
 fn call(e: cryptoki::error::Error) -> Error {
     match e {
-        cryptoki::error::Error::Pkcs11(rv, function) => Error::Call { function: format!("{function:?}"), code: rv_name(rv) },
+        cryptoki::error::Error::Pkcs11(rv, function) => {
+            Error::Call { function: format!("{function:?}"), code: rv_name(rv) }
+        }
         other => Error::Call { function: "call".into(), code: other.to_string() },
     }
 }
@@ -104,8 +106,12 @@ fn percent_decode(s: &str) -> Result<Vec<u8>, Error> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| Error::Uri("a % not followed by two hex digits".into()))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| Error::Uri("a % not followed by two hex digits".into()))?);
+            let hex =
+                s.get(i + 1..i + 3).ok_or_else(|| Error::Uri("a % not followed by two hex digits".into()))?;
+            out.push(
+                u8::from_str_radix(hex, 16)
+                    .map_err(|_| Error::Uri("a % not followed by two hex digits".into()))?,
+            );
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -123,11 +129,13 @@ impl std::str::FromStr for Uri {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Uri, Error> {
-        let rest = s.strip_prefix("pkcs11:").ok_or_else(|| Error::Uri("it does not start with pkcs11:".into()))?;
+        let rest =
+            s.strip_prefix("pkcs11:").ok_or_else(|| Error::Uri("it does not start with pkcs11:".into()))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut uri = Uri { token: None, object: None, id: None, module_path: PathBuf::new(), pin: None };
         for attr in path.split(';').filter(|a| !a.is_empty()) {
-            let (name, value) = attr.split_once('=').ok_or_else(|| Error::Uri(format!("{attr:?} has no value")))?;
+            let (name, value) =
+                attr.split_once('=').ok_or_else(|| Error::Uri(format!("{attr:?} has no value")))?;
             match name {
                 "token" => uri.token = Some(text(value, "token")?),
                 "object" => uri.object = Some(text(value, "object")?),
@@ -138,7 +146,8 @@ impl std::str::FromStr for Uri {
             }
         }
         for attr in query.split('&').filter(|a| !a.is_empty()) {
-            let (name, value) = attr.split_once('=').ok_or_else(|| Error::Uri(format!("{attr:?} has no value")))?;
+            let (name, value) =
+                attr.split_once('=').ok_or_else(|| Error::Uri(format!("{attr:?} has no value")))?;
             match name {
                 "module-path" => uri.module_path = PathBuf::from(text(value, "module-path")?),
                 "pin-source" => {
@@ -166,7 +175,8 @@ impl Uri {
             None => None,
             Some(PinSource::Value(v)) => Some(AuthPin::from(v.clone())),
             Some(PinSource::File(path)) => {
-                let pin = std::fs::read_to_string(path).map_err(|source| Error::Pin { path: path.clone(), source })?;
+                let pin = std::fs::read_to_string(path)
+                    .map_err(|source| Error::Pin { path: path.clone(), source })?;
                 Some(AuthPin::from(pin.trim_end_matches(['\r', '\n']).to_owned()))
             }
         })
@@ -203,7 +213,8 @@ const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 /// Finalises the module at `path` and forgets it: the next [`loaded`] initialises
 /// it anew (every session of it ends).
 fn reset(path: &std::path::Path) {
-    let mut modules = MODULES.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut modules =
+        MODULES.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(ctx) = modules.remove(path) {
         let _ = ctx.finalize();
     }
@@ -214,7 +225,8 @@ static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
 /// A module is loaded and initialised once per process and kept (`C_Initialize` may
 /// be called only once, and `C_Finalize` would end every other user's sessions).
 fn loaded(path: &std::path::Path) -> Result<Pkcs11, Error> {
-    let mut modules = MODULES.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut modules =
+        MODULES.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(ctx) = modules.get(path) {
         return Ok(ctx.clone());
     }
@@ -253,14 +265,19 @@ impl Open {
             }
         }
         let slot = found.ok_or_else(|| {
-            Error::Token(format!("no token labelled {:?} in {}", uri.token.as_deref().unwrap_or("(any)"), uri.module_path.display()))
+            Error::Token(format!(
+                "no token labelled {:?} in {}",
+                uri.token.as_deref().unwrap_or("(any)"),
+                uri.module_path.display()
+            ))
         })?;
         Ok(Open { ctx, slot, pin: uri.pin()? })
     }
 
     /// A session, logged in (a login holds for every session of the token).
     fn session(&self, rw: bool) -> Result<Session, Error> {
-        let session = if rw { self.ctx.open_rw_session(self.slot) } else { self.ctx.open_ro_session(self.slot) };
+        let session =
+            if rw { self.ctx.open_rw_session(self.slot) } else { self.ctx.open_ro_session(self.slot) };
         let session = session.map_err(call)?;
         match session.login(UserType::User, self.pin.as_ref()) {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
@@ -334,7 +351,13 @@ impl TokenKey {
         let key = match keys.as_slice() {
             [key] => *key,
             [] => return Err(Error::Token(format!("no private key {} in the token", uri.display()))),
-            _ => return Err(Error::Token(format!("{} names {} private keys; add id= to pick one", uri.display(), keys.len()))),
+            _ => {
+                return Err(Error::Token(format!(
+                    "{} names {} private keys; add id= to pick one",
+                    uri.display(),
+                    keys.len()
+                )))
+            }
         };
         let kind = kind_of(&session, key)?;
         let publics = session.find_objects(&key_template(uri, ObjectClass::PUBLIC_KEY)).map_err(call)?;
@@ -352,7 +375,10 @@ impl TokenKey {
         let open = Open::new(uri)?;
         let session = open.session(true)?;
         if !session.find_objects(&key_template(uri, ObjectClass::PRIVATE_KEY)).map_err(call)?.is_empty() {
-            return Err(Error::Token(format!("the token already holds a key {}; refusing to make another", uri.display())));
+            return Err(Error::Token(format!(
+                "the token already holds a key {}; refusing to make another",
+                uri.display()
+            )));
         }
         let mut naming = Vec::new();
         if let Some(label) = &uri.object {
@@ -448,7 +474,10 @@ impl TokenKey {
             if public == self.public {
                 Ok(handle)
             } else {
-                Err(Error::Token(format!("{} now holds another key than the one tls.crt certifies", self.uri.display())))
+                Err(Error::Token(format!(
+                    "{} now holds another key than the one tls.crt certifies",
+                    self.uri.display()
+                )))
             }
         });
         match found {
@@ -504,7 +533,10 @@ impl TokenKey {
                     Kind::EcP256 => ring::digest::digest(&ring::digest::SHA256, msg),
                     _ => ring::digest::digest(&ring::digest::SHA384, msg),
                 };
-                session.sign(&Mechanism::Ecdsa, handle.key, digest.as_ref()).map_err(call).and_then(|raw| ecdsa_der(&raw))
+                session
+                    .sign(&Mechanism::Ecdsa, handle.key, digest.as_ref())
+                    .map_err(call)
+                    .and_then(|raw| ecdsa_der(&raw))
             }
         };
         // A session whose token went away is dropped, not pooled.
@@ -559,7 +591,8 @@ fn fixed_ecdsa(der: &[u8], width: usize) -> Result<Vec<u8>, Error> {
 }
 
 fn kind_of(session: &Session, key: ObjectHandle) -> Result<Kind, Error> {
-    let attrs = session.get_attributes(key, &[AttributeType::KeyType, AttributeType::EcParams]).map_err(call)?;
+    let attrs =
+        session.get_attributes(key, &[AttributeType::KeyType, AttributeType::EcParams]).map_err(call)?;
     let key_type = attrs.iter().find_map(|a| match a {
         Attribute::KeyType(t) => Some(*t),
         _ => None,
@@ -572,7 +605,9 @@ fn kind_of(session: &Session, key: ObjectHandle) -> Result<Kind, Error> {
         (Some(KeyType::RSA), _) => Ok(Kind::Rsa),
         (Some(KeyType::EC), Some(P256_PARAMS)) => Ok(Kind::EcP256),
         (Some(KeyType::EC), Some(P384_PARAMS)) => Ok(Kind::EcP384),
-        (Some(KeyType::EC), _) => Err(Error::Token("the key is on a curve other than P-256 and P-384".into())),
+        (Some(KeyType::EC), _) => {
+            Err(Error::Token("the key is on a curve other than P-256 and P-384".into()))
+        }
         _ => Err(Error::Token("the key is neither EC nor RSA".into())),
     }
 }
@@ -588,11 +623,19 @@ fn public_bytes(session: &Session, object: ObjectHandle, kind: Kind) -> Result<V
             let point = point.ok_or_else(|| Error::Token("the public key has no CKA_EC_POINT".into()))?;
             // CKA_EC_POINT is a DER OCTET STRING holding the uncompressed point.
             yasna::parse_der(&point, |r| r.read_bytes())
-                .or_else(|_| if point.first() == Some(&4) { Ok(point.clone()) } else { Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid)) })
+                .or_else(|_| {
+                    if point.first() == Some(&4) {
+                        Ok(point.clone())
+                    } else {
+                        Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid))
+                    }
+                })
                 .map_err(|_| Error::Token("CKA_EC_POINT is not an uncompressed point".into()))
         }
         Kind::Rsa => {
-            let attrs = session.get_attributes(object, &[AttributeType::Modulus, AttributeType::PublicExponent]).map_err(call)?;
+            let attrs = session
+                .get_attributes(object, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                .map_err(call)?;
             let (mut n, mut e) = (None, None);
             for a in attrs {
                 match a {
@@ -601,7 +644,9 @@ fn public_bytes(session: &Session, object: ObjectHandle, kind: Kind) -> Result<V
                     _ => {}
                 }
             }
-            let (Some(n), Some(e)) = (n, e) else { return Err(Error::Token("the RSA key has no modulus or exponent".into())) };
+            let (Some(n), Some(e)) = (n, e) else {
+                return Err(Error::Token("the RSA key has no modulus or exponent".into()));
+            };
             Ok(yasna::construct_der(|w| {
                 w.write_sequence(|w| {
                     w.next().write_bigint_bytes(&n, true);
@@ -656,7 +701,8 @@ mod tests {
         assert_eq!((uri.token.as_deref(), uri.object.as_deref()), (Some("meshca"), Some("issuer")));
         assert_eq!(uri.module_path, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
         assert!(matches!(&uri.pin, Some(PinSource::File(p)) if p == Path::new("/etc/meshca/pin")));
-        let uri: Uri = "pkcs11:object=my%20key;id=%01%02?module-path=/m.so&pin-value=s3cr%65t".parse().unwrap();
+        let uri: Uri =
+            "pkcs11:object=my%20key;id=%01%02?module-path=/m.so&pin-value=s3cr%65t".parse().unwrap();
         assert_eq!((uri.object.as_deref(), uri.id.as_deref()), (Some("my key"), Some(&[1u8, 2][..])));
         assert!(matches!(&uri.pin, Some(PinSource::Value(v)) if v == "s3cret"));
         assert!(!format!("{uri:?}").contains("s3cret"), "{uri:?}");

@@ -69,7 +69,11 @@ impl Publisher {
     /// Builds a Kubernetes client from `kubeconfig` (or `KUBECONFIG`, `~/.kube/config`,
     /// in-cluster) and starts the task applying ConfigMaps in `namespace` (once; a
     /// second call does nothing).
-    pub async fn connect(&self, kubeconfig: Option<&Path>, namespace: &str) -> Result<(), crate::auth::Error> {
+    pub async fn connect(
+        &self,
+        kubeconfig: Option<&Path>,
+        namespace: &str,
+    ) -> Result<(), crate::auth::Error> {
         let config = crate::auth::discovery::kube_config(kubeconfig, "publish audit checkpoints to").await?;
         let client = crate::auth::discovery::kube_client(config, APPLY_TIMEOUT)?;
         let rx = self.rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
@@ -130,7 +134,8 @@ async fn apply_each(api: Api<ConfigMap>, mut rx: watch::Receiver<Latest>, counte
         object.metadata.namespace = None;
         let params = PatchParams::apply(MANAGER).force();
         let name = configmap_name(&log_id);
-        let applied = tokio::time::timeout(APPLY_TIMEOUT, api.patch(&name, &params, &Patch::Apply(&object))).await;
+        let applied =
+            tokio::time::timeout(APPLY_TIMEOUT, api.patch(&name, &params, &Patch::Apply(&object))).await;
         match applied {
             Ok(Ok(_)) => {
                 counters.applied.inc();
@@ -144,7 +149,10 @@ async fn apply_each(api: Api<ConfigMap>, mut rx: watch::Receiver<Latest>, counte
                             .to_owned()
                     }
                     kube::Error::Api(status) => format!("the Kubernetes API server answered {}", status.code),
-                    other => format!("cannot reach the Kubernetes API server ({})", crate::logging::Escaped(&other.to_string())),
+                    other => format!(
+                        "cannot reach the Kubernetes API server ({})",
+                        crate::logging::Escaped(&other.to_string())
+                    ),
                 };
                 tracing::warn!(configmap = %name, %reason, "cannot store the audit checkpoint; the next one tries again");
             }

@@ -107,7 +107,9 @@ impl Readiness {
             return Err("the audit log is failing: every decision is refused until a write succeeds".into());
         }
         if let Some(reason) = snapshot.issuer.key_failing() {
-            return Err(format!("the issuer key's PKCS#11 token does not sign ({reason}); retried every second"));
+            return Err(format!(
+                "the issuer key's PKCS#11 token does not sign ({reason}); retried every second"
+            ));
         }
         if let Some(down) = self.unreachable_for(now) {
             return Err(format!(

@@ -549,7 +549,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
             }
             return get_object(state, lookup).await;
         }
-        (Method::PATCH, configmap) if configmap.starts_with("/api/v1/namespaces/") && configmap.contains("/configmaps/") => {
+        (Method::PATCH, configmap)
+            if configmap.starts_with("/api/v1/namespaces/") && configmap.contains("/configmaps/") =>
+        {
             if !authorized {
                 return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
             }
@@ -818,17 +820,25 @@ async fn apply_configmap(state: &State, req: Request<Incoming>) -> Response<Full
         return failure(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", "unsupported patch type");
     }
     if !query.split('&').any(|kv| kv.starts_with("fieldManager=") && kv.len() > "fieldManager=".len()) {
-        return failure(StatusCode::BAD_REQUEST, "BadRequest", "PATCH requests with apply must have a fieldManager");
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "PATCH requests with apply must have a fieldManager",
+        );
     }
     let Ok(body) = req.into_body().collect().await else {
         return failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
     };
     // YAML is a superset of JSON; kube sends the object as JSON.
     let mut object: Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
-    if object["apiVersion"] != "v1" || object["kind"] != "ConfigMap" || object["metadata"]["name"] != name.as_str() {
+    if object["apiVersion"] != "v1"
+        || object["kind"] != "ConfigMap"
+        || object["metadata"]["name"] != name.as_str()
+    {
         return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "ConfigMap is invalid: metadata.name");
     }
-    let size: usize = object["data"].as_object().map_or(0, |d| d.iter().map(|(k, v)| k.len() + v.to_string().len()).sum());
+    let size: usize =
+        object["data"].as_object().map_or(0, |d| d.iter().map(|(k, v)| k.len() + v.to_string().len()).sum());
     if size > 1024 * 1024 {
         return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "ConfigMap is invalid: data: Too long");
     }

@@ -6,7 +6,11 @@ use std::path::Path;
 
 /// The log's lines, each with its line feed (a final fragment without one last).
 pub fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).expect("read the audit log").split_inclusive('\n').map(String::from).collect()
+    std::fs::read_to_string(path)
+        .expect("read the audit log")
+        .split_inclusive('\n')
+        .map(String::from)
+        .collect()
 }
 
 /// Renumbers `seq` from 1 and recomputes `prev_hash` and `hash` over each line's
@@ -15,7 +19,8 @@ pub fn rechain(lines: &[String]) -> String {
     let mut prev = "0".repeat(64);
     let mut out = String::new();
     for (i, line) in lines.iter().enumerate() {
-        let rest = &line[line.find(",\"time\":").expect("a record")..line.rfind(",\"hash\":").expect("a hash")];
+        let rest =
+            &line[line.find(",\"time\":").expect("a record")..line.rfind(",\"hash\":").expect("a hash")];
         let body = format!("{{\"seq\":{},\"prev_hash\":\"{prev}\"{rest}}}", i + 1);
         let hash = meshca::audit::sha256_hex(body.as_bytes());
         out.push_str(&format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));

@@ -19,7 +19,10 @@ pub struct SoftHsm {
 impl Default for SoftHsm {
     /// A new, empty token store.
     fn default() -> SoftHsm {
-        assert!(Path::new(MODULE).is_file(), "{MODULE} is missing: run `bash tests/run.sh`, which installs softhsm2");
+        assert!(
+            Path::new(MODULE).is_file(),
+            "{MODULE} is missing: run `bash tests/run.sh`, which installs softhsm2"
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tokens")).unwrap();
         let conf = dir.path().join("softhsm2.conf");
@@ -58,6 +61,9 @@ impl SoftHsm {
 
     /// The URI of key `object` in token `token`, its PIN in a file.
     pub fn uri(&self, token: &str, object: &str) -> String {
-        format!("pkcs11:token={token};object={object};type=private?module-path={MODULE}&pin-source=file:{}", self.pin_file().display())
+        format!(
+            "pkcs11:token={token};object={object};type=private?module-path={MODULE}&pin-source=file:{}",
+            self.pin_file().display()
+        )
     }
 }
