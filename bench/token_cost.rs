@@ -1,8 +1,8 @@
 //! token_cost: what signing leaves with an issuer key in a PKCS#11 token costs,
 //! beside the same issuer with its key in memory.
 //!
-//! Makes a SoftHSM2 token store in a temporary directory (`softhsm2-util`, Debian's
-//! `softhsm2`), a P-256 issuer key inside it (`ca::token`) and another in memory,
+//! Makes a SoftHSM2 token store in a temporary directory (the tests' `SoftHsm`:
+//! `softhsm2-util`, Debian's `softhsm2`), a P-256 issuer key inside it (`ca::token`) and another in memory,
 //! each under a new trust anchor, and signs `--leaves` leaves with each from
 //! `--threads` threads (the signing workers), interleaved `--rounds` times: leaves/s,
 //! and the p50 and p99 of one `Issuer::issue` call (serial, template, signature).
@@ -12,7 +12,6 @@
 //! Run in release: `cargo run --release -p meshca-bench --bin token_cost`.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,9 +23,8 @@ use meshca::ca::profile::{Lifetimes, Names};
 use meshca::ca::token::{Kind, TokenKey};
 use meshca::clock::{Clock, SystemClock};
 use meshca::identity::Naming;
+use meshca_test_support::softhsm::SoftHsm;
 use rcgen::PublicKeyData as _;
-
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 #[derive(Parser)]
 struct Args {
@@ -39,11 +37,6 @@ struct Args {
     /// Interleaved rounds.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
-    std::fs::write(path, text).expect("write");
 }
 
 /// Signs `n` leaves from `threads` threads: (leaves/s, p50 µs, p99 µs).
@@ -79,25 +72,12 @@ fn run(issuer: &Arc<Issuer>, n: usize, threads: usize) -> (f64, f64, f64) {
 
 fn main() {
     let args = Args::parse();
-    assert!(Path::new(MODULE).is_file(), "{MODULE} is missing: apt-get install softhsm2");
+    // The tests' SoftHSM2 store (meshca-test-support): its own directory and configuration.
+    let store = SoftHsm::default();
+    store.init_token("bench");
+    store.use_in_this_process();
     let tmp = tempfile::tempdir().expect("temporary directory");
-    let conf = tmp.path().join("softhsm2.conf");
-    write(
-        &conf,
-        &format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tmp.path().join("tokens").display()
-        ),
-    );
-    std::fs::create_dir_all(tmp.path().join("tokens")).expect("tokens");
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let init = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", "bench", "--pin", "1234", "--so-pin", "4321"])
-        .output()
-        .expect("softhsm2-util");
-    assert!(init.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&init.stderr));
-    let uri =
-        format!("pkcs11:token=bench;object=issuer?module-path={MODULE}&pin-value=1234").parse().expect("uri");
+    let uri = store.uri("bench", "issuer").parse().expect("uri");
     let token = Arc::new(TokenKey::generate(&uri, Kind::EcP256).expect("a key in the token"));
 
     let naming = Naming::new("cluster.local", "meshca-system").expect("naming");
@@ -107,7 +87,7 @@ fn main() {
         hierarchy::generate(&naming, CaKeyType::P256, now, HierarchyLifetimes::default()).expect("hierarchy");
     meshca::dev::write_hierarchy(&file_dir, &h).expect("write");
     let token_dir = tmp.path().join("token");
-    let (anchor_cert, anchor_key, issuer_cert) = hierarchy::generate_for_key(
+    let h = hierarchy::generate_for_key(
         &naming,
         CaKeyType::P256,
         now,
@@ -115,12 +95,7 @@ fn main() {
         token.as_ref(),
     )
     .expect("hierarchy");
-    let h = hierarchy::Hierarchy {
-        anchor_cert_pem: anchor_cert,
-        anchor_key_pem: anchor_key,
-        issuer_cert_pem: issuer_cert,
-        issuer_key_pem: String::new(),
-    };
+
     meshca::dev::write_hierarchy(&token_dir, &h).expect("write");
 
     let load = |dir: &Path, token: Option<&Arc<TokenKey>>| {

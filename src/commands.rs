@@ -137,15 +137,9 @@ fn init_in_token(
     };
     let key = TokenKey::generate(&uri, kind)
         .map_err(|e| Failure::usage(format!("--issuer-key {}: {e}", uri.display())))?;
-    let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
+    let h =
         hierarchy::generate_for_key(naming, key_type, SystemClock.now(), HierarchyLifetimes::default(), &key)
             .map_err(Failure::other)?;
-    let h = hierarchy::Hierarchy {
-        anchor_cert_pem,
-        anchor_key_pem,
-        issuer_cert_pem,
-        issuer_key_pem: String::new(),
-    };
     crate::dev::write_hierarchy(&args.dir, &h).map_err(Failure::other)?;
     crate::dev::write_audit_key(&args.dir, &args.trust_domain).map_err(Failure::other)?;
     say(format_args!(

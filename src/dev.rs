@@ -69,19 +69,13 @@ pub fn prepare(
             Some(uri) => {
                 let key = crate::ca::token::TokenKey::generate(uri, crate::ca::token::Kind::EcP256)
                     .map_err(|e| Error::Token(format!("--issuer-key {}: {e}", uri.display())))?;
-                let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) = hierarchy::generate_for_key(
+                hierarchy::generate_for_key(
                     naming,
                     CaKeyType::P256,
                     now,
                     HierarchyLifetimes::default(),
                     &key,
-                )?;
-                hierarchy::Hierarchy {
-                    anchor_cert_pem,
-                    anchor_key_pem,
-                    issuer_cert_pem,
-                    issuer_key_pem: String::new(),
-                }
+                )?
             }
         };
         write_hierarchy(&paths.data_dir, &h)?;

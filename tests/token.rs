@@ -38,13 +38,17 @@ fn uri(token: &str, object: &str) -> Uri {
     store().uri(token, object).parse().unwrap()
 }
 
-fn check(kind: Kind, key: &TokenKey, msg: &[u8], signature: &[u8]) {
-    let alg: &dyn ring::signature::VerificationAlgorithm = match kind {
+/// How ring verifies what a key of `kind` signs.
+fn verification(kind: Kind) -> &'static dyn ring::signature::VerificationAlgorithm {
+    match kind {
         Kind::EcP256 => &ECDSA_P256_SHA256_ASN1,
         Kind::EcP384 => &ECDSA_P384_SHA384_ASN1,
         Kind::Rsa => &RSA_PKCS1_2048_8192_SHA256,
-    };
-    UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(key))
+    }
+}
+
+fn check(kind: Kind, key: &TokenKey, msg: &[u8], signature: &[u8]) {
+    UnparsedPublicKey::new(verification(kind), rcgen::PublicKeyData::der_bytes(key))
         .verify(msg, signature)
         .expect("ring verifies");
 }
@@ -58,12 +62,7 @@ fn keys_made_in_the_token_sign_inside_it_and_ring_verifies_each_kind() {
         let signature = key.sign_message(msg.as_bytes()).unwrap();
         check(kind, &key, msg.as_bytes(), &signature);
         let other = key.sign_message(b"something else").unwrap();
-        let alg: &dyn ring::signature::VerificationAlgorithm = match kind {
-            Kind::EcP256 => &ECDSA_P256_SHA256_ASN1,
-            Kind::EcP384 => &ECDSA_P384_SHA384_ASN1,
-            Kind::Rsa => &RSA_PKCS1_2048_8192_SHA256,
-        };
-        let public = UnparsedPublicKey::new(alg, rcgen::PublicKeyData::der_bytes(&key));
+        let public = UnparsedPublicKey::new(verification(kind), rcgen::PublicKeyData::der_bytes(&key));
         assert!(
             public.verify(msg.as_bytes(), &other).is_err(),
             "a signature of another message must not verify"
@@ -420,7 +419,7 @@ fn bootstrap_tokens_signed_in_the_token_verify_with_the_issuers_public_key() {
         let token = std::sync::Arc::new(TokenKey::generate(&uri("pool", object), kind).unwrap());
         let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
         let now = meshca::clock::SystemClock.now();
-        let (anchor_cert, anchor_key, issuer_cert) = meshca::ca::hierarchy::generate_for_key(
+        let h = meshca::ca::hierarchy::generate_for_key(
             &naming,
             key_type,
             now,
@@ -429,12 +428,7 @@ fn bootstrap_tokens_signed_in_the_token_verify_with_the_issuers_public_key() {
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let h = meshca::ca::hierarchy::Hierarchy {
-            anchor_cert_pem: anchor_cert,
-            anchor_key_pem: anchor_key,
-            issuer_cert_pem: issuer_cert,
-            issuer_key_pem: String::new(),
-        };
+
         meshca::dev::write_hierarchy(dir.path(), &h).unwrap();
         let anchors = meshca::ca::issuer::TrustAnchors::load(&dir.path().join("trust-anchors.pem")).unwrap();
         let issuer =

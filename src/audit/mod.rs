@@ -95,8 +95,8 @@ const CAPACITY: usize = 4096;
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Text that precedes the hex digest at the end of every line.
 const HASH_KEY: &[u8] = b",\"hash\":\"";
-/// Backwards read size when looking for the last line of an existing file.
-const TAIL_CHUNK: u64 = 64 * 1024;
+/// Read size when an existing file is read through at open.
+const READ_CHUNK: usize = 64 * 1024;
 /// A last line longer than this is treated as corrupt rather than loaded.
 const MAX_LINE: usize = 1 << 20;
 /// While failing, the writer retries on its own this long after the last attempt.

@@ -89,7 +89,7 @@ pub(super) fn open_file(path: &Path, root_at: Option<u64>) -> Result<Opened, Err
     let regular = file.metadata().map_err(open_err)?.is_file();
     file.seek(SeekFrom::Start(0)).map_err(open_err)?;
     let scanned = match regular {
-        true => scan(io::BufReader::with_capacity(TAIL_CHUNK as usize, &file), false, root_at),
+        true => scan(io::BufReader::with_capacity(READ_CHUNK, &file), false, root_at),
         false => scan(io::empty(), false, root_at),
     };
     let scanned = match scanned {

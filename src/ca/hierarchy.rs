@@ -64,6 +64,8 @@ pub struct Hierarchy {
     pub anchor_cert_pem: String,
     pub anchor_key_pem: String,
     pub issuer_cert_pem: String,
+    /// Empty when the issuer's key stays elsewhere ([`generate_for_key`]: a PKCS#11
+    /// token); then no `tls.key` is written.
     pub issuer_key_pem: String,
 }
 
@@ -104,26 +106,19 @@ pub fn generate(
     lifetimes: HierarchyLifetimes,
 ) -> Result<Hierarchy, Error> {
     let issuer_key = key_type.generate_key()?;
-    let (anchor_cert_pem, anchor_key_pem, issuer_cert_pem) =
-        generate_for_key(naming, key_type, now, lifetimes, &issuer_key)?;
-    Ok(Hierarchy {
-        anchor_cert_pem,
-        anchor_key_pem,
-        issuer_cert_pem,
-        issuer_key_pem: issuer_key.serialize_pem(),
-    })
+    let h = generate_for_key(naming, key_type, now, lifetimes, &issuer_key)?;
+    Ok(Hierarchy { issuer_key_pem: issuer_key.serialize_pem(), ..h })
 }
 
 /// A new anchor of `key_type` and an issuer certificate, signed by it, for a key
-/// that stays elsewhere (a PKCS#11 token): the anchor's certificate and key, and
-/// the issuer's certificate, as PEM.
+/// that stays elsewhere (a PKCS#11 token), with an empty `issuer_key_pem`.
 pub fn generate_for_key(
     naming: &Naming,
     key_type: CaKeyType,
     now: SystemTime,
     lifetimes: HierarchyLifetimes,
     issuer_key: &impl rcgen::PublicKeyData,
-) -> Result<(String, String, String), Error> {
+) -> Result<Hierarchy, Error> {
     let sign_err = |e: rcgen::Error| Error::Sign { reason: e.to_string() };
     let start = now - Duration::from_secs(3600);
     let suffix = format!("{}.{}", naming.control_plane_namespace(), naming.trust_domain());
@@ -138,7 +133,12 @@ pub fn generate_for_key(
     issuer_params.serial_number = Some(random_serial()?);
     let signer = rcgen::Issuer::new(anchor_params, &anchor_key);
     let issuer = issuer_params.signed_by(issuer_key, &signer).map_err(sign_err)?;
-    Ok((anchor.pem(), anchor_key.serialize_pem(), issuer.pem()))
+    Ok(Hierarchy {
+        anchor_cert_pem: anchor.pem(),
+        anchor_key_pem: anchor_key.serialize_pem(),
+        issuer_cert_pem: issuer.pem(),
+        issuer_key_pem: String::new(),
+    })
 }
 
 fn random_serial() -> Result<rcgen::SerialNumber, Error> {
