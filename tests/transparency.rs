@@ -115,6 +115,12 @@ async fn a_clean_log_verifies_against_both_checkpoints_and_proves_each_certifica
         "{said}"
     );
     assert!(!said.contains("not yet covered"), "{said}");
+    // serve --dev made the audit key (owner-only) and its verifier key.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("audit-signing.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let vkey = std::fs::read_to_string(data.join("audit.pub")).unwrap();
+    vkey.trim().parse::<meshca::audit::checkpoint::VerifierKey>().unwrap();
     let checkpoint = std::fs::read_to_string(data.join("audit.jsonl.checkpoint")).unwrap();
     assert!(
         checkpoint.starts_with("meshca/cluster.local/") && checkpoint.contains("\nclosed\n\n"),
