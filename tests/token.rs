@@ -209,48 +209,169 @@ fn logged_addr(line: &str) -> std::net::SocketAddr {
     field.trim_start_matches("Some(").trim_end_matches(')').parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_stops_it_naming_the_flag() {
-    use meshca::auth::dev::{DevSigner, TokenClaims};
-    use meshca::clock::Clock as _;
-    use support::process::{meshca, output, serve_with_jwks, Process, PATIENCE};
+/// `meshca init --issuer-key` (the key made in a token of its own) and then `meshca
+/// serve --issuer-key`, both the real binary, with a JWKS token signer.
+struct TokenServe {
+    /// A token store of its own, for the child processes only: SoftHSM2 does not
+    /// share a store between processes that use it at once.
+    store: SoftHsm,
+    tmp: tempfile::TempDir,
+    /// The URI of the issuer key `init` made.
+    uri: String,
+    signer: meshca::auth::dev::DevSigner,
+    anchors: meshca::ca::issuer::TrustAnchors,
+}
 
-    // A token store of its own, for the child processes only: SoftHSM2 does not
-    // share a store between processes that use it at once.
-    let store = SoftHsm::default();
-    store.init_token("serve");
-    let meshca = || {
-        let mut cmd = meshca();
+impl TokenServe {
+    /// Runs `meshca init --dir CA --issuer-key URI --key-type KEY_TYPE`.
+    fn init(label: &str, key_type: &str) -> TokenServe {
+        use support::process::{output, PATIENCE};
+        let store = SoftHsm::default();
+        store.init_token(label);
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = store.uri(label, "issuer");
+        let mut init = Self::command(&store);
+        init.args(["init", "--dir", tmp.path().join("ca").to_str().unwrap(), "--issuer-key", &uri]);
+        let out = output(init.args(["--key-type", key_type]), PATIENCE);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "init --issuer-key --key-type {key_type}: {said}");
+        assert!(!said.contains(PIN));
+        let ca = tmp.path().join("ca");
+        assert!(ca.join("issuer/tls.crt").is_file() && !ca.join("issuer/tls.key").exists(), "no key file");
+        let (signer, _) = meshca::auth::dev::DevSigner::generate().unwrap();
+        std::fs::write(tmp.path().join("jwks.json"), signer.jwks_json()).unwrap();
+        let anchors = meshca::ca::issuer::TrustAnchors::load(&ca.join("trust-anchors.pem")).unwrap();
+        TokenServe { store, tmp, uri, signer, anchors }
+    }
+
+    /// The real binary, with this store as its SoftHSM2 configuration.
+    fn command(store: &SoftHsm) -> std::process::Command {
+        let mut cmd = support::process::meshca();
         cmd.env("SOFTHSM2_CONF", &store.conf);
         cmd
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = tmp.path().join("ca");
-    let uri = store.uri("serve", "issuer");
-    let out = output(meshca().args(["init", "--dir", ca.to_str().unwrap(), "--issuer-key", &uri]), PATIENCE);
-    assert!(out.status.success(), "init --issuer-key: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(ca.join("issuer/tls.crt").is_file() && !ca.join("issuer/tls.key").exists(), "no key file");
-    assert!(!String::from_utf8_lossy(&out.stderr).contains(PIN));
+    }
 
-    let (signer, _) = DevSigner::generate().unwrap();
-    let jwks = tmp.path().join("jwks.json");
-    std::fs::write(&jwks, signer.jwks_json()).unwrap();
-    let audit = tmp.path().join("audit.jsonl");
-    let serve = |uri: &str| {
-        let mut cmd = meshca();
-        serve_with_jwks(&mut cmd, &ca.join("trust-anchors.pem"), &ca.join("issuer"), &jwks).args([
-            "--issuer-key",
-            uri,
-            "--audit-log",
-            audit.to_str().unwrap(),
-        ]);
+    fn ca(&self) -> std::path::PathBuf {
+        self.tmp.path().join("ca")
+    }
+
+    fn audit(&self) -> std::path::PathBuf {
+        self.tmp.path().join("audit.jsonl")
+    }
+
+    /// `meshca serve` over the CA `init` wrote, with the issuer key at `uri`.
+    fn serve(&self, uri: &str) -> std::process::Command {
+        let mut cmd = Self::command(&self.store);
+        let ca = self.ca();
+        support::process::serve_with_jwks(
+            &mut cmd,
+            &ca.join("trust-anchors.pem"),
+            &ca.join("issuer"),
+            &self.tmp.path().join("jwks.json"),
+        )
+        .args(["--issuer-key", uri, "--audit-log", self.audit().to_str().unwrap()]);
         cmd
-    };
+    }
+
+    /// Starts the server with the key `init` made; returns it, a client and the admin address.
+    async fn start(
+        &self,
+    ) -> (
+        support::process::Process,
+        meshca::proto::identity_client::IdentityClient<tonic::transport::Channel>,
+        std::net::SocketAddr,
+    ) {
+        let mut process = support::process::Process::spawn(&mut self.serve(&self.uri));
+        let deadline = std::time::Instant::now() + support::process::PATIENCE;
+        let serving = process.stderr.wait_for("serving gRPC over TLS", deadline);
+        assert!(process.stderr.seen.iter().any(|l| l.contains("the issuer key is in a PKCS#11 token")));
+        let grpc = format!("https://{}", logged_addr(&serving));
+        let admin_line = process.stderr.seen.iter().find(|l| l.contains("/metrics")).unwrap().clone();
+        let channel =
+            meshca::agent::client::connect(&grpc, &self.anchors, support::SERVER_NAME).await.unwrap();
+        (process, meshca::proto::identity_client::IdentityClient::new(channel), logged_addr(&admin_line))
+    }
+
+    /// The identity the requests ask for.
+    fn identity(&self) -> String {
+        let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
+        naming.identity("default", "web").unwrap().dns_name
+    }
+
+    /// A Certify request for `web` in `default`, with a fresh P-256 key.
+    fn request(&self) -> meshca::proto::CertifyRequest {
+        use meshca::clock::Clock as _;
+        let identity = self.identity();
+        let (_key, csr) =
+            meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
+        let claims = meshca::auth::dev::TokenClaims::projected(
+            "https://issuer.example",
+            meshca::config::DEFAULT_AUDIENCE,
+            "default",
+            "web",
+            meshca::clock::SystemClock.now(),
+            std::time::Duration::from_secs(600),
+        );
+        let token = self.signer.sign(&claims).unwrap().into_bytes();
+        meshca::proto::CertifyRequest { identity, token, certificate_signing_request: csr }
+    }
+}
+
+/// `init --issuer-key --key-type KEY_TYPE` makes the key in the token; `serve
+/// --issuer-key` signs leaves with it (the leaf's signature algorithm is the key's);
+/// the four independent verifiers accept each chain and reject it under another CA.
+async fn leaves_signed_in_the_token_pass_every_verifier(key_type: &str, algorithm: &str) {
+    use meshca::clock::Clock as _;
+    let serve = TokenServe::init(key_type, key_type);
+    let (mut process, mut client, _) = serve.start().await;
+    let now = meshca::clock::SystemClock.now();
+    let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
+    let other = support::verifiers::another_cas_anchors(&naming, now);
+    let response = client.certify(serve.request()).await.unwrap().into_inner();
+    let (leaf, chain) = support::chain(&response);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(parsed.signature_algorithm.algorithm.to_id_string(), algorithm, "{key_type}");
+    support::verifiers::assert_every_verifier_accepts_only_under_its_anchors(
+        &format!("{key_type} issuer key in the token"),
+        &leaf,
+        &chain,
+        &serve.anchors,
+        &other,
+        &serve.identity(),
+        now,
+    );
+    assert!(process.signal("TERM"));
+    process.stderr.read_to_end(std::time::Instant::now() + support::process::PATIENCE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p256_issuer_key_in_the_token_signs_leaves_every_verifier_accepts() {
+    leaves_signed_in_the_token_pass_every_verifier("p256", "1.2.840.10045.4.3.2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p384_issuer_key_in_the_token_signs_leaves_every_verifier_accepts() {
+    leaves_signed_in_the_token_pass_every_verifier("p384", "1.2.840.10045.4.3.3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa3072_issuer_key_in_the_token_signs_leaves_every_verifier_accepts() {
+    leaves_signed_in_the_token_pass_every_verifier("rsa3072", "1.2.840.113549.1.1.11").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_stops_it_naming_the_flag() {
+    use meshca::clock::Clock as _;
+    use support::process::{meshca, output, PATIENCE};
+
+    let serve = TokenServe::init("serve", "p256");
+    let (store, tmp, ca, uri, anchors) = (&serve.store, &serve.tmp, serve.ca(), &serve.uri, &serve.anchors);
+    let audit = serve.audit();
 
     // A wrong PIN: start-up stops, naming the flag and the return code, not the PIN.
     let wrong =
         uri.replace(&format!("pin-source=file:{}", store.pin_file().display()), "pin-value=wrong-pin-5555");
-    let out = output(&mut serve(&wrong), PATIENCE);
+    let out = output(&mut serve.serve(&wrong), PATIENCE);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(
@@ -263,44 +384,22 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     // never served with the token's key.
     let other = tmp.path().join("other-ca");
     assert!(output(meshca().args(["init", "--dir", other.to_str().unwrap()]), PATIENCE).status.success());
-    let mut mismatched = meshca();
-    serve_with_jwks(&mut mismatched, &other.join("trust-anchors.pem"), &other.join("issuer"), &jwks).args([
-        "--issuer-key",
-        &uri,
-        "--audit-log",
-        tmp.path().join("other.jsonl").to_str().unwrap(),
-    ]);
+    let mut mismatched = TokenServe::command(store);
+    support::process::serve_with_jwks(
+        &mut mismatched,
+        &other.join("trust-anchors.pem"),
+        &other.join("issuer"),
+        &tmp.path().join("jwks.json"),
+    )
+    .args(["--issuer-key", uri, "--audit-log", tmp.path().join("other.jsonl").to_str().unwrap()]);
     let out = output(&mut mismatched, PATIENCE);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("does not match the issuer certificate"), "{said}");
 
-    let mut process = Process::spawn(&mut serve(&uri));
-    let serving = process.stderr.wait_for("serving gRPC over TLS", std::time::Instant::now() + PATIENCE);
-    assert!(process.stderr.seen.iter().any(|l| l.contains("the issuer key is in a PKCS#11 token")));
-    let grpc = format!("https://{}", logged_addr(&serving));
-    let admin_line = process.stderr.seen.iter().find(|l| l.contains("/metrics")).unwrap().clone();
-    let admin = logged_addr(&admin_line);
-    let anchors = meshca::ca::issuer::TrustAnchors::load(&ca.join("trust-anchors.pem")).unwrap();
-    let channel = meshca::agent::client::connect(&grpc, &anchors, support::SERVER_NAME).await.unwrap();
-    let mut client = meshca::proto::identity_client::IdentityClient::new(channel);
-    let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
-    let identity = naming.identity("default", "web").unwrap().dns_name;
+    let (mut process, mut client, admin) = serve.start().await;
     let now = meshca::clock::SystemClock.now();
-    let claims = TokenClaims::projected(
-        "https://issuer.example",
-        meshca::config::DEFAULT_AUDIENCE,
-        "default",
-        "web",
-        now,
-        std::time::Duration::from_secs(600),
-    );
-    let request = || {
-        let (_key, csr) =
-            meshca::agent::client::make_csr(&identity, meshca::agent::client::KeyType::P256).unwrap();
-        let token = signer.sign(&claims).unwrap().into_bytes();
-        meshca::proto::CertifyRequest { identity: identity.clone(), token, certificate_signing_request: csr }
-    };
+    let request = || serve.request();
     for _ in 0..3 {
         let response = client.certify(request()).await.unwrap().into_inner();
         // The leaf verifies under the anchor through the issuer whose key is in the token.

@@ -23,12 +23,11 @@
 
 use meshca_test_support as support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use meshca::ca::hierarchy::{self, CaKeyType, HierarchyLifetimes};
-use meshca::ca::issuer::{Algorithms, TrustAnchors};
+use meshca::ca::issuer::Algorithms;
 use meshca::ca::material::to_pem;
 use meshca::ca::reload::Outcome;
 use meshca::clock::Clock;
@@ -39,6 +38,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use support::der::tlv;
 use support::process::{bin, meshca, output};
+use support::verifiers::{
+    another_cas_anchors, assert_every_verifier_accepts_only_under_its_anchors, run, text, ChainFiles,
+};
 use support::{chain, Options, TestServer};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::oid_registry::{
@@ -48,9 +50,6 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
-
-const CLIENT_AUTH: &str = "1.3.6.1.5.5.7.3.2";
-const SERVER_AUTH: &str = "1.3.6.1.5.5.7.3.1";
 
 // ---- CAs and leaves ----
 
@@ -181,187 +180,6 @@ fn assert_windows_profile(leaf: &[u8], intermediates: &[CertificateDer<'_>], anc
     assert!(!leaf.is_ca(), "the leaf is a CA");
 }
 
-// ---- The verifiers ----
-
-/// Runs a verifier to completion; a missing program fails the test naming its package.
-fn run(cmd: &mut Command) -> Output {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    match cmd.stdin(Stdio::null()).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let package = match program.as_str() {
-                "certtool" => "gnutls-bin",
-                "certutil" | "vfychain" => "libnss3-tools",
-                other => other,
-            };
-            panic!("{program} is not installed (Debian package {package}); run `bash tests/run.sh`, which installs it")
-        }
-        Err(e) => panic!("cannot run {program}: {e}"),
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// One verifier's answer: accepted or rejected, with the line that says so.
-#[derive(Debug)]
-struct Verdict {
-    verifier: &'static str,
-    accepted: bool,
-    /// The verifier's own words for a clear rejection; false for a crash or a usage error.
-    rejected: bool,
-    said: String,
-}
-
-impl Verdict {
-    /// From a command: accepted on exit 0 with `ok` in its output, rejected on a
-    /// non-zero exit with `bad` in it.
-    fn of(verifier: &'static str, out: &Output, ok: &str, bad: &str) -> Self {
-        let all = text(out);
-        let line = |needle: &str| all.lines().find(|l| l.contains(needle)).map(|l| l.trim().to_owned());
-        let accepted = out.status.success() && line(ok).is_some();
-        let rejected = !out.status.success() && line(bad).is_some();
-        let said = if accepted { line(ok) } else { line(bad) };
-        Verdict { verifier, accepted, rejected, said: said.unwrap_or(all) }
-    }
-}
-
-/// The chain as files the command-line verifiers read.
-struct ChainFiles {
-    dir: tempfile::TempDir,
-    identity: String,
-}
-
-impl ChainFiles {
-    fn write(
-        leaf: &[u8],
-        intermediates: &[CertificateDer<'_>],
-        anchors: &[CertificateDer<'_>],
-        identity: &str,
-    ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pem = |ders: &[&[u8]]| ders.iter().map(|d| to_pem("CERTIFICATE", d)).collect::<String>();
-        let inter: Vec<&[u8]> = intermediates.iter().map(|c| c.as_ref()).collect();
-        let roots: Vec<&[u8]> = anchors.iter().map(|c| c.as_ref()).collect();
-        let write = |name: &str, contents: &[u8]| std::fs::write(dir.path().join(name), contents).unwrap();
-        write("leaf.pem", pem(&[leaf]).as_bytes());
-        write("leaf.der", leaf);
-        write("intermediates.pem", pem(&inter).as_bytes());
-        write("anchors.pem", pem(&roots).as_bytes());
-        // GnuTLS reads the leaf and the intermediates from one file, leaf first.
-        write("chain.pem", pem(&[&[leaf], inter.as_slice()].concat()).as_bytes());
-        // NSS: a fresh database holding the anchors (trusted to issue server and client
-        // certificates: "CT,,") and the intermediates (no trust of their own: ",,").
-        let db = format!("sql:{}", dir.path().join("nss").display());
-        std::fs::create_dir(dir.path().join("nss")).unwrap();
-        let out = run(Command::new("certutil").args(["-N", "--empty-password", "-d", &db]));
-        assert!(out.status.success(), "certutil -N: {}", text(&out));
-        let certs = roots.iter().map(|d| (d, "CT,,")).chain(inter.iter().map(|d| (d, ",,")));
-        for (i, (der, trust)) in certs.enumerate() {
-            let file = dir.path().join(format!("nss-{i}.der"));
-            std::fs::write(&file, der).unwrap();
-            let nickname = format!("cert{i}");
-            let out = run(Command::new("certutil")
-                .args(["-A", "-d", &db, "-n", &nickname, "-t", trust, "-i"])
-                .arg(&file));
-            assert!(out.status.success(), "certutil -A: {}", text(&out));
-        }
-        ChainFiles { dir, identity: identity.to_owned() }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn openssl(&self, purpose: &str) -> Output {
-        run(Command::new("openssl")
-            .args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
-            .arg(self.path("anchors.pem"))
-            .arg("-untrusted")
-            .arg(self.path("intermediates.pem"))
-            .arg(self.path("leaf.pem")))
-    }
-
-    fn certtool(&self, purpose: &str, hostname: Option<&str>) -> Output {
-        let mut cmd = Command::new("certtool");
-        cmd.args(["--verify", "--verify-profile", "medium", "--verify-purpose", purpose])
-            .arg("--load-ca-certificate")
-            .arg(self.path("anchors.pem"))
-            .arg("--infile")
-            .arg(self.path("chain.pem"));
-        if let Some(name) = hostname {
-            cmd.args(["--verify-hostname", name]);
-        }
-        run(&mut cmd)
-    }
-
-    /// `vfychain -u USAGE`: 0 is SSL client, 1 SSL server (`vfychain` with no arguments lists them).
-    fn vfychain(&self, usage: &str) -> Output {
-        let db = format!("sql:{}", self.path("nss").display());
-        run(Command::new("vfychain").args(["-d", &db, "-p", "-u", usage]).arg(self.path("leaf.der")))
-    }
-
-    /// Every verifier's answer for this chain at `now`, against `anchors`.
-    fn verdicts(
-        &self,
-        anchors: &TrustAnchors,
-        leaf: &[u8],
-        intermediates: &[CertificateDer<'_>],
-        now: SystemTime,
-    ) -> Vec<Verdict> {
-        let webpki = anchors.verify(&CertificateDer::from(leaf), intermediates, now, Some(&self.identity));
-        let webpki = Verdict {
-            verifier: "rustls-webpki",
-            accepted: webpki.is_ok(),
-            rejected: webpki.is_err(),
-            said: match webpki {
-                Ok(()) => format!("valid for server and client use and for {}", self.identity),
-                Err(e) => e,
-            },
-        };
-        vec![
-            webpki,
-            Verdict::of(
-                "openssl verify -x509_strict -purpose sslclient",
-                &self.openssl("sslclient"),
-                ": OK",
-                "error",
-            ),
-            Verdict::of(
-                "openssl verify -x509_strict -purpose sslserver",
-                &self.openssl("sslserver"),
-                ": OK",
-                "error",
-            ),
-            Verdict::of(
-                "certtool --verify (clientAuth)",
-                &self.certtool(CLIENT_AUTH, None),
-                "Chain verification output: Verified.",
-                "Chain verification output: Not verified.",
-            ),
-            Verdict::of(
-                "certtool --verify (serverAuth, hostname)",
-                &self.certtool(SERVER_AUTH, Some(&self.identity)),
-                "Chain verification output: Verified.",
-                "Chain verification output: Not verified.",
-            ),
-            Verdict::of(
-                "vfychain -p -u 0 (SSL client)",
-                &self.vfychain("0"),
-                "Chain is good!",
-                "Chain is bad!",
-            ),
-            Verdict::of(
-                "vfychain -p -u 1 (SSL server)",
-                &self.vfychain("1"),
-                "Chain is good!",
-                "Chain is bad!",
-            ),
-        ]
-    }
-}
-
 /// Issues a leaf for each key type under a CA made by `meshca init --key-type
 /// KEY_TYPE`; checks the profile; every verifier accepts the chain and rejects it
 /// against another CA's anchors.
@@ -370,10 +188,7 @@ async fn assert_windows_chains(key_type: &str) {
     let now = server.clock.now();
     let identity = server.identity("default", "web");
     let anchors: Vec<_> = server.anchors.certificates().to_vec();
-    let other =
-        hierarchy::generate(&server.naming, CaKeyType::P256, now, HierarchyLifetimes::default()).unwrap();
-    let other_anchors = vec![CertificateDer::from_pem_slice(other.anchor_cert_pem.as_bytes()).unwrap()];
-    let other_trust = TrustAnchors::from_certs(other_anchors.clone(), Path::new("(other CA)")).unwrap();
+    let other_trust = another_cas_anchors(&server.naming, now);
     for (leaf_kind, key) in leaf_keys() {
         let what = format!("{key_type} CA, {leaf_kind} leaf");
         let (leaf, intermediates) = issue(&server, &key).await;
@@ -382,21 +197,15 @@ async fn assert_windows_chains(key_type: &str) {
             assert_eq!(parse(&leaf).signature_algorithm.algorithm, OID_PKCS1_SHA256WITHRSA, "{what}");
         }
 
-        let files = ChainFiles::write(&leaf, &intermediates, &anchors, &identity);
-        let verdicts = files.verdicts(&server.anchors, &leaf, &intermediates, now);
-        assert_eq!(verdicts.len(), 7);
-        for v in &verdicts {
-            assert!(v.accepted, "{what}: {} rejected the chain: {}", v.verifier, v.said);
-            println!("{what}: {}: {}", v.verifier, v.said);
-        }
-
-        // Negative control: the same leaf and intermediates, another CA's anchors (made
-        // with the same names, so only the keys tell them apart).
-        let files = ChainFiles::write(&leaf, &intermediates, &other_anchors, &identity);
-        for v in files.verdicts(&other_trust, &leaf, &intermediates, now) {
-            assert!(v.rejected, "{what}: {} did not reject a leaf under another CA: {}", v.verifier, v.said);
-            println!("{what}, another CA's anchors: {}: {}", v.verifier, v.said);
-        }
+        assert_every_verifier_accepts_only_under_its_anchors(
+            &what,
+            &leaf,
+            &intermediates,
+            &server.anchors,
+            &other_trust,
+            &identity,
+            now,
+        );
     }
 }
 

@@ -17,6 +17,7 @@ pub mod der;
 pub mod h2;
 pub mod process;
 pub mod softhsm;
+pub mod verifiers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
