@@ -25,6 +25,10 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{OID_PKCS9_EMAIL_ADDRESS, OID_X509_COMMON_NAME};
 use x509_parser::prelude::FromDer;
 
+/// One DER TLV encoded and read by hand: the integration tests' file, shared.
+#[path = "../../tests/support/tlv.rs"]
+mod tlv_file;
+
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const CONTROL_PLANE_NAMESPACE: &str = "meshca-system";
 /// The identity the `csr` target expects (service account `web` in `default`).
@@ -103,8 +107,8 @@ pub fn scratch_dir() -> PathBuf {
 
 /// DER encoding helpers (definite lengths, single-byte tags).
 pub mod der {
-    /// One TLV: meshca's own encoder.
-    pub use meshca::ca::material::der as tlv;
+    /// One TLV, encoded by hand (tests/support/tlv.rs).
+    pub use super::tlv_file::tlv;
 
     pub fn seq(parts: &[&[u8]]) -> Vec<u8> {
         tlv(0x30, &parts.concat())
@@ -193,7 +197,7 @@ impl RequestedNames {
 }
 
 /// Reads one TLV: (tag, contents, rest).
-pub use meshca::ca::material::der_read as read_tlv;
+pub use tlv_file::read_tlv;
 
 /// The names `der` asks for, or `None` when x509-parser cannot read it as a CSR.
 pub fn requested_names(der: &[u8]) -> Option<RequestedNames> {

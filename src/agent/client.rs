@@ -338,7 +338,7 @@ pub fn make_csr(identity: &str, key_type: KeyType) -> Result<(KeyPair, Vec<u8>),
         KeyType::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| key_err(&e))?,
         KeyType::Rsa2048 | KeyType::Rsa3072 => {
             let bits = if key_type == KeyType::Rsa2048 { 2048 } else { 3072 };
-            let der = crate::ca::rsa_keygen::generate_pkcs8(bits).map_err(|e| key_err(&e))?;
+            let der = crate::ca::keygen::generate_pkcs8(bits).map_err(|e| key_err(&e))?;
             KeyPair::from_pkcs8_der_and_sign_algo(
                 &rustls_pki_types::PrivatePkcs8KeyDer::from(der),
                 &rcgen::PKCS_RSA_SHA256,

@@ -4,7 +4,7 @@
 //! pathLen 0. Neither carries an extended key usage (Windows restricts leaves by the
 //! EKUs of every CA above them) nor name constraints. Every key type offered is one
 //! Windows Server 2016 verifies: ECDSA P-256 (signing with SHA-256), P-384 (SHA-384)
-//! or RSA 3072 (PKCS#1 v1.5 with SHA-256; the key from [`super::rsa_keygen`], as ring
+//! or RSA 3072 (PKCS#1 v1.5 with SHA-256; the key from [`super::keygen`], as ring
 //! generates no RSA keys). Writing the files, and refusing to overwrite them, is left
 //! to the caller.
 
@@ -34,7 +34,7 @@ impl CaKeyType {
             CaKeyType::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign_err),
             CaKeyType::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(sign_err),
             CaKeyType::Rsa3072 => {
-                let der = super::rsa_keygen::generate_pkcs8(3072)
+                let der = super::keygen::generate_pkcs8(3072)
                     .map_err(|e| Error::Sign { reason: format!("RSA key generation: {e}") })?;
                 KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &rcgen::PKCS_RSA_SHA256)
                     .map_err(sign_err)

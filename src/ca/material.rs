@@ -2,10 +2,10 @@
 //!
 //! Accepts what operators have: certificate chains in PEM; keys as PKCS#8
 //! (`PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`, as openssl and cert-manager write
-//! them, wrapped here into PKCS#8 because ring loads only PKCS#8), with LF or CRLF
-//! line endings and with or without UTF-8 byte-order marks (Windows editors and
-//! PowerShell write one; see [`without_byte_order_marks`]). Key bytes never appear in
-//! an error.
+//! them, parsed and wrapped here into PKCS#8 with yasna because ring loads only
+//! PKCS#8), with LF or CRLF line endings and with or without UTF-8 byte-order marks
+//! (Windows editors and PowerShell write one; see [`without_byte_order_marks`]). Key
+//! bytes never appear in an error.
 
 use std::path::Path;
 
@@ -62,7 +62,7 @@ pub fn read_pkcs8_key(path: &Path) -> Result<Vec<u8>, Error> {
     match key {
         PrivateKeyDer::Pkcs8(k) => Ok(k.secret_pkcs8_der().to_vec()),
         PrivateKeyDer::Sec1(k) => sec1_to_pkcs8(k.secret_sec1_der())
-            .ok_or_else(|| bad("EC PRIVATE KEY is not a P-256 or P-384 key")),
+            .ok_or_else(|| bad("EC PRIVATE KEY is not a well-formed P-256 or P-384 key")),
         PrivateKeyDer::Pkcs1(_) => {
             Err(bad("PKCS#1 RSA keys are not supported; convert with `openssl pkcs8 -topk8 -nocrypt`"))
         }
@@ -70,71 +70,59 @@ pub fn read_pkcs8_key(path: &Path) -> Result<Vec<u8>, Error> {
     }
 }
 
-const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+/// id-ecPublicKey (RFC 5480).
+const OID_EC_PUBLIC_KEY: &[u64] = &[1, 2, 840, 10045, 2, 1];
+/// secp256r1, P-256 (RFC 5480).
+const OID_P256: &[u64] = &[1, 2, 840, 10045, 3, 1, 7];
+/// secp384r1, P-384 (RFC 5480).
+const OID_P384: &[u64] = &[1, 3, 132, 0, 34];
 
-/// Wraps a SEC1 `ECPrivateKey` into a PKCS#8 `PrivateKeyInfo` (RFC 5915, RFC 5208).
-/// The curve is read from the private key's length (32 bytes: P-256, 48: P-384).
+/// Wraps a SEC1 `ECPrivateKey` (RFC 5915) into a PKCS#8 `PrivateKeyInfo` (RFC 5208)
+/// whose privateKey is the SEC1 encoding, unchanged.
+///
+/// The key is parsed as DER, strictly: version 1, the private key, then the optional
+/// `[0]` parameters and `[1]` public key, nothing after. The curve is the `[0]` named
+/// curve when present (P-256 or P-384), otherwise the one the private key's length
+/// implies (32 bytes: P-256, 48: P-384). `None` for anything else: another version,
+/// another curve, or a named curve whose private key has the other curve's length.
 pub fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
-    // ECPrivateKey ::= SEQUENCE { version INTEGER (1), privateKey OCTET STRING, ... }
-    let (tag, body, _) = der_read(sec1)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (tag, _version, rest) = der_read(body)?;
-    if tag != 0x02 {
-        return None;
-    }
-    let (tag, private_key, _) = der_read(rest)?;
-    if tag != 0x04 {
-        return None;
-    }
-    let curve = match private_key.len() {
+    use yasna::models::ObjectIdentifier;
+    use yasna::{ASN1Error, ASN1ErrorKind, Tag};
+
+    // ECPrivateKey ::= SEQUENCE { version INTEGER (1), privateKey OCTET STRING,
+    //   parameters [0] EXPLICIT ECParameters OPTIONAL, publicKey [1] EXPLICIT BIT STRING OPTIONAL }
+    let (private_key_len, named_curve) = yasna::parse_der(sec1, |r| {
+        r.read_sequence(|r| {
+            if r.next().read_u8()? != 1 {
+                return Err(ASN1Error::new(ASN1ErrorKind::Invalid));
+            }
+            let private_key_len = r.next().read_bytes()?.len();
+            // ECParameters is a CHOICE; of its alternatives only namedCurve is read.
+            let named_curve = r.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_oid()))?;
+            r.read_optional(|r| r.read_tagged(Tag::context(1), |r| r.read_bitvec_bytes()))?;
+            Ok((private_key_len, named_curve))
+        })
+    })
+    .ok()?;
+    let by_length = match private_key_len {
         32 => OID_P256,
         48 => OID_P384,
         _ => return None,
     };
-    let algorithm = der(0x30, &[der(0x06, OID_EC_PUBLIC_KEY), der(0x06, curve)].concat());
-    Some(der(0x30, &[der(0x02, &[0]), algorithm, der(0x04, sec1)].concat()))
-}
-
-/// Encodes one DER TLV.
-pub fn der(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(content);
-    out
-}
-
-/// Reads one DER TLV: (tag, contents, rest). Definite lengths up to 4 bytes only;
-/// `None` for anything else or when the input is shorter than the length says.
-pub fn der_read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        rest = &rest[n..];
-        len
-    };
-    if rest.len() < len {
+    if named_curve.is_some_and(|oid| oid.components().as_slice() != by_length) {
         return None;
     }
-    Some((tag, &rest[..len], &rest[len..]))
+    let curve = ObjectIdentifier::from_slice(by_length);
+    Some(yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_u8(0);
+            w.next().write_sequence(|w| {
+                w.next().write_oid(&ObjectIdentifier::from_slice(OID_EC_PUBLIC_KEY));
+                w.next().write_oid(&curve);
+            });
+            w.next().write_bytes(sec1);
+        })
+    }))
 }
 
 /// UTF-8 byte-order mark.
@@ -245,34 +233,119 @@ mod tests {
         assert!(matches!(check_not_world_readable(&dir.path().join("absent")), Err(Error::Read { .. })));
     }
 
+    /// The SEC1 `ECPrivateKey` ring puts in the PKCS#8 it generates (no `[0]`
+    /// parameters; the `[1]` public key, which ring requires).
+    fn ring_sec1(alg: &'static ring::signature::EcdsaSigningAlgorithm) -> Vec<u8> {
+        let pkcs8 =
+            ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &ring::rand::SystemRandom::new()).unwrap();
+        yasna::parse_der(pkcs8.as_ref(), |r| {
+            r.read_sequence(|r| {
+                r.next().read_u8()?;
+                r.next().read_der()?;
+                r.next().read_bytes()
+            })
+        })
+        .unwrap()
+    }
+
+    /// `ECPrivateKey` of the given version, private key, `[0]` named curve (its arcs) and
+    /// `[1]` public key: as openssl writes it with a curve, as ring does without.
+    fn sec1(version: u8, private_key: &[u8], curve: Option<&[u64]>, public_key: &[u8]) -> Vec<u8> {
+        yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_u8(version);
+                w.next().write_bytes(private_key);
+                if let Some(curve) = curve {
+                    w.next().write_tagged(yasna::Tag::context(0), |w| {
+                        w.write_oid(&yasna::models::ObjectIdentifier::from_slice(curve))
+                    });
+                }
+                w.next().write_tagged(yasna::Tag::context(1), |w| {
+                    w.write_bitvec_bytes(public_key, public_key.len() * 8)
+                });
+            })
+        })
+    }
+
+    /// The parts of a `ring_sec1` key: (private key, public key).
+    fn sec1_parts(sec1: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        yasna::parse_der(sec1, |r| {
+            r.read_sequence(|r| {
+                r.next().read_u8()?;
+                let private_key = r.next().read_bytes()?;
+                let public_key = r.next().read_tagged(yasna::Tag::context(1), |r| r.read_bitvec_bytes())?.0;
+                Ok((private_key, public_key))
+            })
+        })
+        .unwrap()
+    }
+
+    /// The curve OID of the AlgorithmIdentifier of a PKCS#8 `PrivateKeyInfo`.
+    fn pkcs8_curve(pkcs8: &[u8]) -> Vec<u64> {
+        yasna::parse_der(pkcs8, |r| {
+            r.read_sequence(|r| {
+                r.next().read_u8()?;
+                let curve = r.next().read_sequence(|r| {
+                    r.next().read_oid()?;
+                    r.next().read_oid()
+                })?;
+                r.next().read_bytes()?;
+                Ok(curve.components().clone())
+            })
+        })
+        .unwrap()
+    }
+
     #[test]
     fn sec1_keys_are_wrapped_into_pkcs8_that_ring_loads() {
         let rng = ring::rand::SystemRandom::new();
-        for (alg, sign) in [
-            (&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, 32usize),
-            (&ring::signature::ECDSA_P384_SHA384_ASN1_SIGNING, 48usize),
+        for (alg, curve) in [
+            (&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, OID_P256),
+            (&ring::signature::ECDSA_P384_SHA384_ASN1_SIGNING, OID_P384),
         ] {
-            let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
-            // Extract the SEC1 ECPrivateKey ring embedded in its PKCS#8 output.
-            let (_, info, _) = der_read(pkcs8.as_ref()).unwrap();
-            let (_, _, rest) = der_read(info).unwrap();
-            let (_, _, rest) = der_read(rest).unwrap();
-            let (_, sec1, _) = der_read(rest).unwrap();
-            let wrapped = sec1_to_pkcs8(sec1).unwrap();
+            let sec1 = ring_sec1(alg);
+            let wrapped = sec1_to_pkcs8(&sec1).unwrap();
             ring::signature::EcdsaKeyPair::from_pkcs8(alg, &wrapped, &rng).unwrap();
-            assert!(wrapped.len() > sign);
+            assert_eq!(pkcs8_curve(&wrapped), curve);
+            assert!(wrapped.ends_with(&sec1), "the SEC1 key is wrapped whole");
         }
         assert_eq!(sec1_to_pkcs8(b"garbage"), None);
         assert_eq!(sec1_to_pkcs8(&[]), None);
     }
 
     #[test]
-    fn long_der_lengths_round_trip() {
-        let content = vec![7u8; 300];
-        let tlv = der(0x04, &content);
-        assert_eq!(&tlv[..4], &[0x04, 0x82, 0x01, 0x2c]);
-        let (tag, body, rest) = der_read(&tlv).unwrap();
-        assert_eq!((tag, body.len(), rest.len()), (0x04, 300, 0));
+    fn a_p384_sec1_key_naming_its_curve_is_wrapped_as_p384_that_ring_loads() {
+        let alg = &ring::signature::ECDSA_P384_SHA384_ASN1_SIGNING;
+        let (private_key, public_key) = sec1_parts(&ring_sec1(alg));
+        let named = sec1(1, &private_key, Some(OID_P384), &public_key);
+        let wrapped = sec1_to_pkcs8(&named).unwrap();
+        assert_eq!(pkcs8_curve(&wrapped), OID_P384);
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(alg, &wrapped, &ring::rand::SystemRandom::new());
+        assert_eq!(
+            ring::signature::KeyPair::public_key(&key.unwrap()).as_ref(),
+            public_key.as_slice(),
+            "the same key"
+        );
+    }
+
+    #[test]
+    fn sec1_keys_of_another_version_or_a_mismatched_or_unknown_curve_are_refused() {
+        let (p256, p256_public) = sec1_parts(&ring_sec1(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING));
+        let (p384, p384_public) = sec1_parts(&ring_sec1(&ring::signature::ECDSA_P384_SHA384_ASN1_SIGNING));
+        assert!(sec1_to_pkcs8(&sec1(1, &p256, Some(OID_P256), &p256_public)).is_some());
+        assert!(sec1_to_pkcs8(&sec1(1, &p256, None, &p256_public)).is_some());
+        let secp256k1: &[u64] = &[1, 3, 132, 0, 10];
+        for (case, key) in [
+            ("version 0", sec1(0, &p256, None, &p256_public)),
+            ("version 2", sec1(2, &p384, Some(OID_P384), &p384_public)),
+            ("P-256 named, 48-byte key", sec1(1, &p384, Some(OID_P256), &p384_public)),
+            ("P-384 named, 32-byte key", sec1(1, &p256, Some(OID_P384), &p256_public)),
+            ("secp256k1", sec1(1, &p256, Some(secp256k1), &p256_public)),
+            ("31-byte key", sec1(1, &p256[1..], None, &p256_public)),
+            ("trailing bytes", [sec1(1, &p256, None, &p256_public), vec![0x05, 0x00]].concat()),
+        ] {
+            assert_eq!(sec1_to_pkcs8(&key), None, "{case}");
+        }
     }
 
     /// Found with the `pem` fuzz target (fuzz/README.md): a byte-order mark before

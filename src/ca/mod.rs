@@ -15,10 +15,10 @@
 pub mod csr;
 pub mod hierarchy;
 pub mod issuer;
+pub(crate) mod keygen;
 pub mod material;
 pub mod profile;
 pub mod reload;
-pub(crate) mod rsa_keygen;
 pub mod store;
 pub mod token;
 

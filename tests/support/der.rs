@@ -1,13 +1,22 @@
 //! DER written by hand, for the tests that craft CSRs byte by byte (hostile.rs,
-//! windows_csr.rs, properties.rs). One TLV is meshca's own
-//! [`meshca::ca::material::der`]; this module owns what those tests build on it: the
-//! universal types they spell (SEQUENCE, SET, SET OF, OBJECT IDENTIFIER from dotted
-//! text, INTEGER, BIT STRING, strings, NULL, TRUE), the X.509 and PKCS#10 pieces they
-//! share (Names, extensions, general names, attributes, SubjectPublicKeyInfo,
-//! signature algorithms) and the OIDs of those. Nothing here checks what it is given:
-//! a test that wants a malformed encoding writes it with [`tlv`] and raw bytes.
+//! windows_csr.rs, properties.rs). One TLV is encoded (and, by [`read_tlv`], read) in
+//! tlv.rs, which the fuzz targets include too; this module owns what those tests build
+//! on it: the universal types they spell (SEQUENCE, SET, SET OF, OBJECT
+//! IDENTIFIER from dotted text, INTEGER, BIT STRING, strings, NULL, TRUE), the X.509
+//! and PKCS#10 pieces they share (Names, extensions, general names, attributes,
+//! SubjectPublicKeyInfo, signature algorithms) and the OIDs of those. Nothing here
+//! checks what it is given: a test that wants a malformed encoding writes it with
+//! [`tlv`] and raw bytes.
+//!
+//! The encoder is hand-written, and kept in test code, because these tests craft
+//! malformed encodings on purpose (wrong lengths, wrong or unexpected tags, contents
+//! that do not parse) that DER libraries refuse to emit; meshca itself encodes and
+//! parses ASN.1 with yasna, x509-parser and rcgen.
 
-use meshca::ca::material::der;
+#[path = "tlv.rs"]
+mod raw;
+
+pub use raw::read_tlv;
 
 pub const OID_CN: &str = "2.5.4.3";
 pub const OID_O: &str = "2.5.4.10";
@@ -29,7 +38,7 @@ pub const TRUE: &[u8] = &[0x01, 0x01, 0xff];
 
 /// One TLV whose contents are `parts`, concatenated.
 pub fn tlv(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    der(tag, &parts.concat())
+    raw::tlv(tag, &parts.concat())
 }
 
 pub fn seq(parts: &[&[u8]]) -> Vec<u8> {

@@ -1,13 +1,14 @@
-//! RSA private key generation, producing PKCS#8 DER.
+//! Generation of the private keys meshca makes that ring cannot generate itself.
 //!
-//! This module owns making RSA private keys (2048, 3072 or 4096 bits, e = 65537) for the
-//! places that need one: `init --key-type rsa3072` and the agent's `--key-type rsa2048|rsa3072`
-//! (Windows Server 2016's Schannel). ring, meshca's one crypto provider, loads RSA keys and
-//! signs with them but cannot generate them, so generation alone is done by RustCrypto's
-//! `rsa` crate (prime generation and the key arithmetic in constant-time `crypto-bigint`),
-//! with ring's `SystemRandom` as its only source of randomness. The key then goes back to
-//! ring: it is loaded by `RsaKeyPair::from_pkcs8`, which validates its components, and must
-//! pass a sign/verify round trip before it is returned; a key that fails is never returned.
+//! ring, meshca's one crypto provider, generates ECDSA keys (callers ask it, or rcgen,
+//! directly) but no RSA keys, though it loads them and signs with them. This module owns
+//! making those: RSA private keys (2048, 3072 or 4096 bits, e = 65537) as PKCS#8 DER, for
+//! `init --key-type rsa3072` and the agent's `--key-type rsa2048|rsa3072` (Windows Server
+//! 2016's Schannel). Generation alone is done by RustCrypto's `rsa` crate (prime generation
+//! and the key arithmetic in constant-time `crypto-bigint`), with ring's `SystemRandom` as
+//! its only source of randomness. The key then goes back to ring: it is loaded by
+//! `RsaKeyPair::from_pkcs8`, which validates its components, and must pass a sign/verify
+//! round trip before it is returned; a key that fails is never returned.
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{RsaKeyPair, UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256};
