@@ -380,6 +380,25 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
     );
     assert!(!said.contains("wrong-pin-5555"), "the PIN leaked: {said}");
 
+    // Every other start-up failure: exit 2, the flag and what is wrong named, no PIN.
+    let pin_file = format!("pin-source=file:{}", store.pin_file().display());
+    let cases = [
+        (
+            uri.replace(support::softhsm::MODULE, "/nonexistent/libpkcs11.so"),
+            "cannot load the PKCS#11 module",
+        ),
+        (uri.replace("token=serve", "token=no-such-token"), "no token labelled \"no-such-token\""),
+        (uri.replace("object=issuer", "object=no-such-key"), "no private key"),
+        (uri.replace(&pin_file, "pin-source=file:/nonexistent/pin"), "cannot read the PIN file"),
+    ];
+    for (bad, says) in cases {
+        let out = output(&mut serve.serve(&bad), PATIENCE);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {said}");
+        assert!(said.contains("--issuer-key pkcs11:") && said.contains(says), "{bad}: {said}");
+        assert!(!said.contains(PIN), "the PIN leaked: {said}");
+    }
+
     // A tls.crt for another key (an issuer made with a key file): refused at start,
     // never served with the token's key.
     let other = tmp.path().join("other-ca");
