@@ -786,3 +786,57 @@ fn init_kubernetes_takes_a_namespace_and_needs_a_dir() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(!tmp.path().join("x").exists());
 }
+
+#[test]
+fn pkcs11_overlay_loads_the_module_an_init_container_copies_and_reads_the_pin_from_a_group_only_secret() {
+    let mut docs = rendered("overlays/pkcs11");
+    let deployment = docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &mut deployment["spec"]["template"]["spec"];
+
+    // The one new argument names a key in a token, its module and PIN under what is mounted.
+    let args = pod["containers"][0]["args"].as_array_mut().unwrap();
+    let at = args.iter().position(|a| a.as_str().is_some_and(|a| a.starts_with("--issuer-key="))).unwrap();
+    let arg = args.remove(at);
+    let uri: meshca::ca::token::Uri = str_of(&arg, "arg")["--issuer-key=".len()..].parse().unwrap();
+    assert_eq!((uri.token.as_deref(), uri.object.as_deref()), (Some("meshca"), Some("issuer")));
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap().clone();
+    let mounted = |path: &std::path::Path| -> String {
+        let m = mounts
+            .iter()
+            .find(|m| path.starts_with(str_of(&m["mountPath"], "mountPath")))
+            .unwrap_or_else(|| panic!("{} is not under a mounted volume", path.display()));
+        assert_eq!(m["readOnly"], true, "{} is mounted read-only", path.display());
+        str_of(&m["name"], "name").to_owned()
+    };
+    let module_volume = mounted(&uri.module_path);
+    let pin_volume = mounted(uri.pin_file().expect("the PIN comes from a file"));
+    let volumes = pod["volumes"].as_array().unwrap().clone();
+    let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).unwrap().clone();
+    let pin = volume(&pin_volume);
+    assert_eq!(pin["secret"]["secretName"], "meshca-hsm-pin");
+    assert_eq!(pin["secret"]["defaultMode"].as_i64().unwrap() & 0o007, 0, "the PIN is group-only");
+    assert!(volume(&module_volume)["emptyDir"].is_object(), "the module is copied into an emptyDir");
+
+    // The init container fills that volume and is as restricted as meshca.
+    let init = pod["initContainers"].as_array().unwrap();
+    assert_eq!(init.len(), 1);
+    let fills = init[0]["volumeMounts"].as_array().unwrap();
+    assert!(fills.iter().any(|m| m["name"] == module_volume.as_str() && m["readOnly"] != true));
+    let sc = &init[0]["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"], serde_json::json!({"drop": ["ALL"]}));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+
+    // Without those additions, what is left is deploy/base exactly as checked there.
+    let pod = &mut docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+    pod.as_object_mut().unwrap().remove("initContainers");
+    let extra = [module_volume, pin_volume];
+    pod["volumes"].as_array_mut().unwrap().retain(|v| !extra.iter().any(|e| v["name"] == e.as_str()));
+    pod["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| !extra.iter().any(|e| m["name"] == e.as_str()));
+    check_install(&docs, &MESHCA_SYSTEM);
+}

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -180,6 +180,14 @@ impl Uri {
                 Some(AuthPin::from(pin.trim_end_matches(['\r', '\n']).to_owned()))
             }
         })
+    }
+
+    /// The file the PIN is read from (`pin-source=file:…`), if the URI names one.
+    pub fn pin_file(&self) -> Option<&Path> {
+        match &self.pin {
+            Some(PinSource::File(path)) => Some(path),
+            _ => None,
+        }
     }
 
     /// The URI as the operator wrote it, without the PIN value.
