@@ -511,18 +511,27 @@ async fn serve_signs_leaves_with_the_key_init_made_in_the_token_and_a_wrong_pin_
 async fn serve_dev_with_an_issuer_key_makes_the_dev_issuer_in_the_token_and_reuses_it() {
     let store = SoftHsm::default();
     store.init_token("dev");
-    let env = format!("SOFTHSM2_CONF={}", store.conf.display());
+    let conf = format!("SOFTHSM2_CONF={}", store.conf.display());
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let uri = store.uri("dev", "issuer");
-    let extra = ["--issuer-key", uri.as_str()];
-    for run in 0..2 {
-        let mut serve = support::process::ServeBin::start(&["env", &env], "exec \"$@\"", &data, &extra).await;
-        assert!(data.join("issuer/tls.crt").is_file() && !data.join("issuer/tls.key").exists(), "run {run}");
+    let by_env = format!("MESHCA_ISSUER_KEY={uri}");
+    let config = tmp.path().join("meshca.toml");
+    std::fs::write(&config, format!("issuer-key = {uri:?}\n")).unwrap();
+    let config = config.to_str().unwrap();
+    // The flag first (the key is made), then the environment and the config file (the
+    // key is reused: making another under the same name would be refused, "already
+    // holds", and the server would not start; without the URI it would make tls.key).
+    let runs: [(&str, Vec<&str>, Vec<&str>); 3] = [
+        ("flag", vec!["env", &conf], vec!["--issuer-key", &uri]),
+        ("environment", vec!["env", &conf, &by_env], vec![]),
+        ("config file", vec!["env", &conf], vec!["--config", config]),
+    ];
+    for (how, prefix, extra) in runs {
+        let mut serve = support::process::ServeBin::start(&prefix, "exec \"$@\"", &data, &extra).await;
+        assert!(data.join("issuer/tls.crt").is_file() && !data.join("issuer/tls.key").exists(), "{how}");
         let mut client = serve.client().await;
         client.certify(serve.request("web")).await.expect("a leaf signed in the token");
-        // A second start reuses the key: making another under the same name would be
-        // refused ("already holds"), and the server would not start.
         serve.stop().await;
     }
 }
