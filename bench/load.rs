@@ -34,6 +34,11 @@
 //! `--write-jwks FILE` writes the token key's JWKS (its key id is
 //! base64url(SHA-256(public key DER)), computed only here) and exits: bench/run.sh
 //! serves it to meshca as --jwks-file.
+//!
+//! `--write-requests FILE` builds the pool the default mode would (`--pool`
+//! requests, tokens from the same key and issuer, valid for an hour), writes each
+//! CertifyRequest as a 4-byte big-endian length and its protobuf bytes, and exits:
+//! the grpc-go client (bench/go, built by bench/grpc-go.sh) sends them as they are.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -136,6 +141,12 @@ struct Args {
     /// it to the server as --jwks-file).
     #[arg(long, value_name = "FILE")]
     write_jwks: Option<PathBuf>,
+    /// Writes the pool the default mode would build (--pool requests, tokens from
+    /// --token-key and --token-issuer, valid for an hour), each CertifyRequest as a
+    /// 4-byte big-endian length and its protobuf bytes, and exits (for the grpc-go
+    /// client, bench/go).
+    #[arg(long, value_name = "FILE")]
+    write_requests: Option<PathBuf>,
 }
 
 /// One prepared call: distinct identity, token and CSR.
@@ -220,6 +231,31 @@ fn token_signer(args: &Args) -> Result<(TokenSigner, String)> {
 fn write_jwks(args: &Args, path: &std::path::Path) -> Result<()> {
     let (signer, _) = token_signer(args)?;
     std::fs::write(path, signer.jwks_json()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// How long the tokens of `--write-requests` stay valid: the file is written
+/// before the server starts and serves a whole benchmark run.
+const WRITTEN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// `--write-requests FILE`: the default mode's pool as length-prefixed CertifyRequests.
+fn write_requests(args: &Args, path: &std::path::Path) -> Result<()> {
+    if args.pool == 0 {
+        return Err("--pool must be positive".into());
+    }
+    let (signer, issuer) = token_signer(args)?;
+    let mut out = Vec::new();
+    for item in prepare_pool(args.pool, Some((&signer, &issuer)), WRITTEN_TOKEN_TTL)? {
+        let request = CertifyRequest {
+            identity: item.identity.dns_name,
+            token: item.token,
+            certificate_signing_request: item.csr,
+        };
+        let bytes = prost::Message::encode_to_vec(&request);
+        out.extend_from_slice(&u32::try_from(bytes.len())?.to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    std::fs::write(path, out).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -848,6 +884,8 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = if let Some(path) = &args.write_jwks {
         write_jwks(&args, path)
+    } else if let Some(path) = &args.write_requests {
+        write_requests(&args, path)
     } else if args.crypto_bound {
         crypto_bound(&args)
     } else if args.herd.is_some() {
