@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # Reproducible Certify benchmark.
 #
-#   bench/run.sh [DURATION_SECS]      (default 10; each level also gets a 2 s warm-up)
+#   bench/run.sh [DURATION_SECS]      (default 10; each figure also gets a 2 s warm-up)
 #
-# Builds the release binaries, starts `meshca serve --dev` on loopback with a fresh
-# data directory (audit log in it) and `jwks` token validation: the tokens are
-# RS256 service-account tokens signed by a fresh RSA-2048 key, as a Kubernetes API
-# server issues them (MESHCA_BENCH_TOKENS=es256: the dev server's own ES256 tokens
-# instead). It measures start-to-ready time and idle RSS, runs
-# `meshca-load --crypto-bound` (in-process CSR check + leaf sign on all cores), then
-# `meshca-load` at 16, 64 and 1024 concurrent streams against the server, stops the
-# server with SIGTERM, verifies the audit log against its signed checkpoints, measures
-# what the log's Merkle tree and checkpoints cost per record (bench/audit_cost.rs),
-# and prints a markdown table. Client and server run on the same machine and share
-# its cores.
+# Builds the release binaries and the grpc-go client (bench/grpc-go.sh), starts
+# `meshca serve --dev` on loopback with a fresh data directory (audit log in it) and
+# `jwks` token validation: the tokens are RS256 service-account tokens signed by a
+# fresh RSA-2048 key, as a Kubernetes API server issues them (MESHCA_BENCH_TOKENS=es256:
+# the dev server's own ES256 tokens instead). It measures start-to-ready time and idle
+# RSS and runs `meshca-load --crypto-bound` (in-process CSR check + leaf sign on all
+# cores). Then the headline: the shapes proxies make, each with two clients, our
+# meshca-load and grpc-go (bench/go, not ours), beside cfssl loaded by hey at the same
+# concurrency:
 #
-# Then the herd: MESHCA_BENCH_HERD proxies (default 10,000) each asking once within
-# 1 s, and within 10 s, over 1,000 shared connections, retrying after the server's
-# pushback hint; and within 1 s with a connection of its own each (needs that many
-# file descriptors: the script raises its soft limit to the hard one).
+# - 16 x 1 and 64 x 1: that many connections, one call in flight on each (a proxy
+#   holds its own connection and makes one call at a time);
+# - 8 x 8: 64 calls on 8 shared connections (the friendliest shape);
+# - a herd: MESHCA_BENCH_HERD proxies (default 10,000) starting within 1 s, each on a
+#   new TLS connection of its own, asking once (retrying after the pushback hint).
+#
+# Each row has the server's CPU per certificate from /proc (utime + stime over the
+# window), which does not depend on how much CPU the client takes from the shared
+# cores. Then meshca-load alone at MESHCA_BENCH_LEVELS streams over min(N, 8)
+# connections, and herds over 1,000 shared connections within 1 s and 10 s. Last it
+# stops the server with SIGTERM, verifies the audit log against its signed checkpoints,
+# measures what the log's Merkle tree and checkpoints cost per record
+# (bench/audit_cost.rs), and prints markdown tables. Client and server share the
+# machine's cores.
 #
 # A level counts only when other processes used at most MESHCA_BENCH_MAX_OTHER % of
 # the cores (default 10) during its window; otherwise it is repeated, up to three
@@ -28,15 +36,22 @@
 # the data directory (`serve --dev --issuer-key`, Debian's softhsm2): every leaf is
 # signed inside the token through PKCS#11.
 #
-# Environment: MESHCA_BENCH_TOKENS (rs256 | es256, default rs256), MESHCA_BENCH_ISSUER_KEY (file | softhsm, default file), MESHCA_BENCH_PORT (gRPC, default 18080), MESHCA_BENCH_ADMIN_PORT
-# (default 19990), MESHCA_BENCH_LEVELS (default "16 64 1024"),
+# Needs: openssl, curl, python3; for the grpc-go client golang-go and
+# golang-google-grpc-dev; for the peer golang-cfssl and hey (Debian packages; a missing
+# one skips its rows and says so).
+#
+# Environment: MESHCA_BENCH_TOKENS (rs256 | es256, default rs256), MESHCA_BENCH_ISSUER_KEY
+# (file | softhsm, default file), MESHCA_BENCH_PORT (gRPC, default 18080),
+# MESHCA_BENCH_ADMIN_PORT (default 19990), MESHCA_BENCH_SHAPES (default "16x1 64x1 8x8"),
+# MESHCA_BENCH_LEVELS (default "1024"), MESHCA_BENCH_HERD (default 10000),
 # MESHCA_BENCH_KEEP=1 keeps the data directory.
 set -euo pipefail
 
 DURATION="${1:-10}"
 PORT="${MESHCA_BENCH_PORT:-18080}"
 ADMIN_PORT="${MESHCA_BENCH_ADMIN_PORT:-19990}"
-LEVELS="${MESHCA_BENCH_LEVELS:-16 64 1024}"
+LEVELS="${MESHCA_BENCH_LEVELS:-1024}"
+SHAPES="${MESHCA_BENCH_SHAPES:-16x1 64x1 8x8}"
 HERD="${MESHCA_BENCH_HERD:-10000}"
 MAX_OTHER="${MESHCA_BENCH_MAX_OTHER:-10}"
 TOKENS="${MESHCA_BENCH_TOKENS:-rs256}"
@@ -84,6 +99,13 @@ log "building release binaries"
 cargo build --release --locked --workspace --bins >&2
 MESHCA=target/release/meshca
 LOAD=target/release/meshca-load
+GRPC_GO=""
+if GRPC_GO="$(bash bench/grpc-go.sh)"; then
+  log "grpc-go client: $GRPC_GO"
+else
+  GRPC_GO=""
+  log "the grpc-go client cannot be built (apt-get install golang-go golang-google-grpc-dev): skipping its rows"
+fi
 
 # CPU seconds (utime + stime) of a process so far (USER_HZ 100).
 proc_cpu() { awk '{ sub(/.*\) /, ""); print ($12 + $13) / 100 }' "/proc/$1/stat"; }
@@ -174,9 +196,85 @@ start_meshca
 sleep 1
 IDLE_RSS_KB="$(awk '/^VmRSS:/ { print $2 }' "/proc/$SERVER_PID/status")"
 log "ready in ${READY_MS} ms (existing data directory), idle RSS $((IDLE_RSS_KB / 1024)) MiB"
+RESTART_READY_MS="$READY_MS"
 
 ROWS=""
 LOADED=""
+# The headline: each shape with each client. Rows go to $SHAPES_TSV (shape, client,
+# calls, certs/s, p50 ms, p99 ms, errors, server CPU us per cert) and are printed,
+# with the ratio to cfssl at the same concurrency, at the end.
+SHAPES_TSV="$DATA/shapes.tsv"
+: >"$SHAPES_TSV"
+shape_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$SHAPES_TSV"; }
+if [ -n "$GRPC_GO" ]; then
+  # What the grpc-go client sends: a pool like meshca-load's, written once.
+  "$LOAD" --data-dir "$DATA" --write-requests "$DATA/requests.bin" --pool 10000 "${LOAD_TOKEN_ARGS[@]}"
+fi
+for shape in $SHAPES; do
+  conns="${shape%x*}"
+  streams="${shape#*x}"
+  calls=$((conns * streams))
+  label="$conns × $streams"
+  for attempt in 1 2 3; do
+    log "shape $label: meshca-load, ${DURATION}s (attempt $attempt)"
+    OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --concurrency "$calls" \
+      --connections "$conns" "${LOAD_TOKEN_ARGS[@]}" --duration "$DURATION" --server-pid "$SERVER_PID" --json)"
+    other="$(field "$OUT" other_load_pct)"
+    if awk -v o="$other" -v m="$MAX_OTHER" 'BEGIN { exit !(o != "null" && o <= m) }'; then
+      break
+    fi
+    log "other processes used ${other}% of the cores during the window (limit ${MAX_OTHER}%): repeating"
+    if [ "$attempt" = 3 ]; then LOADED+=" $label"; fi
+  done
+  echo "$OUT" >>"$DATA/results.jsonl"
+  shape_row "$label" meshca-load "$calls" "$(field "$OUT" certs_per_s)" "$(field "$OUT" p50_ms)" \
+    "$(field "$OUT" p99_ms)" "$(field "$OUT" errors)" \
+    "$(awk -v c="$(field "$OUT" server_cpu_s_per_1k)" 'BEGIN { if (c == "null") print "null"; else print c * 1000 }')"
+  if [ -n "$GRPC_GO" ]; then
+    log "shape $label: grpc-go, ${DURATION}s"
+    OUT="$("$GRPC_GO" -addr "127.0.0.1:$PORT" -trust-anchors "$DATA/trust-anchors.pem" -requests "$DATA/requests.bin" \
+      -conns "$conns" -streams "$streams" -warmup 2 -duration "$DURATION" -server-pid "$SERVER_PID" -json)"
+    echo "$OUT" >>"$DATA/results.jsonl"
+    shape_row "$label" "grpc-go" "$calls" "$(field "$OUT" certs_per_s)" "$(field "$OUT" p50_ms)" \
+      "$(field "$OUT" p99_ms)" "$(field "$OUT" errors)" "$(field "$OUT" server_cpu_us_per_cert)"
+  fi
+done
+
+SHAPES_PEAK_RSS_KB="$(awk '/^VmHWM:/ { print $2 }' "/proc/$SERVER_PID/status")"
+# The herd on new connections, with each client, each on a fresh server (so its
+# in-flight high-water mark and peak RSS are the herd's). Server CPU per proxy: the
+# clients prepare before the herd starts, with the server idle.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+restart_meshca() {
+  kill -TERM "$SERVER_PID"
+  wait "$SERVER_PID" || true
+  start_meshca
+}
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((HERD + 100)) ]; then
+  log "skipping the herds on own connections: $HERD connections need more than $(ulimit -n) file descriptors"
+else
+  for client in meshca-load grpc-go; do
+    [ "$client" = grpc-go ] && [ -z "$GRPC_GO" ] && continue
+    restart_meshca
+    log "herd: $HERD new connections within 1 s, $client"
+    herd_cpu="$(proc_cpu "$SERVER_PID")"
+    if [ "$client" = meshca-load ]; then
+      OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --herd "$HERD" --spread 1 \
+        --own-connections "${LOAD_TOKEN_ARGS[@]}" --admin-addr "127.0.0.1:$ADMIN_PORT" --json)" || true
+    else
+      OUT="$("$GRPC_GO" -addr "127.0.0.1:$PORT" -trust-anchors "$DATA/trust-anchors.pem" \
+        -requests "$DATA/requests.bin" -herd "$HERD" -spread 1 -json)" || true
+    fi
+    echo "$OUT" >>"$DATA/results.jsonl"
+    served_s="$(field "$OUT" all_served_s)"
+    shape_row "herd of $HERD" "$client" "$HERD" \
+      "$(awk -v s="$served_s" -v n="$HERD" 'BEGIN { if (s == "null" || s == "" || s <= 0) print "null"; else print n / s }')" \
+      "null" "null" "$(field "$OUT" failed)" \
+      "$(awk -v a="$herd_cpu" -v b="$(proc_cpu "$SERVER_PID")" -v n="$HERD" 'BEGIN { print (b - a) / n * 1e6 }')"
+  done
+fi
+restart_meshca
+
 for level in $LEVELS; do
   # A level counts only if nothing but meshca and the load generator used the
   # cores during its window (other processes' share <= MAX_OTHER %); else repeat.
@@ -211,25 +309,13 @@ for level in $LEVELS; do
   ROWS+=" | $(num '%.1f' "$other") |"$'\n'
 done
 
-# The herd: HERD proxies each asking once, starting within 1 s, then within 10 s;
-# refused ones retry after the server's pushback hint (plus jitter).
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# Herds over shared connections: HERD proxies each asking once, starting within 1 s,
+# then within 10 s; refused ones retry after the server's pushback hint (plus jitter).
 LEVELS_PEAK_RSS_KB="$(awk '/^VmHWM:/ { print $2 }' "/proc/$SERVER_PID/status")"
 HERD_ROWS=""
-# "SPREAD/own": every proxy opens its own connection when it starts and closes it once
-# served, as proxies in separate pods do; the others share 1,000 connections.
-for herd in 1/shared 10/shared 1/own; do
-  spread="${herd%/*}"
+for spread in 1 10; do
   how=(--connections 1000)
   label="$HERD within ${spread} s, 1,000 shared connections"
-  if [ "${herd#*/}" = own ]; then
-    if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((HERD + 100)) ]; then
-      log "skipping the herd on own connections: $HERD connections need more than $(ulimit -n) file descriptors"
-      continue
-    fi
-    how=(--own-connections)
-    label="$HERD within ${spread} s, each on its own connection"
-  fi
   # A fresh server per herd, so its in-flight high-water mark and peak RSS are the herd's.
   kill -TERM "$SERVER_PID"
   wait "$SERVER_PID" || true
@@ -261,7 +347,6 @@ fi
 # The peer on the same machine: cfssl's HTTP signer (no TLS, no authentication,
 # no audit) with an equivalent P-256 CA (meshca's own dev issuer), loaded by hey
 # with a P-256 CSR at the same concurrency levels.
-CFSSL_ROWS=""
 if command -v cfssl >/dev/null && command -v hey >/dev/null; then
   CF_PORT="${MESHCA_BENCH_CFSSL_PORT:-18888}"
   printf '{"signing":{"default":{"expiry":"24h","usages":["digital signature","server auth","client auth"]}}}' \
@@ -279,8 +364,10 @@ if command -v cfssl >/dev/null && command -v hey >/dev/null; then
       2>/dev/null && break
     sleep 0.01
   done
-  for level in $LEVELS; do
-    log "cfssl load: $level concurrent requests, ${DURATION}s"
+  for shape in $SHAPES; do
+    [ "${shape#*x}" = 1 ] || continue
+    level="${shape%x*}"
+    log "cfssl load: $level concurrent requests (hey: a connection per worker), ${DURATION}s"
     cf_cpu_before="$(proc_cpu "$SERVER_PID")"
     HEY="$(hey -z "${DURATION}s" -c "$level" -m POST -T application/json -D "$DATA/cfssl-body.json" \
       "http://127.0.0.1:$CF_PORT/api/v1/cfssl/sign" 2>&1)"
@@ -289,10 +376,9 @@ if command -v cfssl >/dev/null && command -v hey >/dev/null; then
     cf_p50="$(awk '/ 50% in/ { print $3 * 1000 }' <<<"$HEY")"
     cf_p99="$(awk '/ 99% in/ { print $3 * 1000 }' <<<"$HEY")"
     cf_ok="$(awk '/\[200\]/ { print $2 }' <<<"$HEY")"
-    mesh_rate="$(grep -F "\"concurrency\":$level," "$DATA/results.jsonl" | tail -1 | sed -n 's/.*"certs_per_s":\([^,}]*\).*/\1/p')"
-    CFSSL_ROWS+="| $level | $(num '%.0f' "$cf_rate") | $(num '%.2f' "$cf_p50") | $(num '%.2f' "$cf_p99") | ${cf_ok:-0}"
-    CFSSL_ROWS+=" | $(awk -v c="$cf_cpu" -v n="${cf_ok:-0}" 'BEGIN { if (n > 0) printf "%.3f", 1000 * c / n; else print "n/a" }')"
-    CFSSL_ROWS+=" | $(awk -v m="$mesh_rate" -v c="$cf_rate" 'BEGIN { if (c > 0 && m != "") printf "%.2f", m / c; else print "n/a" }') |"$'\n'
+    shape_row "$level × 1" "cfssl (hey)" "$level" "${cf_rate:-null}" "${cf_p50:-null}" "${cf_p99:-null}" \
+      "$(awk '/^  \[[0-9]+\]/ && !/\[200\]/ { n += $2 } /^Error distribution/ { e = 1 } e && /^  \[[0-9]+\]/ { n += substr($1, 2) } END { print n + 0 }' <<<"$HEY")" \
+      "$(awk -v c="$cf_cpu" -v n="${cf_ok:-0}" 'BEGIN { if (n > 0) print 1e6 * c / n; else print "null" }')"
   done
   kill -TERM "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
@@ -314,16 +400,37 @@ if [ -n "$LOADED" ]; then
   exit 3
 fi
 
+# The headline table: every shape and client, meshca against cfssl at the same concurrency.
+HEADLINE="$(awk -F '\t' '
+  function n(v, f) { return (v == "" || v == "null") ? "n/a" : sprintf(f, v) }
+  { row[NR] = $0; if ($2 ~ /^cfssl/) cf[$3] = $4 }
+  END {
+    for (i = 1; i <= NR; i++) {
+      split(row[i], x, "\t")
+      ratio = ""
+      if (x[2] !~ /^cfssl/ && x[1] ~ / × 1$/ && (x[3] in cf) && cf[x[3]] > 0 && x[4] != "null") ratio = sprintf("%.2f", x[4] / cf[x[3]])
+      printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", x[1], x[2], n(x[4], "%.0f"), n(x[5], "%.2f"), n(x[6], "%.2f"), x[7], n(x[8], "%.0f"), ratio
+    }
+  }' "$SHAPES_TSV")"
+
 cat <<EOF
 
-meshca Certify benchmark, $(date -u +%F): $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)) shared by client and server (${BUSY}% busy before the run), ${DURATION}s per level after a 2 s warm-up, pool of 10,000 distinct P-256 CSRs and $TOKEN_LABEL tokens (jwks validation), $KEY_LABEL
+meshca Certify benchmark, $(date -u +%F): $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)) shared by client and server (${BUSY}% busy before the run); $TOKEN_LABEL tokens (jwks validation), $KEY_LABEL; ${DURATION}s per row after a 2 s warm-up
+
+The shapes proxies make (C × S: C connections, S calls in flight on each; a herd: new TLS connections, one call each, starting within 1 s; its certs/s is proxies / seconds until all were served, its errors the proxies never served), with meshca-load, grpc-go $(sed -n 's/.*"client":"grpc-go \([^"]*\)".*/\1/p' "$DATA/results.jsonl" | head -1) and cfssl serve (HTTP, no TLS, no authentication, no audit; same P-256 issuer) loaded by hey
+
+| shape | client | certs/s | p50 ms | p99 ms | errors | server CPU µs per cert | meshca / cfssl |
+|---|---|---:|---:|---:|---:|---:|---:|
+${HEADLINE}
+
+meshca-load at more streams, over min(N, 8) connections (and the crypto bound): pool of 10,000 distinct P-256 CSRs
 
 | level | certs/s | p50 ms | p99 ms | p999 ms | errors | server CPU s / 1k certs | client CPU s / 1k | server RSS / peak MiB | vs crypto bound | vs bound with token | other load % |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 | crypto bound: CSR check + leaf sign, in-process, $(field "$CRYPTO" threads) threads | $(num '%.0f' "$BOUND") | | | | | $(awk -v b="$BOUND" -v t="$(field "$CRYPTO" threads)" 'BEGIN { printf "%.3f", 1000 * t / b }') | | | 100% | | |
 | (same + token verify) | $(num '%.0f' "$BOUND_TOKEN") | | | | | $(awk -v b="$BOUND_TOKEN" -v t="$(field "$CRYPTO" threads)" 'BEGIN { printf "%.3f", 1000 * t / b }') | | | $(awk -v r="$BOUND_TOKEN" -v b="$BOUND" 'BEGIN { printf "%.0f%%", 100 * r / b }') | 100% | |
 ${ROWS}
-start to ready: ${READY_MS} ms on the existing data directory (${FIRST_READY_MS} ms on the first start, CA generated; includes the curl polling every 5 ms); idle RSS: $(awk -v k="$IDLE_RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }') MiB; peak RSS over the three levels: $(awk -v k="$LEVELS_PEAK_RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }') MiB
+start to ready: ${RESTART_READY_MS} ms on the existing data directory (${FIRST_READY_MS} ms on the first start, CA generated; includes the curl polling every 5 ms); idle RSS: $(awk -v k="$IDLE_RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }') MiB; peak RSS over the steady shapes: $(awk -v k="$SHAPES_PEAK_RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }') MiB, over the levels: $(awk -v k="$LEVELS_PEAK_RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }') MiB
 audit log: ${AUDIT#"$DATA"/}
 
 Herd: simulated proxies, one request each, retrying after the pushback hint
@@ -338,13 +445,3 @@ The audit log's Merkle tree and signed checkpoints (bench/audit_cost.rs, in-proc
 ${AUDIT_COST}
 \`\`\`
 EOF
-if [ -n "$CFSSL_ROWS" ]; then
-  cat <<EOF
-
-Peer in the same run: cfssl serve (HTTP, no TLS, no authentication, no audit), same P-256 issuer, loaded by hey
-
-| concurrency | cfssl certs/s | p50 ms | p99 ms | 200 responses | cfssl CPU s / 1k certs | meshca / cfssl |
-|---|---:|---:|---:|---:|---:|---:|
-${CFSSL_ROWS}
-EOF
-fi

@@ -8,8 +8,8 @@
 // through a raw codec, so no generated protobuf code is needed. A response counts as
 // served when its first field is field 1 (the leaf certificate).
 //
-// Steady mode (default): -conns connections, each with exactly one call in flight
-// (closed loop), measured for -duration after -warmup. Herd mode (-herd N): N
+// Steady mode (default): -conns connections, each with -streams calls in flight
+// (closed loop; default 1, as a proxy makes them), measured for -duration after -warmup. Herd mode (-herd N): N
 // proxies start within -spread seconds, each dials its own connection, asks once
 // (retrying on ResourceExhausted after the server's grpc-retry-pushback-ms plus up to
 // 50% jitter, at most 50 times; any other error, a failed dial included, fails the
@@ -132,6 +132,8 @@ type config struct {
 	creds    credentials.TransportCredentials
 	pool     [][]byte
 	conns    int
+	streams  int
+	pid      int
 	warmup   float64
 	duration float64
 	herd     int
@@ -140,7 +142,28 @@ type config struct {
 
 func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
 
-// steady: each connection one call at a time, the pool walked round-robin.
+// cpuSeconds: utime + stime of process pid so far, from /proc/PID/stat (USER_HZ 100);
+// -1 when it cannot be read.
+func cpuSeconds(pid int) float64 {
+	data, err := ioutil.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return -1
+	}
+	rest := string(data)
+	rest = rest[strings.LastIndex(rest, ") ")+2:]
+	fields := strings.Fields(rest)
+	if len(fields) < 13 {
+		return -1
+	}
+	utime, e1 := strconv.ParseFloat(fields[11], 64)
+	stime, e2 := strconv.ParseFloat(fields[12], 64)
+	if e1 != nil || e2 != nil {
+		return -1
+	}
+	return (utime + stime) / 100
+}
+
+// steady: each connection c.streams calls at a time, the pool walked round-robin.
 func steady(c config) (map[string]interface{}, error) {
 	conns := make([]*grpc.ClientConn, c.conns)
 	for i := range conns {
@@ -159,8 +182,19 @@ func steady(c config) (map[string]interface{}, error) {
 	var mu sync.Mutex
 	var latencies []time.Duration
 	errors := map[string]int{}
+	// The server's CPU over the measured window.
+	cpu := make(chan float64, 1)
+	if c.pid > 0 {
+		go func() {
+			time.Sleep(time.Until(from))
+			a := cpuSeconds(c.pid)
+			time.Sleep(time.Until(until))
+			cpu <- cpuSeconds(c.pid) - a
+		}()
+	}
 	var wg sync.WaitGroup
-	for _, conn := range conns {
+	for i := 0; i < len(conns)*c.streams; i++ {
+		conn := conns[i%len(conns)]
 		wg.Add(1)
 		go func(conn *grpc.ClientConn) {
 			defer wg.Done()
@@ -197,8 +231,13 @@ func steady(c config) (map[string]interface{}, error) {
 	for _, n := range errors {
 		total += n
 	}
+	perCert := interface{}(nil)
+	if c.pid > 0 && len(latencies) > 0 {
+		perCert = <-cpu / float64(len(latencies)) * 1e6
+	}
 	return map[string]interface{}{
-		"mode": "steady", "connections": c.conns, "pool": len(c.pool), "duration_s": c.duration,
+		"mode": "steady", "connections": c.conns, "streams_per_connection": c.streams,
+		"server_cpu_us_per_cert": perCert, "pool": len(c.pool), "duration_s": c.duration,
 		"certs": len(latencies), "certs_per_s": float64(len(latencies)) / c.duration,
 		"p50_ms": quantileMs(latencies, 0.50), "p99_ms": quantileMs(latencies, 0.99),
 		"p999_ms": quantileMs(latencies, 0.999), "errors": total, "errors_by_code": errors,
@@ -283,10 +322,13 @@ func herd(c config) map[string]interface{} {
 
 func human(out map[string]interface{}) {
 	if out["mode"] == "steady" {
-		fmt.Printf("Certify with %s: %v connections, one call in flight each, pool %v\n", out["client"], out["connections"], out["pool"])
+		fmt.Printf("Certify with %s: %v connections, %v calls in flight each, pool %v\n", out["client"], out["connections"], out["streams_per_connection"], out["pool"])
 		fmt.Printf("  certificates/s   %.0f  (%v in %.2fs)\n", out["certs_per_s"], out["certs"], out["duration_s"])
 		fmt.Printf("  latency (ms)     p50 %.2f  p99 %.2f  p999 %.2f\n", out["p50_ms"], out["p99_ms"], out["p999_ms"])
 		fmt.Printf("  errors           %v %v\n", out["errors"], out["errors_by_code"])
+		if us, ok := out["server_cpu_us_per_cert"].(float64); ok {
+			fmt.Printf("  server CPU       %.0f us per certificate\n", us)
+		}
 		return
 	}
 	fmt.Printf("herd with %s: %v proxies starting within %.1fs, each on its own connection\n", out["client"], out["herd"], out["spread_s"])
@@ -303,7 +345,9 @@ func main() {
 	anchors := flag.String("trust-anchors", "", "PEM trust anchors that verify meshca's serving certificate (required)")
 	serverName := flag.String("server-name", "meshca.meshca-system.serviceaccount.identity.meshca-system.cluster.local", "name expected in meshca's serving certificate")
 	requests := flag.String("requests", "", "pre-built CertifyRequests from meshca-load --write-requests (required)")
-	conns := flag.Int("conns", 64, "steady: connections, each with one call in flight")
+	conns := flag.Int("conns", 64, "steady: connections")
+	streams := flag.Int("streams", 1, "steady: calls in flight on each connection")
+	pid := flag.Int("server-pid", 0, "steady: the server's process, whose CPU time over the window is reported per certificate")
 	warmup := flag.Float64("warmup", 2, "steady: unmeasured seconds before the window")
 	duration := flag.Float64("duration", 10, "steady: measured seconds")
 	herdN := flag.Int("herd", 0, "herd mode: this many proxies, each on its own connection, asking once")
@@ -317,7 +361,7 @@ func main() {
 	if *anchors == "" || *requests == "" {
 		fail("-trust-anchors and -requests are required")
 	}
-	if *conns < 1 || *duration <= 0 || *warmup < 0 || *herdN < 0 || *spread < 0 {
+	if *conns < 1 || *streams < 1 || *duration <= 0 || *warmup < 0 || *herdN < 0 || *spread < 0 {
 		fail("-conns must be positive, -duration > 0, -warmup, -herd and -spread >= 0")
 	}
 	// A herd holds one descriptor per proxy; go as far as the hard limit allows.
@@ -342,7 +386,7 @@ func main() {
 	c := config{
 		addr:  strings.TrimPrefix(*addr, "https://"),
 		creds: credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots, ServerName: *serverName}),
-		pool:  pool, conns: *conns, warmup: *warmup, duration: *duration,
+		pool:  pool, conns: *conns, streams: *streams, pid: *pid, warmup: *warmup, duration: *duration,
 		herd: *herdN, spread: *spread,
 	}
 	var out map[string]interface{}
