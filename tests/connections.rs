@@ -155,6 +155,39 @@ async fn the_server_chooses_aes_128_gcm_over_the_clients_first_choice_and_serves
     );
 }
 
+/// No session resumption: a client that kept what the server sent after its first
+/// handshake (TLS 1.3 tickets, or a TLS 1.2 session id) still gets a full handshake
+/// on its next connection. A resumed session would carry the first connection's
+/// client certificate unchecked (renewal by proof of possession trusts it), and
+/// proxies reconnect hours apart, so a cache would only cost: two tickets per new
+/// connection, each a record written and read.
+#[tokio::test]
+async fn a_second_connection_from_the_same_client_gets_a_full_handshake_and_no_tickets() {
+    use rustls::HandshakeKind;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    for versions in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites.retain(|s| s.version() == versions);
+        let config = server.tls_config(provider);
+        for attempt in 0..2 {
+            let mut tls = server.tls(&config).await;
+            assert_eq!(
+                tls.get_ref().1.handshake_kind(),
+                Some(HandshakeKind::Full),
+                "{versions:?} #{attempt}"
+            );
+            // Read past anything sent after the handshake (TLS 1.3 tickets come
+            // first): the HTTP/2 preface and an empty SETTINGS frame are answered
+            // with the server's SETTINGS.
+            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+            let mut header = [0u8; 9];
+            tls.read_exact(&mut header).await.unwrap();
+            assert_eq!(header[3], 0x04, "the server's first frame is SETTINGS");
+        }
+    }
+}
+
 /// Descriptors open in process `pid`.
 fn descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
