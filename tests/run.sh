@@ -31,6 +31,7 @@ fi
 #   go (golang-go), golang-golang-x-mod-dev  Go's sumdb/note and sumdb/tlog, the independent
 #                                  checker of the audit log's checkpoints and proofs (tests/transparency.rs)
 #   softhsm2                       a real PKCS#11 token for issuer keys that stay in it (tests/token.rs)
+#   golang-google-grpc-dev         grpc-go, the benchmark's second client (bench/go; tests/grpc_go.rs)
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have openssl || need+=(openssl)
@@ -44,6 +45,7 @@ have x86_64-w64-mingw32-gcc || need+=(gcc-mingw-w64-x86-64)
 have go || need+=(golang-go)
 [ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need+=(golang-golang-x-mod-dev)
 { have softhsm2-util && [ -f /usr/lib/softhsm/libsofthsm2.so ]; } || need+=(softhsm2)
+[ -d /usr/share/gocode/src/google.golang.org/grpc ] || need+=(golang-google-grpc-dev)
 if [ "${#need[@]}" -gt 0 ]; then
     say "installing Debian packages: ${need[*]}"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -9,8 +9,10 @@
 // served when its first field is field 1 (the leaf certificate).
 //
 // Steady mode (default): -conns connections, each with -streams calls in flight
-// (closed loop; default 1, as a proxy makes them), measured for -duration after -warmup. Herd mode (-herd N): N
-// proxies start within -spread seconds, each dials its own connection, asks once
+// (closed loop; default 1, as a proxy makes them), measured for -duration after
+// -warmup; with -server-pid, the server's CPU time over the window per certificate.
+// Herd mode (-herd N): N proxies start within -spread seconds, each dials its own
+// connection, asks once
 // (retrying on ResourceExhausted after the server's grpc-retry-pushback-ms plus up to
 // 50% jitter, at most 50 times; any other error, a failed dial included, fails the
 // proxy) and closes it.
