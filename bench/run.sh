@@ -205,6 +205,25 @@ LOADED=""
 # with the ratio to cfssl at the same concurrency, at the end.
 SHAPES_TSV="$DATA/shapes.tsv"
 : >"$SHAPES_TSV"
+# One meshca-load window (its arguments after LABEL), in OUT and results.jsonl. It
+# counts only if nothing but meshca and the load generator used the cores during the
+# window (other processes' share <= MAX_OTHER %); else it is repeated, up to three times.
+measure() {
+  local label="$1" attempt
+  shift
+  for attempt in 1 2 3; do
+    log "$label: meshca-load, ${DURATION}s (attempt $attempt)"
+    OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" "$@" \
+      "${LOAD_TOKEN_ARGS[@]}" --duration "$DURATION" --server-pid "$SERVER_PID" --json)"
+    other="$(field "$OUT" other_load_pct)"
+    if awk -v o="$other" -v m="$MAX_OTHER" 'BEGIN { exit !(o != "null" && o <= m) }'; then
+      break
+    fi
+    log "other processes used ${other}% of the cores during the window (limit ${MAX_OTHER}%): repeating"
+    if [ "$attempt" = 3 ]; then LOADED+=" $label"; fi
+  done
+  echo "$OUT" >>"$DATA/results.jsonl"
+}
 shape_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$SHAPES_TSV"; }
 if [ -n "$GRPC_GO" ]; then
   # What the grpc-go client sends: a pool like meshca-load's, written once.
@@ -215,18 +234,7 @@ for shape in $SHAPES; do
   streams="${shape#*x}"
   calls=$((conns * streams))
   label="$conns × $streams"
-  for attempt in 1 2 3; do
-    log "shape $label: meshca-load, ${DURATION}s (attempt $attempt)"
-    OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --concurrency "$calls" \
-      --connections "$conns" "${LOAD_TOKEN_ARGS[@]}" --duration "$DURATION" --server-pid "$SERVER_PID" --json)"
-    other="$(field "$OUT" other_load_pct)"
-    if awk -v o="$other" -v m="$MAX_OTHER" 'BEGIN { exit !(o != "null" && o <= m) }'; then
-      break
-    fi
-    log "other processes used ${other}% of the cores during the window (limit ${MAX_OTHER}%): repeating"
-    if [ "$attempt" = 3 ]; then LOADED+=" $label"; fi
-  done
-  echo "$OUT" >>"$DATA/results.jsonl"
+  measure "$label" --concurrency "$calls" --connections "$conns"
   shape_row "$label" meshca-load "$calls" "$(field "$OUT" certs_per_s)" "$(field "$OUT" p50_ms)" \
     "$(field "$OUT" p99_ms)" "$(field "$OUT" errors)" \
     "$(awk -v c="$(field "$OUT" server_cpu_s_per_1k)" 'BEGIN { if (c == "null") print "null"; else print c * 1000 }')"
@@ -276,20 +284,7 @@ fi
 restart_meshca
 
 for level in $LEVELS; do
-  # A level counts only if nothing but meshca and the load generator used the
-  # cores during its window (other processes' share <= MAX_OTHER %); else repeat.
-  for attempt in 1 2 3; do
-    log "load: $level concurrent streams, ${DURATION}s (attempt $attempt)"
-    OUT="$("$LOAD" --addr "https://127.0.0.1:$PORT" --data-dir "$DATA" --concurrency "$level" \
-      "${LOAD_TOKEN_ARGS[@]}" --duration "$DURATION" --server-pid "$SERVER_PID" --json)"
-    other="$(field "$OUT" other_load_pct)"
-    if awk -v o="$other" -v m="$MAX_OTHER" 'BEGIN { exit !(o != "null" && o <= m) }'; then
-      break
-    fi
-    log "other processes used ${other}% of the cores during the window (limit ${MAX_OTHER}%): repeating"
-    if [ "$attempt" = 3 ]; then LOADED+=" $level"; fi
-  done
-  echo "$OUT" >>"$DATA/results.jsonl"
+  measure "$level streams" --concurrency "$level"
   rate="$(field "$OUT" certs_per_s)"
   errors="$(field "$OUT" errors)"
   if [ "$errors" != 0 ]; then
