@@ -215,8 +215,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
         self.inner.is_write_vectored()
     }
 
+    /// Until the client's preface is in, what HTTP/2 writes (its own settings) stays
+    /// held: it then leaves with the acknowledgement of the client's settings, in one
+    /// write and one TLS record instead of two. A client sends its preface without
+    /// waiting for the server's (RFC 9113, section 3.4), and one that sends nothing
+    /// loses the connection at the preface deadline.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if this.preface.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -319,5 +328,66 @@ mod tests {
         drop((b, c));
         assert_eq!(limit.open(), 0);
         assert_eq!(Limit::new(0).max(), 1);
+    }
+
+    /// A client's side of a connection: what it sends, in reads of at most `chunk`
+    /// bytes, and each write the server makes.
+    struct Peer {
+        sends: Vec<u8>,
+        chunk: usize,
+        writes: Vec<Vec<u8>>,
+    }
+
+    impl AsyncRead for Peer {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            let n = this.sends.len().min(this.chunk).min(buf.remaining());
+            buf.put_slice(&this.sends.drain(..n).collect::<Vec<_>>());
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Peer {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.get_mut().writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_servers_settings_wait_for_the_clients_preface_and_leave_with_their_acknowledgement() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limit = Limit::new(1);
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(preface.len(), H2_PREFACE_LEN);
+        let peer = Peer { sends: [&preface[..], b"client SETTINGS"].concat(), chunk: 10, writes: Vec::new() };
+        let mut held =
+            Held::new(peer, limit.reserve().await.open(), Instant::now() + Duration::from_secs(10));
+        held.write_all(b"server SETTINGS").await.unwrap();
+        held.flush().await.unwrap();
+        assert!(held.inner.get_ref().writes.is_empty(), "held until the preface is in");
+        // The preface arrives in pieces; only when all of it is in are writes let go.
+        let mut buf = [0u8; H2_PREFACE_LEN];
+        held.read_exact(&mut buf[..20]).await.unwrap();
+        held.flush().await.unwrap();
+        assert!(held.inner.get_ref().writes.is_empty(), "20 of the preface's 24 bytes");
+        held.read_exact(&mut buf[20..]).await.unwrap();
+        held.write_all(b" + ACK").await.unwrap();
+        held.flush().await.unwrap();
+        assert_eq!(held.inner.get_ref().writes, vec![b"server SETTINGS + ACK".to_vec()]);
+        // From then on, a flush passes writes on as before.
+        held.write_all(b"response").await.unwrap();
+        held.flush().await.unwrap();
+        assert_eq!(held.inner.get_ref().writes.len(), 2);
     }
 }
