@@ -291,6 +291,68 @@ mod tests {
     }
 
     #[test]
+    fn spiffe_ids_parse_back_only_for_this_deployment() {
+        let n = naming();
+        let own = n.identity("default", "web").unwrap().spiffe_id;
+        assert_eq!(n.parse_spiffe(&own), Some(("default".into(), "web".into())));
+        for other in [
+            "spiffe://other.local/ns/default/sa/web",
+            "spiffe://cluster.local.evil/ns/default/sa/web",
+            "spiffe://cluster.local/ns/default/sa/Web",
+            "spiffe://cluster.local/ns/default/sa/web/x",
+            "spiffe://cluster.local/sa/web/ns/default",
+            "https://cluster.local/ns/default/sa/web",
+            "",
+        ] {
+            assert_eq!(n.parse_spiffe(other), None, "{other}");
+        }
+    }
+
+    /// A trust domain of 63-character labels (the last one shorter), `len` characters long.
+    fn trust_domain_of(len: usize) -> String {
+        let mut td = String::new();
+        while td.len() < len {
+            if !td.is_empty() {
+                td.push('.');
+            }
+            td.push_str(&"d".repeat((len - td.len()).min(63)));
+        }
+        td
+    }
+
+    #[test]
+    fn dns_names_of_253_characters_are_valid_and_longer_ones_are_not() {
+        for len in [252, 253, 254] {
+            let name = trust_domain_of(len);
+            assert_eq!(name.len(), len);
+            assert!(name.split('.').all(|l| check_label(l).is_ok()), "{name}");
+            let expected = if len <= 253 { Ok(()) } else { Err("longer than 253 characters") };
+            assert_eq!(check_dns_name(&name), expected, "{len}");
+        }
+    }
+
+    #[test]
+    fn identities_of_253_characters_are_issued_and_longer_ones_are_not_representable() {
+        // "a.b.serviceaccount.identity." is 28 characters, the control-plane namespace
+        // 63 and a dot: a trust domain of 161 makes the identity exactly 253 long.
+        let cpns = "c".repeat(63);
+        let n = Naming::new(&trust_domain_of(161), &cpns).unwrap();
+        let at_limit = n.identity("b", "a").unwrap();
+        assert_eq!(at_limit.dns_name.len(), 253);
+        assert_eq!(n.authorize(&subject("b", "a"), &at_limit.dns_name), Ok(at_limit.clone()));
+
+        let over = Error::SubjectNotRepresentable { what: "identity", reason: "longer than 253 characters" };
+        assert_eq!(n.identity("b", "aa"), Err(over.clone()));
+        assert_eq!(n.authorize(&subject("b", "aa"), &at_limit.dns_name), Err(over));
+        // A requested name over the bound is malformed whoever asks for it.
+        let requested = format!("a{}", at_limit.dns_name);
+        assert_eq!(
+            n.authorize(&subject("b", "aa"), &requested),
+            Err(Error::RequestedMalformed { reason: "longer than 253 characters" })
+        );
+    }
+
+    #[test]
     fn invalid_configuration_is_refused() {
         assert!(Naming::new("cluster.local.", "meshca-system").is_err());
         assert!(Naming::new("cluster.local", "Meshca").is_err());

@@ -694,7 +694,10 @@ mod tests {
             (rsa_key("rsa3072.pk8.pem"), KeyType::Rsa { bits: 3072 }, "rsa3072"),
         ];
         for (key, key_type, label) in cases {
-            let checked = run(&identity_request(&key)).unwrap();
+            let csr = identity_request(&key);
+            // What admission control charges for, before the check, is the same key type.
+            assert_eq!(peek_key_type(&csr, &KeyPolicy::default()), Some(key_type));
+            let checked = run(&csr).unwrap();
             assert_eq!(checked.key_type, key_type);
             assert_eq!(checked.key_type.to_string(), label);
             assert_eq!(checked.spki_der, key.subject_public_key_info());
@@ -873,6 +876,95 @@ mod tests {
         assert!(
             matches!(run(&big), Err(Error::TooLarge { len, max: MAX_CSR_LEN }) if len == MAX_CSR_LEN + 1)
         );
+    }
+
+    /// A request for the identity, padded with an unknown non-critical extension (which
+    /// is ignored) to exactly `len` bytes; re-signed until the ECDSA signature's
+    /// varying length lands on it.
+    fn request_of_len(k: &KeyPair, len: usize) -> Vec<u8> {
+        let padded = |pad: usize| {
+            let value = tlv(0x04, &[&vec![0; pad]]);
+            let ext = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 2], value);
+            request(k, Some(ID), vec![dns(ID)], |p| p.custom_extensions.push(ext))
+        };
+        let mut pad = len - 512;
+        for _ in 0..100 {
+            let csr = padded(pad);
+            if csr.len() == len {
+                return csr;
+            }
+            pad = (pad + len).saturating_sub(csr.len());
+        }
+        panic!("no request of {len} bytes");
+    }
+
+    #[test]
+    fn request_of_exactly_the_size_limit_is_checked_and_one_byte_more_is_too_large() {
+        let k = key(&PKCS_ECDSA_P256_SHA256);
+        let at_limit = request_of_len(&k, MAX_CSR_LEN);
+        assert_eq!(run(&at_limit).unwrap().key_type, KeyType::P256);
+        assert_eq!(peek_key_type(&at_limit, &KeyPolicy::default()), Some(KeyType::P256));
+
+        let over = request_of_len(&k, MAX_CSR_LEN + 1);
+        let err = run(&over).unwrap_err();
+        assert!(matches!(err, Error::TooLarge { len, max: MAX_CSR_LEN } if len == MAX_CSR_LEN + 1), "{err}");
+        assert_eq!(peek_key_type(&over, &KeyPolicy::default()), None);
+    }
+
+    #[test]
+    fn each_refused_san_type_is_named_in_the_refusal() {
+        let k = key(&PKCS_ECDSA_P256_SHA256);
+        let with_sans = |names: &[&[u8]]| {
+            let san = CustomExtension::from_oid_content(&[2, 5, 29, 17], tlv(TAG_SEQUENCE, names));
+            request(&k, None, vec![], |p| p.custom_extensions.push(san))
+        };
+        let other = "api.default.serviceaccount.identity.meshca-system.cluster.local";
+        let other_spiffe = "spiffe://cluster.local/ns/default/sa/api";
+        let cn_type = tlv(TAG_OID, &[&[0x55, 0x04, 0x03]]);
+        let name = tlv(
+            TAG_SEQUENCE,
+            &[&tlv(TAG_SET, &[&tlv(TAG_SEQUENCE, &[&cn_type, &tlv(0x0c, &[ID.as_bytes()])])])],
+        );
+        // otherName: a Microsoft UPN (1.3.6.1.4.1.311.20.2.3), as certreq can ask for.
+        let upn = tlv(TAG_OID, &[&[0x2b, 0x06, 0x01, 0x04, 0x01, 0x82, 0x37, 0x14, 0x02, 0x03]]);
+        let cases = [
+            (tlv(0x82, &[other.as_bytes()]), format!("DNS SAN {other:?}")),
+            (tlv(0x86, &[other_spiffe.as_bytes()]), format!("URI SAN {other_spiffe:?}")),
+            (tlv(0x81, &[b"web@example.com"]), "email SAN \"web@example.com\"".into()),
+            (tlv(0x87, &[&[10, 0, 0, 1]]), "IP SAN".into()),
+            (tlv(0xa4, &[&name]), "directoryName SAN".into()),
+            (tlv(0xa0, &[&upn, &tlv(0xa0, &[&tlv(0x0c, &[b"web@cluster.local"])])]), "otherName SAN".into()),
+            (tlv(0x88, &[&[0x2a, 0x03, 0x04]]), "registeredID SAN".into()),
+            // A DNS name that is not IA5String (a byte above 0x7f).
+            (tlv(0x82, &[b"web\xff.example"]), "SAN entry with invalid encoding".into()),
+            (tlv(0xa3, &[&tlv(TAG_SEQUENCE, &[])]), "unsupported SAN type".into()),
+        ];
+        let own = [tlv(0x82, &[ID.as_bytes()]), tlv(0x86, &[SPIFFE.as_bytes()])];
+        for (refused, what) in cases {
+            // Alone, and after the caller's own names: the first name not allowed is named.
+            for names in [vec![refused.as_slice()], vec![&own[0], &own[1], &refused]] {
+                match run(&with_sans(&names)) {
+                    Err(Error::NameNotAllowed { what: got }) => assert_eq!(got, what),
+                    other => panic!("{what}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attributes_whose_length_disagrees_with_the_request_info_are_malformed() {
+        // x509-parser reads the attributes up to the end of the request info whatever
+        // the [0] length says; the strict walk refuses bytes after the [0] value, so
+        // the two never disagree on what was signed (the check in `check` after it).
+        let csr = request(&key(&PKCS_ECDSA_P256_SHA256), None, vec![uri(SPIFFE)], |_| {});
+        let attributes = Frame::parse(&csr).unwrap().attributes;
+        assert!(!attributes.is_empty() && attributes.len() < 0x80);
+        let attrs = attributes.as_ptr() as usize - csr.as_ptr() as usize - 2;
+        assert_eq!(csr[attrs..attrs + 2], [TAG_ATTRIBUTES, attributes.len() as u8]);
+        let mut short = csr.clone();
+        short[attrs + 1] = 0;
+        assert!(X509CertificationRequest::from_der(&short).is_ok());
+        assert_refused(run(&short), "csr_malformed");
     }
 
     #[test]
