@@ -103,3 +103,97 @@ pub(crate) fn authenticate(
         issuer: CERTIFICATE_ISSUER.into(),
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType};
+
+    const SKEW: Duration = Duration::from_secs(60);
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// A CA and its anchors, and leaves it signs with the given names and validity.
+    struct Ca {
+        key: KeyPair,
+        params: CertificateParams,
+        anchors: TrustAnchors,
+    }
+
+    impl Ca {
+        fn new() -> Ca {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(rcgen::DnType::CommonName, "test root");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            params.not_before = t(0).into();
+            params.not_after = t(1_000_000).into();
+            let cert = params.self_signed(&key).unwrap();
+            let anchors =
+                TrustAnchors::from_certs(vec![cert.der().clone()], std::path::Path::new("(test)")).unwrap();
+            Ca { key, params, anchors }
+        }
+
+        fn leaf(&self, sans: Vec<SanType>, not_before: u64, not_after: u64) -> CertificateDer<'static> {
+            let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = sans;
+            params.not_before = t(not_before).into();
+            params.not_after = t(not_after).into();
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages =
+                vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            params.signed_by(&key, &issuer).unwrap().der().clone()
+        }
+    }
+
+    fn naming() -> Naming {
+        Naming::new("cluster.local", "meshca-system").unwrap()
+    }
+
+    fn dns(sa: &str) -> SanType {
+        SanType::DnsName(naming().identity("default", sa).unwrap().dns_name.try_into().unwrap())
+    }
+
+    fn uri(sa: &str) -> SanType {
+        SanType::URI(naming().identity("default", sa).unwrap().spiffe_id.try_into().unwrap())
+    }
+
+    fn holder(ca: &Ca, leaf: CertificateDer<'static>, now: u64) -> Result<(String, String), Error> {
+        authenticate(&[leaf], &ca.anchors, &naming(), t(now), SKEW).map(|s| (s.namespace, s.service_account))
+    }
+
+    #[test]
+    fn a_leaf_naming_one_identity_by_dns_name_spiffe_id_or_both_authenticates_as_it() {
+        let ca = Ca::new();
+        let web = Ok(("default".to_owned(), "web".to_owned()));
+        assert_eq!(holder(&ca, ca.leaf(vec![dns("web"), uri("web")], 100, 10_000), 500), web);
+        assert_eq!(holder(&ca, ca.leaf(vec![dns("web")], 100, 10_000), 500), web, "DNS name only");
+        assert_eq!(holder(&ca, ca.leaf(vec![uri("web")], 100, 10_000), 500), web, "SPIFFE ID only (Istio)");
+    }
+
+    #[test]
+    fn a_leaf_whose_dns_name_and_spiffe_id_name_two_identities_is_refused() {
+        let ca = Ca::new();
+        for sans in [vec![dns("web"), uri("db")], vec![uri("db"), dns("web")]] {
+            assert!(matches!(holder(&ca, ca.leaf(sans, 100, 10_000), 500), Err(Error::WrongIdentity)));
+        }
+    }
+
+    #[test]
+    fn validity_is_stretched_by_the_skew_allowance_on_both_sides_and_no_further() {
+        let ca = Ca::new();
+        let leaf = || ca.leaf(vec![dns("web"), uri("web")], 1_000, 2_000);
+        // Not valid yet by less than the allowance (the holder's clock runs ahead): accepted.
+        assert!(holder(&ca, leaf(), 1_000 - 30).is_ok());
+        assert!(matches!(holder(&ca, leaf(), 1_000 - 120), Err(Error::NotYetValid)));
+        // Expired by less than the allowance: accepted; by more: refused.
+        assert!(holder(&ca, leaf(), 2_000 + 30).is_ok());
+        assert!(matches!(holder(&ca, leaf(), 2_000 + 120), Err(Error::Expired)));
+    }
+}

@@ -113,13 +113,10 @@ pub(crate) fn leaf_params(
     // Without a subject, rcgen marks the SAN critical, as RFC 5280 requires.
     params.distinguished_name = dn;
     params.subject_alt_names = sans;
-    // A leading zero byte keeps the INTEGER positive without losing any of the 128 bits.
-    let mut serial_bytes = Vec::with_capacity(17);
-    if serial[0] & 0x80 != 0 {
-        serial_bytes.push(0);
-    }
-    serial_bytes.extend_from_slice(serial);
-    params.serial_number = Some(SerialNumber::from_slice(&serial_bytes));
+    // rcgen encodes the bytes as an unsigned INTEGER: positive and minimal, with a
+    // leading zero byte when the first bit is set, so all 128 bits are kept (pinned by
+    // `serials_are_encoded_positive_and_minimal_with_all_128_bits`).
+    params.serial_number = Some(SerialNumber::from_slice(serial));
     params.not_before = not_before.into();
     params.not_after = not_after.into();
     params.is_ca = IsCa::ExplicitNoCa; // CA:FALSE, and makes rcgen write the SKI
@@ -166,6 +163,41 @@ mod tests {
         let chain = ChainWindow { not_before: t(1_000), not_after: t(2_000) };
         assert!(matches!(validity(t(2_000), &lt, &chain), Err(Error::IssuerExpired { .. })));
         assert!(matches!(validity(t(999), &lt, &chain), Err(Error::IssuerNotYetValid { .. })));
+        // The chain's own first and last valid seconds: the first issues, the last
+        // refuses (a leaf would end no later than the instant it starts).
+        assert_eq!(validity(t(1_000), &lt, &chain).unwrap(), (t(1_000), t(2_000)));
+        assert!(validity(t(1_999), &lt, &chain).is_ok());
+    }
+
+    #[test]
+    #[allow(deprecated)] // ring's fixed-output test RNG lives in its deprecated `test` module
+    fn an_all_zero_draw_is_drawn_again() {
+        let pattern: [u8; 16] = std::array::from_fn(|i| 0x11 * (i as u8 % 15 + 1));
+        let rng = ring::test::rand::FixedSliceSequenceRandom {
+            bytes: &[&[0u8; 16], &pattern],
+            current: core::cell::UnsafeCell::new(0),
+        };
+        assert_eq!(random_serial(&rng).unwrap(), pattern);
+    }
+
+    /// The serial as the certificate encodes it: DER INTEGER contents.
+    fn encoded_serial(serial: [u8; 16]) -> Vec<u8> {
+        let names =
+            Names { dns_name: Some("web.default.example"), spiffe_id: "spiffe://example/ns/default/sa/web" };
+        let params = leaf_params(&names, KeyType::P256, &serial, t(1_000), t(2_000)).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        parsed.raw_serial().to_vec()
+    }
+
+    #[test]
+    fn serials_are_encoded_positive_and_minimal_with_all_128_bits() {
+        let mut high = [0x5a; 16];
+        high[0] = 0x80;
+        assert_eq!(encoded_serial(high), [&[0u8][..], &high].concat(), "a leading zero keeps it positive");
+        let low = [0x7f; 16];
+        assert_eq!(encoded_serial(low), low.to_vec(), "no leading zero when none is needed");
     }
 
     #[test]
