@@ -53,7 +53,7 @@ tests_for() {
         src/identity.rs) echo "certify properties tokenreview discovery" ;;
         src/ca/csr.rs) echo "hostile windows_csr properties" ;;
         src/ca/profile.rs) echo "certify windows_profile renewal properties" ;;
-        src/ca/issuer.rs) echo "certify windows_profile reload" ;;
+        src/ca/issuer.rs) echo "certify windows_profile reload token" ;;
         src/auth/jwt.rs | src/auth/dev.rs | src/auth/mod.rs | src/auth/source/dev.rs | src/auth/source/jwks.rs)
             echo "hostile certify discovery" ;;
         src/auth/discovery.rs) echo "discovery confirm_pod" ;;

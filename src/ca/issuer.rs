@@ -598,6 +598,98 @@ mod tests {
         )
     }
 
+    /// Loads an issuer made from `issuer` and signed by the anchor made from `anchor`
+    /// (both P-256), with `others` in the anchor bundle after it, at `now`.
+    fn load_chain(
+        anchor: CertificateParams,
+        issuer: CertificateParams,
+        others: &[CertificateDer<'static>],
+        now: SystemTime,
+    ) -> Result<Issuer, Error> {
+        let anchor_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let anchor_cert = anchor.clone().self_signed(&anchor_key).unwrap();
+        let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issuer = issuer.signed_by(&issuer_key, &rcgen::Issuer::new(anchor, &anchor_key)).unwrap();
+        let nowhere = Path::new("(test)");
+        let mut bundle = vec![anchor_cert.der().clone()];
+        bundle.extend_from_slice(others);
+        let anchors = TrustAnchors::from_certs(bundle, nowhere).unwrap();
+        let certs = vec![issuer.der().clone()];
+        let key = issuer_key.serialize_der();
+        Issuer::from_parts_with(certs, &key, &anchors, now, (nowhere, nowhere), Algorithms::WindowsCompatible)
+    }
+
+    /// Now, to the second (certificates carry whole seconds).
+    fn whole_second_now() -> SystemTime {
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        let secs = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn an_issuer_certificate_that_says_it_is_not_a_ca_is_refused_as_such() {
+        let now = whole_second_now();
+        let mut issuer = ca_params("issuer", now);
+        issuer.is_ca = IsCa::ExplicitNoCa;
+        match load_chain(ca_params("anchor", now), issuer, &[], now) {
+            Err(Error::NotCa { reason }) => assert_eq!(reason, "basicConstraints CA:TRUE is missing"),
+            other => panic!("expected NotCa, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_chain_is_valid_from_its_first_second_and_not_one_second_earlier() {
+        let now = whole_second_now();
+        let (start, mut issuer) = (now + Duration::from_secs(60), ca_params("issuer", now));
+        issuer.not_before = start.into();
+        let issuer_at = |at| load_chain(ca_params("anchor", now), issuer.clone(), &[], at);
+        let loaded = issuer_at(start).unwrap();
+        assert_eq!(loaded.window().not_before, start);
+        match issuer_at(start - Duration::from_secs(1)) {
+            Err(Error::IssuerNotYetValid { not_before, .. }) => assert_eq!(not_before, start),
+            other => panic!("expected IssuerNotYetValid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_anchors_that_name_the_chains_top_issuer_bound_its_window_and_algorithms() {
+        let now = whole_second_now();
+        // Another CA's anchors in the same bundle: an Ed25519 one (not Windows
+        // compatible) and a P-256 one that expires in a minute. Neither issued this chain.
+        let other = |alg, cn, lifetime| {
+            let mut params = ca_params(cn, now);
+            params.not_after = (now + Duration::from_secs(lifetime)).into();
+            params.self_signed(&KeyPair::generate_for(alg).unwrap()).unwrap().der().clone()
+        };
+        let others = [
+            other(&rcgen::PKCS_ED25519, "other-ed", 86_400),
+            other(&rcgen::PKCS_ECDSA_P256_SHA256, "other-p256", 60),
+        ];
+        let issuer = load_chain(ca_params("anchor", now), ca_params("issuer", now), &others, now).unwrap();
+        assert_eq!(issuer.window().not_after, now + Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn an_issuer_directory_keeps_tls_crt_and_falls_back_to_crt_pem_only_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let tls = (path.join("tls.crt"), path.join("tls.key"));
+        assert_eq!(issuer_files(path), tls);
+        std::fs::write(path.join("crt.pem"), "").unwrap();
+        assert_eq!(issuer_files(path), (path.join("crt.pem"), path.join("key.pem")));
+        std::fs::write(path.join("tls.crt"), "").unwrap();
+        assert_eq!(issuer_files(path), tls);
+    }
+
+    #[test]
+    fn times_before_1970_are_before_the_epoch() {
+        let day = Duration::from_secs(86_400);
+        let at = |secs| to_system_time(x509_parser::time::ASN1Time::from_timestamp(secs).unwrap());
+        assert_eq!(at(-86_400), SystemTime::UNIX_EPOCH - day);
+        assert_eq!(at(86_400), SystemTime::UNIX_EPOCH + day);
+        assert_eq!(at(0), SystemTime::UNIX_EPOCH);
+    }
+
     fn refusal(result: Result<Issuer, Error>) -> String {
         match result {
             Err(e @ Error::NotWindowsCompatible { .. }) => e.to_string(),
@@ -637,6 +729,47 @@ mod tests {
         assert!(err.starts_with("the trust anchor \"CN=anchor\" has an Ed25519 key"), "{err}");
         check_windows(chain, &[ed.clone(), p256.clone()]).unwrap();
         check_windows(chain, &[]).unwrap();
+    }
+
+    #[test]
+    fn ec_keys_on_curves_other_than_p256_and_p384_are_not_windows_compatible() {
+        // SubjectPublicKeyInfo of an EC key on `curve` (the point's value does not matter).
+        let spki = |curve: &[u64]| {
+            yasna::construct_der(|w| {
+                w.write_sequence(|w| {
+                    w.next().write_sequence(|w| {
+                        w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(&[
+                            1, 2, 840, 10045, 2, 1,
+                        ]));
+                        w.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(curve));
+                    });
+                    w.next().write_bitvec_bytes(&[4; 65], 65 * 8);
+                })
+            })
+        };
+        let check = |der: &[u8]| {
+            let (_, spki) = SubjectPublicKeyInfo::from_der(der).unwrap();
+            check_windows_key(&spki)
+        };
+        check(&spki(&[1, 2, 840, 10045, 3, 1, 7])).unwrap(); // P-256
+        check(&spki(&[1, 3, 132, 0, 34])).unwrap(); // P-384
+        assert_eq!(check(&spki(&[1, 3, 132, 0, 35])).unwrap_err(), "has an EC key on curve 1.3.132.0.35"); // P-521
+        assert_eq!(check(&spki(&[1, 3, 132, 0, 10])).unwrap_err(), "has an EC key on curve 1.3.132.0.10");
+        // secp256k1
+    }
+
+    #[test]
+    fn debug_strings_name_the_chain_and_never_the_key() {
+        let p256 = &rcgen::PKCS_ECDSA_P256_SHA256;
+        let issuer = load(p256, p256, Algorithms::WindowsCompatible).unwrap();
+        let debug = format!("{issuer:?}");
+        assert_eq!(
+            debug,
+            format!("Issuer {{ fingerprint_sha256: {:?}, chain_len: 1, .. }}", issuer.fingerprint())
+        );
+        assert_eq!(issuer.fingerprint().len(), 64);
+        let anchors = TrustAnchors::from_certs(issuer.intermediates().to_vec(), Path::new("(test)")).unwrap();
+        assert_eq!(format!("{anchors:?}"), "TrustAnchors { count: 1 }");
     }
 
     #[test]
