@@ -54,15 +54,14 @@ tests_for() {
         src/ca/csr.rs) echo "hostile windows_csr properties" ;;
         src/ca/profile.rs) echo "certify windows_profile renewal properties" ;;
         src/ca/issuer.rs) echo "certify windows_profile reload token" ;;
-        src/auth/jwt.rs | src/auth/dev.rs | src/auth/mod.rs | src/auth/source/dev.rs | src/auth/source/jwks.rs)
-            echo "hostile certify discovery" ;;
+        src/auth/source/*.rs) echo "cli certify discovery tokenreview" ;;
+        src/auth/jwt.rs | src/auth/dev.rs | src/auth/mod.rs) echo "hostile certify discovery" ;;
         src/auth/discovery.rs) echo "discovery confirm_pod" ;;
         src/auth/bootstrap.rs | src/auth/replay.rs) echo "bootstrap" ;;
-        src/auth/tokenreview.rs | src/auth/source/tokenreview.rs) echo "tokenreview events" ;;
+        src/auth/tokenreview.rs) echo "tokenreview events" ;;
         src/auth/pods.rs) echo "confirm_pod" ;;
         src/auth/cache.rs) echo "tokenreview confirm_pod" ;;
         src/auth/peer.rs) echo "renewal" ;;
-        src/auth/source/mod.rs) echo "certify tokenreview discovery" ;;
         src/audit/*.rs) echo "transparency faults certify" ;;
         src/admission/*.rs) echo "admission connections" ;;
         src/agent/schedule.rs) echo "agent properties" ;;

@@ -234,7 +234,7 @@ mod tests {
             ))
         );
         assert_ne!(DevSigner::generate().unwrap().0.kid(), signer.kid());
-        assert_eq!(Jwks::from_json(reloaded.jwks_json().as_bytes()).unwrap().len(), 1);
+        assert_eq!(Jwks::from_json(reloaded.jwks_json().as_bytes()).unwrap().key_count(), 1);
     }
 
     #[test]

@@ -506,7 +506,7 @@ impl RotatingJwksAuthenticator {
             let reason = if let Error::Config { reason } = e { reason } else { e.to_string() };
             Error::Config { reason: format!("{what}: {reason}") }
         })?;
-        tracing::info!(keys = jwks.len(), source = %what, issuer = %jwt.issuer, "token signing keys loaded");
+        tracing::info!(keys = jwks.key_count(), source = %what, issuer = %jwt.issuer, "token signing keys loaded");
         let state = RefreshState { digest: Some(digest(&bytes)), ..RefreshState::default() };
         let shared = Arc::new(Shared {
             core: JwksAuthenticator::new(jwt, jwks),
@@ -617,7 +617,7 @@ impl Shared {
         });
         match parsed {
             Ok((jwks, new)) => {
-                let keys = jwks.len();
+                let keys = jwks.key_count();
                 self.core.replace_keys(jwks);
                 let changed = lock(&self.state).digest.replace(new) != Some(new);
                 if changed {
@@ -631,7 +631,7 @@ impl Shared {
                 tracing::warn!(
                     error = %reason,
                     ?trigger,
-                    keys = self.core.keys().len(),
+                    keys = self.core.keys().key_count(),
                     "refreshing the token signing keys failed; keeping the keys held"
                 );
             }
@@ -667,7 +667,7 @@ impl Authenticator for RotatingJwksAuthenticator {
             registry.register(name, help, counter.clone());
         }
         let shared = self.shared.clone();
-        let keys = move || i64::try_from(shared.core.keys().len()).unwrap_or(i64::MAX);
+        let keys = move || i64::try_from(shared.core.keys().key_count()).unwrap_or(i64::MAX);
         registry.register("meshca_jwks_keys", "Signing keys in the key set in use", ScrapeGauge::new(keys));
     }
 }
@@ -882,7 +882,8 @@ mod tests {
         fake.answer(Ok(jwks(&[&new])));
         tokio::time::advance(Duration::from_secs(1)).await;
         settle(|| fake.calls() == 2).await;
-        settle(|| auth.core().keys().len() == 1 && auth.core().verify(&token(&new), now()).is_ok()).await;
+        settle(|| auth.core().keys().key_count() == 1 && auth.core().verify(&token(&new), now()).is_ok())
+            .await;
         assert!(
             matches!(auth.core().verify(&token(&old), now()), Err(Error::UnknownKey)),
             "the old key is gone"

@@ -124,12 +124,9 @@ impl Jwks {
         Ok(Jwks { keys })
     }
 
-    pub fn len(&self) -> usize {
+    /// How many usable signing keys the set holds (at least one).
+    pub fn key_count(&self) -> usize {
         self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 }
 
@@ -568,7 +565,7 @@ mod tests {
         let mut jwks: Value = serde_json::from_str(&signer.jwks_json()).unwrap();
         jwks["keys"].as_array_mut().unwrap().push(json!({"kty": "oct", "kid": "h", "k": enc("secret")}));
         let auth = JwksAuthenticator::new(settings(), Jwks::from_json(jwks.to_string().as_bytes()).unwrap());
-        assert_eq!(auth.keys().len(), 1);
+        assert_eq!(auth.keys().key_count(), 1);
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"secret");
         let Ok(hs256) =
             compact_jws(br#"{"alg":"HS256","kid":"h"}"#, claims().to_string().as_bytes(), |msg| {
@@ -671,6 +668,42 @@ mod tests {
             Error::TooLarge { .. }
         );
         refused!(auth.verify(&[b'a'; MAX_TOKEN_LEN + 1], now()), Error::TooLarge { .. });
+        // Exactly the limit, padding included, is checked on its merits.
+        let padded = format!("{token}{}", " ".repeat(MAX_TOKEN_LEN - token.len()));
+        assert_eq!(padded.len(), MAX_TOKEN_LEN);
+        assert!(auth.verify(padded.as_bytes(), now()).is_ok());
+    }
+
+    #[test]
+    fn rsa_keys_need_a_2048_to_8192_bit_modulus_and_a_one_to_five_byte_exponent() {
+        let rsa = |n_len: usize, e: &[u8]| {
+            let n = [&[0xc5u8][..], &vec![0x5a; n_len - 1]].concat();
+            let jwks = json!({"keys": [{"kty": "RSA", "n": enc(n), "e": enc(e)}]}).to_string();
+            Jwks::from_json(jwks.as_bytes()).map(|j| j.key_count())
+        };
+        assert_eq!(rsa(256, &[1, 0, 1]).unwrap(), 1);
+        assert_eq!(rsa(1024, &[1, 0, 1, 0, 1]).unwrap(), 1);
+        for (n_len, e) in
+            [(255, &[1u8, 0, 1][..]), (1025, &[1, 0, 1]), (256, &[1, 0, 1, 0, 1, 1]), (256, &[0])]
+        {
+            let err = rsa(n_len, e).unwrap_err().to_string();
+            assert!(
+                err.contains("RSA modulus must be 2048 to 8192 bits with a small exponent"),
+                "{n_len} {e:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn p256_keys_need_both_coordinates_of_32_bytes_and_every_usable_key_is_counted() {
+        let ec = |x: usize, y: usize| json!({"kty": "EC", "crv": "P-256", "x": enc(vec![7; x]), "y": enc(vec![9; y])});
+        for (x, y) in [(32, 31), (31, 32), (33, 32), (32, 33)] {
+            let jwks = json!({"keys": [ec(x, y)]}).to_string();
+            let err = Jwks::from_json(jwks.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains("P-256 coordinates must be 32 bytes each"), "{x} {y}: {err}");
+        }
+        let jwks = json!({"keys": [ec(32, 32), ec(32, 32), {"kty": "oct", "k": "c2VjcmV0"}]}).to_string();
+        assert_eq!(Jwks::from_json(jwks.as_bytes()).unwrap().key_count(), 2);
     }
 
     #[test]
