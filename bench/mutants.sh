@@ -57,7 +57,8 @@ tests_for() {
         src/auth/source/*.rs) echo "cli certify discovery tokenreview" ;;
         src/auth/jwt.rs | src/auth/dev.rs | src/auth/mod.rs) echo "hostile certify discovery" ;;
         src/auth/discovery.rs) echo "discovery confirm_pod" ;;
-        src/auth/bootstrap.rs | src/auth/replay.rs) echo "bootstrap" ;;
+        src/auth/bootstrap.rs) echo "bootstrap token" ;;
+        src/auth/replay.rs) echo "bootstrap" ;;
         src/auth/tokenreview.rs) echo "tokenreview events" ;;
         src/auth/pods.rs) echo "confirm_pod" ;;
         src/auth/cache.rs) echo "tokenreview confirm_pod" ;;

@@ -120,10 +120,9 @@ impl Algorithm {
             Some(Algorithm::ES256)
         } else if *alg == rcgen::PKCS_ECDSA_P384_SHA384 {
             Some(Algorithm::ES384)
-        } else if *alg == rcgen::PKCS_RSA_SHA256
-            || *alg == rcgen::PKCS_RSA_SHA384
-            || *alg == rcgen::PKCS_RSA_SHA512
-        {
+        } else if *alg == rcgen::PKCS_RSA_SHA256 {
+            // RSA issuer keys sign with SHA-256 alone: rcgen loads an RSA key file so,
+            // and `ca::hierarchy` and `ca::token` choose it.
             Some(Algorithm::RS256)
         } else {
             None
@@ -718,6 +717,10 @@ mod tests {
             refused!(signer.create(identity, ttl, uses, now()), Error::Signing { .. });
         }
         assert!(signer.create(&web(), MAX_TTL, MAX_USES, now()).is_ok());
+        // The documented bounds: a day and 100 certificates.
+        assert!(signer.create(&web(), Duration::from_secs(24 * 3600), 100, now()).is_ok());
+        refused!(signer.create(&web(), Duration::from_secs(24 * 3600 + 1), 1, now()), Error::Signing { .. });
+        refused!(signer.create(&web(), DEFAULT_TTL, 101, now()), Error::Signing { .. });
     }
 
     #[test]
@@ -741,7 +744,10 @@ mod tests {
             check(&issuer, &with(&signer, json!({}), json!({"iat": T + 61}))),
             Error::IssuedInFuture { .. }
         );
+        assert!(check(&issuer, &with(&signer, json!({}), json!({"iat": T + 60}))).is_ok());
         refused!(check(&issuer, &with(&signer, json!({}), json!({"exp": null}))), Error::MissingExpiry);
+        // The longest lifetime, a day, to the second.
+        assert!(check(&issuer, &with(&signer, json!({}), json!({"exp": T + 24 * 3600}))).is_ok());
         for patch in [
             json!({"iat": null}),
             json!({"exp": T}),
@@ -749,6 +755,8 @@ mod tests {
             json!({"exp": (T + 60) as f64 + 0.5}),
             json!({"iat": -1}),
             json!({"exp": "soon"}),
+            // Seconds from 2^40 on (about the year 36812) are not times.
+            json!({"iat": (1u64 << 40) - 3600, "exp": 1u64 << 40}),
         ] {
             refused!(check(&issuer, &with(&signer, json!({}), patch.clone())), Error::Malformed { .. });
         }
