@@ -503,7 +503,13 @@ async fn an_unavailable_lease_store_issues_nothing_and_spends_nothing() {
     let mut api = ApiServer::start().await;
     let a = TestServer::start_with(with_lease_store(&api)).await;
     let (token, _) = mint(&a, &a.identity("default", "web"), &[]).await;
-    for (mode, words) in [(Mode::Fail500, "answered 500"), (Mode::Forbidden, "Role meshca-bootstrap")] {
+    // A 409 that is not AlreadyExists is no proof the use was spent before.
+    let modes = [
+        (Mode::Fail500, "answered 500"),
+        (Mode::Forbidden, "Role meshca-bootstrap"),
+        (Mode::Conflict, "answered 409"),
+    ];
+    for (mode, words) in modes {
         api.set_leases_mode(mode);
         let (status, record) = refused(&a, request(&a, "web", &token)).await;
         assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
@@ -533,8 +539,12 @@ async fn leases_of_expired_tokens_are_cleaned_up_after_a_grace_period() {
     let store = Arc::new(LeaseReplayStore::new(kube::Client::try_from(config).unwrap(), "meshca-system"));
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let (old, recent) = ("a".repeat(32), "b".repeat(32));
-    store.consume(&old, 2, t).await.unwrap();
-    store.consume(&old, 2, t).await.unwrap();
+    // `check` (doctor's dry run) spends nothing and says Used once every use is.
+    for _ in 0..2 {
+        assert_eq!(store.check(&old, 2).await, Ok(()));
+        store.consume(&old, 2, t).await.unwrap();
+    }
+    assert_eq!(store.check(&old, 2).await, Err(ReplayError::Used));
     assert_eq!(store.consume(&old, 2, t).await, Err(ReplayError::Used));
     store.consume(&recent, 1, t + Duration::from_secs(3000)).await.unwrap();
     assert_eq!(api.leases().len(), 3);
@@ -545,4 +555,39 @@ async fn leases_of_expired_tokens_are_cleaned_up_after_a_grace_period() {
     assert_eq!(names, vec![json!(LeaseReplayStore::lease_name(&recent, 0))]);
     api.set_leases_mode(Mode::Fail500);
     assert!(matches!(store.cleanup(t).await, Err(ReplayError::Unavailable { .. })));
+
+    // Another replica deleted them first (404): not counted, not a failure. A
+    // deletion that fails otherwise fails the cleanup.
+    api.set_leases_mode(Mode::Answer);
+    let later = t + Duration::from_secs(3660 + 3000);
+    api.set_lease_delete_answer(Some(http::StatusCode::NOT_FOUND));
+    assert_eq!(store.cleanup(later).await, Ok(0));
+    assert!(api.leases().is_empty());
+    store.consume(&"c".repeat(32), 1, t).await.unwrap();
+    api.set_lease_delete_answer(Some(http::StatusCode::INTERNAL_SERVER_ERROR));
+    assert!(matches!(store.cleanup(later).await, Err(ReplayError::Unavailable { .. })));
+}
+
+#[tokio::test]
+async fn a_server_with_the_lease_store_cleans_up_expired_leases_when_it_starts() {
+    let api = ApiServer::start().await;
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&api.kubeconfig).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let store = LeaseReplayStore::new(kube::Client::try_from(config).unwrap(), "meshca-system");
+    // A use of a token that expired two hours ago, and one of a token still valid.
+    let now = meshca::clock::SystemClock.now();
+    store.consume(&"d".repeat(32), 1, now - Duration::from_secs(7200)).await.unwrap();
+    store.consume(&"e".repeat(32), 1, now + Duration::from_secs(3600)).await.unwrap();
+    let _server = TestServer::start_with(with_lease_store(&api)).await;
+    let deadline = std::time::Instant::now() + support::process::PATIENCE;
+    while api.leases().len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "expired Leases not cleaned up: {:?}", api.leases());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = &api.leases()[0]["metadata"]["name"];
+    assert_eq!(*left, json!(LeaseReplayStore::lease_name(&"e".repeat(32), 0)));
 }

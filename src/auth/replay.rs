@@ -485,6 +485,52 @@ mod tests {
         assert!(err.contains("line 1") && err.contains("used.jsonl"), "{err}");
     }
 
+    #[test]
+    #[cfg(unix)]
+    fn a_file_that_cannot_be_read_refuses_the_start_and_debug_names_only_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("used.jsonl");
+        // A symbolic link to itself: opening it fails, and not because it is missing.
+        std::os::unix::fs::symlink("used.jsonl", &path).unwrap();
+        let err = FileReplayStore::open(&path, at(1000)).unwrap_err().to_string();
+        assert!(err.contains("used.jsonl: cannot read:"), "{err}");
+        // A use is kept through its token's last second and dropped after it.
+        let path = dir.path().join("kept.jsonl");
+        let good = format!("{{\"jti\":\"{JTI}\",\"use\":0,\"expires\":5000}}\n");
+        std::fs::write(&path, &good).unwrap();
+        drop(FileReplayStore::open(&path, at(5000)).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
+        drop(FileReplayStore::open(&path, at(5001)).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        let path = dir.path().join("fresh.jsonl");
+        let store = FileReplayStore::open(&path, at(1000)).unwrap();
+        assert_eq!(format!("{store:?}"), format!("FileReplayStore {{ path: {path:?}, .. }}"));
+        assert_eq!(store.name(), "file");
+    }
+
+    #[tokio::test]
+    async fn the_lease_store_names_itself_and_its_namespace_only() {
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let store = LeaseReplayStore::new(kube::Client::try_from(config).unwrap(), "meshca-system");
+        assert_eq!(format!("{store:?}"), "LeaseReplayStore { namespace: \"meshca-system\", .. }");
+        assert_eq!(store.name(), "kubernetes");
+    }
+
+    #[tokio::test]
+    async fn a_lease_names_the_use_its_token_expiry_and_the_replica_that_spent_it() {
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let mut store = LeaseReplayStore::new(kube::Client::try_from(config).unwrap(), "meshca-system");
+        store.holder = Some("meshca-7c9d-x2k4".into());
+        let lease = store.lease(JTI, 3, 5000);
+        assert_eq!(lease.metadata.name.as_deref(), Some(&*format!("meshca-bootstrap-{JTI}-3")));
+        assert_eq!(lease.metadata.namespace.as_deref(), Some("meshca-system"));
+        let labels = lease.metadata.labels.unwrap();
+        assert_eq!(labels[TOKEN_LABEL], JTI);
+        assert_eq!(labels[EXPIRES_LABEL], "5000");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "meshca");
+        assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("meshca-7c9d-x2k4"));
+    }
+
     #[tokio::test]
     async fn concurrent_uses_of_one_token_spend_each_use_once() {
         let dir = tempfile::tempdir().unwrap();

@@ -84,6 +84,8 @@ pub enum Mode {
     Hold,
     /// 200 with a body that is not JSON at all (a broken proxy in between).
     Garbage,
+    /// 409 `Conflict` (not `AlreadyExists`), as for a write that lost a race.
+    Conflict,
 }
 
 struct State {
@@ -116,6 +118,8 @@ struct State {
     configmaps: Mutex<std::collections::BTreeMap<(String, String), Value>>,
     configmap_applies: watch::Sender<usize>,
     leases_mode: watch::Sender<Mode>,
+    /// What a Lease deletion answers after removing the Lease: `None` 200 with it.
+    lease_delete_answer: Mutex<Option<StatusCode>>,
     released: watch::Sender<bool>,
     down: watch::Sender<bool>,
 }
@@ -216,6 +220,7 @@ impl ApiServer {
             configmaps: Mutex::default(),
             configmap_applies: watch::channel(0).0,
             leases_mode: watch::channel(Mode::Answer).0,
+            lease_delete_answer: Mutex::new(None),
             released: watch::channel(false).0,
             down: watch::channel(false).0,
         });
@@ -382,6 +387,13 @@ impl ApiServer {
         self.state.leases_mode.send_replace(mode);
     }
 
+    /// Lease deletions from now on remove the Lease and answer `code` instead of 200
+    /// (404: another replica deleted it first; 500: the deletion failed), or 200 with
+    /// `None`.
+    pub fn set_lease_delete_answer(&self, code: Option<StatusCode>) {
+        *self.state.lease_delete_answer.lock().unwrap() = code;
+    }
+
     /// The Leases stored now, in name order.
     pub fn leases(&self) -> Vec<Value> {
         self.state.leases.lock().unwrap().values().cloned().collect()
@@ -525,6 +537,11 @@ async fn mode_answer(state: &State, mode: Mode) -> Option<Response<Full<Bytes>>>
             response.headers_mut().insert("content-type", "application/json".parse().unwrap());
             Some(response)
         }
+        Mode::Conflict => Some(failure(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "Operation cannot be fulfilled on leases.coordination.k8s.io: the object has been modified",
+        )),
         Mode::Answer => None,
     }
 }
@@ -794,7 +811,10 @@ async fn lease_call(state: &State, method: Method, req: Request<Incoming>) -> Re
         }
         (Method::DELETE, Some(name)) => match state.leases.lock().unwrap().remove(&(namespace, name.clone()))
         {
-            Some(lease) => respond(StatusCode::OK, lease),
+            Some(lease) => match *state.lease_delete_answer.lock().unwrap() {
+                None => respond(StatusCode::OK, lease),
+                Some(code) => failure(code, code.canonical_reason().unwrap_or_default(), "as configured"),
+            },
             None => failure(
                 StatusCode::NOT_FOUND,
                 "NotFound",
