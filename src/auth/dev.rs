@@ -140,15 +140,7 @@ impl DevSigner {
 
     /// Wraps PKCS#8 DER as a `PRIVATE KEY` PEM with 64-column lines.
     pub(crate) fn pkcs8_pem(pkcs8: &[u8]) -> String {
-        let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-        for (i, c) in STANDARD.encode(pkcs8).chars().enumerate() {
-            if i > 0 && i % 64 == 0 {
-                pem.push('\n');
-            }
-            pem.push(c);
-        }
-        pem.push_str("\n-----END PRIVATE KEY-----\n");
-        pem
+        crate::ca::material::to_pem("PRIVATE KEY", pkcs8)
     }
 
     /// base64url(SHA-256(uncompressed public point)): stable per key.
@@ -223,7 +215,10 @@ mod tests {
         assert!(
             pem.starts_with("-----BEGIN PRIVATE KEY-----\n") && pem.ends_with("-----END PRIVATE KEY-----\n")
         );
-        assert!(pem.lines().all(|line| line.len() <= 64));
+        let body: Vec<&str> = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(body.last().unwrap().len() <= 64, "{pem}");
+        assert!(body[..body.len() - 1].iter().all(|line| line.len() == 64), "{pem}");
+        assert!(!body.last().unwrap().is_empty(), "{pem}");
         let reloaded = DevSigner::from_pem(&pem).unwrap();
         assert_eq!(reloaded.kid(), signer.kid());
         assert_eq!(
