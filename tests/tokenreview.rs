@@ -90,6 +90,7 @@ async fn a_token_the_api_server_vouches_for_gets_a_certificate_and_an_audit_reco
     assert_eq!(record["subject"]["pod_name"], "web-5d8f7");
     assert_eq!(record["subject"]["pod_uid"], "0c1b2a39-7d6e-4f5a-8b9c-0d1e2f3a4b5c");
     assert_eq!(record["token_issuer"], meshca::auth::tokenreview::ISSUER);
+    assert_eq!(record["auth_method"], "tokenreview");
     assert_eq!(c.api.calls(), 1);
 }
 

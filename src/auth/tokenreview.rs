@@ -286,6 +286,19 @@ mod tests {
         })
     }
 
+    #[tokio::test]
+    async fn debug_names_the_api_server_and_settings_and_the_method_is_tokenreview() {
+        let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        let settings = Settings { audiences: audiences(), timeout: Duration::from_secs(5) };
+        let auth = TokenReviewAuthenticator::from_config(config, settings).unwrap();
+        assert_eq!(
+            format!("{auth:?}"),
+            "TokenReviewAuthenticator { server: \"127.0.0.1:6443\", settings: Settings { audiences: \
+             [\"identity.l5d.io\"], timeout: 5s }, .. }"
+        );
+        assert_eq!(auth.name(), "tokenreview");
+    }
+
     #[test]
     fn an_authenticated_service_account_with_our_audience_is_a_subject_with_its_pod() {
         let subject = subject(
