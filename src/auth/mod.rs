@@ -200,3 +200,21 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_up_to_the_size_limit_are_trimmed_and_longer_or_blank_ones_refused() {
+        let padded = [&b" \t"[..], &[b'a'; MAX_TOKEN_LEN - 3], b"\n"].concat();
+        assert_eq!(padded.len(), MAX_TOKEN_LEN);
+        assert_eq!(trimmed(&padded).unwrap(), &[b'a'; MAX_TOKEN_LEN - 3][..]);
+        let long = [b'a'; MAX_TOKEN_LEN + 1];
+        assert!(
+            matches!(trimmed(&long), Err(Error::TooLarge { len, max: MAX_TOKEN_LEN }) if len == MAX_TOKEN_LEN + 1)
+        );
+        assert!(matches!(trimmed(b" \r\n"), Err(Error::Empty)));
+    }
+}
