@@ -527,16 +527,21 @@ async fn an_unavailable_lease_store_issues_nothing_and_spends_nothing() {
     assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
 }
 
-#[tokio::test]
-async fn leases_of_expired_tokens_are_cleaned_up_after_a_grace_period() {
-    let api = ApiServer::start().await;
+/// A Lease store in `meshca-system` on `api`, through its kubeconfig.
+async fn lease_store(api: &ApiServer) -> LeaseReplayStore {
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(&api.kubeconfig).unwrap(),
         &kube::config::KubeConfigOptions::default(),
     )
     .await
     .unwrap();
-    let store = Arc::new(LeaseReplayStore::new(kube::Client::try_from(config).unwrap(), "meshca-system"));
+    LeaseReplayStore::new(kube::Client::try_from(config).unwrap(), "meshca-system")
+}
+
+#[tokio::test]
+async fn leases_of_expired_tokens_are_cleaned_up_after_a_grace_period() {
+    let api = ApiServer::start().await;
+    let store = Arc::new(lease_store(&api).await);
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let (old, recent) = ("a".repeat(32), "b".repeat(32));
     // `check` (doctor's dry run) spends nothing and says Used once every use is.
@@ -571,13 +576,7 @@ async fn leases_of_expired_tokens_are_cleaned_up_after_a_grace_period() {
 #[tokio::test]
 async fn a_server_with_the_lease_store_cleans_up_expired_leases_when_it_starts() {
     let api = ApiServer::start().await;
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(&api.kubeconfig).unwrap(),
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    let store = LeaseReplayStore::new(kube::Client::try_from(config).unwrap(), "meshca-system");
+    let store = lease_store(&api).await;
     // A use of a token that expired two hours ago, and one of a token still valid.
     let now = meshca::clock::SystemClock.now();
     store.consume(&"d".repeat(32), 1, now - Duration::from_secs(7200)).await.unwrap();
