@@ -470,21 +470,23 @@ fn certify_against_the_admin_port_says_it_does_not_speak_tls_in_one_line() {
 }
 
 #[test]
-fn certify_to_a_port_nothing_listens_on_says_so_in_one_line() {
+fn certify_and_agent_to_a_port_nothing_listens_on_say_so_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = tmp.path().join("ca");
     init_ca(&ca);
     let token = tmp.path().join("web.token");
     std::fs::write(&token, "a.b.c").unwrap();
     let addr = format!("https://127.0.0.1:{}", free_port());
-    let mut cmd = meshca();
-    cmd.args(["certify", "--addr", &addr, "--trust-anchors", p(&ca.join("trust-anchors.pem"))]);
-    let out = output(
-        cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&tmp.path().join("out"))]),
-        PATIENCE,
-    );
-    let line = assert_one_line_connection_error(&out, "a closed port");
-    assert!(line.contains("nothing listens"), "{line}");
+    for command in [&["certify"][..], &["agent", "--once"]] {
+        let mut cmd = meshca();
+        cmd.args(command).args(["--addr", &addr, "--trust-anchors", p(&ca.join("trust-anchors.pem"))]);
+        let out = output(
+            cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&tmp.path().join("out"))]),
+            PATIENCE,
+        );
+        let line = assert_one_line_connection_error(&out, &format!("{command:?} to a closed port"));
+        assert!(line.contains("nothing listens"), "{line}");
+    }
 }
 
 #[test]

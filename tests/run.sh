@@ -53,9 +53,11 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 # tests/deploy.rs: kubectl renders the kustomize trees in deploy/; kubernetes-validate
-# checks them against the Kubernetes schemas, offline.
+# checks them against the Kubernetes schemas, offline. Debian's kubernetes-client
+# (1.20, kustomize v2) cannot render the overlays, so kubectl is the one prerequisite
+# this script cannot install.
 if ! have kubectl; then
-    say "kubectl is not installed and Debian does not package it: install it (https://kubernetes.io/docs/tasks/tools/) and run again"
+    say "kubectl is not installed, and Debian's kubernetes-client (1.20) is too old for deploy/'s overlays: install kubectl v1.27 or later (https://kubernetes.io/docs/tasks/tools/) and run again"
     exit 1
 fi
 if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
