@@ -59,7 +59,7 @@ tests_for() {
         src/auth/discovery.rs) echo "discovery confirm_pod" ;;
         src/auth/bootstrap.rs) echo "bootstrap token" ;;
         src/auth/replay.rs) echo "bootstrap" ;;
-        src/auth/tokenreview.rs) echo "tokenreview events" ;;
+        src/auth/tokenreview.rs) echo "tokenreview events observability" ;;
         src/auth/pods.rs) echo "confirm_pod" ;;
         src/auth/cache.rs) echo "tokenreview confirm_pod" ;;
         src/auth/peer.rs) echo "renewal" ;;

@@ -600,6 +600,7 @@ fn agent_settings(args: CertifyArgs, file: &AgentFile, policy: Policy) -> Result
         policy,
         offset_warning: Duration::from_secs(30),
         on_renew: None,
+        check_with: None,
     })
 }
 
@@ -684,6 +685,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     let mut settings = agent_settings(args.request, &file, policy)?;
     settings.offset_warning = offset_warning;
     settings.on_renew = on_renew;
+    settings.check_with = Some(doctor_command(&settings));
     if args.once {
         return certify_round(&settings).await;
     }

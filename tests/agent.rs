@@ -104,6 +104,7 @@ fn settings(server: &TestServer, token_file: &std::path::Path, out: &std::path::
         policy: Policy::default(),
         offset_warning: Duration::from_secs(30),
         on_renew: None,
+        check_with: None,
     }
 }
 

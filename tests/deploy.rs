@@ -592,6 +592,41 @@ fn prometheus_rules_alert_on_metrics_that_meshca_exports() {
     }
 }
 
+/// The README's `my-meshca/kustomization.yaml`, as printed, beside a checkout named
+/// `meshca`: with its `resources` line at each tree the README offers, the rendered
+/// Deployment runs the registry's image and nothing names the bare `meshca` image.
+#[cfg(unix)]
+#[test]
+fn the_readmes_kustomization_sets_the_registrys_image_on_each_tree_it_offers() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let block = readme
+        .split("# my-meshca/kustomization.yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("README.md: the my-meshca/kustomization.yaml block");
+    let tmp = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(repo(), tmp.path().join("meshca")).unwrap();
+    for tree in ["deploy/base", "deploy/overlays/linkerd", "deploy/overlays/cert-manager"] {
+        let own = tmp.path().join(format!("my-{}", tree.replace('/', "-")));
+        std::fs::create_dir(&own).unwrap();
+        let text = block.replace("../meshca/deploy/base", &format!("../meshca/{tree}"));
+        assert!(text.contains(&format!("../meshca/{tree}")), "{block}");
+        std::fs::write(own.join("kustomization.yaml"), text).unwrap();
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("kustomize").arg(&own);
+        let out = run(cmd, "", "kubectl");
+        assert!(out.status.success(), "{tree}: {}", String::from_utf8_lossy(&out.stderr));
+        let docs = validate(&String::from_utf8(out.stdout).unwrap(), &format!("my-meshca on {tree}"));
+        let images: Vec<&str> = one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| str_of(&c["image"], "image"))
+            .collect();
+        assert_eq!(images, ["REGISTRY/meshca:0.1.0"], "{tree}");
+    }
+}
+
 #[test]
 fn verify_pod_certifies_its_own_identity_with_a_token_for_meshcas_audience() {
     // Rendered as a kustomize tree, as the documentation lists it.

@@ -71,6 +71,7 @@ fn agent_settings(server: &TestServer, token_file: &Path, out: &Path) -> Setting
         policy: Policy::default(),
         offset_warning: Duration::from_secs(30),
         on_renew: None,
+        check_with: None,
     }
 }
 

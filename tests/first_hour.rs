@@ -469,24 +469,48 @@ fn certify_against_the_admin_port_says_it_does_not_speak_tls_in_one_line() {
     assert!(line.contains("admin port"), "{line}");
 }
 
+/// `meshca COMMAND…` for web against a loopback port nothing listens on, with a CA
+/// of its own under `dir`; returns the command and the address it dials.
+fn to_a_closed_port(dir: &Path, command: &[&str]) -> (Command, String) {
+    let ca = dir.join("ca");
+    if !ca.exists() {
+        init_ca(&ca);
+    }
+    let token = dir.join("web.token");
+    std::fs::write(&token, "a.b.c").unwrap();
+    let addr = format!("https://127.0.0.1:{}", free_port());
+    let mut cmd = meshca();
+    cmd.args(command).args(["--addr", &addr, "--trust-anchors", p(&ca.join("trust-anchors.pem"))]);
+    cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&dir.join("out"))]);
+    (cmd, addr)
+}
+
 #[test]
 fn certify_and_agent_to_a_port_nothing_listens_on_say_so_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = tmp.path().join("ca");
-    init_ca(&ca);
-    let token = tmp.path().join("web.token");
-    std::fs::write(&token, "a.b.c").unwrap();
-    let addr = format!("https://127.0.0.1:{}", free_port());
     for command in [&["certify"][..], &["agent", "--once"]] {
-        let mut cmd = meshca();
-        cmd.args(command).args(["--addr", &addr, "--trust-anchors", p(&ca.join("trust-anchors.pem"))]);
-        let out = output(
-            cmd.args(["--token-file", p(&token), "--identity", WEB, "--out", p(&tmp.path().join("out"))]),
-            PATIENCE,
-        );
+        let (mut cmd, _) = to_a_closed_port(tmp.path(), command);
+        let out = output(&mut cmd, PATIENCE);
         let line = assert_one_line_connection_error(&out, &format!("{command:?} to a closed port"));
         assert!(line.contains("nothing listens"), "{line}");
     }
+}
+
+#[test]
+fn a_running_agent_that_cannot_connect_logs_one_line_a_round_and_names_doctor_on_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut cmd, addr) = to_a_closed_port(tmp.path(), &["agent"]);
+    let mut agent = Process::spawn(&mut cmd);
+    let deadline = Instant::now() + PATIENCE;
+    let first = agent.stderr.wait_for("no certificate yet", deadline);
+    let second = agent.stderr.wait_for("no certificate yet", deadline);
+    agent.stop("TERM", PATIENCE);
+    for line in [&first, &second] {
+        assert!(line.contains("nothing listens"), "{line}");
+        assert_eq!(repeated_phrase(line, 4), None, "a phrase is repeated in: {line}");
+    }
+    assert!(first.contains(&format!("doctor --addr {addr}")), "the first failure names doctor: {first}");
+    assert!(!second.contains("doctor"), "once a streak: {second}");
 }
 
 #[test]
@@ -919,4 +943,27 @@ fn the_readme_quick_start_is_two_commands_that_the_repository_backs() {
     }
     let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
     assert!(ci.lines().any(|l| l.trim() == "bash tests/run.sh"), ".ci/run runs the README's command");
+
+    // The Windows build docs/agent.md gives operators is the one the Wine test runs
+    // (whose binary tests/wine.rs checks is stripped and of shipping size).
+    let words = |line: &str| {
+        let mut words: Vec<String> = line
+            .replace("\"$windows_target\"", "x86_64-pc-windows-gnu")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        words.sort();
+        words
+    };
+    let built = |text: &str, what: &str| {
+        let lines: Vec<Vec<String>> = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("cargo build") && l.contains("windows"))
+            .map(words)
+            .collect();
+        assert_eq!(lines.len(), 1, "{what}: one Windows build line");
+        lines.into_iter().next().unwrap()
+    };
+    let documented = built(&std::fs::read_to_string(root.join("docs/agent.md")).unwrap(), "docs/agent.md");
+    assert_eq!(documented, built(&script, "tests/run.sh"), "the documented Windows build is the tested one");
 }

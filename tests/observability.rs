@@ -7,6 +7,7 @@
 use meshca_test_support as support;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshca::ca::hierarchy::HierarchyLifetimes;
@@ -170,8 +171,41 @@ async fn ready_becomes(server: &TestServer, want: u16) -> String {
     panic!("/ready never answered {want}; last {last:?}");
 }
 
+/// meshca's log lines (debug and up) from the tasks polled on this thread: with
+/// `#[tokio::test]`'s runtime, the in-process server's.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("meshca=debug"))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[tokio::test]
 async fn ready_fails_when_the_api_server_is_unreachable_past_the_threshold_and_recovers_without_traffic() {
+    let log = Captured::default();
+    let _logging = log.start();
     let (mut api, server) = cluster().await;
     let mut client = server.client().await;
 
@@ -214,6 +248,9 @@ async fn ready_fails_when_the_api_server_is_unreachable_past_the_threshold_and_r
         "{body}"
     );
     assert!(api.calls() > reviews, "/ready probed the API server before failing");
+    let logged = log.text();
+    assert!(logged.contains("readiness probe: the Kubernetes API server is still unreachable"), "{logged}");
+    assert!(!logged.contains("answers TokenReviews again"), "a failed probe is not a recovery:\n{logged}");
     let metrics = scrape(&server).await;
     assert_eq!(value(&metrics, "meshca_ready"), 0.0);
     assert!(value(&metrics, "meshca_token_review_errors_total") >= 1.0);
@@ -223,6 +260,7 @@ async fn ready_fails_when_the_api_server_is_unreachable_past_the_threshold_and_r
     api.set_mode(Mode::Answer);
     assert_eq!(ready_becomes(&server, 200).await, "ready\n");
     assert_eq!(value(&scrape(&server).await, "meshca_ready"), 1.0);
+    assert!(log.text().contains("the Kubernetes API server answers TokenReviews again"), "{}", log.text());
 
     // Gone for good: connections refused.
     api.stop_listening().await;

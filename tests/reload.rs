@@ -351,6 +351,7 @@ async fn a_root_rotation_reaches_agents_through_the_bundle_and_the_removed_root_
         policy: Policy::default(),
         offset_warning: Duration::from_secs(30),
         on_renew: None,
+        check_with: None,
     };
     renew_once(&settings, &server.clock).await.unwrap();
     let written = std::fs::read(dir.join("out/ca.crt")).unwrap();

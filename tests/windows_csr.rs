@@ -27,16 +27,21 @@
 //! administrator runs with certreq's output: saved as certreq saves it (`NEW
 //! CERTIFICATE REQUEST`, CRLF), with a byte-order mark, with OpenSSL's label, or as
 //! DER; accepted requests yield `tls.crt` and `ca.crt` and no key, refused ones exit 1
-//! with the server's reason, and misuse exits 2 before anything is sent.
+//! with the server's reason, and misuse exits 2 before anything is sent. A server
+//! that lies (a plaintext Identity service replaying real answers to other requests)
+//! shows that the command writes nothing unless the chain leads to the anchors, names
+//! the identity and carries the CSR's own key.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use meshca_test_support as support;
 
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 
 use meshca::ca::material::to_pem;
 use meshca::clock::Clock;
-use meshca::proto::CertifyRequest;
+use meshca::proto::identity_server::{Identity, IdentityServer};
+use meshca::proto::{CertifyRequest, CertifyResponse};
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
 use rustls_pki_types::pem::PemObject;
@@ -612,6 +617,11 @@ async fn certify_csr_refused_by_the_server_exits_1_with_its_reason_and_writes_no
         assert_eq!(run.status.code(), Some(1), "{what}: {stderr}");
         assert!(stderr.contains(&format!("meshca refused the request ({code})")), "{what}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr}");
+        // The server's own reason, as its audit record of this refusal gives it.
+        let record = server.audit_records().pop().unwrap();
+        let reason = record["reason"].as_str().unwrap();
+        let (_, words) = reason.split_once(": ").unwrap();
+        assert!(stderr.contains(words), "{what}: the server's reason {reason:?} in: {stderr}");
         assert!(!out.join("tls.crt").exists(), "{what}: no certificate written");
     }
     let denied = server.audit_records()[before..].iter().filter(|r| r["outcome"] == "denied").count();
@@ -656,5 +666,102 @@ async fn certify_csr_usage_errors_exit_2_before_anything_is_sent() {
     std::fs::write(out.join("tls.key"), to_pem("PRIVATE KEY", own.secret_pkcs8_der())).unwrap();
     let run = certify_csr(&server, &good, &out, &[]).await;
     assert_eq!(run.status.code(), Some(0), "the CSR's own key in --out: {}", text(&run.stderr));
+    assert!(out.join("tls.crt").exists());
+}
+
+/// A plaintext Identity service that answers every call with whatever response
+/// it holds: a server that lies, for the checks `certify --csr` makes of an answer.
+#[derive(Clone, Default)]
+struct Replay(Arc<Mutex<CertifyResponse>>);
+
+#[tonic::async_trait]
+impl Identity for Replay {
+    async fn certify(
+        &self,
+        _: tonic::Request<CertifyRequest>,
+    ) -> Result<tonic::Response<CertifyResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.0.lock().unwrap().clone()))
+    }
+}
+
+impl Replay {
+    /// Serves on a loopback port; returns its `http://` address.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = IdentityServer::new(self.clone());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+        format!("http://{addr}")
+    }
+}
+
+/// What `ca` answers to a request for `sa` in `default` with `csr`.
+async fn answer_of(ca: &TestServer, sa: &str, csr: Vec<u8>) -> CertifyResponse {
+    let request = CertifyRequest {
+        identity: ca.identity("default", sa),
+        token: ca.token("default", sa),
+        certificate_signing_request: csr,
+    };
+    ca.client().await.certify(request).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certify_csr_refuses_an_answer_for_another_key_identity_or_ca_and_writes_nothing() {
+    let server = TestServer::start().await;
+    let stranger_ca = TestServer::start().await;
+    let identity = server.identity("default", "web");
+    let db = server.identity("default", "db");
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, other_key) = (Key::p256(), Key::p256());
+    let csr = certreq(&key, &Request::plain(&identity));
+    let path = tmp.path().join("web.req");
+    std::fs::write(&path, saved(&csr, Saved::CertreqPem)).unwrap();
+
+    // Real answers from real CAs, each right for some request but this one.
+    let honest = answer_of(&server, "web", csr.clone()).await;
+    let cases = [
+        (
+            "a leaf for another key",
+            answer_of(&server, "web", certreq(&other_key, &Request::plain(&identity))).await,
+            "does not carry the requested key",
+        ),
+        (
+            "a leaf for another identity",
+            answer_of(&server, "db", certreq(&key, &Request::plain(&db))).await,
+            "unusable",
+        ),
+        ("a leaf from another CA", answer_of(&stranger_ca, "web", csr.clone()).await, "unusable"),
+        ("no leaf", CertifyResponse::default(), "no leaf certificate"),
+    ];
+
+    let replay = Replay::default();
+    let addr = replay.start().await;
+    let run = |out: std::path::PathBuf| {
+        let token = tmp.path().join("any.token");
+        std::fs::write(&token, server.token("default", "web")).unwrap();
+        let mut cmd = support::process::meshca();
+        cmd.arg("certify").arg("--csr").arg(&path).args(["--addr", &addr, "--identity", &identity]);
+        cmd.arg("--trust-anchors").arg(server.dir.path().join("trust-anchors.pem"));
+        cmd.arg("--token-file").arg(&token).arg("--out").arg(&out);
+        tokio::task::spawn_blocking(move || support::process::output(&mut cmd, support::process::PATIENCE))
+    };
+    for (i, (what, response, reason)) in cases.into_iter().enumerate() {
+        *replay.0.lock().unwrap() = response;
+        let out = tmp.path().join(format!("out{i}"));
+        let result = run(out.clone()).await.unwrap();
+        let stderr = text(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains("the returned certificate is unusable") && stderr.contains(reason),
+            "{what}: {stderr}"
+        );
+        assert!(!out.join("tls.crt").exists() && !out.join("ca.crt").exists(), "{what}: nothing written");
+    }
+    // The same server, answering honestly: the refusals above were the answers'.
+    *replay.0.lock().unwrap() = honest;
+    let out = tmp.path().join("honest");
+    let result = run(out.clone()).await.unwrap();
+    assert_eq!(result.status.code(), Some(0), "the honest answer: {}", text(&result.stderr));
     assert!(out.join("tls.crt").exists());
 }

@@ -104,6 +104,9 @@ pub struct Settings {
     pub offset_warning: Duration,
     /// Shell command run after each successful write.
     pub on_renew: Option<String>,
+    /// The command that checks each step of a round (`meshca doctor …` with these
+    /// settings), named in the log when a round fails after one that did not.
+    pub check_with: Option<String>,
 }
 
 impl Settings {
@@ -423,12 +426,22 @@ pub async fn run_with_status(
                     Error::Certify(c) => c.retry_after().map_or(delay, |hint| delay.max(hint)),
                     _ => delay,
                 };
+                // The first failure of a streak names the command that checks each step.
+                let check_with = settings.check_with.as_deref().filter(|_| attempt == 0);
                 attempt = attempt.saturating_add(1);
-                match left {
-                    Some(l) => {
-                        tracing::error!(error = %e, validity_left = ?l, retry_in = ?delay, "renewal failed; keeping the current certificate")
+                const KEEPING: &str = "renewal failed; keeping the current certificate";
+                const RETRYING: &str = "no certificate yet; retrying";
+                match (left, check_with) {
+                    (Some(l), Some(c)) => {
+                        tracing::error!(error = %e, validity_left = ?l, retry_in = ?delay, check_with = c, "{KEEPING}")
                     }
-                    None => tracing::error!(error = %e, retry_in = ?delay, "no certificate yet; retrying"),
+                    (Some(l), None) => {
+                        tracing::error!(error = %e, validity_left = ?l, retry_in = ?delay, "{KEEPING}")
+                    }
+                    (None, Some(c)) => {
+                        tracing::error!(error = %e, retry_in = ?delay, check_with = c, "{RETRYING}")
+                    }
+                    (None, None) => tracing::error!(error = %e, retry_in = ?delay, "{RETRYING}"),
                 }
                 delay
             }
