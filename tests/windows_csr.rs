@@ -302,6 +302,115 @@ fn certreq(key: &Key, req: &Request<'_>) -> Vec<u8> {
     seq(&[&info, &alg, &bits(&sig)])
 }
 
+/// The three key types certreq makes.
+struct Keys {
+    p256: Key,
+    p384: Key,
+    rsa: Key,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        Keys { p256: Key::p256(), p384: Key::p384(), rsa: Key::rsa2048() }
+    }
+}
+
+/// The requests meshca accepts for `id`: every key with every hash certreq can be
+/// told to use, with and without the identity in a SAN and the legacy attribute,
+/// with a UTF8String CN and with an empty subject.
+fn accepted<'a>(id: &'a str, keys: &'a Keys) -> Vec<(String, &'a Key, Request<'a>)> {
+    let hashes = |key: &Key| {
+        if key.is_rsa() {
+            vec![Hash::Sha256, Hash::Sha384, Hash::Sha512]
+        } else {
+            vec![Hash::Sha256, Hash::Sha384]
+        }
+    };
+    let mut cases: Vec<(String, &Key, Request<'_>)> = Vec::new();
+    for key in [&keys.p256, &keys.p384, &keys.rsa] {
+        for hash in hashes(key) {
+            let what = format!("{} {hash:?}", key.label);
+            cases.push((what.clone(), key, Request { hash, ..Request::plain(id) }));
+            let sans = Request { hash, san_dns: vec![id], legacy_attribute: Some(id), ..Request::plain(id) };
+            cases.push((format!("{what}, SAN and legacy attribute"), key, sans));
+        }
+        cases.push((
+            format!("{} UTF8String CN", key.label),
+            key,
+            Request { subject: Subject::Utf8(id), ..Request::plain(id) },
+        ));
+        cases.push((
+            format!("{} empty subject", key.label),
+            key,
+            Request { subject: Subject::Empty, ..Request::plain(id) },
+        ));
+    }
+    cases
+}
+
+/// The requests that ask for more than `id`, with the gRPC code and the audit
+/// reason of their refusal (`other` is another identity of the same deployment).
+fn refused<'a>(
+    id: &'a str,
+    other: &'a str,
+    keys: &'a Keys,
+) -> Vec<(&'static str, &'a Key, Request<'a>, Code, &'static str)> {
+    let (p256, p384, rsa) = (&keys.p256, &keys.p384, &keys.rsa);
+    let plain = || Request::plain(id);
+    vec![
+        (
+            "SAN naming another identity",
+            rsa,
+            Request { san_dns: vec![id, other], ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        (
+            "CN naming another identity",
+            p256,
+            Request { subject: Subject::Printable(other), ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        (
+            "IP address SAN",
+            p256,
+            Request { san_ip: Some([10, 0, 0, 7]), ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        ("CA:TRUE", rsa, Request { ca: true, ..plain() }, Code::PermissionDenied, "csr_ca_requested"),
+        (
+            "another identity hidden in the legacy extension-request attribute",
+            p384,
+            Request { legacy_attribute: Some(other), ..plain() },
+            Code::PermissionDenied,
+            "csr_name_not_allowed",
+        ),
+        (
+            "RSA-PSS signature",
+            rsa,
+            Request { pss: true, ..plain() },
+            Code::InvalidArgument,
+            "csr_unsupported_signature_algorithm",
+        ),
+        (
+            "ECDSA P-256 with SHA-512",
+            p256,
+            Request { hash: Hash::Sha512, ..plain() },
+            Code::InvalidArgument,
+            "csr_unsupported_signature_algorithm",
+        ),
+        (
+            "ECDSA P-384 with SHA-512",
+            p384,
+            Request { hash: Hash::Sha512, ..plain() },
+            Code::InvalidArgument,
+            "csr_unsupported_signature_algorithm",
+        ),
+    ]
+}
+
 // ---- The tests ----
 
 fn certify_request(server: &TestServer, csr: Vec<u8>) -> CertifyRequest {
@@ -361,33 +470,8 @@ async fn certreq_style_requests_are_accepted_and_the_leaf_carries_only_meshcas_p
     let mut client = server.client().await;
     let identity = server.identity("default", "web");
     let id = identity.as_str();
-    let (p256, p384, rsa) = (Key::p256(), Key::p384(), Key::rsa2048());
-    let hashes = |key: &Key| {
-        if key.is_rsa() {
-            vec![Hash::Sha256, Hash::Sha384, Hash::Sha512]
-        } else {
-            vec![Hash::Sha256, Hash::Sha384]
-        }
-    };
-    let mut cases: Vec<(String, &Key, Request<'_>)> = Vec::new();
-    for key in [&p256, &p384, &rsa] {
-        for hash in hashes(key) {
-            let what = format!("{} {hash:?}", key.label);
-            cases.push((what.clone(), key, Request { hash, ..Request::plain(id) }));
-            let sans = Request { hash, san_dns: vec![id], legacy_attribute: Some(id), ..Request::plain(id) };
-            cases.push((format!("{what}, SAN and legacy attribute"), key, sans));
-        }
-        cases.push((
-            format!("{} UTF8String CN", key.label),
-            key,
-            Request { subject: Subject::Utf8(id), ..Request::plain(id) },
-        ));
-        cases.push((
-            format!("{} empty subject", key.label),
-            key,
-            Request { subject: Subject::Empty, ..Request::plain(id) },
-        ));
-    }
+    let keys = Keys::new();
+    let cases = accepted(id, &keys);
     assert_eq!(cases.len(), 20);
     for (what, key, req) in cases {
         let csr = certreq(key, &req);
@@ -408,60 +492,8 @@ async fn certreq_style_requests_asking_for_more_are_refused_with_their_reason() 
     let identity = server.identity("default", "web");
     let id = identity.as_str();
     let other = server.identity("default", "db");
-    let (p256, p384, rsa) = (Key::p256(), Key::p384(), Key::rsa2048());
-    let plain = || Request::plain(id);
-    let cases: Vec<(&str, &Key, Request<'_>, Code, &str)> = vec![
-        (
-            "SAN naming another identity",
-            &rsa,
-            Request { san_dns: vec![id, other.as_str()], ..plain() },
-            Code::PermissionDenied,
-            "csr_name_not_allowed",
-        ),
-        (
-            "CN naming another identity",
-            &p256,
-            Request { subject: Subject::Printable(other.as_str()), ..plain() },
-            Code::PermissionDenied,
-            "csr_name_not_allowed",
-        ),
-        (
-            "IP address SAN",
-            &p256,
-            Request { san_ip: Some([10, 0, 0, 7]), ..plain() },
-            Code::PermissionDenied,
-            "csr_name_not_allowed",
-        ),
-        ("CA:TRUE", &rsa, Request { ca: true, ..plain() }, Code::PermissionDenied, "csr_ca_requested"),
-        (
-            "another identity hidden in the legacy extension-request attribute",
-            &p384,
-            Request { legacy_attribute: Some(other.as_str()), ..plain() },
-            Code::PermissionDenied,
-            "csr_name_not_allowed",
-        ),
-        (
-            "RSA-PSS signature",
-            &rsa,
-            Request { pss: true, ..plain() },
-            Code::InvalidArgument,
-            "csr_unsupported_signature_algorithm",
-        ),
-        (
-            "ECDSA P-256 with SHA-512",
-            &p256,
-            Request { hash: Hash::Sha512, ..plain() },
-            Code::InvalidArgument,
-            "csr_unsupported_signature_algorithm",
-        ),
-        (
-            "ECDSA P-384 with SHA-512",
-            &p384,
-            Request { hash: Hash::Sha512, ..plain() },
-            Code::InvalidArgument,
-            "csr_unsupported_signature_algorithm",
-        ),
-    ];
+    let keys = Keys::new();
+    let cases = refused(id, &other, &keys);
     for (what, key, req, code, reason) in cases {
         let csr = certreq(key, &req);
         // Well-formed and correctly signed: refused for what it asks, not for how it is made.
@@ -550,17 +582,13 @@ async fn certify_csr_sends_certreq_files_unchanged_and_writes_the_chain_without_
     let server = TestServer::start().await;
     let identity = server.identity("default", "web");
     let tmp = tempfile::tempdir().unwrap();
-    let (p256, p384, rsa) = (Key::p256(), Key::p384(), Key::rsa2048());
-    let cases = [
-        (&rsa, Saved::CertreqPem),
-        (&rsa, Saved::Der),
-        (&p256, Saved::CertreqPemWithBom),
-        (&p256, Saved::OpensslPem),
-        (&p384, Saved::CertreqPem),
-    ];
-    for (i, (key, how)) in cases.into_iter().enumerate() {
-        let what = format!("{} {how:?}", key.label);
-        let csr = certreq(key, &Request { san_dns: vec![&identity], ..Request::plain(&identity) });
+    let keys = Keys::new();
+    let saves = [Saved::CertreqPem, Saved::Der, Saved::CertreqPemWithBom, Saved::OpensslPem];
+    // The whole accepted corpus, each request saved one of the four ways in turn.
+    for (i, (what, key, req)) in accepted(&identity, &keys).into_iter().enumerate() {
+        let how = saves[i % saves.len()];
+        let what = format!("{what}, {how:?}");
+        let csr = certreq(key, &req);
         let path = tmp.path().join(format!("{i}.req"));
         std::fs::write(&path, saved(&csr, how)).unwrap();
         let out = tmp.path().join(format!("out{i}"));
@@ -573,7 +601,9 @@ async fn certify_csr_sends_certreq_files_unchanged_and_writes_the_chain_without_
         assert_eq!(chain.len(), 2, "{what}: leaf, then the issuer");
         server.anchors.verify(&chain[0], &chain[1..], server.clock.now(), Some(&identity)).unwrap();
         assert_only_meshcas_profile(&chain[0], key, &identity, &what);
-        assert!(out.join("ca.crt").exists(), "{what}: ca.crt");
+        let bundle: Vec<_> =
+            CertificateDer::pem_file_iter(out.join("ca.crt")).unwrap().map(Result::unwrap).collect();
+        assert_eq!(bundle, server.anchors.certificates(), "{what}: ca.crt holds the trust anchors");
         assert!(!out.join("tls.key").exists(), "{what}: no key is written: it stays where the CSR was made");
     }
 }
@@ -584,38 +614,17 @@ async fn certify_csr_refused_by_the_server_exits_1_with_its_reason_and_writes_no
     let identity = server.identity("default", "web");
     let other = server.identity("default", "db");
     let tmp = tempfile::tempdir().unwrap();
-    let (p256, rsa) = (Key::p256(), Key::rsa2048());
-    let cases: Vec<(&str, &Key, Request<'_>, &str)> = vec![
-        (
-            "another identity in the SAN",
-            &rsa,
-            Request { san_dns: vec![&identity, &other], ..Request::plain(&identity) },
-            "PermissionDenied",
-        ),
-        ("CA:TRUE", &rsa, Request { ca: true, ..Request::plain(&identity) }, "PermissionDenied"),
-        (
-            "a name hidden in the legacy attribute",
-            &p256,
-            Request { legacy_attribute: Some(&other), ..Request::plain(&identity) },
-            "PermissionDenied",
-        ),
-        ("RSA-PSS", &rsa, Request { pss: true, ..Request::plain(&identity) }, "InvalidArgument"),
-        (
-            "ECDSA with SHA-512",
-            &p256,
-            Request { hash: Hash::Sha512, ..Request::plain(&identity) },
-            "InvalidArgument",
-        ),
-    ];
+    let keys = Keys::new();
+    let cases = refused(&identity, &other, &keys);
     let before = server.audit_records().len();
-    for (i, (what, key, req, code)) in cases.iter().enumerate() {
+    for (i, (what, key, req, code, _)) in cases.iter().enumerate() {
         let path = tmp.path().join(format!("{i}.req"));
         std::fs::write(&path, saved(&certreq(key, req), Saved::CertreqPem)).unwrap();
         let out = tmp.path().join(format!("out{i}"));
         let run = certify_csr(&server, &path, &out, &[]).await;
         let stderr = text(&run.stderr);
         assert_eq!(run.status.code(), Some(1), "{what}: {stderr}");
-        assert!(stderr.contains(&format!("meshca refused the request ({code})")), "{what}: {stderr}");
+        assert!(stderr.contains(&format!("meshca refused the request ({code:?})")), "{what}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr}");
         // The server's own reason, as its audit record of this refusal gives it.
         let record = server.audit_records().pop().unwrap();
@@ -671,15 +680,17 @@ async fn certify_csr_usage_errors_exit_2_before_anything_is_sent() {
 
 /// A plaintext Identity service that answers every call with whatever response
 /// it holds: a server that lies, for the checks `certify --csr` makes of an answer.
+/// It keeps the CSR of the last call it received.
 #[derive(Clone, Default)]
-struct Replay(Arc<Mutex<CertifyResponse>>);
+struct Replay(Arc<Mutex<CertifyResponse>>, Arc<Mutex<Vec<u8>>>);
 
 #[tonic::async_trait]
 impl Identity for Replay {
     async fn certify(
         &self,
-        _: tonic::Request<CertifyRequest>,
+        request: tonic::Request<CertifyRequest>,
     ) -> Result<tonic::Response<CertifyResponse>, tonic::Status> {
+        *self.1.lock().unwrap() = request.into_inner().certificate_signing_request;
         Ok(tonic::Response::new(self.0.lock().unwrap().clone()))
     }
 }
@@ -716,7 +727,7 @@ async fn certify_csr_refuses_an_answer_for_another_key_identity_or_ca_and_writes
     let (key, other_key) = (Key::p256(), Key::p256());
     let csr = certreq(&key, &Request::plain(&identity));
     let path = tmp.path().join("web.req");
-    std::fs::write(&path, saved(&csr, Saved::CertreqPem)).unwrap();
+    std::fs::write(&path, saved(&csr, Saved::CertreqPemWithBom)).unwrap();
 
     // Real answers from real CAs, each right for some request but this one.
     let honest = answer_of(&server, "web", csr.clone()).await;
@@ -764,4 +775,5 @@ async fn certify_csr_refuses_an_answer_for_another_key_identity_or_ca_and_writes
     let result = run(out.clone()).await.unwrap();
     assert_eq!(result.status.code(), Some(0), "the honest answer: {}", text(&result.stderr));
     assert!(out.join("tls.crt").exists());
+    assert!(*replay.1.lock().unwrap() == csr, "the CSR went out as certreq made it, byte for byte");
 }
