@@ -617,14 +617,17 @@ async fn certify_csr_refused_by_the_server_exits_1_with_its_reason_and_writes_no
     let keys = Keys::new();
     let cases = refused(&identity, &other, &keys);
     let before = server.audit_records().len();
-    for (i, (what, key, req, code, _)) in cases.iter().enumerate() {
+    for (i, (what, key, req, code, reason_code)) in cases.iter().enumerate() {
         let path = tmp.path().join(format!("{i}.req"));
         std::fs::write(&path, saved(&certreq(key, req), Saved::CertreqPem)).unwrap();
         let out = tmp.path().join(format!("out{i}"));
         let run = certify_csr(&server, &path, &out, &[]).await;
         let stderr = text(&run.stderr);
         assert_eq!(run.status.code(), Some(1), "{what}: {stderr}");
-        assert!(stderr.contains(&format!("meshca refused the request ({code:?})")), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&format!("meshca refused the request ({code:?}, {reason_code})")),
+            "{what}: {stderr}"
+        );
         assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr}");
         // The server's own reason, as its audit record of this refusal gives it.
         let record = server.audit_records().pop().unwrap();

@@ -34,8 +34,17 @@ pub enum Error {
     Connect { addr: String, reason: String },
     /// meshca refused the request; `retry_after` is its pushback hint
     /// (`grpc-retry-pushback-ms`, sent with ResourceExhausted).
-    #[error("meshca refused the request ({code:?}): {message}")]
-    Refused { code: tonic::Code, message: String, retry_after: Option<std::time::Duration> },
+    /// `reason` is the server's reason code (`x-meshca-reason`), when it sent one.
+    #[error(
+        "meshca refused the request ({code:?}{}): {message}",
+        reason.as_deref().map(|r| format!(", {r}")).unwrap_or_default()
+    )]
+    Refused {
+        code: tonic::Code,
+        message: String,
+        reason: Option<String>,
+        retry_after: Option<std::time::Duration>,
+    },
     /// The response is unusable: missing leaf, bad chain, wrong identity.
     #[error("the returned certificate is unusable: {0}")]
     BadResponse(String),
@@ -49,7 +58,12 @@ fn refused(status: tonic::Status) -> Error {
     let retry_after = (status.metadata().get(crate::wire::RETRY_PUSHBACK_HEADER))
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map(std::time::Duration::from_millis);
-    Error::Refused { code: status.code(), message: status.message().to_owned(), retry_after }
+    // Only a plain code word is shown (the header is the server's, not the peer's to fill the line with).
+    let reason = (status.metadata().get(crate::wire::REASON_HEADER))
+        .and_then(|v| v.to_str().ok())
+        .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        .map(str::to_owned);
+    Error::Refused { code: status.code(), message: status.message().to_owned(), reason, retry_after }
 }
 
 impl Error {

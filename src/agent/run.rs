@@ -516,6 +516,7 @@ mod tests {
         let refused = Err(client::Error::Refused {
             code: tonic::Code::Unimplemented,
             message: "no".into(),
+            reason: None,
             retry_after: None,
         });
         assert_eq!(roots(&ca_bundle(&local, refused, &leaf, &intermediates, now)), roots(&local));
