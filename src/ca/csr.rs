@@ -1007,4 +1007,298 @@ mod tests {
             }
         }
     }
+
+    /// `read_tlv` on `input` for an OCTET STRING: `Ok((contents, tlv, rest))`
+    /// lengths, or the error's text.
+    fn tlv_of(input: &[u8]) -> Result<(usize, usize, usize), String> {
+        read_tlv(input, 0x04).map(|(c, t, r)| (c.len(), t.len(), r.len())).map_err(|e| match e {
+            Error::Malformed { reason } => reason,
+            other => other.to_string(),
+        })
+    }
+
+    #[test]
+    fn der_lengths_must_be_definite_minimal_and_at_most_three_bytes_and_each_fault_is_named() {
+        let with =
+            |header: &[u8], body: usize, extra: usize| [header, &vec![0xab; body + extra][..]].concat();
+        // Short form up to 127; long form from 128, in 1 to 3 bytes.
+        assert_eq!(tlv_of(&with(&[0x04, 0x00], 0, 1)), Ok((0, 2, 1)));
+        assert_eq!(tlv_of(&with(&[0x04, 0x7f], 127, 2)), Ok((127, 129, 2)));
+        assert_eq!(tlv_of(&with(&[0x04, 0x81, 0x80], 128, 0)), Ok((128, 131, 0)));
+        assert_eq!(tlv_of(&with(&[0x04, 0x82, 0x01, 0x00], 256, 3)), Ok((256, 260, 3)));
+        assert_eq!(tlv_of(&with(&[0x04, 0x82, 0x01, 0x23], 0x123, 0)), Ok((0x123, 0x127, 0)));
+        assert_eq!(tlv_of(&with(&[0x04, 0x83, 0x01, 0x00, 0x01], 65_537, 0)), Ok((65_537, 65_542, 0)));
+        let fault = |input: &[u8]| tlv_of(input).unwrap_err();
+        assert_eq!(fault(&[]), "invalid DER structure (truncated)");
+        assert_eq!(fault(&[0x05, 0x00]), "invalid DER tag");
+        assert_eq!(fault(&[0x04]), "invalid DER length (truncated)");
+        // Indefinite length (BER), and four length bytes.
+        assert_eq!(fault(&with(&[0x04, 0x80], 128, 2)), "invalid DER length");
+        assert_eq!(fault(&with(&[0x04, 0x84, 0x00, 0x01, 0x00, 0x00], 65_536, 0)), "invalid DER length");
+        assert_eq!(fault(&with(&[0x04, 0x84, 0x01, 0x00, 0x00, 0x00], 0, 0)), "invalid DER length");
+        assert_eq!(fault(&[0x04, 0x82, 0x01]), "invalid DER length (truncated)");
+        // Not minimal: a leading zero byte, or the long form for a short length.
+        assert_eq!(fault(&with(&[0x04, 0x82, 0x00, 0x80], 128, 0)), "invalid DER length (not minimal)");
+        assert_eq!(fault(&with(&[0x04, 0x81, 0x7f], 127, 0)), "invalid DER length (not minimal)");
+        assert_eq!(fault(&with(&[0x04, 0x02], 1, 0)), "invalid DER structure (truncated)");
+        assert_eq!(fault(&with(&[0x04, 0x81, 0x80], 127, 0)), "invalid DER structure (truncated)");
+    }
+
+    #[test]
+    fn oids_in_messages_are_dotted_with_each_first_arc_and_overlong_ones_are_invalid() {
+        assert_eq!(dotted(OID_SHA256_RSA), "1.2.840.113549.1.1.11");
+        assert_eq!(dotted(OID_P384), "1.3.132.0.34");
+        assert_eq!(dotted(&[0x27, 0x05]), "0.39.5");
+        assert_eq!(dotted(&[0x28]), "1.0");
+        assert_eq!(dotted(&[0x4f]), "1.39");
+        assert_eq!(dotted(&[0x50]), "2.0");
+        assert_eq!(dotted(&[0x55, 0x1d, 0x11]), "2.5.29.17");
+        assert_eq!(dotted(&[0x88, 0x37, 0x01]), "2.999.1");
+        assert_eq!(dotted(&[]), "invalid OID");
+        // An arc of 63 bits fits; one more 7-bit group does not.
+        let arc = |groups: usize| [vec![0xff; groups - 1], vec![0x7f]].concat();
+        assert_eq!(dotted(&[&[0x2a][..], &arc(9)].concat()), format!("1.2.{}", u64::MAX >> 1));
+        assert_eq!(dotted(&[&[0x2a][..], &arc(10)].concat()), "invalid OID");
+        // 64 bits: one leading bit, then nine full groups.
+        let widest = [&[0x2a, 0x81][..], &[0xff; 8], &[0x7f]].concat();
+        assert_eq!(dotted(&widest), format!("1.2.{}", u64::MAX));
+        assert_eq!(dotted(&[&[0x2a, 0x82][..], &[0xff; 8], &[0x7f]].concat()), "invalid OID");
+        // Only the first 64 bytes are read.
+        let long = [vec![0x2a], vec![0x01; 70]].concat();
+        assert_eq!(dotted(&long), format!("1.2{}", ".1".repeat(63)));
+    }
+
+    #[test]
+    fn names_in_refusals_are_shown_only_when_printable_and_at_most_253_characters() {
+        assert_eq!(describe("DNS SAN", b"evil.example"), "DNS SAN \"evil.example\"");
+        assert_eq!(describe("DNS SAN", b""), "DNS SAN");
+        assert_eq!(describe("DNS SAN", b"a\x1fb"), "DNS SAN");
+        assert_eq!(describe("DNS SAN", b"a\x7fb"), "DNS SAN");
+        assert_eq!(describe("DNS SAN", b" ~"), "DNS SAN \" ~\"");
+        let long = "a".repeat(300);
+        assert_eq!(describe("CN", long.as_bytes()), format!("CN {:?}", "a".repeat(253)));
+    }
+
+    #[test]
+    fn rsa_integers_must_be_positive_nonzero_and_minimal() {
+        let of = |contents: &[u8]| {
+            positive_integer(contents).map(<[u8]>::to_vec).map_err(|e| match e {
+                Error::InvalidKey { reason } => reason,
+                other => other.to_string(),
+            })
+        };
+        assert_eq!(of(&[0x01, 0x00]), Ok(vec![0x01, 0x00]));
+        assert_eq!(of(&[0x7f]), Ok(vec![0x7f]));
+        assert_eq!(of(&[0x00, 0x80, 0x01]), Ok(vec![0x80, 0x01]));
+        assert_eq!(of(&[]), Err("empty INTEGER in RSA key".into()));
+        assert_eq!(of(&[0x80]), Err("negative INTEGER in RSA key".into()));
+        assert_eq!(of(&[0xff, 0x01]), Err("negative INTEGER in RSA key".into()));
+        assert_eq!(of(&[0x00, 0x7f]), Err("non-minimal INTEGER in RSA key".into()));
+        assert_eq!(of(&[0x00, 0x00]), Err("non-minimal INTEGER in RSA key".into()));
+        assert_eq!(of(&[0x00]), Err("zero INTEGER in RSA key".into()));
+    }
+
+    /// A frame holding only a public key: `alg`, `params`, and the BIT STRING's bytes.
+    fn key_frame<'a>(alg: &'a [u8], params: &'a [u8], bits: &'a [u8]) -> Frame<'a> {
+        let none: &[u8] = &[];
+        Frame {
+            info: none,
+            attributes: none,
+            spki: none,
+            key_alg: alg,
+            key_params: params,
+            key_bits: bits,
+            sig_alg: none,
+            sig_params: none,
+            signature: none,
+        }
+    }
+
+    /// `key_type`'s verdict in words: the key type's label, or the refusal's text.
+    fn key_verdict(alg: &[u8], params: &[u8], bits: &[u8], policy: &KeyPolicy) -> String {
+        match key_type(&key_frame(alg, params, bits), policy) {
+            Ok(t) => t.label(),
+            Err(Error::InvalidKey { reason }) => format!("invalid: {reason}"),
+            Err(Error::UnsupportedKey { what }) => format!("unsupported: {what}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn ec_keys_need_a_named_allowed_curve_and_an_uncompressed_point_of_its_length() {
+        let policy = KeyPolicy::default();
+        let curve = |oid: &[u8]| tlv(TAG_OID, &[oid]);
+        let point = |len: usize| [vec![0x04], vec![0x11; len - 1]].concat();
+        let ec = |params: &[u8], bits: &[u8], policy: &KeyPolicy| {
+            key_verdict(OID_EC_PUBLIC_KEY, params, bits, policy)
+        };
+        assert_eq!(ec(&curve(OID_P256), &point(65), &policy), "p256");
+        assert_eq!(ec(&curve(OID_P384), &point(97), &policy), "p384");
+        assert_eq!(
+            ec(&curve(OID_P256), &point(97), &policy),
+            "invalid: EC point has the wrong length for its curve"
+        );
+        assert_eq!(
+            ec(&curve(OID_P384), &point(65), &policy),
+            "invalid: EC point has the wrong length for its curve"
+        );
+        let compressed = [&[0x02][..], &[0x11; 32]].concat();
+        assert_eq!(
+            ec(&curve(OID_P256), &compressed, &policy),
+            "invalid: EC point is not in uncompressed form"
+        );
+        assert_eq!(ec(&curve(OID_P256), &[], &policy), "invalid: EC point is not in uncompressed form");
+        assert_eq!(ec(&curve(OID_P521), &point(133), &policy), "unsupported: EC curve P-521");
+        let secp256k1 = [0x2b, 0x81, 0x04, 0x00, 0x0a];
+        assert_eq!(ec(&curve(&secp256k1), &point(65), &policy), "unsupported: EC curve 1.3.132.0.10");
+        assert_eq!(ec(DER_NULL, &point(65), &policy), "unsupported: EC key without a named curve");
+        assert_eq!(ec(&[], &point(65), &policy), "unsupported: EC key without a named curve");
+        let no_p256 = KeyPolicy { allow_p256: false, ..KeyPolicy::default() };
+        assert_eq!(
+            ec(&curve(OID_P256), &point(65), &no_p256),
+            "unsupported: p256 keys are disabled by policy"
+        );
+        assert_eq!(ec(&curve(OID_P384), &point(97), &no_p256), "p384");
+    }
+
+    #[test]
+    fn rsa_keys_need_null_or_no_parameters_an_odd_modulus_in_bounds_and_a_small_odd_exponent() {
+        let policy = KeyPolicy::default();
+        // A modulus of `bits` bits (a multiple of 8 plus 1..=8), odd unless `even`.
+        let modulus = |bits: usize, even: bool| {
+            let mut n = vec![0xc5; bits.div_ceil(8)];
+            n[0] = 0xff >> ((8 - bits % 8) % 8);
+            *n.last_mut().unwrap() = if even { 0xc4 } else { 0xc5 };
+            if n[0] & 0x80 != 0 {
+                n.insert(0, 0);
+            }
+            n
+        };
+        let key = |n: &[u8], e: &[u8]| tlv(TAG_SEQUENCE, &[&tlv(TAG_INTEGER, &[n]), &tlv(TAG_INTEGER, &[e])]);
+        let rsa = |params: &[u8], n: &[u8], e: &[u8], policy: &KeyPolicy| {
+            key_verdict(OID_RSA, params, &key(n, e), policy)
+        };
+        let n2048 = modulus(2048, false);
+        let f4 = [0x01, 0x00, 0x01];
+        assert_eq!(rsa(DER_NULL, &n2048, &f4, &policy), "rsa2048");
+        assert_eq!(rsa(&[], &n2048, &f4, &policy), "rsa2048");
+        let params = tlv(TAG_INTEGER, &[&[0]]);
+        assert_eq!(rsa(&params, &n2048, &f4, &policy), "invalid: rsaEncryption parameters are not NULL");
+        // Bits: the modulus's, counted from its first set bit, within the policy and ring's bounds.
+        assert_eq!(
+            rsa(DER_NULL, &modulus(2047, false), &f4, &policy),
+            "CSR RSA key has 2047 bits, below the minimum of 2048; generate a larger key"
+        );
+        assert_eq!(rsa(DER_NULL, &modulus(4096, false), &f4, &policy), "rsa4096");
+        assert_eq!(rsa(DER_NULL, &modulus(3073, false), &f4, &policy), "rsa3073");
+        assert_eq!(
+            rsa(DER_NULL, &modulus(4097, false), &f4, &policy),
+            "CSR RSA key has 4097 bits, above the maximum of 4096; generate a smaller key or use ECDSA"
+        );
+        let wide = KeyPolicy { rsa_min_bits: Some(1024), rsa_max_bits: 16_384, ..KeyPolicy::default() };
+        assert!(rsa(DER_NULL, &modulus(2047, false), &f4, &wide).contains("below the minimum of 2048"));
+        assert!(rsa(DER_NULL, &modulus(8193, false), &f4, &wide).contains("above the maximum of 8192"));
+        assert_eq!(rsa(DER_NULL, &modulus(8192, false), &f4, &wide), "rsa8192");
+        let no_rsa = KeyPolicy { rsa_min_bits: None, ..KeyPolicy::default() };
+        assert_eq!(rsa(DER_NULL, &n2048, &f4, &no_rsa), "unsupported: RSA keys are disabled by policy");
+        assert_eq!(rsa(DER_NULL, &modulus(2048, true), &f4, &policy), "invalid: RSA modulus is even");
+        // The exponent: odd, 3 up to 2^33 (exclusive), at most five bytes.
+        for (e, verdict) in [
+            (&[0x03][..], "rsa2048"),
+            (&[0x01, 0xff, 0xff, 0xff, 0xff], "rsa2048"),
+            (&[0x01, 0x00, 0x00, 0x00, 0x01], "rsa2048"),
+            (&[0x01], "invalid: RSA exponent must be odd and in 3..2^33"),
+            (&[0x02, 0x00, 0x00, 0x00, 0x01], "invalid: RSA exponent must be odd and in 3..2^33"),
+            (&[0x01, 0x00, 0x00], "invalid: RSA exponent must be odd and in 3..2^33"),
+            (&[0x01, 0x00, 0x00, 0x00, 0x00, 0x01], "invalid: RSA exponent is too large"),
+        ] {
+            assert_eq!(rsa(DER_NULL, &n2048, e, &policy), verdict, "e = {e:02x?}");
+        }
+        assert_eq!(rsa(DER_NULL, &n2048, &[0x00, 0x01], &policy), "invalid: non-minimal INTEGER in RSA key");
+        let not_a_key = tlv(TAG_SEQUENCE, &[&tlv(TAG_INTEGER, &[&n2048])]);
+        assert_eq!(
+            key_verdict(OID_RSA, DER_NULL, &not_a_key, &policy),
+            "invalid: RSA key is not a DER RSAPublicKey"
+        );
+    }
+
+    #[test]
+    fn other_key_algorithms_are_named_in_the_refusal() {
+        let policy = KeyPolicy::default();
+        for (alg, named) in [
+            (OID_ED25519, "Ed25519"),
+            (OID_ED448, "Ed448"),
+            (OID_DSA, "DSA"),
+            (OID_RSA_PSS, "RSA-PSS key"),
+            (&[0x2a, 0x03][..], "key algorithm 1.2.3"),
+        ] {
+            assert_eq!(key_verdict(alg, &[], &[0x04; 32], &policy), format!("unsupported: {named}"));
+        }
+    }
+
+    /// `verification_alg`'s choice for `key` and a signature algorithm (`oid`,
+    /// `params`): ring's name for it, or the refusal's text.
+    fn sig_verdict(key: KeyType, oid: &[u8], params: &[u8]) -> String {
+        let none: &[u8] = &[];
+        let frame = Frame { sig_alg: oid, sig_params: params, ..key_frame(none, none, none) };
+        match verification_alg(key, &frame) {
+            Ok(alg) => format!("{alg:?}"),
+            Err(Error::UnsupportedSignatureAlgorithm { what }) => format!("unsupported: {what}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn each_key_type_verifies_with_exactly_its_signature_algorithms() {
+        let rsa = KeyType::Rsa { bits: 2048 };
+        let ok: [(KeyType, &[u8], &'static dyn VerificationAlgorithm); 7] = [
+            (KeyType::P256, OID_ECDSA_SHA256, &signature::ECDSA_P256_SHA256_ASN1),
+            (KeyType::P256, OID_ECDSA_SHA384, &signature::ECDSA_P256_SHA384_ASN1),
+            (KeyType::P384, OID_ECDSA_SHA256, &signature::ECDSA_P384_SHA256_ASN1),
+            (KeyType::P384, OID_ECDSA_SHA384, &signature::ECDSA_P384_SHA384_ASN1),
+            (rsa, OID_SHA256_RSA, &signature::RSA_PKCS1_2048_8192_SHA256),
+            (rsa, OID_SHA384_RSA, &signature::RSA_PKCS1_2048_8192_SHA384),
+            (rsa, OID_SHA512_RSA, &signature::RSA_PKCS1_2048_8192_SHA512),
+        ];
+        let names: std::collections::BTreeSet<String> =
+            ok.iter().map(|(_, _, alg)| format!("{alg:?}")).collect();
+        assert_eq!(names.len(), ok.len(), "ring names each algorithm apart: {names:?}");
+        for (key, oid, alg) in ok {
+            let chosen = sig_verdict(key, oid, &[]);
+            assert_eq!(chosen, format!("{alg:?}"), "{key} {}", dotted(oid));
+            if matches!(key, KeyType::Rsa { .. }) {
+                assert_eq!(sig_verdict(key, oid, DER_NULL), chosen, "RSA with NULL parameters");
+            }
+        }
+        assert_eq!(
+            sig_verdict(rsa, OID_SHA256_RSA, &[0x02, 0x01, 0x00]),
+            "unsupported: 1.2.840.113549.1.1.11 with unexpected parameters"
+        );
+        assert_eq!(
+            sig_verdict(KeyType::P256, OID_ECDSA_SHA256, DER_NULL),
+            "unsupported: 1.2.840.10045.4.3.2 with unexpected parameters"
+        );
+        assert_eq!(
+            sig_verdict(KeyType::P256, OID_ECDSA_SHA384, DER_NULL),
+            "unsupported: 1.2.840.10045.4.3.3 with unexpected parameters"
+        );
+        // A known algorithm with the other family's key, RSA-PSS, and anything else.
+        assert_eq!(
+            sig_verdict(KeyType::P256, OID_SHA256_RSA, &[]),
+            "unsupported: 1.2.840.113549.1.1.11 with a p256 key"
+        );
+        assert_eq!(
+            sig_verdict(KeyType::P384, OID_SHA512_RSA, DER_NULL),
+            "unsupported: 1.2.840.113549.1.1.13 with a p384 key"
+        );
+        assert_eq!(
+            sig_verdict(rsa, OID_ECDSA_SHA384, &[]),
+            "unsupported: 1.2.840.10045.4.3.3 with a rsa2048 key"
+        );
+        assert_eq!(sig_verdict(rsa, OID_RSA_PSS, &[]), "unsupported: RSA-PSS");
+        assert_eq!(sig_verdict(KeyType::P256, OID_RSA_PSS, &[0x30, 0x00]), "unsupported: RSA-PSS");
+        let ecdsa_sha512 = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04];
+        assert_eq!(sig_verdict(KeyType::P256, &ecdsa_sha512, &[]), "unsupported: 1.2.840.10045.4.3.4");
+        assert_eq!(sig_verdict(rsa, &ecdsa_sha512, DER_NULL), "unsupported: 1.2.840.10045.4.3.4");
+    }
 }
