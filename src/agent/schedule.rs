@@ -186,5 +186,12 @@ mod tests {
         assert_eq!(Policy { renew_at: f64::NAN, ..Policy::default() }.validate(), Err(Error::RenewAt));
         assert_eq!(Policy { jitter: 1.0, ..Policy::default() }.validate(), Err(Error::Jitter));
         assert_eq!(Policy::default().validate(), Ok(()));
+        // Each range's ends: renew_at excludes 0, jitter includes it.
+        assert_eq!(Policy { renew_at: 0.0, ..Policy::default() }.validate(), Err(Error::RenewAt));
+        assert_eq!(Policy { renew_at: f64::MIN_POSITIVE, ..Policy::default() }.validate(), Ok(()));
+        assert_eq!(Policy { renew_at: 0.999, ..Policy::default() }.validate(), Ok(()));
+        assert_eq!(Policy { jitter: 0.0, ..Policy::default() }.validate(), Ok(()));
+        assert_eq!(Policy { jitter: -f64::MIN_POSITIVE, ..Policy::default() }.validate(), Err(Error::Jitter));
+        assert_eq!(Policy { jitter: 0.999, ..Policy::default() }.validate(), Ok(()));
     }
 }
