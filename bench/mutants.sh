@@ -54,7 +54,7 @@ tests_for() {
         src/ca/csr.rs) echo "hostile windows_csr properties" ;;
         src/ca/profile.rs) echo "certify windows_profile renewal properties" ;;
         src/ca/issuer.rs) echo "certify windows_profile reload token" ;;
-        src/auth/source/*.rs) echo "cli certify discovery tokenreview" ;;
+        src/auth/source/*.rs) echo "cli certify discovery tokenreview events" ;;
         src/auth/jwt.rs | src/auth/dev.rs | src/auth/mod.rs) echo "hostile certify discovery" ;;
         src/auth/discovery.rs) echo "discovery confirm_pod" ;;
         src/auth/bootstrap.rs) echo "bootstrap token" ;;

@@ -192,6 +192,7 @@ mod tests {
         let name = workers.run(|| std::thread::current().name().map(str::to_owned)).await.unwrap();
         assert!(name.unwrap().starts_with("meshca-sign-"));
         assert_eq!(workers.run(|| 6 * 7).await.unwrap(), 42);
+        assert_eq!(format!("{workers:?}"), "Workers { threads: 2, waiting: 0 }");
     }
 
     // Multi-thread: the test thread blocks on std channels while tasks run.
