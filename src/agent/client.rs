@@ -58,7 +58,8 @@ fn refused(status: tonic::Status) -> Error {
     let retry_after = (status.metadata().get(crate::wire::RETRY_PUSHBACK_HEADER))
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map(std::time::Duration::from_millis);
-    // Only a plain code word is shown (the header is the server's, not the peer's to fill the line with).
+    // Shown only when it is a plain code word (`csr_name_not_allowed`): whatever else a
+    // server puts there stays out of the one line the user reads.
     let reason = (status.metadata().get(crate::wire::REASON_HEADER))
         .and_then(|v| v.to_str().ok())
         .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
