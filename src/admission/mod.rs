@@ -473,9 +473,7 @@ mod tests {
             let a = a.clone();
             async move { a.run(|| std::thread::current().name().map(str::to_owned)).await }
         });
-        while a.queue_depth() < 1 {
-            tokio::task::yield_now().await;
-        }
+        workers::yield_until("the job is queued", || a.queue_depth() > 0).await;
         assert_eq!((a.queue_depth(), a.max_queue_depth()), (1, 1));
         release.send(()).unwrap();
         holder.await.unwrap().unwrap();

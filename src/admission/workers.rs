@@ -162,6 +162,17 @@ fn work(queue: &Queue, took: &(dyn Fn(Duration) + Send + Sync)) {
     }
 }
 
+/// For tests: yields until `done` holds, failing after 10 s of trying, so that a
+/// count that never comes fails the test instead of hanging it.
+#[cfg(test)]
+pub(crate) async fn yield_until(what: &str, done: impl Fn() -> bool) {
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < give_up, "gave up waiting until {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -208,9 +219,7 @@ mod tests {
             queued
                 .push(tokio::spawn(async move { queue_on.run(move || order.lock().unwrap().push(i)).await }));
             // Each is queued before the next is spawned.
-            while workers.waiting() < i + 1 {
-                tokio::task::yield_now().await;
-            }
+            yield_until("the job is queued", || workers.waiting() > i).await;
         }
         assert_eq!((workers.waiting(), workers.max_waiting()), (5, 5));
         release.send(()).unwrap();
@@ -240,9 +249,7 @@ mod tests {
             let (workers, ran) = (workers.clone(), ran.clone());
             async move { workers.run(move || ran.fetch_add(1, Ordering::SeqCst)).await }
         });
-        while workers.waiting() < 1 {
-            tokio::task::yield_now().await;
-        }
+        yield_until("the job is queued", || workers.waiting() > 0).await;
         abandoned.abort();
         assert!(abandoned.await.unwrap_err().is_cancelled());
         release.send(()).unwrap();
