@@ -624,6 +624,10 @@ fn the_readmes_kustomization_sets_the_registrys_image_on_each_tree_it_offers() {
             .map(|c| str_of(&c["image"], "image"))
             .collect();
         assert_eq!(images, ["REGISTRY/meshca:0.1.0"], "{tree}");
+        for doc in &docs {
+            let text = doc.to_string();
+            assert!(!text.contains("\"meshca:0.1.0\""), "{tree}: the bare image is still named in {text}");
+        }
     }
 }
 
