@@ -7,7 +7,8 @@
 //! certificates and keys, or fail alike), nor do UTF-8 byte-order marks at the start
 //! of lines (a Windows editor's, or several from concatenated files); trailing CR/LF
 //! after a token is trimmed and changes nothing; a SEC1 key is wrapped whole; a JWKS
-//! that loads holds a key.
+//! that loads holds a key; no certificate or key loads as zero bytes (an empty PEM
+//! block is refused).
 #![no_main]
 
 use std::path::PathBuf;
@@ -71,7 +72,9 @@ fn load(data: &[u8]) -> Loaded {
         }
         certs.iter().map(|c| c.to_vec()).collect()
     });
-    (certs, read_pkcs8_key(&PATH).ok())
+    let key = read_pkcs8_key(&PATH).ok();
+    assert!(key.as_ref().is_none_or(|k| !k.is_empty()));
+    (certs, key)
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -23,6 +23,11 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Er
     if certs.is_empty() {
         return Err(Error::NoCertificate { path: path.into() });
     }
+    // pem_slice_iter yields an empty DER for a block with nothing between its lines.
+    if let Some(n) = certs.iter().position(|c| c.is_empty()) {
+        let reason = format!("CERTIFICATE block {} of {} is empty", n + 1, certs.len());
+        return Err(Error::BadCertificate { path: path.into(), reason });
+    }
     Ok(certs)
 }
 
@@ -60,6 +65,9 @@ pub fn read_pkcs8_key(path: &Path) -> Result<Vec<u8>, Error> {
     let key = PrivateKeyDer::from_pem_slice(&without_byte_order_marks(&pem))
         .map_err(|_| bad("no PEM private key found"))?;
     match key {
+        PrivateKeyDer::Pkcs8(k) if k.secret_pkcs8_der().is_empty() => {
+            Err(bad("the PRIVATE KEY block is empty"))
+        }
         PrivateKeyDer::Pkcs8(k) => Ok(k.secret_pkcs8_der().to_vec()),
         PrivateKeyDer::Sec1(k) => sec1_to_pkcs8(k.secret_sec1_der())
             .ok_or_else(|| bad("EC PRIVATE KEY is not a well-formed P-256 or P-384 key")),
@@ -380,5 +388,30 @@ mod tests {
         let pem = key.serialize_pem();
         std::fs::write(&path, format!("{bom}{pem}")).unwrap();
         assert_eq!(read_pkcs8_key(&path).unwrap(), key.serialize_der());
+    }
+
+    /// A PEM block with nothing between its BEGIN and END lines decodes to zero bytes;
+    /// it is refused by name, not handed on as a certificate or key of length 0.
+    #[test]
+    fn empty_pem_blocks_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a".into()]).unwrap().self_signed(&key).unwrap();
+        let empty = "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n";
+        for (text, which) in [(empty.to_owned(), "1 of 1"), (format!("{}{empty}", cert.pem()), "2 of 2")] {
+            std::fs::write(&path, &text).unwrap();
+            match read_certificates(&path) {
+                Err(Error::BadCertificate { reason, .. }) => {
+                    assert_eq!(reason, format!("CERTIFICATE block {which} is empty"));
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        std::fs::write(&path, "-----BEGIN PRIVATE KEY-----\r\n-----END PRIVATE KEY-----\r\n").unwrap();
+        match read_pkcs8_key(&path) {
+            Err(Error::BadKey { reason, .. }) => assert_eq!(reason, "the PRIVATE KEY block is empty"),
+            other => panic!("{:?}", other.map(|k| k.len())),
+        }
     }
 }
