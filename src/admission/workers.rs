@@ -259,6 +259,24 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 0);
     }
 
+    /// Each thread holds the `took` callback until it returns, so the callback's
+    /// channel disconnects exactly when every thread has stopped.
+    #[tokio::test]
+    async fn dropping_the_workers_stops_every_thread() {
+        let (tx, rx) = mpsc::channel::<Duration>();
+        let tx = Mutex::new(tx);
+        let workers = Workers::start(3, move |d| tx.lock().unwrap().send(d).unwrap()).unwrap();
+        workers.run(|| ()).await.unwrap();
+        assert!(rx.recv().is_ok(), "the job's duration");
+        drop(workers);
+        let stopped = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(
+            stopped,
+            Err(mpsc::RecvTimeoutError::Disconnected),
+            "threads still running 10 s after the drop"
+        );
+    }
+
     #[tokio::test]
     async fn the_reported_durations_are_the_jobs() {
         let (tx, rx) = mpsc::channel();
