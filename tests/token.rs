@@ -203,6 +203,11 @@ fn failures_name_the_flag_the_function_and_the_return_code_never_the_pin() {
     assert!(err.contains("Login"), "names the function: {err}");
 }
 
+/// The deployment every test here names identities in.
+fn naming() -> meshca::identity::Naming {
+    meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap()
+}
+
 /// The `addr=` of a start-up log line.
 fn logged_addr(line: &str) -> std::net::SocketAddr {
     let field = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
@@ -294,8 +299,7 @@ impl TokenServe {
 
     /// The identity the requests ask for.
     fn identity(&self) -> String {
-        let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
-        naming.identity("default", "web").unwrap().dns_name
+        naming().identity("default", "web").unwrap().dns_name
     }
 
     /// A Certify request for `web` in `default`, with a fresh P-256 key.
@@ -325,7 +329,7 @@ async fn leaves_signed_in_the_token_pass_every_verifier(key_type: &str, algorith
     let serve = TokenServe::init(key_type, key_type);
     let (mut process, mut client, _) = serve.start().await;
     let now = meshca::clock::SystemClock.now();
-    let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
+    let naming = naming();
     let other = support::verifiers::another_cas_anchors(&naming, now);
     let response = client.certify(serve.request()).await.unwrap().into_inner();
     let (leaf, chain) = support::chain(&response);
@@ -544,7 +548,7 @@ fn bootstrap_tokens_signed_in_the_token_verify_with_the_issuers_public_key() {
         ("bootstrap-p384", Kind::EcP384, meshca::ca::hierarchy::CaKeyType::P384),
     ] {
         let token = std::sync::Arc::new(TokenKey::generate(&uri("pool", object), kind).unwrap());
-        let naming = meshca::identity::Naming::new("cluster.local", "meshca-system").unwrap();
+        let naming = naming();
         let now = meshca::clock::SystemClock.now();
         let h = meshca::ca::hierarchy::generate_for_key(
             &naming,
