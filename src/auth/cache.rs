@@ -419,6 +419,9 @@ mod tests {
         fn name(&self) -> &'static str {
             "fake"
         }
+        fn unreachable_since(&self) -> Option<SystemTime> {
+            Some(at(7))
+        }
     }
 
     fn settings() -> Settings {
@@ -642,6 +645,54 @@ mod tests {
         assert_eq!((fake.calls(), cache.len()), (5, 1), "expired entries swept, c kept");
     }
 
+    /// The bucket's arithmetic at a rate other than one a second (where `*` and `/`
+    /// agree): at 4 a second a token comes every 250 ms.
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_refills_and_waits_at_its_rate() {
+        let fake = Fake::answering(Ok(subject()));
+        let four = Settings { qps: 4, burst: 1, max_wait: Duration::from_secs(1), ..settings() };
+        let cache = cache(&fake, four);
+        let started = Instant::now();
+        cache.authenticate(&token("a", 3600), at(0)).await.unwrap();
+        // Half a token back after 125 ms; the other half takes 125 ms more.
+        tokio::time::advance(Duration::from_millis(125)).await;
+        cache.authenticate(&token("b", 3600), at(0)).await.unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250) && waited <= Duration::from_millis(251), "{waited:?}");
+        // The bucket is empty again: the next token is 250 ms away, within max_wait.
+        cache.authenticate(&token("c", 3600), at(0)).await.unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(500) && waited <= Duration::from_millis(502), "{waited:?}");
+        assert_eq!(fake.calls(), 3);
+    }
+
+    /// Expired entries are swept only when the cache is over its bound, and then at
+    /// most once a second of `now`.
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_swept_only_when_full_and_at_most_once_a_second() {
+        let ms = |ms: u64| UNIX_EPOCH + Duration::from_millis(T * 1000 + ms);
+        let fake = Fake::answering(Ok(subject()));
+        let cache = cache(&fake, Settings { max_entries: 2, ..settings() });
+        cache.authenticate(&token("a", 100), at(0)).await.unwrap();
+        // At the bound but not over it: a, expired, stays until a sweep.
+        cache.authenticate(&token("b", 3600), at(200)).await.unwrap();
+        assert_eq!((fake.calls(), cache.len()), (2, 2), "b kept beside the expired a, nothing swept");
+
+        let cache = self::cache(&fake, Settings { max_entries: 2, ..settings() });
+        cache.authenticate(&token("a", 100), at(0)).await.unwrap();
+        cache.authenticate(&token("b", 3600), at(0)).await.unwrap();
+        // Over the bound at 99.5 s: a sweep finds nothing expired; c is not kept.
+        cache.authenticate(&token("c", 3600), ms(99_500)).await.unwrap();
+        // At 100.2 s a has expired, but the last sweep was under a second ago: d is not kept.
+        cache.authenticate(&token("d", 3600), ms(100_200)).await.unwrap();
+        cache.authenticate(&token("d", 3600), ms(100_300)).await.unwrap();
+        assert_eq!((fake.calls(), cache.len()), (7, 2), "d asked for twice");
+        // At 100.6 s a sweep is due again: a goes, e is kept.
+        cache.authenticate(&token("e", 3600), ms(100_600)).await.unwrap();
+        cache.authenticate(&token("e", 3600), ms(100_700)).await.unwrap();
+        assert_eq!((fake.calls(), cache.len()), (8, 2), "e kept in a's place");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn debug_output_holds_no_token() {
         let fake = Fake::answering(Ok(subject()));
@@ -649,5 +700,12 @@ mod tests {
         cache.authenticate(b"token-marker-5e1d", at(0)).await.unwrap();
         let debug = format!("{cache:?}");
         assert!(debug.contains("entries: 1") && !debug.contains("marker"), "{debug}");
+    }
+
+    /// Readiness (`/ready`) asks the cache what its backend says.
+    #[tokio::test(start_paused = true)]
+    async fn the_name_and_reachability_are_the_inner_authenticators() {
+        let cache = cache(&Fake::answering(Ok(subject())), settings());
+        assert_eq!((cache.name(), cache.unreachable_since()), ("fake", Some(at(7))));
     }
 }
