@@ -574,6 +574,43 @@ mod tests {
         assert_eq!((fake.gets(), accepted, mismatched), (1, 50, 50));
     }
 
+    /// Its first GET panics, as a task that dies would; later ones find pod `u1`.
+    struct DiesOnce(AtomicUsize);
+
+    impl PodSource for DiesOnce {
+        fn get<'a>(&'a self, _namespace: &'a str, _name: &'a str) -> LookupFuture<'a> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                assert!(n > 0, "the first pod GET dies (expected by this test)");
+                Ok(live("u1"))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_task_that_dies_answers_unavailable_and_the_next_request_looks_again() {
+        let source = Arc::new(DiesOnce(AtomicUsize::new(0)));
+        let auth = PodConfirmingAuthenticator::new(Arc::new(Inner), source.clone(), Settings::default());
+        let died = auth.authenticate(b"u1", at(0)).await.unwrap_err();
+        assert!(
+            matches!(died, Error::Unavailable { .. }) && died.to_string().contains("abandoned"),
+            "{died}"
+        );
+        assert!(auth.authenticate(b"u1", at(0)).await.is_ok(), "not joined to the dead lookup");
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn debug_shows_the_inner_authenticator_settings_and_counters() {
+        let auth = confirming(Fake::new(live("u1")));
+        assert!(auth.authenticate(b"u1", at(0)).await.is_ok());
+        let debug = format!("{auth:?}");
+        let settings = "Settings { ttl: 30s, failure_ttl: 5s, timeout: 2s, max_entries: 100000 }";
+        assert!(debug
+            .starts_with(&format!("PodConfirmingAuthenticator {{ inner: \"jwks\", settings: {settings}, ")));
+        assert!(debug.contains("lookups: Counter { value: 1") && debug.ends_with(", .. }"), "{debug}");
+    }
+
     #[tokio::test]
     async fn refusals_name_no_pod_uid_or_token_content() {
         let fake = Fake::new(live("uid-marker-55"));
