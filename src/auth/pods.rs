@@ -574,6 +574,38 @@ mod tests {
         assert_eq!((fake.gets(), accepted, mismatched), (1, 50, 50));
     }
 
+    /// Every pod exists, with its name for uid; counts GETs.
+    struct Every(AtomicUsize);
+
+    impl PodSource for Every {
+        fn get<'a>(&'a self, _namespace: &'a str, name: &'a str) -> LookupFuture<'a> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok(live(name)) })
+        }
+    }
+
+    /// Over `max_entries`, facts too old to decide anything (older than the longer
+    /// of the two TTLs, 30 s) are swept; failing that, the new pod is not kept.
+    #[tokio::test]
+    async fn a_full_cache_sweeps_facts_too_old_to_decide_and_otherwise_keeps_no_new_pod() {
+        let source = Arc::new(Every(AtomicUsize::new(0)));
+        let settings = Settings { max_entries: 2, ..Settings::default() };
+        let auth = PodConfirmingAuthenticator::new(Arc::new(Inner), source.clone(), settings);
+        let confirm = |pod: &'static str, secs| auth.confirm("web", pod, pod, at(secs));
+        confirm("a", 0).await.unwrap();
+        // At the bound, not over it: b is kept beside a, whose facts are too old.
+        confirm("b", 40).await.unwrap();
+        assert_eq!((source.0.load(Ordering::SeqCst), auth.len()), (2, 2));
+        // Over the bound at 45 s: a's facts (45 s old) are swept and c is kept.
+        confirm("c", 45).await.unwrap();
+        confirm("c", 46).await.unwrap();
+        assert_eq!((source.0.load(Ordering::SeqCst), auth.len()), (3, 2), "c answered from the cache");
+        // Over the bound at 50 s, b's and c's facts are 10 s and 5 s old: d is not kept.
+        confirm("d", 50).await.unwrap();
+        confirm("d", 51).await.unwrap();
+        assert_eq!((source.0.load(Ordering::SeqCst), auth.len()), (5, 2), "d looked up twice");
+    }
+
     /// Its first GET panics, as a task that dies would; later ones find pod `u1`.
     struct DiesOnce(AtomicUsize);
 
