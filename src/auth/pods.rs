@@ -604,6 +604,9 @@ mod tests {
         confirm("d", 50).await.unwrap();
         confirm("d", 51).await.unwrap();
         assert_eq!((source.0.load(Ordering::SeqCst), auth.len()), (5, 2), "d looked up twice");
+        // At 75 s c's facts are exactly 30 s old: too old, swept with b's; e alone is kept.
+        confirm("e", 75).await.unwrap();
+        assert_eq!((source.0.load(Ordering::SeqCst), auth.len()), (6, 1));
     }
 
     /// Its first GET panics, as a task that dies would; later ones find pod `u1`.
