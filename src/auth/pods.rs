@@ -426,6 +426,9 @@ mod tests {
         fn name(&self) -> &'static str {
             "jwks"
         }
+        fn unreachable_since(&self) -> Option<SystemTime> {
+            Some(at(7))
+        }
     }
 
     /// A pod source whose answer a test sets; counts GETs; when gated, each GET
@@ -644,6 +647,13 @@ mod tests {
         assert!(debug
             .starts_with(&format!("PodConfirmingAuthenticator {{ inner: \"jwks\", settings: {settings}, ")));
         assert!(debug.contains("lookups: Counter { value: 1") && debug.ends_with(", .. }"), "{debug}");
+    }
+
+    /// Readiness (`/ready`) asks the wrapper what the inner authenticator says.
+    #[test]
+    fn the_name_and_reachability_are_the_inner_authenticators() {
+        let auth = confirming(Fake::new(live("u1")));
+        assert_eq!((auth.name(), auth.unreachable_since()), ("jwks", Some(at(7))));
     }
 
     #[tokio::test]
