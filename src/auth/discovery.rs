@@ -952,9 +952,137 @@ mod tests {
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, b"{}").unwrap();
         assert_eq!(FileFetcher(path.clone()).fetch().await.unwrap(), b"{}");
+        std::fs::write(&path, vec![b' '; MAX_DOCUMENT]).unwrap();
+        assert_eq!(FileFetcher(path.clone()).fetch().await.unwrap().len(), MAX_DOCUMENT);
         std::fs::write(&path, vec![b' '; MAX_DOCUMENT + 1]).unwrap();
-        assert!(matches!(FileFetcher(path).fetch().await, Err(FetchError::TooLarge { .. })));
+        let too_large = FileFetcher(path).fetch().await.unwrap_err();
+        assert!(matches!(too_large, FetchError::TooLarge { .. }));
+        assert!(too_large.to_string().ends_with("sent more than 1048576 bytes"), "{too_large}");
         let missing = FileFetcher(dir.path().join("none")).fetch().await.unwrap_err().to_string();
         assert!(missing.contains("JWKS file") && missing.contains("none"), "{missing}");
+    }
+
+    /// A response body: `data` in one frame, then an error when `fail` is set.
+    struct CannedBody {
+        data: Option<prost::bytes::Bytes>,
+        fail: bool,
+    }
+
+    impl http_body::Body for CannedBody {
+        type Data = prost::bytes::Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            if let Some(data) = self.data.take() {
+                return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+            }
+            if std::mem::take(&mut self.fail) {
+                let reset = std::io::Error::other("the connection was reset mid-body");
+                return std::task::Poll::Ready(Some(Err(reset)));
+            }
+            std::task::Poll::Ready(None)
+        }
+    }
+
+    type Answer = Result<http::Response<CannedBody>, std::io::Error>;
+
+    /// A transport that answers every request with what the closure makes: the
+    /// real kube client and `get` above it, without a network.
+    #[derive(Clone)]
+    struct Canned(Arc<dyn Fn() -> Answer + Send + Sync>);
+
+    impl tower_service::Service<http::Request<kube::client::Body>> for Canned {
+        type Response = http::Response<CannedBody>;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Answer>;
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            std::future::ready((self.0)())
+        }
+    }
+
+    fn canned(kube: bool, answer: impl Fn() -> Answer + Send + Sync + 'static) -> HttpFetcher {
+        HttpFetcher {
+            client: kube::Client::new(Canned(Arc::new(answer)), "default"),
+            path: JWKS_PATH.into(),
+            what: "the keys".into(),
+            timeout: DEFAULT_FETCH_TIMEOUT,
+            kube,
+        }
+    }
+
+    fn status(code: u16) -> impl Fn() -> Answer + Send + Sync + 'static {
+        move || {
+            let body = CannedBody { data: Some("{}".into()), fail: false };
+            Ok(http::Response::builder().status(code).body(body).unwrap())
+        }
+    }
+
+    /// Each error status is reported with its code; the API server's (not a
+    /// `--jwks-url`'s) 401, 403 and 404 also say what usually causes them.
+    #[tokio::test]
+    async fn error_statuses_are_reported_with_the_api_servers_usual_causes() {
+        for (code, hint) in [
+            (401, "it refused meshca's credentials (check --kubeconfig"),
+            (403, "bind its service account to the system:service-account-issuer-discovery cluster role"),
+            (404, "nothing is served there"),
+            (500, ""),
+        ] {
+            let err = canned(true, status(code)).fetch().await.unwrap_err();
+            assert!(matches!(err, FetchError::Status { code: c, .. } if c == code), "{err:?}");
+            let text = err.to_string();
+            match hint {
+                "" => assert_eq!(text, format!("the keys answered {code}")),
+                hint => {
+                    assert!(text.starts_with(&format!("the keys answered {code}: ")) && text.contains(hint))
+                }
+            }
+            let url = canned(false, status(code)).fetch().await.unwrap_err().to_string();
+            assert_eq!(url, format!("the keys answered {code}"), "no Kubernetes hint for a --jwks-url");
+        }
+        assert_eq!(canned(false, status(200)).fetch().await.unwrap(), b"{}");
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_up_to_the_size_limit_and_a_broken_one_is_unreachable() {
+        let body = |len: usize, fail| {
+            move || {
+                let body = CannedBody { data: Some(vec![b' '; len].into()), fail };
+                Ok(http::Response::new(body))
+            }
+        };
+        assert_eq!(canned(true, body(MAX_DOCUMENT, false)).fetch().await.unwrap().len(), MAX_DOCUMENT);
+        let err = canned(true, body(MAX_DOCUMENT + 1, false)).fetch().await.unwrap_err();
+        assert!(matches!(err, FetchError::TooLarge { .. }), "{err:?}");
+        let err = canned(true, body(10, true)).fetch().await.unwrap_err();
+        assert_eq!(
+            err,
+            FetchError::Unreachable {
+                what: "the keys".into(),
+                reason: "the connection was reset mid-body".into()
+            }
+        );
+    }
+
+    /// A refused connection is named as such whatever the OS's words; any other
+    /// transport failure is reported by its innermost cause.
+    #[tokio::test]
+    async fn transport_errors_name_a_refused_connection_or_the_innermost_cause() {
+        let failing = |kind, words: &'static str| move || Err(std::io::Error::new(kind, words));
+        let refused = canned(true, failing(std::io::ErrorKind::ConnectionRefused, "os words 111"));
+        assert_eq!(
+            refused.fetch().await.unwrap_err(),
+            FetchError::Unreachable { what: "the keys".into(), reason: "connection refused".into() }
+        );
+        let reset = canned(true, failing(std::io::ErrorKind::ConnectionReset, "reset by the peer"));
+        assert_eq!(
+            reset.fetch().await.unwrap_err(),
+            FetchError::Unreachable { what: "the keys".into(), reason: "reset by the peer".into() }
+        );
+        assert_eq!(format!("{reset:?}"), r#"HttpFetcher { what: "the keys", .. }"#);
     }
 }
