@@ -221,15 +221,21 @@ async fn get(
 }
 
 fn unreachable(what: &str, e: &kube::Error) -> FetchError {
-    let mut cause: &dyn std::error::Error = e;
-    let mut refused = false;
-    while let Some(source) = cause.source() {
-        cause = source;
-        let io = source.downcast_ref::<std::io::Error>();
-        refused |= io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-    }
-    let reason = if refused { "connection refused".to_owned() } else { innermost(e) };
+    let reason = if connection_refused(e) { "connection refused".to_owned() } else { innermost(e) };
     FetchError::Unreachable { what: what.into(), reason }
+}
+
+/// Whether one of `e`'s causes is a connection the peer refused.
+fn connection_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = e.source();
+    while let Some(source) = cause {
+        let io = source.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        cause = source.source();
+    }
+    false
 }
 
 /// The innermost cause's text, cut to 200 characters.
@@ -299,18 +305,10 @@ pub(crate) async fn kube_config(kubeconfig: Option<&Path>, purpose: &str) -> Res
 /// as such, anything else by its innermost cause (at most 200 characters; transport
 /// errors carry no token). `context` is appended, e.g. " (pod lookup)".
 pub(crate) fn unreachable_reason(err: &kube::Error, context: &str) -> String {
-    let mut cause: &dyn std::error::Error = err;
-    let mut refused = false;
-    while let Some(source) = cause.source() {
-        cause = source;
-        let io = source.downcast_ref::<std::io::Error>();
-        refused |= io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-    }
-    if refused {
+    if connection_refused(err) {
         format!("the Kubernetes API server refused the connection{context}")
     } else {
-        let text: String = cause.to_string().chars().take(200).collect();
-        format!("cannot reach the Kubernetes API server{context} ({text})")
+        format!("cannot reach the Kubernetes API server{context} ({})", innermost(err))
     }
 }
 
@@ -1084,5 +1082,12 @@ mod tests {
             FetchError::Unreachable { what: "the keys".into(), reason: "reset by the peer".into() }
         );
         assert_eq!(format!("{reset:?}"), r#"HttpFetcher { what: "the keys", .. }"#);
+        let long = canned(true, failing(std::io::ErrorKind::Other, "éx".repeat(150).leak()));
+        match long.fetch().await.unwrap_err() {
+            FetchError::Unreachable { reason, .. } => {
+                assert_eq!(reason, "éx".repeat(100), "cut at 200 characters")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
