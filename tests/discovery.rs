@@ -14,6 +14,7 @@ use std::time::Duration;
 use meshca::config::{KeyRefresh, KeySource, TokenConfig};
 use meshca::proto::CertifyRequest;
 use support::apiserver::{ApiServer, Mode};
+use support::logs::Captured;
 use support::{request_id, Options, TestServer, AUDIENCE};
 use tonic::Code;
 
@@ -104,6 +105,37 @@ async fn a_configured_issuer_wins_over_the_discovered_one() {
     let mut claims = c.server.claims("default", "web");
     claims.issuer = "https://issuer.example".into();
     c.server.client().await.certify(c.request(c.api.token(&claims))).await.unwrap();
+}
+
+/// What the log says about the keys and the issuer: a refresh that fetched the set
+/// held (from the first load on) is "unchanged", a rotation "changed", once; a
+/// configured issuer is warned about only when it differs from the discovered one.
+#[tokio::test]
+async fn the_log_says_when_the_keys_changed_and_when_the_configured_issuer_differs() {
+    let log = Captured::default();
+    let _logging = log.start();
+    let api = ApiServer::start().await;
+    let issuer = api.issuer();
+    let token = discovery(&api, Some(issuer), Duration::ZERO);
+    let c = start(api, token).await;
+    c.refused(c.token_naming("made-up"), "unknown_key").await;
+    let changed = |text: &str| text.matches("token signing keys changed").count();
+    let text = log.text();
+    assert!(text.contains("token signing keys unchanged") && changed(&text) == 0, "{text}");
+    c.api.rotate();
+    c.server.client().await.certify(c.request(c.token())).await.unwrap();
+    c.refused(c.token_naming("made-up"), "unknown_key").await;
+    let text = log.text();
+    assert_eq!((c.api.jwks_calls(), changed(&text)), (4, 1), "{text}");
+    assert!(!text.contains("differs from the cluster's discovered issuer"), "{text}");
+
+    let api = ApiServer::start().await;
+    let token = discovery(&api, Some("https://issuer.example"), Duration::ZERO);
+    let _other = start(api, token).await;
+    let text = log.text();
+    let warning = text.lines().find(|l| l.contains("differs from the cluster's discovered issuer"));
+    let warning = warning.unwrap_or_else(|| panic!("{text}"));
+    assert!(warning.contains("configured=https://issuer.example") && warning.contains(issuer), "{warning}");
 }
 
 #[tokio::test]

@@ -7,13 +7,13 @@
 use meshca_test_support as support;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshca::ca::hierarchy::HierarchyLifetimes;
 use meshca::clock::{unix_seconds, Clock};
 use meshca::proto::CertifyRequest;
 use support::apiserver::{ApiServer, Mode};
+use support::logs::Captured;
 use support::{request_id, Options, TestServer};
 use tonic::Code;
 
@@ -169,37 +169,6 @@ async fn ready_becomes(server: &TestServer, want: u16) -> String {
         tokio::task::yield_now().await;
     }
     panic!("/ready never answered {want}; last {last:?}");
-}
-
-/// meshca's log lines (debug and up) from the tasks polled on this thread: with
-/// `#[tokio::test]`'s runtime, the in-process server's.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn start(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("meshca=debug"))
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 #[tokio::test]

@@ -1090,4 +1090,59 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn debug_shows_the_source_the_keys_and_the_settings() {
+        let signer = DevSigner::generate().unwrap().0;
+        let auth = start(&Fake::new(jwks(&[&signer])), Settings::default()).await;
+        assert_eq!(
+            format!("{auth:?}"),
+            "RotatingJwksAuthenticator { source: \"the fake key source\", keys: Jwks { rs256: 0, es256: 1, \
+             with_kid: 1 }, settings: Settings { refresh_interval: 300s, refresh_min_interval: 10s, \
+             fetch_timeout: 5s } }"
+        );
+    }
+
+    /// The pod lookup's words for an API server it cannot reach.
+    #[test]
+    fn unreachable_api_servers_are_named_refused_or_by_the_innermost_cause() {
+        let failed = |kind, words: &str| kube::Error::Service(Box::new(std::io::Error::new(kind, words)));
+        assert_eq!(
+            unreachable_reason(&failed(std::io::ErrorKind::ConnectionRefused, "os words"), " (pod lookup)"),
+            "the Kubernetes API server refused the connection (pod lookup)"
+        );
+        assert_eq!(
+            unreachable_reason(&failed(std::io::ErrorKind::TimedOut, "no route"), " (pod lookup)"),
+            "cannot reach the Kubernetes API server (pod lookup) (no route)"
+        );
+    }
+
+    /// A kubeconfig that is not YAML is not quoted (it may hold credentials); one
+    /// that cannot be read says why.
+    #[tokio::test]
+    async fn kubeconfig_problems_name_the_file_and_never_quote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(&path, "users: [{name: a, user: {token: secret-marker-4f1}\n").unwrap();
+        let err = kube_config(Some(&path), "test").await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "authenticator configuration is invalid: --kubeconfig {}: not valid kubeconfig YAML",
+                path.display()
+            )
+        );
+        let missing = dir.path().join("absent");
+        let err = kube_config(Some(&missing), "test").await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "authenticator configuration is invalid: --kubeconfig {}: ",
+                missing.display()
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains("absent") && err.len() > format!("--kubeconfig {}: ", missing.display()).len() + 16
+        );
+    }
 }

@@ -15,6 +15,7 @@ pub mod apiserver;
 pub mod audit;
 pub mod der;
 pub mod h2;
+pub mod logs;
 pub mod process;
 pub mod softhsm;
 pub mod verifiers;
