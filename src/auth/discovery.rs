@@ -1145,4 +1145,79 @@ mod tests {
             err.contains("absent") && err.len() > format!("--kubeconfig {}: ", missing.display()).len() + 16
         );
     }
+
+    /// Lets every runnable task run for a while, without moving the clock.
+    async fn run_a_while() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Scheduled refreshes keep to their grid (every `interval` from the start) when
+    /// one is slow, and one that outlasts the interval skips the turns it missed.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_scheduled_refresh_keeps_the_grid_and_one_outlasting_the_interval_skips_turns() {
+        let signer = DevSigner::generate().unwrap().0;
+        let (fake, open) = Fake::gated(jwks(&[&signer]));
+        open.send_replace(true);
+        let every_ten = Settings {
+            refresh_interval: Duration::from_secs(10),
+            fetch_timeout: Duration::from_secs(60),
+            ..settings(10)
+        };
+        let auth = start(&fake, every_ten).await;
+        let generation = || lock(&auth.shared.state).generation;
+        open.send_replace(false);
+        // At 10 s a refresh that takes 4 s.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        settle(|| fake.calls() == 2).await;
+        tokio::time::advance(Duration::from_secs(4)).await;
+        open.send_replace(true);
+        settle(|| generation() == 1).await;
+        open.send_replace(false);
+        // The next is at 20 s, not 10 s after the slow one ended.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        run_a_while().await;
+        assert_eq!(fake.calls(), 2, "no refresh at 19 s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle(|| fake.calls() == 3).await;
+        // This one takes 25 s: the turns at 30 s and 40 s are skipped; the next is
+        // 10 s after it ended, at 55 s.
+        tokio::time::advance(Duration::from_secs(25)).await;
+        open.send_replace(true);
+        settle(|| generation() == 2).await;
+        tokio::time::advance(Duration::from_secs(9)).await;
+        run_a_while().await;
+        assert_eq!(fake.calls(), 3, "no refresh at 54 s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle(|| fake.calls() == 4).await;
+    }
+
+    /// Its second fetch panics, as a refresh task that dies would.
+    struct DiesOnce(AtomicUsize, Vec<u8>);
+
+    impl KeyFetcher for DiesOnce {
+        fn fetch(&self) -> FetchFuture<'_> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                assert!(n != 1, "the key refresh dies (expected by this test)");
+                Ok(self.1.clone())
+            })
+        }
+        fn describe(&self) -> String {
+            "a dying key source".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_task_that_died_is_not_waited_for_the_next_refresh_starts_anew() {
+        let signer = DevSigner::generate().unwrap().0;
+        let source = Arc::new(DiesOnce(AtomicUsize::new(0), jwks(&[&signer])));
+        let auth = RotatingJwksAuthenticator::start(source.clone(), jwt(), settings(0)).await.unwrap();
+        let unknown = bogus_kid(&signer, "unknown");
+        for calls in [2, 3] {
+            assert!(matches!(auth.authenticate(&unknown, now()).await, Err(Error::UnknownKey)));
+            assert_eq!(source.0.load(Ordering::SeqCst), calls);
+        }
+    }
 }
