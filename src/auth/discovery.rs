@@ -1220,4 +1220,19 @@ mod tests {
             assert_eq!(source.0.load(Ordering::SeqCst), calls);
         }
     }
+
+    /// A caller whose unknown key id was seen against an older key set than the one
+    /// held now only verifies again: the refresh it would start has happened.
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_saw_an_older_key_set_starts_no_refresh() {
+        let signer = DevSigner::generate().unwrap().0;
+        let fake = Fake::new(jwks(&[&signer]));
+        let auth = start(&fake, settings(0)).await;
+        auth.shared.refresh(Trigger::UnknownKey { seen: 0 }).await;
+        assert_eq!((fake.calls(), lock(&auth.shared.state).generation), (2, 1));
+        auth.shared.refresh(Trigger::UnknownKey { seen: 0 }).await;
+        assert_eq!(fake.calls(), 2, "seen against generation 0, 1 is held");
+        auth.shared.refresh(Trigger::UnknownKey { seen: 1 }).await;
+        assert_eq!((fake.calls(), lock(&auth.shared.state).generation), (3, 2));
+    }
 }
