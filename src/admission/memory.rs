@@ -226,9 +226,9 @@ mod tests {
     #[test]
     fn the_bound_fits_the_limit_and_stays_within_its_floor_and_ceiling() {
         assert_eq!(max_in_flight_for(None, 1024), DEFAULT_MAX_IN_FLIGHT);
-        // 160 MiB with 1,024 connections: 120 MiB − 16 MiB − 40 MiB = 64 MiB of requests.
-        // 120 MiB, less 16 for the idle server, 40 for 1,024 connections and 20 for
-        // unfinished messages, leaves 44 MiB for requests.
+        // 160 MiB with 1,024 connections: three quarters are 120 MiB; less 16 for the
+        // idle server, 40 for the connections and 20 for unfinished messages, that
+        // leaves 44 MiB for requests.
         assert_eq!(max_in_flight_for(Some(160 << 20), 1024), (44 << 20) / (20 << 10));
         assert_eq!(unfinished_budget_for(Some(160 << 20)), 20 << 20);
         assert_eq!(unfinished_budget_for(Some(8 << 20)), 2 << 20);
